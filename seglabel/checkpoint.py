@@ -1,0 +1,162 @@
+"""Load a Mask2Former checkpoint and decide which task it does.
+
+A checkpoint is a Hub id (optionally pinned to a revision), a local directory, or an fsspec URL
+of a directory written by ``save_pretrained`` (copied to a local cache once). Loading never runs
+remote code. A private checkpoint's token comes from Hugging Face's own environment/config
+(``HF_TOKEN``, ``huggingface-cli login``); seglabel never reads or records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import TASKS, ConfigError
+
+log = logging.getLogger(__name__)
+
+_TASK_IN_NAME = re.compile(r"(?:^|[-_./])(instance|semantic|panoptic)(?:$|[-_./])")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be found or loaded; the message is one readable line."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the model, its preprocessor, and where it came from."""
+
+    model: Any
+    processor: Any
+    model_id: str
+    revision: str | None
+    id2label: dict[int, str]
+
+
+def detect_task(model_id: str, task: str | None = None) -> str:
+    """The task: ``task`` when given, else the one the checkpoint's name ends with.
+
+    The Hub names Mask2Former checkpoints ``…-instance``, ``…-semantic``, ``…-panoptic``.
+    """
+    if task is not None:
+        if task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        return task
+    found = _TASK_IN_NAME.findall(str(model_id).rstrip("/").lower())
+    if found:
+        return found[-1]
+    raise ConfigError(
+        f"cannot tell the task of {model_id!r} from its name; pass --task instance, semantic or panoptic"
+    )
+
+
+def _is_remote_url(model: str) -> bool:
+    return "://" in model and not model.startswith("file://")
+
+
+def default_cache_dir() -> Path:
+    """Where checkpoints copied from object storage are kept (``SEGLABEL_CACHE`` overrides)."""
+    base = os.environ.get("SEGLABEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "seglabel")
+    return Path(base) / "checkpoints"
+
+
+def fetch_checkpoint(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Copy a checkpoint directory from an fsspec URL to the local cache, once.
+
+    The copy lands in a temporary directory and is renamed into place, so that several actors on
+    one node starting together never load a half-copied checkpoint.
+    """
+    import fsspec
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:20]
+    if (target / "config.json").exists():
+        return target
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/")
+    try:
+        files = [f for f in fs.find(path) if not f.rstrip("/").endswith("/")]
+    except FileNotFoundError:
+        files = []
+    if not any(f.endswith("/config.json") or f == "config.json" for f in files):
+        raise CheckpointError(f"no checkpoint at {url} (expected a directory with config.json)")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
+    try:
+        for f in files:
+            rel = f[len(path):].lstrip("/")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f, str(tmp / rel))
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # Another process on this node finished the same copy first.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("copied checkpoint %s to %s", url, target)
+    return target
+
+
+def _processor_class():
+    # transformers 5 falls back to the PIL processor (with a warning) when torchvision is missing
+    # or broken; asking for it directly keeps the CPU path free of torchvision. seglabel only
+    # reads the processor's configuration; the pixels are prepared on the model's device.
+    try:
+        from transformers import Mask2FormerImageProcessorPil as cls
+    except ImportError:  # older transformers 5.x releases
+        from transformers import Mask2FormerImageProcessor as cls
+    return cls
+
+
+def load_checkpoint(
+    model: str,
+    revision: str | None = None,
+    *,
+    device: str = "cpu",
+    dtype: Any = None,
+    cache_dir: str | None = None,
+) -> Checkpoint:
+    """Load a Mask2Former checkpoint for inference.
+
+    ``model`` is a Hub id, a local directory, or an fsspec URL of a saved checkpoint. Safetensors
+    files are preferred when present; ``trust_remote_code`` is never enabled.
+    """
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    source: str = model
+    if model.startswith("file://"):
+        source = model[len("file://"):]
+    elif _is_remote_url(model):
+        source = str(fetch_checkpoint(model, cache_dir))
+    is_local = os.path.isdir(source)
+    if not is_local and not _looks_like_hub_id(source):
+        raise CheckpointError(f"no checkpoint directory at {model}")
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if revision and not is_local:
+        kwargs["revision"] = revision
+    try:
+        net = Mask2FormerForUniversalSegmentation.from_pretrained(source, dtype=dtype, **kwargs)
+        processor = _processor_class().from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load checkpoint {model!r}: {first}") from exc
+    net.eval().to(device)
+    resolved = getattr(net.config, "_commit_hash", None) if not is_local else None
+    id2label = {int(k): str(v) for k, v in net.config.id2label.items()}
+    return Checkpoint(net, processor, model, resolved or revision, id2label)
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    # "org/name" or "name", as the Hub spells ids. Anything else (a leading slash or dot, more
+    # than one slash) is a local path that does not exist, reported as such rather than as a
+    # failed download.
+    return bool(re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", model))

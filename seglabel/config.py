@@ -1,0 +1,151 @@
+"""Frozen, validated configuration.
+
+One object per concern, each immutable and checked when built, so that a bad value is one
+readable error before any model is loaded or any GPU work starts. The CLI flags and the YAML job
+specs both build these objects; nothing else reads flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DEFAULT_MODEL = "facebook/mask2former-swin-small-coco-instance"
+TASKS = ("instance", "semantic", "panoptic")
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one readable line."""
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How images are resized for the model, overriding the checkpoint's preprocessor config.
+
+    ``fixed`` resizes every image to ``height × width`` (the Hub checkpoints' 384×384);
+    ``shortest`` resizes the shortest edge to ``shortest`` with the longest edge capped at
+    ``longest`` (detectron2's test-time resize; 800 is the paper's test size).
+    """
+
+    mode: str
+    height: int = 0
+    width: int = 0
+    shortest: int = 0
+    longest: int = 0
+
+    @classmethod
+    def parse(cls, text: str | int) -> "Resolution":
+        """Parse ``HxW`` (fixed), ``S`` (shortest edge S) or ``S:L`` (shortest S, longest L)."""
+        spec = str(text).strip().lower()
+        if m := re.fullmatch(r"(\d+)x(\d+)", spec):
+            res = cls("fixed", height=int(m[1]), width=int(m[2]))
+        elif m := re.fullmatch(r"(\d+)(?::(\d+))?", spec):
+            shortest = int(m[1])
+            # detectron2 caps the longest edge at 1333 for an 800 shortest edge; keep that ratio.
+            longest = int(m[2]) if m[2] else max(shortest, round(shortest * 1333 / 800))
+            res = cls("shortest", shortest=shortest, longest=longest)
+        else:
+            raise ConfigError(f"resolution {text!r}: expected HxW (e.g. 384x384), S (e.g. 800) or S:L (e.g. 800:1333)")
+        sizes = (res.height, res.width) if res.mode == "fixed" else (res.shortest, res.longest)
+        if min(sizes) < 1:
+            raise ConfigError(f"resolution {text!r}: sizes must be positive")
+        if res.mode == "shortest" and res.longest < res.shortest:
+            raise ConfigError(f"resolution {text!r}: longest edge must be >= shortest edge")
+        return res
+
+    def __str__(self) -> str:
+        if self.mode == "fixed":
+            return f"{self.height}x{self.width}"
+        return f"{self.shortest}:{self.longest}"
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the segmentation engine needs: which checkpoint, how to run it, how to
+    turn its outputs into segments. Fields that change masks are listed in ``MASK_FIELDS``."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    task: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int = 8
+    resolution: Resolution | None = None
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    overlap_threshold: float = 0.8
+    # Reproduce Hugging Face's post-processing exactly (its fixed 384×384 canvas included).
+    compat: bool = False
+    thing_labels: tuple[str, ...] | None = None
+    # Run-time filters: keep only these labels (names or ids), drop small segments, cap instances.
+    labels: tuple[str, ...] | None = None
+    min_area: int = 0
+    max_instances: int | None = None
+    cache_dir: str | None = None
+
+    MASK_FIELDS = (
+        "model", "revision", "task", "dtype", "resolution", "score_threshold", "mask_threshold",
+        "overlap_threshold", "compat", "thing_labels", "labels", "min_area", "max_instances",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model or not str(self.model).strip():
+            raise ConfigError("model must be a Hub id, a local directory or a checkpoint URL")
+        if self.task is not None and self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.resolution, (str, int)):
+            object.__setattr__(self, "resolution", Resolution.parse(self.resolution))
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        _check_unit("score_threshold", self.score_threshold)
+        _check_unit("mask_threshold", self.mask_threshold)
+        _check_unit("overlap_threshold", self.overlap_threshold)
+        if self.min_area < 0:
+            raise ConfigError(f"min_area must be >= 0, got {self.min_area}")
+        if self.max_instances is not None and self.max_instances < 1:
+            raise ConfigError(f"max_instances must be >= 1, got {self.max_instances}")
+        for name in ("thing_labels", "labels"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            elif value is not None:
+                value = tuple(str(v) for v in value)
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def mask_settings(self) -> dict[str, Any]:
+        """The settings that change masks, as plain JSON values (for job.json and resume checks)."""
+        out = {}
+        for name in self.MASK_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, Resolution):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[name] = value
+        return out
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "EngineConfig":
+        """Build from a mapping, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**dict(values))
+
+
+__all__ = ["ConfigError", "DEFAULT_MODEL", "DTYPES", "EngineConfig", "Resolution", "TASKS"]

@@ -1,0 +1,151 @@
+"""The segmentation engine: one loaded Mask2Former that turns batches of RGB images into
+label maps at their original resolution plus segment records.
+
+    seg = Segmenter("facebook/mask2former-swin-small-coco-instance")
+    predictions = seg([image1, image2])   # (H, W, 3) uint8 arrays of any sizes
+
+Images are grouped by their model-input size (never padded against each other), resized and
+normalised on the device, run through the model in bf16/fp16/fp32 under inference mode, and
+post-processed on the device in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import detect_task, load_checkpoint
+from .config import ConfigError, EngineConfig
+from .encode import Prediction, build_segments
+from .labels import resolve_labels, thing_ids
+from .postprocess import Postprocessor, PostprocessSpec, RawPrediction
+from .preprocess import PreprocessSpec, preprocess, to_device
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def as_rgb(image: Any) -> np.ndarray:
+    """Check and normalise one input image to an (H, W, 3) uint8 array."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {array.shape} dtype {array.dtype}")
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"empty image of shape {array.shape}")
+    return array
+
+
+class Segmenter:
+    """A loaded Mask2Former checkpoint for one task; call it with a list of RGB images."""
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **settings: Any):
+        config = config or EngineConfig()
+        if model is not None:
+            settings["model"] = model
+        if settings:
+            config = config.replace(**settings)
+        self.config = config
+        # Decide the task before loading anything, so that a missing --task fails fast.
+        self.task = detect_task(config.model, config.task)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(config.device or ("cuda" if cuda else "cpu"))
+        self.dtype_name = config.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
+        self.dtype = _DTYPES[self.dtype_name]
+        checkpoint = load_checkpoint(
+            config.model, config.revision, device=str(self.device), dtype=self.dtype, cache_dir=config.cache_dir
+        )
+        self.model = checkpoint.model
+        self.model_id = checkpoint.model_id
+        self.revision = checkpoint.revision
+        self.id2label = checkpoint.id2label
+        self.num_labels = len(self.id2label)
+        try:
+            self.thing_ids = thing_ids(self.id2label, config.thing_labels)
+            keep = resolve_labels(self.id2label, config.labels) if config.labels is not None else None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.preprocess_spec = PreprocessSpec.from_processor(checkpoint.processor, config.resolution)
+        fuse = frozenset()
+        if self.task == "panoptic" and self.thing_ids is not None:
+            # Stuff labels are fused into one segment per image; unknown thing/stuff fuses nothing.
+            fuse = frozenset(set(self.id2label) - set(self.thing_ids))
+        self.postprocess = Postprocessor(
+            PostprocessSpec(
+                task=self.task,
+                score_threshold=config.score_threshold,
+                mask_threshold=config.mask_threshold,
+                overlap_threshold=config.overlap_threshold,
+                compat=config.compat,
+                fuse_label_ids=fuse,
+                keep_label_ids=keep,
+                min_area=config.min_area,
+                max_instances=config.max_instances,
+            ),
+            self.num_labels,
+        )
+        # Seconds spent per stage (host-side wall time; on CUDA the device runs ahead).
+        self.timings: dict[str, float] = defaultdict(float)
+        log.info(
+            "loaded %s (revision %s) for %s on %s in %s",
+            self.model_id, self.revision or "-", self.task, self.device, self.dtype_name,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What the engine runs, as plain values (for job.json)."""
+        return {
+            "model": self.model_id,
+            "revision": self.revision,
+            "task": self.task,
+            "dtype": self.dtype_name,
+            "device": self.device.type,
+            "resolution": str(self.preprocess_spec.resolution) if self.preprocess_spec.resolution else None,
+            "id2label": {str(k): v for k, v in sorted(self.id2label.items())},
+            "thing_ids": sorted(self.thing_ids) if self.thing_ids is not None else None,
+        }
+
+    def predict_raw(self, images: Sequence[Any]) -> list[RawPrediction]:
+        """Label maps and per-segment arrays for each image, in input order (no RLE yet)."""
+        arrays = [as_rgb(image) for image in images]
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, array in enumerate(arrays):
+            groups[self.preprocess_spec.input_size(*array.shape[:2])].append(i)
+        results: list[RawPrediction | None] = [None] * len(arrays)
+        batch_size = self.config.batch_size
+        with torch.inference_mode():
+            for size, members in groups.items():
+                for start in range(0, len(members), batch_size):
+                    chunk = members[start : start + batch_size]
+                    for i, raw in zip(chunk, self._run_batch([arrays[i] for i in chunk], size)):
+                        results[i] = raw
+        return results  # type: ignore[return-value]
+
+    def _run_batch(self, arrays: list[np.ndarray], size: tuple[int, int]) -> list[RawPrediction]:
+        t0 = time.perf_counter()
+        pixels = preprocess([to_device(a, self.device) for a in arrays], self.preprocess_spec, size, self.dtype)
+        t1 = time.perf_counter()
+        outputs = self.model(pixel_values=pixels)
+        t2 = time.perf_counter()
+        raws = self.postprocess(
+            outputs.class_queries_logits, outputs.masks_queries_logits, [a.shape[:2] for a in arrays], size
+        )
+        t3 = time.perf_counter()
+        self.timings["preprocess"] += t1 - t0
+        self.timings["forward"] += t2 - t1
+        self.timings["postprocess"] += t3 - t2
+        return raws
+
+    def to_prediction(self, raw: RawPrediction) -> Prediction:
+        """Attach segment records (labels, RLE, area, bbox) to a raw prediction."""
+        return Prediction(self.task, raw.id_map, build_segments(raw, self.task, self.id2label, self.thing_ids))
+
+    def __call__(self, images: Sequence[Any]) -> list[Prediction]:
+        """Segment a batch of (H, W, 3) uint8 RGB images of any sizes."""
+        return [self.to_prediction(raw) for raw in self.predict_raw(images)]

@@ -1,0 +1,477 @@
+"""Sources stage: which images a job labels.
+
+Two ways in, both lazy iterators of :class:`ImageRef` so that a driver never holds a corpus of
+10^8 paths:
+
+* :func:`iter_listing` walks a folder / prefix on any fsspec filesystem, one directory's
+  listing at a time, with no metadata request per object (the type of each entry comes from
+  the directory listing itself: on S3, ``list_objects_v2`` with a ``/`` delimiter).
+* :func:`iter_manifest` streams URIs from a ``.txt`` / ``.csv`` / ``.parquet`` manifest — the
+  answer for flat prefixes too large to list directory by directory.
+
+Each ref carries the ``key`` of the output contract (``../shared/DESIGN.md``): where its mask
+goes under the output URL. A key that could name a file outside the output (``..``, ``.``,
+empty or over-long segments, ...) still yields a ref, with ``error="key: unsafe"``, so that it
+becomes an error row instead of disappearing or escaping.
+
+Plain Python, no Ray: the pipeline wires these iterators into Ray Data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.core import split_protocol, url_to_fs
+from fsspec.utils import infer_compression
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXTENSIONS: frozenset[str] = frozenset(
+    {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
+)
+
+UNSAFE_KEY_ERROR = "key: unsafe"
+
+# Linux (ext4, xfs, ...) and most object-store-to-disk tools cap one name at 255 bytes; a longer
+# segment could never be written as a mask file, so it is refused up front.
+_MAX_SEGMENT_BYTES = 255
+
+# Rows per Arrow batch when streaming csv / parquet manifests: bounded memory, few Python calls.
+_BATCH_ROWS = 65_536
+
+# Protocols whose filesystems keep every listing in ``fs.dircache`` unless told not to. For a
+# single pass over 10^8 objects that cache would hold the whole tree in driver memory, and in a
+# long-lived process a cached listing would hide images added since (a re-run must see them).
+_LISTINGS_CACHE_OFF = frozenset({"s3", "s3a"})
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input image.
+
+    ``key``: path relative to the input root (listing) or the URI without its scheme
+    (manifest), '/'-separated, spaces and non-ASCII kept — the image's identity in the output.
+    ``uri``: full URI with protocol, as fsspec writes it (``s3://b/x.jpg``, ``file:///abs/x.jpg``,
+    ``memory:///x.jpg``); fsspec URIs are not percent-encoded.
+    ``error``: ``"key: unsafe"`` when the key cannot be a file under the output; such a ref must
+    become an error row and never be read or written.
+    """
+
+    key: str
+    uri: str
+    error: str | None = None
+
+
+class SourceError(Exception):
+    """The input cannot be enumerated (missing, unreachable, not a folder, bad manifest).
+
+    Its message is one readable line, meant to be shown to the user as is.
+    """
+
+
+def is_safe_key(key: str) -> bool:
+    """Whether ``key`` can only name a file inside the output folder, on any storage.
+
+    False for an empty key, a leading '/', a backslash or NUL anywhere, and any '/'-separated
+    segment that is empty, '.', '..' or over 255 bytes of UTF-8 (or not encodable as UTF-8:
+    undecodable local file names arrive as lone surrogates, which Parquet cannot store either).
+    """
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        return False
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            return False
+        try:
+            if len(segment.encode("utf-8")) > _MAX_SEGMENT_BYTES:
+                return False
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The full URI of ``path`` (a path as ``fs`` returns it), with its protocol.
+
+    ``fs.unstrip_protocol`` gives ``file:///abs/x.jpg`` for local paths (checked for fsspec
+    2024.2 to 2026.9), ``s3://bucket/key`` for S3 and ``memory:///x`` for memory.
+    """
+    return fs.unstrip_protocol(path)
+
+
+def _ref(key: str, uri: str) -> ImageRef:
+    return ImageRef(key, uri) if is_safe_key(key) else ImageRef(key, uri, UNSAFE_KEY_ERROR)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short line (botocore and pyarrow messages can span several)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """``url_to_fs`` with our defaults; a bad URL or missing driver becomes a SourceError."""
+    options = dict(storage_options or {})
+    protocol = split_protocol(url)[0]
+    if protocol in _LISTINGS_CACHE_OFF:
+        options.setdefault("use_listings_cache", False)
+    try:
+        return url_to_fs(url, **options)
+    except Exception as exc:  # unknown protocol, filesystem package not installed, bad options
+        raise SourceError(f"cannot open {url!r}: {_one_line(exc)}") from exc
+
+
+def _child_prefix(directory: str) -> str:
+    return directory if directory.endswith("/") else directory + "/"
+
+
+def _is_under(path: str, prefixes: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``prefixes`` or inside one (whole segments: 'out' not 'output')."""
+    return any(path == p or path.startswith(_child_prefix(p)) for p in prefixes)
+
+
+def _normalise_excludes(fs: Any, exclude: Iterable[str]) -> list[str]:
+    """Exclude URLs/paths as paths of ``fs``; those on another filesystem cannot overlap."""
+    out = []
+    for item in exclude:
+        protocol = split_protocol(item)[0] or "file"
+        try:
+            cls = fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError):
+            continue  # a filesystem we cannot even load holds none of our input
+        if not isinstance(fs, cls):
+            continue
+        path = cls._strip_protocol(item)
+        out.append(path.rstrip("/") or path)
+    return out
+
+
+def _extension(name: str) -> str:
+    return name.rsplit(".", 1)[1].lower() if "." in name else ""
+
+
+def iter_listing(
+    input_url: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    extensions: Iterable[str] = DEFAULT_EXTENSIONS,
+    exclude: Iterable[str] = (),
+) -> Iterator[ImageRef]:
+    """Yield every image under ``input_url``, recursively, in a deterministic order.
+
+    ``input_url``: any fsspec URL (``s3://bucket/prefix``, ``memory://x``, ``file:///abs``) or a
+    local path without scheme (``/data/imgs``, ``./imgs``).
+
+    How it walks, and why:
+
+    * One ``fs.ls(dir, detail=True)`` per directory, nothing else: the listing already says
+      which entries are files and which are directories, so there is no metadata request per
+      object, and only one directory's entries (plus a stack of pending subdirectory paths) are
+      held at a time. ``find``/``walk`` would materialise whole subtrees.
+    * Order: a directory's files first, sorted by name, then its subdirectories in name order,
+      depth first. (Interleaving files and subdirectories by name would need the parent's
+      listing kept while descending.)
+    * Kept: files whose extension, case-insensitively, is in ``extensions`` (no dot:
+      ``"jpg"``). Skipped: hidden entries — any file or directory whose name starts with '.'
+      (``.git``, ``._x.jpg`` resource forks, and S3 "directories" named '.' or '..'); S3 folder
+      marker objects (keys ending in '/'); and S3 prefixes with an empty segment
+      (``a//b.jpg``), which fsspec cannot list — those are logged as a warning.
+    * ``exclude``: URLs or paths (normalised like the input) whose whole subtree is never
+      listed, e.g. the job's output folder when it lies inside the input folder.
+    * ``key`` is the path relative to ``input_url``; ``uri`` is the full URI. A key that is not
+      :func:`is_safe_key` (a backslash in a name, a segment over 255 bytes) yields a ref with
+      ``error="key: unsafe"``.
+    * If ``input_url`` is a single file with an image extension, that one image is yielded,
+      with its file name as key (handy for a quick local run); any other file is a SourceError.
+
+    For S3, listings are not cached (``use_listings_cache=False`` unless ``storage_options``
+    says otherwise): s3fs would otherwise keep the whole tree in memory, and a re-run in the
+    same process would not see new images.
+
+    Raises SourceError (one line) when the input is missing (path, prefix or bucket),
+    unreachable, or a non-image file. A subdirectory that vanishes mid-walk is logged and
+    skipped.
+    """
+    fs, root = _open_fs(input_url, storage_options)
+    root = root.rstrip("/") or root
+    wanted = frozenset(e.lower().lstrip(".") for e in extensions)
+    excluded = _normalise_excludes(fs, exclude)
+
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError as exc:
+        raise SourceError(f"input {input_url!r} not found: {_one_line(exc)}") from exc
+    except Exception as exc:  # permissions, network, endpoint: anything that stops the listing
+        raise SourceError(f"cannot list input {input_url!r}: {_one_line(exc)}") from exc
+
+    # ls() of a file returns that file alone (local, memory and s3fs alike): no extra request.
+    # (An S3 folder marker "prefix/" alone is named with its '/', so it is not taken for a file.)
+    if len(entries) == 1 and entries[0]["type"] != "directory":
+        name = entries[0]["name"]
+        if name == root:
+            base = posixpath.basename(name)
+            if _extension(base) not in wanted:
+                raise SourceError(
+                    f"input {input_url!r} is a file, not a folder of images "
+                    f"(use a .txt/.csv/.parquet manifest to list images)"
+                )
+            logger.info("input %s is a single image", input_url)
+            yield _ref(base, full_uri(fs, name))
+            return
+
+    logger.info("listing images under %s", full_uri(fs, root))
+    counts = {"images": 0, "unsafe": 0, "directories": 0, "hidden": 0, "other": 0}
+    if _is_under(root, excluded):
+        logger.warning("input %s is inside an excluded path: nothing to list", input_url)
+        return
+    # Pending directories as (path, key); popped from the end, so pushed in reverse order.
+    stack: list[tuple[str, str]] = []
+    directory, dir_key = root, ""
+    while True:
+        counts["directories"] += 1
+        prefix = _child_prefix(directory)
+        files: list[tuple[str, str]] = []
+        subdirs: list[tuple[str, str]] = []
+        for entry in entries:
+            name: str = entry["name"]
+            is_dir = entry["type"] == "directory"
+            if not name.startswith(prefix):
+                logger.warning("skipping %r: listed under %r but not inside it", name, directory)
+                continue
+            base = name[len(prefix) :].rstrip("/")
+            if not base or "/" in base:
+                if is_dir:  # S3 prefix "a//": fsspec strips the trailing '/', cannot list it
+                    logger.warning(
+                        "skipping %s/: a prefix with an empty path segment cannot be listed",
+                        full_uri(fs, name.rstrip("/")),
+                    )
+                continue  # an S3 folder marker object ("a/"): not an image
+            if base.startswith("."):
+                counts["hidden"] += 1
+                continue
+            if _is_under(name.rstrip("/"), excluded):
+                logger.debug("excluded: %s", name)
+                continue
+            key = f"{dir_key}/{base}" if dir_key else base
+            if is_dir:
+                subdirs.append((base, key))
+            elif _extension(base) in wanted:
+                files.append((base, key))
+            else:
+                counts["other"] += 1
+        del entries  # drop the listing's dicts before yielding: one directory at a time
+        files.sort()
+        for base, key in files:
+            ref = _ref(key, full_uri(fs, prefix + base))
+            counts["images"] += 1
+            counts["unsafe"] += ref.error is not None
+            yield ref
+        subdirs.sort(reverse=True)
+        stack.extend((prefix + base, key) for base, key in subdirs)
+        del files, subdirs
+
+        entries = None
+        while stack and entries is None:
+            directory, dir_key = stack.pop()
+            try:
+                entries = fs.ls(directory, detail=True)
+            except FileNotFoundError:
+                # Deleted between its parent's listing and now: nothing left to label there.
+                logger.warning("directory vanished during listing, skipped: %s", directory)
+            except Exception as exc:
+                raise SourceError(
+                    f"cannot list {full_uri(fs, directory)!r}: {_one_line(exc)}"
+                ) from exc
+        if entries is None:
+            break
+    logger.info(
+        "listed %s: %d images (%d with unsafe keys) in %d directories; "
+        "skipped %d hidden and %d non-image entries",
+        input_url, counts["images"], counts["unsafe"], counts["directories"],
+        counts["hidden"], counts["other"],
+    )
+
+
+# ---------------------------------------------------------------------------------- manifests
+
+
+def _manifest_format(path: str) -> tuple[str, str | None]:
+    """(format, compression) from the manifest's name: 'list.txt', 'x.csv.gz', 'p.parquet'."""
+    compression = infer_compression(path)
+    stem = path.lower()
+    if compression:
+        stem = stem.rsplit(".", 1)[0]
+    for fmt, suffixes in (("txt", (".txt",)), ("csv", (".csv",)), ("parquet", (".parquet", ".pq"))):
+        if stem.endswith(suffixes):
+            if fmt == "parquet" and compression:
+                break  # parquet compresses inside the file; an outer layer is not readable
+            return fmt, compression
+    raise SourceError(
+        f"manifest {path!r}: unknown format (expected .txt, .csv or .parquet, "
+        f".txt/.csv optionally compressed)"
+    )
+
+
+def _txt_entries(fs: Any, path: str, compression: str | None) -> Iterator[tuple[int, str]]:
+    # utf-8-sig: a BOM written by a Windows editor must not become part of the first URI.
+    with fs.open(path, "rt", encoding="utf-8-sig", compression=compression) as f:
+        for number, line in enumerate(f, 1):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                yield number, text
+
+
+def _csv_entries(fs: Any, path: str, compression: str | None) -> Iterator[tuple[int, str]]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    # Only the 'uri' column is converted, as strings: other columns cannot fail the read, and a
+    # URI that looks like a number stays text.
+    options = pacsv.ConvertOptions(include_columns=["uri"], column_types={"uri": pa.string()})
+    with fs.open(path, "rb", compression=compression) as f:
+        try:
+            reader = pacsv.open_csv(f, convert_options=options)
+        except pa.ArrowKeyError:
+            reader = None
+        if reader is None:
+            with fs.open(path, "rb", compression=compression) as again:
+                names = pacsv.open_csv(again).schema.names
+            raise SourceError(
+                f"manifest {path!r}: no 'uri' column (columns: {', '.join(names) or 'none'})"
+            )
+        row = 0
+        for batch in reader:
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if value:
+                    yield row, value.strip()
+
+
+def _parquet_entries(fs: Any, path: str, compression: str | None) -> Iterator[tuple[int, str]]:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        if "uri" not in names:
+            raise SourceError(
+                f"manifest {path!r}: no 'uri' column (columns: {', '.join(names) or 'none'})"
+            )
+        row = 0
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=["uri"]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if value:
+                    yield row, str(value).strip()
+
+
+_READERS = {"txt": _txt_entries, "csv": _csv_entries, "parquet": _parquet_entries}
+
+
+def iter_manifest(
+    manifest_url: str, *, storage_options: Mapping[str, Any] | None = None
+) -> Iterator[ImageRef]:
+    """Yield one ImageRef per distinct URI in a manifest, streamed in file order.
+
+    Formats, chosen by the manifest's name: ``.txt`` (one URI per line; blank lines and lines
+    starting with '#' skipped; surrounding whitespace stripped), ``.csv`` with a ``uri`` column
+    (``.txt``/``.csv`` may be compressed: ``.gz``, ``.bz2``, ...), ``.parquet`` with a ``uri``
+    column. Files are read batch by batch, never whole.
+
+    Entries:
+
+    * ``s3://b/x.jpg``, ``file:///x.jpg``, ``/abs/x.jpg`` (local): taken as they are.
+    * Relative (``x.jpg``, ``../imgs/x.jpg``): resolved against the manifest's folder, on the
+      manifest's filesystem (so an S3 manifest's relative entries are S3 objects), with '.' and
+      '..' resolved as in a URL reference.
+    * ``storage_options`` apply to the manifest's filesystem and entries of the same protocol;
+      other protocols use their defaults (environment credentials).
+
+    ``key`` = the URI without its scheme and root '/': ``s3://b/x/y.jpg`` -> ``b/x/y.jpg``,
+    ``file:///data/x.jpg`` -> ``data/x.jpg``. Keys from URIs that differ only in scheme
+    (``s3://b/x`` vs ``gs://b/x``) would collide; a warning is logged when a manifest mixes
+    protocols. An unsafe key (e.g. ``s3://b/a/../x.jpg``) yields a ref with
+    ``error="key: unsafe"``.
+
+    Duplicates (same full URI) are yielded once. To keep 10^8 entries small, seen URIs are kept
+    as 64-bit blake2b hashes (ints), not strings; with 10^8 distinct URIs the chance that any
+    two share a hash, dropping one image as a false duplicate, is about 3e-4.
+
+    Raises SourceError (one line) when the manifest is missing, unreadable, of an unknown
+    format, lacks a ``uri`` column, or names a protocol no installed filesystem handles.
+    """
+    manifest_fs, manifest_path = _open_fs(manifest_url, storage_options)
+    fmt, compression = _manifest_format(manifest_path)
+    folder = manifest_fs._parent(manifest_path)
+    manifest_cls = type(manifest_fs)
+    filesystems: dict[str, Any] = {}  # protocol as written -> filesystem for its entries
+
+    def filesystem_for(protocol: str) -> Any:
+        fs = filesystems.get(protocol)
+        if fs is None:
+            try:
+                cls = fsspec.get_filesystem_class(protocol)
+                fs = manifest_fs if cls is manifest_cls else fsspec.filesystem(protocol)
+            except (ValueError, ImportError) as exc:
+                raise SourceError(
+                    f"manifest {manifest_url!r}: cannot read {protocol}:// URIs: {_one_line(exc)}"
+                ) from exc
+            filesystems[protocol] = fs
+            kinds = {type(f) for f in filesystems.values()}
+            if len(kinds) > 1:
+                logger.warning(
+                    "manifest %s mixes protocols (%s): keys are URIs without scheme, so the same "
+                    "path under two protocols would share one key",
+                    manifest_url, ", ".join(sorted(filesystems)),
+                )
+        return fs
+
+    seen: set[int] = set()
+    counts = {"entries": 0, "duplicates": 0, "unsafe": 0}
+    logger.info("reading %s manifest %s", fmt, manifest_url)
+    try:
+        for row, entry in _READERS[fmt](manifest_fs, manifest_path, compression):
+            counts["entries"] += 1
+            protocol = split_protocol(entry)[0]
+            if protocol is None and not entry.startswith("/"):
+                fs = manifest_fs
+                path = fs._strip_protocol(posixpath.normpath(posixpath.join(folder, entry)))
+            else:
+                fs = filesystem_for(protocol or "file")
+                path = fs._strip_protocol(entry)
+            uri = full_uri(fs, path)
+            digest = int.from_bytes(
+                hashlib.blake2b(uri.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                "little",
+            )  # an int of 8 bytes is ~36 bytes in a set; the URI string would be 100+
+            if digest in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(digest)
+            key = uri.split("://", 1)[1] if "://" in uri else uri
+            key = key[1:] if key.startswith("/") else key  # the root '/' of file:///x, memory:///x
+            ref = _ref(key, uri)
+            counts["unsafe"] += ref.error is not None
+            yield ref
+    except SourceError:
+        raise
+    except FileNotFoundError as exc:
+        raise SourceError(f"manifest {manifest_url!r} not found: {_one_line(exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"manifest {manifest_url!r} is not UTF-8 text: {_one_line(exc)}") from exc
+    except Exception as exc:  # pyarrow parse errors, permissions, network
+        raise SourceError(f"cannot read manifest {manifest_url!r}: {_one_line(exc)}") from exc
+    logger.info(
+        "manifest %s: %d entries, %d distinct (%d with unsafe keys), %d duplicates skipped",
+        manifest_url, counts["entries"], counts["entries"] - counts["duplicates"],
+        counts["unsafe"], counts["duplicates"],
+    )
