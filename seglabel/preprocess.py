@@ -12,6 +12,7 @@ no image is ever padded against another: an image's result never depends on its 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -83,7 +84,11 @@ def to_device(image: np.ndarray, device: torch.device) -> torch.Tensor:
     On CUDA the copy goes through pinned memory without blocking, so that it overlaps with
     whatever the device is doing.
     """
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    with warnings.catch_warnings():
+        # Arrays from Ray's object store (and the decoder) are read-only; torch only warns that
+        # writing through the tensor would be undefined, and nothing here writes to it.
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

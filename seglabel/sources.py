@@ -135,7 +135,7 @@ def _child_prefix(directory: str) -> str:
 
 
 def _is_under(path: str, prefixes: Iterable[str]) -> bool:
-    """Whether ``path`` is one of ``prefixes`` or inside one (whole segments: 'out' not 'output')."""
+    """Whether ``path`` is one of ``prefixes`` or inside one (whole segments: not 'output')."""
     return any(path == p or path.startswith(_child_prefix(p)) for p in prefixes)
 
 

@@ -1,0 +1,270 @@
+"""The Segmenter end to end on CPU, with tiny random-weight checkpoints and real photos."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from skimage import data
+
+from seglabel import Segmenter
+from seglabel.config import ConfigError, Resolution
+from seglabel.checkpoint import detect_task
+from seglabel.labels import LABEL_SETS
+from seglabel.synthetic import save_random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("instance", "semantic", "panoptic")
+
+
+def mixed_images() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [
+        data.astronaut(),
+        data.coffee(),
+        np.ascontiguousarray(data.rocket()[:, ::-1]),
+        rng.integers(0, 255, (1, 37, 3), dtype=np.uint8),  # 1 pixel high
+        rng.integers(0, 255, (29, 1, 3), dtype=np.uint8),  # 1 pixel wide
+        rng.integers(0, 255, (20, 400, 3), dtype=np.uint8),  # 1:20
+    ]
+
+
+@pytest.fixture(scope="module")
+def segmenters(checkpoints):
+    return {task: Segmenter(str(checkpoints[task]), score_threshold=0.3) for task in TASKS}
+
+
+@pytest.fixture(scope="module")
+def predictions(segmenters):
+    images = mixed_images()
+    return {task: seg(images) for task, seg in segmenters.items()}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_shapes_dtypes_and_png_at_original_size(predictions, task):
+    expected_dtype = {"instance": np.uint16, "semantic": np.uint8, "panoptic": np.int32}[task]
+    for image, pred in zip(mixed_images(), predictions[task]):
+        assert pred.id_map.shape == image.shape[:2]
+        assert pred.id_map.dtype == expected_dtype
+        with Image.open(io.BytesIO(pred.png())) as png:
+            assert png.size == (image.shape[1], image.shape[0])
+            assert png.mode == {"instance": "I;16", "semantic": "L", "panoptic": "RGB"}[task]
+            decoded = np.array(png).astype(np.int64)
+        if task == "panoptic":
+            decoded = decoded[..., 0] + 256 * decoded[..., 1] + 65536 * decoded[..., 2]
+        assert (decoded == pred.id_map).all()
+    assert sum(len(p.segments) for p in predictions[task]) > 0
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_rles_decode_to_the_label_map(predictions, task):
+    checked = 0
+    for pred in predictions[task]:
+        for seg in pred.segments:
+            mask = mask_utils.decode({"size": [pred.height, pred.width], "counts": seg.rle.encode()}).astype(bool)
+            owned = pred.id_map == seg.id
+            if task == "instance":
+                assert not (owned & ~mask).any(), "id-map pixels must lie inside the exact mask"
+            else:
+                assert (mask == owned).all()
+            assert seg.area == mask.sum()
+            ys, xs = np.nonzero(mask)
+            if len(xs):
+                box = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+                assert np.allclose(seg.bbox, box)
+            checked += 1
+    assert checked > 0
+    if task == "semantic":
+        for pred in predictions[task]:
+            assert {s.id for s in pred.segments} == set(np.unique(pred.id_map).tolist())
+            assert all(s.id == s.label_id and s.score is None for s in pred.segments)
+
+
+def test_instance_ids_follow_scores(predictions):
+    for pred in predictions["instance"]:
+        scores = [s.score for s in pred.segments]
+        assert [s.id for s in pred.segments] == list(range(1, len(scores) + 1))
+        assert scores == sorted(scores, reverse=True)
+        assert all(s.label == f"label{s.label_id}" and s.is_thing is None for s in pred.segments)
+
+
+def test_default_matches_hf_end_to_end(segmenters):
+    """HF's processor + model + post-processing vs the Segmenter, from the same photos."""
+    from transformers import Mask2FormerImageProcessorPil
+
+    seg = segmenters["semantic"]
+    processor = Mask2FormerImageProcessorPil.from_pretrained(seg.config.model)
+    images = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    with torch.inference_mode():
+        outputs = seg.model(**processor(images=images, return_tensors="pt"))
+    hf_maps = [m.numpy() for m in processor.post_process_semantic_segmentation(outputs, target_sizes=[i.shape[:2] for i in images])]
+    ours = seg(images)
+    for hf_map, pred in zip(hf_maps, ours):
+        assert (hf_map == pred.id_map).mean() >= 0.97
+    # The comparison means something only if a map is not uniform; a mirrored input (a wrong
+    # orientation) must then disagree.
+    coffee = hf_maps[1]
+    shares = np.bincount(coffee.ravel()) / coffee.size
+    assert (shares >= 0.1).sum() >= 2
+    mirrored = seg([np.ascontiguousarray(images[1][:, ::-1])])[0].id_map[:, ::-1]
+    assert (mirrored == coffee).mean() < 0.9
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_result_does_not_depend_on_the_batch(segmenters, task):
+    """Alone or among images of other sizes, an image gets the same segments.
+
+    Images are never padded against each other; what remains is float rounding (CPU kernels
+    pick different blockings for different batch sizes), so masks agree to within a few
+    boundary pixels and scores to 1e-5, not bit for bit.
+    """
+    seg = segmenters[task]
+    images = mixed_images()
+    for index in (1, 4):
+        alone = seg([images[index]])[0]
+        together = seg(images)[index]
+        assert (alone.id_map == together.id_map).mean() >= 0.9999
+        assert [(s.id, s.label_id) for s in alone.segments] == [(s.id, s.label_id) for s in together.segments]
+        for a, b in zip(alone.segments, together.segments):
+            assert a.score is None and b.score is None or abs(a.score - b.score) < 1e-5
+            ma, mb = (mask_utils.decode({"size": [alone.height, alone.width], "counts": s.rle.encode()}) for s in (a, b))
+            assert np.logical_and(ma, mb).sum() >= 0.999 * np.logical_or(ma, mb).sum()
+
+
+def test_resolution_override_matches_hf_sizes(checkpoints):
+    from transformers import Mask2FormerImageProcessorPil
+
+    seg = Segmenter(str(checkpoints["semantic"]), resolution="96")
+    processor = Mask2FormerImageProcessorPil(size={"shortest_edge": 96, "longest_edge": 160})
+    assert seg.preprocess_spec.resolution == Resolution("shortest", shortest=96, longest=160)
+    for image in mixed_images():
+        hf = processor(images=[image], return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+        assert seg.preprocess_spec.input_size(*image.shape[:2]) == tuple(hf.shape[-2:])
+    preds = seg(mixed_images())
+    assert [p.id_map.shape for p in preds] == [i.shape[:2] for i in mixed_images()]
+
+
+def test_preprocessing_matches_hf_pixels(segmenters):
+    from transformers import Mask2FormerImageProcessorPil
+
+    from seglabel.preprocess import preprocess, to_device
+
+    seg = segmenters["semantic"]
+    processor = Mask2FormerImageProcessorPil.from_pretrained(seg.config.model)
+    one_level = 1 / 255 / min(processor.image_std) + 1e-4
+    for image in mixed_images():
+        hf = processor(images=[image], return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+        size = seg.preprocess_spec.input_size(*image.shape[:2])
+        ours = preprocess([to_device(image, torch.device("cpu"))], seg.preprocess_spec, size, torch.float32)
+        diff = (hf - ours).abs()
+        assert diff.max() <= one_level
+        assert (diff > 1e-4).float().mean() < 0.01
+
+
+def test_bf16_runs_on_cpu(checkpoints):
+    seg = Segmenter(str(checkpoints["instance"]), dtype="bf16", score_threshold=0.3)
+    assert next(seg.model.parameters()).dtype == torch.bfloat16
+    preds = seg(mixed_images()[:3])
+    assert [p.id_map.shape for p in preds] == [i.shape[:2] for i in mixed_images()[:3]]
+    assert sum(len(p.segments) for p in preds) > 0
+
+
+def test_load_from_fsspec_url_copies_once(checkpoints, tmp_path):
+    local = checkpoints["instance"]
+    fs = fsspec.filesystem("memory")
+    remote = "memory://models/tiny-mask2former-instance"
+    for f in local.iterdir():
+        fs.pipe(f"{remote}/{f.name}", f.read_bytes())
+    images = mixed_images()[:2]
+    from_url = Segmenter(remote, cache_dir=str(tmp_path), score_threshold=0.3)
+    from_dir = Segmenter(str(local), score_threshold=0.3)
+    assert from_url.task == "instance" and from_url.model_id == remote
+    for a, b in zip(from_url(images), from_dir(images)):
+        assert (a.id_map == b.id_map).all()
+    # Once cached, the URL is not read again: it works with the source gone.
+    fs.rm(remote, recursive=True)
+    again = Segmenter(remote, cache_dir=str(tmp_path))
+    assert again.id2label == from_dir.id2label
+    assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_task_detection_and_errors(checkpoints, tmp_path):
+    assert detect_task("facebook/mask2former-swin-small-coco-instance") == "instance"
+    assert detect_task("facebook/mask2former-swin-large-cityscapes-semantic") == "semantic"
+    assert detect_task("s3://bucket/models/mask2former-swin-large-coco-panoptic/") == "panoptic"
+    assert detect_task("anything", "semantic") == "semantic"
+    with pytest.raises(ConfigError, match="--task"):
+        detect_task("/models/my-finetune")
+    plain = tmp_path / "my-finetune"
+    shutil.copytree(checkpoints["instance"], plain)
+    with pytest.raises(ConfigError, match="--task"):
+        Segmenter(str(plain))
+    assert Segmenter(str(plain), task="semantic").task == "semantic"
+    from seglabel.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Segmenter(str(tmp_path / "missing-instance"))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Segmenter("memory://nowhere/tiny-instance", cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="nonexistent"):
+        Segmenter(str(checkpoints["instance"]), labels=("nonexistent",))
+
+
+def test_thing_flags_from_known_label_set(tmp_path):
+    coco = {i: name for i, (name, _) in enumerate(LABEL_SETS["coco-panoptic"])}
+    path = save_random_checkpoint(tmp_path / "tiny-coco-panoptic", "tiny", coco)
+    seg = Segmenter(str(path), score_threshold=0.2)
+    assert seg.thing_ids == frozenset(range(80))
+    preds = seg(mixed_images()[:3])
+    segments = [s for p in preds for s in p.segments]
+    assert segments and all(s.is_thing == (s.label_id < 80) for s in segments)
+    for p in preds:
+        stuff = [s.label_id for s in p.segments if not s.is_thing]
+        assert len(stuff) == len(set(stuff))
+
+
+def test_dependency_ranges_admit_the_gpu_image():
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "3.12" in SpecifierSet(project["requires-python"])
+    reqs = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
+    assert "2.11.0" in reqs["torch"].specifier
+    assert "5.17.0" in reqs["transformers"].specifier
+    for name in ("scipy", "pillow", "numpy", "pyarrow", "fsspec", "s3fs", "ray", "pycocotools"):
+        assert name in reqs, name
+    assert {"data", "default"} <= reqs["ray"].extras
+    # and this machine's versions
+    from importlib.metadata import version
+
+    assert version("torch").split("+")[0] in reqs["torch"].specifier
+    assert version("transformers") in reqs["transformers"].specifier
+    assert sys.version_info >= (3, 10)
+
+
+@pytest.mark.gpu
+def test_cuda_paths(checkpoints):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    images = mixed_images()
+    cpu = Segmenter(str(checkpoints["semantic"]), device="cpu")(images)
+    for dtype in ("fp32", "bf16", "fp16"):
+        seg = Segmenter(str(checkpoints["semantic"]), device="cuda", dtype=dtype)
+        assert seg.device.type == "cuda"
+        for a, b in zip(seg(images), cpu):
+            assert a.id_map.shape == b.id_map.shape
+            if dtype == "fp32":
+                assert (a.id_map == b.id_map).mean() >= 0.97
+    inst = Segmenter(str(checkpoints["instance"]), device="cuda", score_threshold=0.3)
+    assert inst.dtype_name == "bf16"
+    assert [p.id_map.shape for p in inst(images)] == [i.shape[:2] for i in images]
