@@ -160,3 +160,33 @@ def _looks_like_hub_id(model: str) -> bool:
     # than one slash) is a local path that does not exist, reported as such rather than as a
     # failed download.
     return bool(re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", model))
+
+
+def read_label_config(model: str, revision: str | None = None) -> tuple[dict[int, str], str | None]:
+    """A checkpoint's ``id2label`` and resolved revision, reading only its config.
+
+    The driver uses this to fail fast on a bad model and to describe the job, without loading
+    weights (those are loaded once per Segmenter actor).
+    """
+    import json
+
+    import fsspec
+    from transformers import AutoConfig
+
+    if _is_remote_url(model) or model.startswith("file://") or os.path.isdir(model) or not _looks_like_hub_id(model):
+        url = model.rstrip("/") + "/config.json"
+        try:
+            with fsspec.open(url, "r") as f:
+                config = json.load(f)
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"no checkpoint at {model} (expected a directory with config.json)") from exc
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read checkpoint config {url}: {exc}") from exc
+        return {int(k): str(v) for k, v in config.get("id2label", {}).items()}, revision
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load checkpoint {model!r}: {first}") from exc
+    labels = {int(k): str(v) for k, v in config.id2label.items()}
+    return labels, getattr(config, "_commit_hash", None) or revision

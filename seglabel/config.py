@@ -12,6 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .decode import DEFAULT_MAX_PIXELS
+from .sources import DEFAULT_EXTENSIONS as _SOURCE_EXTENSIONS
+
 DEFAULT_MODEL = "facebook/mask2former-swin-small-coco-instance"
 TASKS = ("instance", "semantic", "panoptic")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -148,4 +151,106 @@ class EngineConfig:
         return cls(**dict(values))
 
 
-__all__ = ["ConfigError", "DEFAULT_MODEL", "DTYPES", "EngineConfig", "Resolution", "TASKS"]
+
+
+DEFAULT_EXTENSIONS = tuple(sorted(_SOURCE_EXTENSIONS))
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A labeling job: where images come from, where outputs go, how the engine runs.
+
+    Built the same way from CLI flags and YAML job specs (:meth:`from_mapping`), whose keys are
+    the field names here plus those of :class:`EngineConfig` (``model``, ``task``, …).
+    """
+
+    output: str
+    input: str | None = None
+    manifest: str | None = None
+    engine: EngineConfig = EngineConfig()
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    input_storage_options: Mapping[str, Any] | None = None
+    output_storage_options: Mapping[str, Any] | None = None
+    num_gpus: int | None = None
+    address: str | None = None
+    limit: int | None = None
+    dry_run: bool = False
+    rows_per_part: int = 10_000
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+    retry_errors: bool = False
+    max_errors: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.output or not str(self.output).strip():
+            raise ConfigError("an output URL is required (--output)")
+        if bool(self.input) == bool(self.manifest):
+            raise ConfigError("give exactly one of --input (a folder or prefix) or --manifest (a list of URIs)")
+        if isinstance(self.extensions, str):
+            object.__setattr__(self, "extensions", tuple(e for e in self.extensions.split(",") if e))
+        exts = tuple(sorted({str(e).lower().lstrip(".") for e in self.extensions}))
+        if not exts:
+            raise ConfigError("extensions must name at least one file extension")
+        object.__setattr__(self, "extensions", exts)
+        for name in ("input_storage_options", "output_storage_options"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"{name} must be a mapping of fsspec options, got {type(value).__name__}")
+            object.__setattr__(self, name, dict(value or {}))
+        if self.num_gpus is not None and (not isinstance(self.num_gpus, int) or self.num_gpus < 0):
+            raise ConfigError(f"num_gpus must be a non-negative integer, got {self.num_gpus!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
+            raise ConfigError(f"limit must be a non-negative integer, got {self.limit!r}")
+        if not isinstance(self.rows_per_part, int) or self.rows_per_part < 1:
+            raise ConfigError(f"rows_per_part must be a positive integer, got {self.rows_per_part!r}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.max_errors is not None and not (
+            0 < self.max_errors < 1 or (self.max_errors >= 0 and float(self.max_errors).is_integer())
+        ):
+            raise ConfigError(f"max_errors must be a count (N >= 0) or a fraction (0 < F < 1), got {self.max_errors}")
+        if _same_place(self.input, self.output):
+            raise ConfigError("the output must not be the input folder itself")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "JobConfig":
+        """Build from flat settings (a YAML spec, CLI flags): job fields and engine fields."""
+        job_fields = {f.name for f in dataclasses.fields(cls)} - {"engine"}
+        engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(values) - job_fields - engine_fields)
+        if unknown:
+            known = ", ".join(sorted(job_fields | engine_fields))
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known settings: {known}")
+        engine = EngineConfig(**{k: v for k, v in values.items() if k in engine_fields})
+        if "output" not in values:
+            raise ConfigError("an output URL is required (--output)")
+        return cls(engine=engine, **{k: v for k, v in values.items() if k in job_fields})
+
+    def replace(self, **changes: Any) -> "JobConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _same_place(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    return a.rstrip("/").removeprefix("file://") == b.rstrip("/").removeprefix("file://")
+
+
+def load_spec(path: str) -> dict[str, Any]:
+    """Read a YAML job spec (a mapping of settings) from a local path or fsspec URL."""
+    import fsspec
+    import yaml
+
+    try:
+        with fsspec.open(path, "r") as f:
+            values = yaml.safe_load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"job spec {path} not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"job spec {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"job spec {path} must be a mapping of settings, got {type(values).__name__}")
+    return values

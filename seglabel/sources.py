@@ -104,6 +104,11 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+def hash64(text: str) -> int:
+    """A 64-bit hash of a string (blake2b), to remember 10^8 keys or URIs in little memory."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 def _ref(key: str, uri: str) -> ImageRef:
     return ImageRef(key, uri) if is_safe_key(key) else ImageRef(key, uri, UNSAFE_KEY_ERROR)
 
@@ -449,10 +454,7 @@ def iter_manifest(
                 fs = filesystem_for(protocol or "file")
                 path = fs._strip_protocol(entry)
             uri = full_uri(fs, path)
-            digest = int.from_bytes(
-                hashlib.blake2b(uri.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                "little",
-            )  # an int of 8 bytes is ~36 bytes in a set; the URI string would be 100+
+            digest = hash64(uri)  # an int of 8 bytes is ~36 bytes in a set; the URI string would be 100+
             if digest in seen:
                 counts["duplicates"] += 1
                 continue

@@ -1,0 +1,149 @@
+"""The ``seglabel`` command line.
+
+Every mistake a user can make on the command line or in a job spec ends as one readable line on
+stderr and a non-zero exit (2 for bad settings or inputs, 1 for a job that failed while
+running), never as a traceback. ``--log-level debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, JobConfig, load_spec
+from .sink import OutputError
+from .sources import SourceError
+
+log = logging.getLogger("seglabel")
+
+USER_ERRORS = (ConfigError, SourceError, CheckpointError, OutputError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    # YAML scalars, so that anon=true and a port number arrive typed.
+    return key.strip(), yaml.safe_load(value) if value else ""
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    return common
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        parents=[_common()],
+        help="label every image under an input URL (or listed in a manifest) into an output URL",
+        description="Label images with Mask2Former: PNG masks and Parquet metadata under --output.",
+        argument_default=argparse.SUPPRESS,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--config", metavar="SPEC.yaml", help="a YAML job spec; flags given here override it")
+    io.add_argument("--input", metavar="URL", help="folder or prefix to list recursively (local path, s3://, gs://, …)")
+    io.add_argument("--manifest", metavar="URL", help="txt/csv/parquet list of image URIs, instead of --input")
+    io.add_argument("--output", metavar="URL", help="where masks/, metadata/, job.json and _SUCCESS go")
+    io.add_argument("--extensions", metavar="LIST", help="image extensions to list (default: jpg,jpeg,png,webp,bmp,gif,tif,tiff)")
+    io.add_argument("--input-option", dest="input_storage_options", metavar="KEY=VALUE", type=_key_value,
+                    action="append", help="fsspec storage option for the input (e.g. endpoint_url=…, anon=true); repeatable")
+    io.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=_key_value,
+                    action="append", help="fsspec storage option for the output; repeatable")
+    io.add_argument("--limit", type=int, metavar="N", help="label only the first N images not yet done")
+    io.add_argument("--dry-run", action="store_true", help="list and count (and what is already done) without running the model")
+    io.add_argument("--rows-per-part", type=int, metavar="N", help="rows per Parquet part (default 10000)")
+    io.add_argument("--max-pixels", type=int, metavar="N", help="refuse images with more pixels (decompression bombs)")
+    io.add_argument("--overwrite", action="store_true", help="delete the output's previous results and start again")
+    io.add_argument("--retry-errors", action="store_true", help="also re-process images whose rows are errors")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", metavar="ID_OR_PATH", help="Hub id, local directory or checkpoint URL "
+                       "(default facebook/mask2former-swin-small-coco-instance)")
+    model.add_argument("--revision", help="pin a Hub revision (branch, tag or commit)")
+    model.add_argument("--task", choices=("instance", "semantic", "panoptic"), help="default: from the checkpoint's name")
+    model.add_argument("--batch-size", dest="batch_size", type=int, metavar="N")
+    model.add_argument("--resolution", metavar="HxW|S|S:L", help="model input size, e.g. 384x384 or 800 (shortest edge)")
+    model.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 on CUDA, fp32 on CPU")
+    model.add_argument("--score-threshold", dest="score_threshold", type=float, metavar="S")
+    model.add_argument("--mask-threshold", dest="mask_threshold", type=float, metavar="S")
+    model.add_argument("--overlap-threshold", dest="overlap_threshold", type=float, metavar="S")
+    model.add_argument("--hf-compat", dest="compat", action="store_true", help="reproduce HF's post-processing exactly")
+    model.add_argument("--thing-labels", dest="thing_labels", metavar="LIST", help="panoptic: labels that are things")
+    model.add_argument("--labels", metavar="LIST", help="keep only these labels (names or ids, comma-separated)")
+    model.add_argument("--min-area", dest="min_area", type=int, metavar="PX", help="drop segments smaller than this")
+    model.add_argument("--max-instances", dest="max_instances", type=int, metavar="N", help="keep at most N segments per image")
+
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument("--num-gpus", dest="num_gpus", type=int, metavar="N", help="GPUs (= Segmenter actors) to use; default all")
+    cluster.add_argument("--address", help="Ray cluster address (as ray.init takes it); default RAY_ADDRESS or a local Ray")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="seglabel", description="Pre-label image corpora with Mask2Former.")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.set_defaults(log_level="info")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _run_parser(sub)
+    return parser
+
+
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """The job's config: the spec file's settings, overridden by the flags given."""
+    values: dict[str, Any] = {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "config")}
+    if getattr(args, "config", None):
+        values.update(load_spec(args.config))
+    for name in ("input_storage_options", "output_storage_options"):
+        if name in flags:
+            values[name] = {**(values.get(name) or {}), **dict(flags.pop(name))}
+    values.update(flags)
+    return JobConfig.from_mapping(values)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "filelock"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``seglabel`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        if args.command == "run":
+            from .pipeline import run
+
+            summary = run(job_config(args))
+            print(summary.report())
+            return 0
+    except USER_ERRORS as exc:
+        log.debug("details", exc_info=True)
+        print(f"seglabel: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("seglabel: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a job that failed while running (Ray, storage, the model)
+        log.debug("details", exc_info=True)
+        print(f"seglabel: failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

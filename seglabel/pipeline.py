@@ -1,0 +1,522 @@
+"""The labeling job: the stages wired together with Ray Data.
+
+    enumerate (driver) → todo list in the output's scratch space
+    → read + decode (CPU tasks) → Segmenter (one actor per GPU, one model load each)
+    → encode + write PNGs (CPU tasks) → metadata parts committed by the driver → _SUCCESS
+
+Ray appears only in this module. Ray Data streams blocks between the stages with backpressure,
+so a slow stage holds the others back instead of filling memory; the driver holds one part's
+rows at a time and commits them as one Parquet file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .checkpoint import detect_task, read_label_config
+from .config import ConfigError, EngineConfig, JobConfig
+from .encode import build_segments, encode_png
+from .fetch import fetch, options_for
+from .labels import resolve_labels, thing_ids
+from .sink import JOB_FILE, SCRATCH_DIR, SCHEMA, SUCCESS_FILE, OutputStore
+from .sources import ImageRef, iter_listing, iter_manifest
+
+log = logging.getLogger(__name__)
+
+TODO_ROWS_PER_FILE = 100_000
+# CPU shares of the light tasks: on a 2-core machine one Segmenter actor takes a core and the
+# decode and encode tasks share the other instead of waiting for whole cores.
+DECODE_CPUS = 0.25
+ENCODE_CPUS = 0.25
+DECODE_BATCH = 8
+ENCODE_BATCH = 8
+
+
+@dataclass
+class Summary:
+    """What a run did, and the state of the output afterwards."""
+
+    output: str
+    task: str
+    model: str
+    found: int = 0
+    already_done: int = 0
+    processed: int = 0
+    ok: int = 0
+    error: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    actors: dict[str, int] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def report(self) -> str:
+        """A one-screen summary for people."""
+        if self.dry_run:
+            return (
+                f"dry run: {self.found} images found, {self.already_done} already labeled, "
+                f"{self.found - self.already_done} to do; output {self.output}"
+            )
+        if self.found == 0:
+            return f"no images found; wrote an empty result to {self.output}"
+        lines = []
+        if self.processed == 0:
+            lines.append(f"nothing to do: all {self.already_done} images already have rows in {self.output}")
+        else:
+            lines.append(
+                f"labeled {self.processed} images ({self.ok} ok, {self.error} failed) in {self.seconds:.1f} s, "
+                f"{self.images_per_second:.1f} images/s"
+            )
+            if self.already_done:
+                lines.append(f"skipped {self.already_done} images already labeled")
+        if self.totals:
+            lines.append(
+                f"output now holds {self.totals.get('total', 0)} rows: {self.totals.get('ok', 0)} ok, "
+                f"{self.totals.get('error', 0)} errors"
+            )
+            for reason, count in self.totals.get("errors_by_reason", {}).items():
+                lines.append(f"  {count:>8}  {reason}")
+        lines.append(f"masks: {self.output.rstrip('/')}/masks/  metadata: {self.output.rstrip('/')}/metadata/")
+        return "\n".join(lines)
+
+
+# -- stages as Ray Data batch functions ---------------------------------------------------------
+
+
+def _decode_batch(batch: dict[str, np.ndarray], base_url: str, storage_options: dict, max_pixels: int | None):
+    images, widths, heights, errors = [], [], [], []
+    for uri, error in zip(batch["uri"], batch["error"]):
+        result = None
+        if error is None:
+            result = fetch(uri, options_for(uri, base_url, storage_options), max_pixels)
+            error = result.error
+        ok = result is not None and result.image is not None
+        # Rows that failed carry a 1×1 placeholder so that the column stays one tensor type.
+        images.append(result.image if ok else np.zeros((1, 1, 3), np.uint8))
+        widths.append(result.width if ok else -1)
+        heights.append(result.height if ok else -1)
+        errors.append(error)
+    return {
+        "key": batch["key"],
+        "uri": batch["uri"],
+        "image": _object_array(images),
+        "width": np.array(widths, dtype=np.int32),
+        "height": np.array(heights, dtype=np.int32),
+        "error": _object_array(errors),
+    }
+
+
+def _object_array(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+class SegmentStage:
+    """A Ray Data actor: one loaded Segmenter; runs the model on each batch's decodable images."""
+
+    def __init__(self, engine: EngineConfig, cpu_threads: int = 1):
+        import ray
+        import torch
+
+        from transformers.utils import logging as hf_logging
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, cpu_threads))
+        hf_logging.disable_progress_bar()  # one bar per actor start is noise in the job's log
+        from .segment import Segmenter
+
+        self.segmenter = Segmenter(config=engine)
+        context = ray.get_runtime_context()
+        self.name = f"{context.get_node_id()[:12]}/{os.getpid()}"
+        log.info("Segmenter actor %s ready on %s", self.name, self.segmenter.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        errors = list(batch["error"])
+        raws: list[bytes] = [b""] * n
+        todo = [i for i in range(n) if errors[i] is None]
+        for i, raw in zip(todo, self._predict([batch["image"][i] for i in todo], [batch["key"][i] for i in todo])):
+            if isinstance(raw, str):
+                errors[i] = raw
+            else:
+                raws[i] = pickle.dumps(raw, protocol=5)
+        return {
+            "key": batch["key"],
+            "uri": batch["uri"],
+            "width": batch["width"],
+            "height": batch["height"],
+            "error": _object_array(errors),
+            "raw": _object_array(raws),
+            "actor": _object_array([self.name] * n),
+        }
+
+    def _predict(self, images: list, keys: list) -> list:
+        """Raw predictions; an image the model cannot process gets an error string instead."""
+        if not images:
+            return []
+        try:
+            return self.segmenter.predict_raw(images)
+        except Exception as exc:
+            # Find the culprit(s) one image at a time rather than failing the whole batch.
+            log.warning("batch failed (%s: %s); retrying its %d images one by one", type(exc).__name__, exc, len(images))
+        out = []
+        for image, key in zip(images, keys):
+            try:
+                out.extend(self.segmenter.predict_raw([image]))
+            except Exception as exc:
+                log.warning("segment failed for %s: %s", key, exc)
+                out.append(f"segment: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+        return out
+
+
+def _encode_batch(
+    batch: dict[str, np.ndarray],
+    output: OutputStore,
+    task: str,
+    model: str,
+    id2label: dict[int, str],
+    things: frozenset[int] | None,
+) -> pa.Table:
+    rows = []
+    for key, uri, width, height, error, raw in zip(
+        batch["key"], batch["uri"], batch["width"], batch["height"], batch["error"], batch["raw"]
+    ):
+        row = {"key": key, "image_uri": uri, "task": task, "model": model, "status": "error", "error": error,
+               "width": None, "height": None, "mask_uri": None, "segments": None}
+        if error is None:
+            prediction = pickle.loads(raw)
+            try:
+                segments = build_segments(prediction, task, id2label, things)
+                # The PNG is written before the row that references it is returned.
+                row["mask_uri"] = output.write_mask(key, encode_png(prediction.id_map, task))
+            except Exception as exc:  # storage failures after the client's retries
+                log.warning("cannot write mask for %s: %s", key, exc)
+                row["error"] = f"write: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+            else:
+                row.update(status="ok", segments=[s.to_row() for s in segments])
+            row["width"], row["height"] = int(width), int(height)
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    return table.append_column("actor", pa.array(list(batch["actor"]), pa.string()))
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+
+def _refs(config: JobConfig) -> Iterator[ImageRef]:
+    if config.manifest:
+        return iter_manifest(config.manifest, storage_options=config.input_storage_options)
+    return iter_listing(
+        config.input,
+        storage_options=config.input_storage_options,
+        extensions=config.extensions,
+        exclude=[config.output],
+    )
+
+
+def _job_record(config: JobConfig, task: str, revision: str | None, id2label: dict[int, str]) -> dict[str, Any]:
+    """job.json: the run's spec and versions. No storage options: they may hold credentials."""
+    import ray
+    import torch
+    import transformers
+
+    engine = config.engine
+    return {
+        "input": config.input,
+        "manifest": config.manifest,
+        "output": config.output,
+        "model": engine.model,
+        "revision": revision,
+        "task": task,
+        "id2label": {str(k): v for k, v in sorted(id2label.items())},
+        "settings": engine.mask_settings(),
+        "score_threshold": engine.score_threshold,
+        "mask_threshold": engine.mask_threshold,
+        "overlap_threshold": engine.overlap_threshold,
+        "resolution": str(engine.resolution) if engine.resolution else None,
+        "dtype": engine.dtype,
+        "versions": {
+            "seglabel": __version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+        },
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _check_same_settings(previous: dict[str, Any], engine: EngineConfig, output: str) -> None:
+    before = previous.get("settings", {})
+    now = engine.mask_settings()
+    changed = [k for k in now if k in before and before[k] != now[k]]
+    if changed:
+        diff = "; ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(
+            f"{output} was labeled with other mask settings ({diff}); use the same settings to resume, "
+            "or --overwrite to start again"
+        )
+
+
+def _stage_todo(store: OutputStore, refs: Iterator[ImageRef], done, limit: int | None, run_id: str):
+    """Write the images still to do as Parquet files the workers read; returns their paths
+    and the counts (found, already done, to do). Holds one file's rows at a time."""
+    paths, found, skipped, todo = [], 0, 0, 0
+    buffer: list[ImageRef] = []
+
+    def flush():
+        if buffer:
+            table = pa.table({
+                "key": [r.key for r in buffer],
+                "uri": [r.uri for r in buffer],
+                "error": pa.array([r.error for r in buffer], pa.string()),
+            })
+            rel = f"{SCRATCH_DIR}/todo-{run_id}/todo-{len(paths):05d}.parquet"
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            store.write_bytes(rel, sink.getvalue().to_pybytes())
+            paths.append(store.path(rel))
+            buffer.clear()
+
+    for ref in refs:
+        found += 1
+        if ref.key in done:
+            skipped += 1
+            continue
+        if limit is not None and todo >= limit:
+            continue
+        buffer.append(ref)
+        todo += 1
+        if len(buffer) >= TODO_ROWS_PER_FILE:
+            flush()
+    flush()
+    return paths, found, skipped, todo
+
+
+def _connect(address: str | None) -> bool:
+    """Connect to Ray; returns whether this call started it (and so must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # An embedded, single-machine Ray: keep every process on loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _actor_resources(config: JobConfig) -> tuple[int, dict[str, float]]:
+    """How many Segmenter actors, and what each asks for: one GPU each, or a CPU fallback."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    wanted = gpus if config.num_gpus is None else config.num_gpus
+    if wanted > gpus:
+        raise ConfigError(f"--num-gpus {wanted} asks for more GPUs than the cluster has ({gpus})")
+    if wanted > 0:
+        return wanted, {"num_gpus": 1, "num_cpus": 1}
+    log.warning("no GPUs in the Ray cluster: running one Segmenter on the CPU")
+    return 1, {"num_cpus": 1}
+
+
+def _pyarrow_fs(store: OutputStore):
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return None if store.local else PyFileSystem(FSSpecHandler(store.fs))
+
+
+def run(config: JobConfig) -> Summary:
+    """Run a labeling job as the config says; returns its summary.
+
+    Raises ConfigError, SourceError, CheckpointError or OutputError (one readable line each)
+    before any model runs when the settings, input, checkpoint or output are unusable.
+    """
+    engine = config.engine
+    task = detect_task(engine.model, engine.task)
+    id2label, revision = read_label_config(engine.model, engine.revision)
+    try:
+        things = thing_ids(id2label, engine.thing_labels)
+        if engine.labels is not None:
+            resolve_labels(id2label, engine.labels)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    summary = Summary(output=config.output, task=task, model=engine.model, dry_run=config.dry_run)
+
+    refs = _refs(config)
+    first = next(refs, None)  # a missing input fails here, before anything is written
+    refs = _chain(first, refs) if first is not None else iter(())
+    store = OutputStore(config.output, config.output_storage_options)
+    previous = store.read_json(JOB_FILE)
+    if config.overwrite and not config.dry_run:
+        store.clear()
+        previous = None
+    elif previous is not None:
+        _check_same_settings(previous, engine, config.output)
+    if not config.dry_run:
+        store.check_writable()
+        store.clean_temporary()
+    done = store.done_keys(include_errors=not config.retry_errors) if previous is not None else _Nothing()
+
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    if config.dry_run:
+        found = skipped = 0
+        for ref in refs:
+            found += 1
+            skipped += ref.key in done
+        summary.found, summary.already_done = found, skipped
+        return summary
+
+    todo_paths, summary.found, summary.already_done, todo = _stage_todo(store, refs, done, config.limit, run_id)
+    if previous is None:
+        store.write_json(JOB_FILE, _job_record(config, task, revision, id2label))
+    try:
+        if todo == 0:
+            if summary.found == 0:
+                log.warning("no images found under %s", config.input or config.manifest)
+            if summary.found == 0 or not store.exists(SUCCESS_FILE):
+                summary.totals = store.counts()
+                store.write_json(SUCCESS_FILE, summary.totals)
+            return summary
+        store.remove(SUCCESS_FILE)  # stale until every new image has a row
+        started = time.perf_counter()
+        _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary)
+        summary.seconds = time.perf_counter() - started
+        summary.totals = store.counts()
+        store.write_json(SUCCESS_FILE, {**summary.totals, "actors": summary.actors})
+    finally:
+        store.remove(f"{SCRATCH_DIR}/todo-{run_id}")
+    return summary
+
+
+class _Nothing:
+    def __contains__(self, key: str) -> bool:
+        return False
+
+
+def _chain(first: ImageRef, rest: Iterator[ImageRef]) -> Iterator[ImageRef]:
+    yield first
+    yield from rest
+
+
+def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    started_ray = _connect(config.address)
+    try:
+        DataContext.get_current().enable_progress_bars = False
+        actors, resources = _actor_resources(config)
+        base_url = config.manifest or config.input
+        ds = ray.data.read_parquet(todo_paths, filesystem=_pyarrow_fs(store))
+        ds = ds.map_batches(
+            _decode_batch,
+            fn_kwargs={"base_url": base_url, "storage_options": config.input_storage_options, "max_pixels": config.max_pixels},
+            batch_size=DECODE_BATCH,
+            batch_format="numpy",
+            num_cpus=DECODE_CPUS,
+        )
+        ds = ds.map_batches(
+            SegmentStage,
+            fn_constructor_kwargs={"engine": config.engine},
+            batch_size=config.engine.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=actors),
+            **resources,
+        )
+        ds = ds.map_batches(
+            _encode_batch,
+            fn_kwargs={"output": store, "task": task, "model": config.engine.model, "id2label": id2label, "things": things},
+            batch_size=ENCODE_BATCH,
+            batch_format="numpy",
+            num_cpus=ENCODE_CPUS,
+        )
+        _commit(ds, store, config.rows_per_part, todo, run_id, summary)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _commit(ds, store: OutputStore, rows_per_part: int, todo: int, run_id: str, summary: Summary) -> None:
+    """Consume the pipeline's rows and commit them in parts of ``rows_per_part`` rows."""
+    from tqdm import tqdm
+
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    part = 0
+    actors: Counter[str] = Counter()
+    seen: set[str] = set()
+    last_log = time.monotonic()
+    started = time.perf_counter()
+
+    def write(table: pa.Table) -> None:
+        nonlocal part
+        store.write_part(table.drop_columns(["actor"]), f"part-{run_id}-{part:05d}.parquet")
+        part += 1
+
+    with tqdm(total=todo, unit="img", desc="labeling", disable=None) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            keys = batch.column("key").to_pylist()
+            # Ray yields a task's rows once even when it retried the task; this guards the
+            # contract (every image exactly once) against any duplicate all the same.
+            fresh = [i for i, k in enumerate(keys) if k not in seen]
+            if len(fresh) != len(keys):
+                log.warning("dropping %d duplicate rows", len(keys) - len(fresh))
+                batch = batch.take(fresh)
+            seen.update(keys)
+            statuses = batch.column("status").to_pylist()
+            summary.ok += statuses.count("ok")
+            summary.error += len(statuses) - statuses.count("ok")
+            actors.update(a for a, s in zip(batch.column("actor").to_pylist(), statuses) if s == "ok")
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            while pending_rows >= rows_per_part:
+                table = pa.concat_tables(pending).combine_chunks()
+                write(table.slice(0, rows_per_part))
+                rest = table.slice(rows_per_part)
+                pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+            bar.update(batch.num_rows)
+            summary.processed += batch.num_rows
+            if time.monotonic() - last_log > 30:
+                rate = summary.processed / (time.perf_counter() - started)
+                log.info("%d / %d images, %.1f images/s", summary.processed, todo, rate)
+                last_log = time.monotonic()
+        if pending_rows:
+            write(pa.concat_tables(pending))
+    summary.actors = dict(actors)
+
+
+def label(input: str | None = None, output: str | None = None, **settings: Any) -> Summary:
+    """Label every image under ``input`` (or listed in ``manifest=``) into ``output``.
+
+    ``settings`` are the job's and engine's settings by name (``model``, ``task``,
+    ``batch_size``, ``score_threshold``, ``num_gpus``, ``address``, …), as in a YAML job spec.
+    """
+    values = dict(settings)
+    if input is not None:
+        values["input"] = input
+    if output is not None:
+        values["output"] = output
+    return run(JobConfig.from_mapping(values))
+
+
+__all__ = ["SegmentStage", "Summary", "label", "run"]

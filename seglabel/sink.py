@@ -1,0 +1,261 @@
+"""Write masks and metadata to the output URL, commit atomically, and tell a re-run what is done.
+
+Layout (the output contract in DESIGN.md): ``job.json``, ``masks/<key>.png``,
+``metadata/part-*.parquet``, ``_SUCCESS``; seglabel's own scratch space is ``_seglabel/``.
+
+What is atomic:
+* every file becomes visible whole: local files are written under a hidden temporary name
+  in the same folder and renamed; object stores get a single PUT;
+* a PNG is written before the metadata row that references it, and a row counts as done only
+  once the Parquet part holding it has been committed; a part is written by the driver alone,
+  with a name no other run uses;
+* ``_SUCCESS`` is written last, when every input image has a committed row.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import uuid
+from collections import Counter
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from .sources import hash64
+
+log = logging.getLogger(__name__)
+
+SEGMENT_TYPE = pa.struct(
+    [
+        ("id", pa.int32()),
+        ("label_id", pa.int32()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("area", pa.int64()),
+        ("bbox", pa.list_(pa.float32())),
+        ("rle", pa.string()),
+        ("is_thing", pa.bool_()),
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image_uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mask_uri", pa.string()),
+        ("task", pa.string()),
+        ("model", pa.string()),
+        ("segments", pa.list_(SEGMENT_TYPE)),
+    ]
+)
+
+JOB_FILE = "job.json"
+SUCCESS_FILE = "_SUCCESS"
+MASKS_DIR = "masks"
+METADATA_DIR = "metadata"
+SCRATCH_DIR = "_seglabel"
+
+
+class OutputError(RuntimeError):
+    """The output cannot be read or written; the message is one readable line."""
+
+
+class DoneKeys:
+    """The keys that already have a committed row, as a sorted array of 64-bit hashes.
+
+    Eight bytes a key, so that resuming a 10^8-image output fits a driver (800 MB), where a
+    Python set of strings would need tens of GB.
+    """
+
+    def __init__(self, hashes: np.ndarray | None = None):
+        self._hashes = np.unique(hashes) if hashes is not None else np.zeros(0, dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __contains__(self, key: str) -> bool:
+        h = np.uint64(hash64(key))
+        i = np.searchsorted(self._hashes, h)
+        return bool(i < len(self._hashes) and self._hashes[i] == h)
+
+
+def key_hashes(keys: Iterable[str]) -> np.ndarray:
+    """64-bit hashes of keys, as a uint64 array."""
+    return np.fromiter((hash64(k) for k in keys), dtype=np.uint64)
+
+
+class OutputStore:
+    """One job's output folder on any fsspec filesystem."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        try:
+            self.fs, root = url_to_fs(url, **self.storage_options)
+        except Exception as exc:
+            raise OutputError(f"cannot open output {url!r}: {exc}") from exc
+        self.root = root.rstrip("/") or root
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        self.local = "file" in protocols or "local" in protocols
+
+    def __reduce__(self):
+        # Workers rebuild the store from its URL; fsspec caches filesystem instances per process.
+        return (OutputStore, (self.url, self.storage_options))
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
+
+    def uri(self, rel: str) -> str:
+        """The full URI of a path under the output (``s3://…``, ``file:///abs/…``)."""
+        return self.fs.unstrip_protocol(self.path(rel))
+
+    @staticmethod
+    def mask_relpath(key: str) -> str:
+        return f"{MASKS_DIR}/{key}.png"
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a file so that it only ever becomes visible complete."""
+        path = self.path(rel)
+        if self.local:
+            parent, name = posixpath.split(path)
+            self.fs.makedirs(parent, exist_ok=True)
+            tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+            try:
+                with self.fs.open(tmp, "wb") as f:
+                    f.write(data)
+                self.fs.mv(tmp, path)
+            finally:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+        else:
+            # A single PUT: object stores publish an object only once it is complete.
+            self.fs.pipe_file(path, data)
+
+    def write_json(self, rel: str, value: Any) -> None:
+        self.write_bytes(rel, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def write_mask(self, key: str, png: bytes) -> str:
+        """Write one mask PNG; returns its full URI."""
+        rel = self.mask_relpath(key)
+        self.write_bytes(rel, png)
+        return self.uri(rel)
+
+    def write_part(self, table: pa.Table, name: str) -> str:
+        """Commit one Parquet part of metadata rows; returns its path."""
+        buf = io.BytesIO()
+        pq.write_table(table.cast(SCHEMA), buf, compression="zstd")
+        rel = f"{METADATA_DIR}/{name}"
+        self.write_bytes(rel, buf.getvalue())
+        return self.path(rel)
+
+    def check_writable(self) -> None:
+        """Fail early, with one line, when the output cannot be written."""
+        rel = f"{SCRATCH_DIR}/.probe-{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(rel, b"ok")
+            self.fs.rm(self.path(rel))
+        except Exception as exc:
+            raise OutputError(f"cannot write to output {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read_json(self, rel: str) -> Any | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path(rel)))
+        except FileNotFoundError:
+            return None
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def parts(self) -> list[str]:
+        """Committed Parquet parts, sorted (temporary files are hidden and skipped)."""
+        self.fs.invalidate_cache(self.path(METADATA_DIR))
+        try:
+            names = self.fs.ls(self.path(METADATA_DIR), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            n for n in names if n.endswith(".parquet") and not posixpath.basename(n).startswith(".")
+        )
+
+    def iter_part_columns(self, columns: list[str]) -> Iterator[pa.Table]:
+        """Some columns of every committed part, one part at a time."""
+        for path in self.parts():
+            with self.fs.open(path, "rb") as f:
+                yield pq.read_table(f, columns=columns)
+
+    def done_keys(self, include_errors: bool = True) -> DoneKeys:
+        """Keys with a committed row (``include_errors=False``: only ``ok`` rows count)."""
+        chunks = []
+        for table in self.iter_part_columns(["key", "status"]):
+            keys = table.column("key").to_pylist()
+            if not include_errors:
+                status = table.column("status").to_pylist()
+                keys = [k for k, s in zip(keys, status) if s == "ok"]
+            chunks.append(key_hashes(keys))
+        return DoneKeys(np.concatenate(chunks) if chunks else None)
+
+    def counts(self) -> dict[str, Any]:
+        """Rows, ok and error counts (errors by reason) over all committed parts.
+
+        When a re-run with ``--retry-errors`` replaced an error row, the later row wins.
+        """
+        latest: dict[int, tuple[str, str | None]] = {}
+        for table in self.iter_part_columns(["key", "status", "error"]):
+            for key, status, error in zip(*(table.column(c).to_pylist() for c in ("key", "status", "error"))):
+                latest[hash64(key)] = (status, error)
+        statuses = Counter(s for s, _ in latest.values())
+        reasons = Counter(_reason(e) for s, e in latest.values() if s != "ok")
+        return {
+            "total": len(latest),
+            "ok": statuses.get("ok", 0),
+            "error": sum(v for k, v in statuses.items() if k != "ok"),
+            "errors_by_reason": dict(sorted(reasons.items())),
+        }
+
+    # -- housekeeping -----------------------------------------------------------------------
+
+    def remove(self, rel: str) -> None:
+        path = self.path(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def clear(self) -> None:
+        """Delete a previous job's outputs (``--overwrite``)."""
+        for rel in (SUCCESS_FILE, METADATA_DIR, MASKS_DIR, SCRATCH_DIR, JOB_FILE):
+            self.remove(rel)
+
+    def clean_temporary(self) -> int:
+        """Remove temporary files a killed run left in ``metadata/``; returns how many."""
+        try:
+            names = self.fs.ls(self.path(METADATA_DIR), detail=False)
+        except FileNotFoundError:
+            return 0
+        stale = [n for n in names if ".tmp-" in posixpath.basename(n)]
+        for n in stale:
+            self.fs.rm(n)
+        return len(stale)
+
+
+def _reason(error: str | None) -> str:
+    """The reason class of an error message: ``decode: truncated image`` stays as it is,
+    ``read: <long botocore text>`` becomes ``read``."""
+    if not error:
+        return "unknown"
+    stage, _, detail = error.partition(":")
+    return error if len(detail) < 40 else stage
