@@ -115,14 +115,23 @@ def job_config(args: argparse.Namespace) -> JobConfig:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "filelock"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Other libraries speak at WARNING and above; seglabel at the level asked for. force: main()
+    # may run several times in one process (tests, notebooks), each with that moment's stderr.
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    log.setLevel(getattr(logging, level.upper()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``seglabel`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad flag already reported in one line
+        return int(exc.code or 0)
     _setup_logging(args.log_level)
     try:
         if args.command == "run":

@@ -43,6 +43,9 @@ DECODE_CPUS = 0.25
 ENCODE_CPUS = 0.25
 DECODE_BATCH = 8
 ENCODE_BATCH = 8
+# Start the model only once every Segmenter actor has loaded it (so that the first one does not
+# take all the early work), and fail with a clear error when the cluster cannot place them.
+ACTOR_START_TIMEOUT_S = 1800
 
 
 @dataclass
@@ -99,9 +102,16 @@ class Summary:
 # -- stages as Ray Data batch functions ---------------------------------------------------------
 
 
+def _error(value: Any) -> str | None:
+    """An error cell as it travels between stages: "" (not None, which Ray may turn into a
+    float NaN when a whole column is empty) means no error."""
+    return value if isinstance(value, str) and value else None
+
+
 def _decode_batch(batch: dict[str, np.ndarray], base_url: str, storage_options: dict, max_pixels: int | None):
     images, widths, heights, errors = [], [], [], []
     for uri, error in zip(batch["uri"], batch["error"]):
+        error = _error(error)
         result = None
         if error is None:
             result = fetch(uri, options_for(uri, base_url, storage_options), max_pixels)
@@ -111,7 +121,7 @@ def _decode_batch(batch: dict[str, np.ndarray], base_url: str, storage_options: 
         images.append(result.image if ok else np.zeros((1, 1, 3), np.uint8))
         widths.append(result.width if ok else -1)
         heights.append(result.height if ok else -1)
-        errors.append(error)
+        errors.append(error or "")
     return {
         "key": batch["key"],
         "uri": batch["uri"],
@@ -149,9 +159,9 @@ class SegmentStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
-        errors = list(batch["error"])
+        errors = [_error(e) or "" for e in batch["error"]]
         raws: list[bytes] = [b""] * n
-        todo = [i for i in range(n) if errors[i] is None]
+        todo = [i for i in range(n) if not errors[i]]
         for i, raw in zip(todo, self._predict([batch["image"][i] for i in todo], [batch["key"][i] for i in todo])):
             if isinstance(raw, str):
                 errors[i] = raw
@@ -198,6 +208,7 @@ def _encode_batch(
     for key, uri, width, height, error, raw in zip(
         batch["key"], batch["uri"], batch["width"], batch["height"], batch["error"], batch["raw"]
     ):
+        error = _error(error)
         row = {"key": key, "image_uri": uri, "task": task, "model": model, "status": "error", "error": error,
                "width": None, "height": None, "mask_uri": None, "segments": None}
         if error is None:
@@ -424,10 +435,16 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
 
     started_ray = _connect(config.address)
     try:
-        DataContext.get_current().enable_progress_bars = False
+        context = DataContext.get_current()
+        context.enable_progress_bars = False
+        context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         actors, resources = _actor_resources(config)
         base_url = config.manifest or config.input
-        ds = ray.data.read_parquet(todo_paths, filesystem=_pyarrow_fs(store))
+        # Blocks of one batch each: a block goes to one task or actor, so a single big block
+        # would serialise decoding and leave all but one Segmenter idle.
+        ds = ray.data.read_parquet(todo_paths, filesystem=_pyarrow_fs(store)).repartition(
+            target_num_rows_per_block=config.engine.batch_size
+        )
         ds = ds.map_batches(
             _decode_batch,
             fn_kwargs={"base_url": base_url, "storage_options": config.input_storage_options, "max_pixels": config.max_pixels},

@@ -31,8 +31,12 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 endpoint (moto's server) on loopback; s3fs and boto3 everywhere use it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    # The in-process server logs every request at INFO; keep the tests' stderr for seglabel.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()

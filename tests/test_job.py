@@ -1,0 +1,269 @@
+"""`seglabel run` end to end: a real local Ray cluster, local folders and S3 on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shlex
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from skimage import data
+
+from outputs import check_output, read_png, read_rows
+from seglabel.cli import main
+from seglabel.pipeline import label
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("instance", "semantic", "panoptic")
+
+
+def drawn(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, width - 1)), int(rng.integers(0, height - 1))
+        box = [x0, y0, x0 + int(rng.integers(1, width)), y0 + int(rng.integers(1, height))]
+        draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return image
+
+
+def corpus_files() -> dict[str, bytes]:
+    """Key → file bytes: real photos and drawn images in nested folders, odd names, junk."""
+    def encode(image: Image.Image, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        return buf.getvalue()
+
+    return {
+        "astronaut.jpg": encode(Image.fromarray(data.astronaut()), "JPEG"),
+        "photos/coffee.png": encode(Image.fromarray(data.coffee()), "PNG"),
+        "photos/cats/chelsea cat é.WEBP": encode(Image.fromarray(data.chelsea()), "WEBP"),
+        "drawn/a/shapes 1.png": encode(drawn(64, 48, 1), "PNG"),
+        "drawn/a/b/tall.bmp": encode(drawn(20, 150, 2), "BMP"),
+        "drawn/broken.jpg": b"\xff\xd8\xff not really a jpeg",
+        "drawn/notes.txt": b"not an image and not listed",
+    }
+
+
+EXPECTED = {
+    "astronaut.jpg": (512, 512),
+    "photos/coffee.png": (600, 400),
+    "photos/cats/chelsea cat é.WEBP": (451, 300),
+    "drawn/a/shapes 1.png": (64, 48),
+    "drawn/a/b/tall.bmp": (20, 150),
+    "drawn/broken.jpg": "decode:",
+}
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    root = tmp_path / "images"
+    for key, blob in corpus_files().items():
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session(s3_endpoint):
+    """One local Ray for the module's tests (the job uses it instead of starting its own).
+
+    Started after the S3 endpoint, so that its workers inherit AWS_ENDPOINT_URL_S3."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_local_run(checkpoints, corpus, tmp_path, task):
+    out = tmp_path / "out"
+    summary = label(str(corpus), str(out), model=str(checkpoints[task]), score_threshold=0.3, rows_per_part=4)
+    assert (summary.found, summary.processed, summary.ok, summary.error) == (6, 6, 5, 1)
+    rows = check_output(str(out), task, EXPECTED)
+    assert sum(len(r["segments"] or []) for r in rows.values()) > 0
+    assert rows["astronaut.jpg"]["image_uri"] == (corpus / "astronaut.jpg").as_uri().replace("%20", " ")
+    assert len(list((out / "metadata").glob("*.parquet"))) == 2  # 6 rows in parts of 4
+    assert not list(out.rglob(".*.tmp-*"))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_s3_run(checkpoints, s3_bucket, task):
+    client = boto3.client("s3")
+    for key, blob in corpus_files().items():
+        client.put_object(Bucket=s3_bucket, Key=f"in/{key}", Body=blob)
+    out = f"s3://{s3_bucket}/labels"
+    summary = label(f"s3://{s3_bucket}/in", out, model=str(checkpoints[task]), score_threshold=0.3)
+    assert summary.ok == 5
+    rows = check_output(out, task, EXPECTED)
+    assert rows["astronaut.jpg"]["image_uri"] == f"s3://{s3_bucket}/in/astronaut.jpg"
+    assert rows["astronaut.jpg"]["mask_uri"] == f"s3://{s3_bucket}/labels/masks/astronaut.jpg.png"
+    job = client.get_object(Bucket=s3_bucket, Key="labels/job.json")["Body"].read().decode()
+    assert "testing" not in job  # the (fake) credentials never land in outputs
+
+
+def test_manifest_run(checkpoints, corpus, tmp_path):
+    manifest = corpus / "list.txt"
+    manifest.write_text(
+        "# images to label\n"
+        f"{corpus / 'astronaut.jpg'}\n"
+        "photos/coffee.png\n"  # relative to the manifest's folder
+        f"file://{corpus / 'photos/coffee.png'}\n"  # the same image again: counted once
+        f"{corpus / 'missing.jpg'}\n"
+    )
+    out = tmp_path / "out"
+    label(manifest=str(manifest), output=str(out), model=str(checkpoints["semantic"]))
+    base = str(corpus).lstrip("/")
+    check_output(str(out), "semantic", {
+        f"{base}/astronaut.jpg": (512, 512),
+        f"{base}/photos/coffee.png": (600, 400),
+        f"{base}/missing.jpg": "read: not found",
+    })
+
+
+def test_limit_then_resume_and_output_inside_input(checkpoints, corpus):
+    out = corpus / "labels"  # inside the input folder: never listed as input
+    first = label(str(corpus), str(out), model=str(checkpoints["instance"]), limit=2)
+    assert (first.found, first.processed) == (6, 2)
+    assert len(read_rows(str(out))) == 2
+    assert not (out / "_SUCCESS").exists() or json.loads((out / "_SUCCESS").read_text())["total"] == 2
+    second = label(str(corpus), str(out), model=str(checkpoints["instance"]))
+    assert (second.found, second.already_done, second.processed) == (6, 2, 4)
+    check_output(str(out), "instance", EXPECTED)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    third = label(str(corpus), str(out), model=str(checkpoints["instance"]))
+    assert (third.found, third.processed) == (6, 0)
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+def test_same_masks_alone_and_among_others(checkpoints, corpus, tmp_path):
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "astronaut.jpg").write_bytes((corpus / "astronaut.jpg").read_bytes())
+    label(str(single), str(tmp_path / "a"), model=str(checkpoints["panoptic"]), score_threshold=0.3)
+    label(str(corpus), str(tmp_path / "b"), model=str(checkpoints["panoptic"]), score_threshold=0.3, batch_size=4)
+    alone = {r["key"]: r for r in read_rows(str(tmp_path / "a"))}["astronaut.jpg"]
+    among = {r["key"]: r for r in read_rows(str(tmp_path / "b"))}["astronaut.jpg"]
+    pa_, pb = np.array(read_png(alone["mask_uri"])), np.array(read_png(among["mask_uri"]))
+    assert (pa_ == pb).all(axis=-1).mean() >= 0.9999
+    assert [(s["id"], s["label_id"]) for s in alone["segments"]] == [(s["id"], s["label_id"]) for s in among["segments"]]
+
+
+def test_two_node_cluster_spreads_work(checkpoints, corpus, tmp_path):
+    """Two raylets with one (simulated) GPU each: two Segmenter actors, one per node."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2, num_gpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        many = corpus / "many"
+        many.mkdir()
+        for i in range(24):
+            drawn(40 + i, 30 + i, i).save(many / f"d{i:02d}.png")
+        expected = dict(EXPECTED, **{f"many/d{i:02d}.png": Image.open(many / f"d{i:02d}.png").size for i in range(24)})
+        two = label(str(corpus), str(tmp_path / "two"), model=str(checkpoints["instance"]), num_gpus=2, batch_size=2, score_threshold=0.3)
+        one = label(str(corpus), str(tmp_path / "one"), model=str(checkpoints["instance"]), num_gpus=1, batch_size=2, score_threshold=0.3)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert len(two.actors) == 2 and len({a.split("/")[0] for a in two.actors}) == 2, two.actors
+    assert len(one.actors) == 1
+    success = json.loads((tmp_path / "two" / "_SUCCESS").read_text())
+    assert len(success["actors"]) == 2
+    rows_two = check_output(str(tmp_path / "two"), "instance", expected)
+    rows_one = check_output(str(tmp_path / "one"), "instance", expected)
+    for key, row in rows_two.items():
+        other = rows_one[key]
+        if row["status"] != "ok":
+            continue
+        assert [(s["id"], s["label_id"]) for s in row["segments"]] == [(s["id"], s["label_id"]) for s in other["segments"]]
+        a, b = np.array(read_png(row["mask_uri"])), np.array(read_png(other["mask_uri"]))
+        assert (a == b).mean() >= 0.9999
+
+
+def test_empty_input_writes_zero_success(checkpoints, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.txt").write_text("no images here")
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(empty), "--output", str(out), "--model", str(checkpoints["instance"])]) == 0
+    assert "no images found" in capsys.readouterr().out
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert (success["total"], success["ok"], success["error"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--input", "{tmp}/does-not-exist"], "not found"),
+        (["--input", "s3://no-such-bucket-here/x"], "no-such-bucket-here"),
+        (["--input", "{tmp}", "--batch-size", "0"], "batch_size"),
+        (["--input", "{tmp}", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+        (["--input", "{tmp}", "--task", "detection"], "invalid choice"),
+        (["--input", "{tmp}", "--score-threshold", "1.5"], "score_threshold"),
+        (["--input", "{tmp}", "--model", "{tmp}/no-model-instance"], "no checkpoint"),
+    ],
+)
+def test_bad_input_or_flag_is_one_line_and_writes_nothing(checkpoints, tmp_path, capsys, s3_endpoint, argv, message):
+    out = tmp_path / "out"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(checkpoints["instance"])]
+    status = main(["run", *argv, "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith("seglabel") and message in err[0], err
+    assert not out.exists()
+
+
+def test_yaml_spec_builds_the_same_config_and_flags_override(tmp_path, checkpoints, capsys):
+    from seglabel.cli import build_parser, job_config
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        f"input: {tmp_path}/in\noutput: {tmp_path}/out\nmodel: {checkpoints['instance']}\n"
+        "batch_size: 4\nscore_threshold: 0.4\nlabels: [label1, label2]\nmax_instances: 5\n"
+        "input_storage_options: {anon: true}\n"
+    )
+    from_flags = job_config(build_parser().parse_args([
+        "run", "--input", f"{tmp_path}/in", "--output", f"{tmp_path}/out", "--model", str(checkpoints["instance"]),
+        "--batch-size", "4", "--score-threshold", "0.4", "--labels", "label1,label2", "--max-instances", "5",
+        "--input-option", "anon=true",
+    ]))
+    from_spec = job_config(build_parser().parse_args(["run", "--config", str(spec)]))
+    assert from_spec == from_flags
+    overridden = job_config(build_parser().parse_args(["run", "--config", str(spec), "--batch-size", "2"]))
+    assert overridden.engine.batch_size == 2 and overridden.engine.score_threshold == 0.4
+    spec.write_text(spec.read_text() + "batchsize: 3\n")
+    assert main(["run", "--config", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown setting(s) batchsize" in err[0]
+
+
+def test_readme_quickstart_works_as_written(checkpoints, corpus, tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- quickstart -->\s*```(?:bash|sh)?\n(.*?)```", readme, re.S)
+    assert block, "README has no quickstart block"
+    commands = [line for line in block.group(1).splitlines() if line.startswith("seglabel run")]
+    assert len(commands) == 1
+    assert corpus == tmp_path / "images"
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(commands[0])[1:] + ["--model", str(checkpoints["instance"])]
+    assert main(argv) == 0
+    assert "labeled 6 images" in capsys.readouterr().out
+    out = re.search(r"--output\s+(\S+)", commands[0]).group(1)
+    check_output(str(tmp_path / out), "instance", EXPECTED)
