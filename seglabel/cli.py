@@ -18,6 +18,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, JobConfig, load_spec
 from .sink import OutputError
 from .sources import SourceError
+from .pipeline import JobError
 
 log = logging.getLogger("seglabel")
 
@@ -69,6 +70,8 @@ def _run_parser(sub) -> None:
     io.add_argument("--max-pixels", type=int, metavar="N", help="refuse images with more pixels (decompression bombs)")
     io.add_argument("--overwrite", action="store_true", help="delete the output's previous results and start again")
     io.add_argument("--retry-errors", action="store_true", help="also re-process images whose rows are errors")
+    io.add_argument("--max-errors", dest="max_errors", type=float, metavar="N|F",
+                    help="stop when more than N images (or a fraction F < 1 of those seen) fail; default never")
 
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="ID_OR_PATH", help="Hub id, local directory or checkpoint URL "
@@ -92,12 +95,45 @@ def _run_parser(sub) -> None:
     cluster.add_argument("--address", help="Ray cluster address (as ray.init takes it); default RAY_ADDRESS or a local Ray")
 
 
+def _inspect_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect", parents=[_common()], help="progress and errors of an output, read from storage alone"
+    )
+    p.add_argument("output", metavar="OUTPUT", help="a job's output URL")
+    p.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=_key_value,
+                   action="append", default=[], help="fsspec storage option; repeatable")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .sink import OutputStore
+
+    state = OutputStore(args.output, dict(args.output_storage_options)).inspect()
+    if args.json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+        return 0
+    job = state["job"] or {}
+    print(f"output:   {state['output']}")
+    if job:
+        print(f"job:      {job.get('task')} with {job.get('model')} on {job.get('input') or job.get('manifest')}")
+    print(f"status:   {'complete' if state['complete'] else 'incomplete'}; {state['parts']} parts")
+    print(f"rows:     {state['total']} ({state['ok']} ok, {state['error']} errors)")
+    if state["queued_by_running_job"]:
+        print(f"queued:   {state['queued_by_running_job']} images by a running or interrupted run")
+    for reason, count in state["errors_by_reason"].items():
+        print(f"  {count:>8}  {reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="seglabel", description="Pre-label image corpora with Mask2Former.")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.set_defaults(log_level="info")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _run_parser(sub)
+    _inspect_parser(sub)
     return parser
 
 
@@ -140,10 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run(job_config(args))
             print(summary.report())
             return 0
+        if args.command == "inspect":
+            return _inspect(args)
+        return args.handler(args)
     except USER_ERRORS as exc:
         log.debug("details", exc_info=True)
         print(f"seglabel: error: {exc}", file=sys.stderr)
         return 2
+    except JobError as exc:
+        print(f"seglabel: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("seglabel: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
-from fsspec.core import split_protocol, url_to_fs
+from fsspec.core import split_protocol
 
 from .decode import DecodeError, decode_image
+from .storage import open_url
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def options_for(uri: str, base_url: str, storage_options: Mapping[str, Any]) -> 
 
 def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
     """The object's bytes (fsspec caches one filesystem instance per process and options)."""
-    fs, path = url_to_fs(uri, **dict(storage_options or {}))
+    fs, path = open_url(uri, storage_options)
     return fs.cat_file(path)
 
 

@@ -46,6 +46,13 @@ ENCODE_BATCH = 8
 # Start the model only once every Segmenter actor has loaded it (so that the first one does not
 # take all the early work), and fail with a clear error when the cluster cannot place them.
 ACTOR_START_TIMEOUT_S = 1800
+# A fraction given as --max-errors is judged only once this many images have been seen, so
+# that one bad image among the first few does not stop a job.
+MAX_ERRORS_MIN_SEEN = 100
+
+
+class JobError(RuntimeError):
+    """The job stopped on purpose (e.g. too many errors); the message is one readable line."""
 
 
 @dataclass
@@ -336,14 +343,24 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def _actor_resources(config: JobConfig) -> tuple[int, dict[str, float]]:
-    """How many Segmenter actors, and what each asks for: one GPU each, or a CPU fallback."""
+def _actor_resources(config: JobConfig, local: bool) -> tuple[int, dict[str, float]]:
+    """How many Segmenter actors, and what each asks for: one GPU each, or a CPU fallback.
+
+    On a cluster that has fewer GPUs than asked for, the GPUs are requested from the
+    autoscaler and the job waits for them (up to ACTOR_START_TIMEOUT_S); an embedded local
+    Ray cannot grow, so there it is an error at once.
+    """
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     wanted = gpus if config.num_gpus is None else config.num_gpus
     if wanted > gpus:
-        raise ConfigError(f"--num-gpus {wanted} asks for more GPUs than the cluster has ({gpus})")
+        if local:
+            raise ConfigError(f"--num-gpus {wanted} asks for more GPUs than this machine has ({gpus})")
+        from ray.autoscaler.sdk import request_resources
+
+        log.info("the cluster has %d GPUs; asking the autoscaler for %d", gpus, wanted)
+        request_resources(bundles=[{"GPU": 1}] * wanted)
     if wanted > 0:
         return wanted, {"num_gpus": 1, "num_cpus": 1}
     log.warning("no GPUs in the Ray cluster: running one Segmenter on the CPU")
@@ -386,6 +403,8 @@ def run(config: JobConfig) -> Summary:
     if not config.dry_run:
         store.check_writable()
         store.clean_temporary()
+        if config.retry_errors and previous is not None:
+            log.info("dropped %d error rows to process them again", store.drop_error_rows())
     done = store.done_keys(include_errors=not config.retry_errors) if previous is not None else _Nothing()
 
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -434,11 +453,12 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
     from ray.data import ActorPoolStrategy, DataContext
 
     started_ray = _connect(config.address)
+    local = started_ray and not (config.address or os.environ.get("RAY_ADDRESS"))
     try:
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-        actors, resources = _actor_resources(config)
+        actors, resources = _actor_resources(config, local)
         base_url = config.manifest or config.input
         # Blocks of one batch each: a block goes to one task or actor, so a single big block
         # would serialise decoding and leave all but one Segmenter idle.
@@ -458,6 +478,9 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
             batch_size=config.engine.batch_size,
             batch_format="numpy",
             compute=ActorPoolStrategy(size=actors),
+            # A Segmenter that dies (its process, its node) is replaced and its batches retried.
+            max_restarts=-1,
+            max_task_retries=-1,
             **resources,
         )
         ds = ds.map_batches(
@@ -467,16 +490,25 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
             batch_format="numpy",
             num_cpus=ENCODE_CPUS,
         )
-        _commit(ds, store, config.rows_per_part, todo, run_id, summary)
+        _commit(ds, store, config, todo, run_id, summary)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _commit(ds, store: OutputStore, rows_per_part: int, todo: int, run_id: str, summary: Summary) -> None:
+def _too_many_errors(max_errors: float | None, errors: int, seen: int) -> bool:
+    if max_errors is None:
+        return False
+    if 0 < max_errors < 1:
+        return seen >= MAX_ERRORS_MIN_SEEN and errors > max_errors * seen
+    return errors > max_errors
+
+
+def _commit(ds, store: OutputStore, config: JobConfig, todo: int, run_id: str, summary: Summary) -> None:
     """Consume the pipeline's rows and commit them in parts of ``rows_per_part`` rows."""
     from tqdm import tqdm
 
+    rows_per_part = config.rows_per_part
     pending: list[pa.Table] = []
     pending_rows = 0
     part = 0
@@ -513,6 +545,14 @@ def _commit(ds, store: OutputStore, rows_per_part: int, todo: int, run_id: str, 
                 pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
             bar.update(batch.num_rows)
             summary.processed += batch.num_rows
+            if _too_many_errors(config.max_errors, summary.error, summary.processed):
+                # Commit what is done, so that a re-run after fixing the cause resumes here.
+                if pending_rows:
+                    write(pa.concat_tables(pending))
+                raise JobError(
+                    f"stopped: {summary.error} of {summary.processed} images failed, over --max-errors "
+                    f"{config.max_errors:g}; see the error rows in {store.url}/metadata/ (seglabel inspect)"
+                )
             if time.monotonic() - last_log > 30:
                 rate = summary.processed / (time.perf_counter() - started)
                 log.info("%d / %d images, %.1f images/s", summary.processed, todo, rate)

@@ -24,10 +24,11 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from .sources import hash64
+from .storage import open_url
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class OutputStore:
         self.url = url
         self.storage_options = dict(storage_options or {})
         try:
-            self.fs, root = url_to_fs(url, **self.storage_options)
+            self.fs, root = open_url(url, self.storage_options)
         except Exception as exc:
             raise OutputError(f"cannot open output {url!r}: {exc}") from exc
         self.root = root.rstrip("/") or root
@@ -194,10 +195,19 @@ class OutputStore:
         )
 
     def iter_part_columns(self, columns: list[str]) -> Iterator[pa.Table]:
-        """Some columns of every committed part, one part at a time."""
+        """Some columns of every committed part, one part at a time.
+
+        Parts are read from their bytes, not through a Python file object: pyarrow reads those
+        on its I/O threads, and one of them can release the last reference to a Python buffer
+        during interpreter shutdown and abort the process (seen with pyarrow 26).
+        """
         for path in self.parts():
-            with self.fs.open(path, "rb") as f:
-                yield pq.read_table(f, columns=columns)
+            yield self._read_parquet(path, columns)
+
+    def _read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        # Whole parts are small (one driver buffer's worth of rows); reading them from bytes
+        # keeps pyarrow off Python file objects (see iter_part_columns).
+        return pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).read(columns=columns, use_threads=False)
 
     def done_keys(self, include_errors: bool = True) -> DoneKeys:
         """Keys with a committed row (``include_errors=False``: only ``ok`` rows count)."""
@@ -228,6 +238,28 @@ class OutputStore:
             "errors_by_reason": dict(sorted(reasons.items())),
         }
 
+    def inspect(self) -> dict[str, Any]:
+        """The state of an output, from storage alone: rows committed, errors by reason,
+        whether it is complete, and how many images a running (or killed) job queued."""
+        job = self.read_json(JOB_FILE)
+        success = self.read_json(SUCCESS_FILE)
+        queued = 0
+        try:
+            todo_dirs = [n for n in self.fs.ls(self.path(SCRATCH_DIR), detail=False) if "todo-" in n]
+        except FileNotFoundError:
+            todo_dirs = []
+        for folder in todo_dirs:
+            for path in self.fs.ls(folder, detail=False):
+                queued += pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).metadata.num_rows
+        return {
+            "output": self.url,
+            "job": {k: job.get(k) for k in ("input", "manifest", "model", "revision", "task", "started")} if job else None,
+            "complete": success is not None,
+            "parts": len(self.parts()),
+            "queued_by_running_job": queued,
+            **self.counts(),
+        }
+
     # -- housekeeping -----------------------------------------------------------------------
 
     def remove(self, rel: str) -> None:
@@ -241,15 +273,44 @@ class OutputStore:
             self.remove(rel)
 
     def clean_temporary(self) -> int:
-        """Remove temporary files a killed run left in ``metadata/``; returns how many."""
-        try:
-            names = self.fs.ls(self.path(METADATA_DIR), detail=False)
-        except FileNotFoundError:
-            return 0
-        stale = [n for n in names if ".tmp-" in posixpath.basename(n)]
+        """Remove what a killed run left behind: temporary files in ``metadata/`` and the
+        scratch space (its todo lists). Returns how many entries went.
+
+        Temporary PNGs a killed encode task left in ``masks/`` are hidden files that no reader
+        lists; walking a corpus-sized folder to find them is not worth it.
+        """
+        stale = []
+        for rel in (METADATA_DIR, SCRATCH_DIR):
+            try:
+                names = self.fs.ls(self.path(rel), detail=False)
+            except FileNotFoundError:
+                continue
+            stale += [n for n in names if ".tmp-" in posixpath.basename(n) or posixpath.basename(n).startswith("todo-")]
         for n in stale:
-            self.fs.rm(n)
+            self.fs.rm(n, recursive=True)
         return len(stale)
+
+    def drop_error_rows(self) -> int:
+        """Remove ``error`` rows from the committed parts, so that they are processed again.
+
+        Each part is replaced whole (atomically) or deleted when nothing is left; the rows are
+        gone before any new row for the same key can be written, so that a crash in between
+        loses no image (the next run sees it missing) and never duplicates one.
+        """
+        dropped = 0
+        for path in self.parts():
+            table = self._read_parquet(path)
+            keep = pa.compute.equal(table.column("status"), "ok")
+            kept = table.filter(keep)
+            if kept.num_rows == table.num_rows:
+                continue
+            dropped += table.num_rows - kept.num_rows
+            rel = posixpath.relpath(path, self.root)
+            if kept.num_rows:
+                self.write_part(kept, posixpath.basename(rel))
+            else:
+                self.fs.rm(path)
+        return dropped
 
 
 def _reason(error: str | None) -> str:

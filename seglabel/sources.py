@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from fsspec.core import split_protocol, url_to_fs
+from fsspec.core import split_protocol
 from fsspec.utils import infer_compression
+
+from .storage import open_url
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, 
     if protocol in _LISTINGS_CACHE_OFF:
         options.setdefault("use_listings_cache", False)
     try:
-        return url_to_fs(url, **options)
+        return open_url(url, options)
     except Exception as exc:  # unknown protocol, filesystem package not installed, bad options
         raise SourceError(f"cannot open {url!r}: {_one_line(exc)}") from exc
 
@@ -372,7 +374,7 @@ def _parquet_entries(fs: Any, path: str, compression: str | None) -> Iterator[tu
                 f"manifest {path!r}: no 'uri' column (columns: {', '.join(names) or 'none'})"
             )
         row = 0
-        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=["uri"]):
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=["uri"], use_threads=False):
             for value in batch.column(0).to_pylist():
                 row += 1
                 if value:

@@ -8,6 +8,7 @@ import json
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -21,8 +22,8 @@ def read_rows(output: str) -> list[dict]:
     parts = sorted(p for p in fs.ls(f"{root.rstrip('/')}/metadata", detail=False) if p.endswith(".parquet"))
     rows = []
     for path in parts:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+        # From bytes: pyarrow's async reads of Python file objects can abort at exit.
+        table = pq.read_table(pa.BufferReader(fs.cat_file(path)))
         assert table.column_names == CONTRACT_COLUMNS
         rows.extend(table.to_pylist())
     return rows

@@ -1,0 +1,790 @@
+"""Hand a job's labels to annotation tools: COCO, COCO panoptic, Label Studio and CVAT.
+
+``seglabel export OUTPUT --format FMT --to DEST`` reads a finished (or partial) job's outputs
+from any fsspec URL and writes them in the tool's own import format:
+
+============== ============================================================================
+format         what ``--to`` names, and what is written
+============== ============================================================================
+coco           a JSON file: COCO instances (images, categories, annotations whose
+               ``segmentation`` is COCO compressed RLE, with ``score``)
+coco-panoptic  a folder: ``panoptic.json`` (COCO panoptic: images, annotations with
+               ``segments_info``, categories with ``isthing``) and ``panoptic/<key>.png``
+               (RGB, ``id = R + 256·G + 256²·B``); panoptic outputs only
+label-studio   a JSON file: a list of tasks, each with one prediction of ``brushlabels``
+               results in Label Studio's own brush RLE
+cvat           a zip CVAT imports as "COCO 1.0": ``annotations/instances_default.json``
+               (the COCO instances JSON above, without scores); images are matched by
+               ``file_name`` (the key) against the task's frames
+============== ============================================================================
+
+With ``shard_size`` every file holds at most that many images and is numbered
+(``coco.json`` → ``coco-00000.json``, ``coco-00001.json``, …; ``panoptic-00000.json``;
+``cvat-00000.zip``), since one JSON for 10^7 images is of no use to any tool.
+
+Decisions (also in ``export --help``):
+
+* Rows are streamed: Parquet parts are read one at a time, in row batches, and each image's
+  output is written as soon as it is read; memory does not grow with the corpus. A COCO file
+  streams its ``images`` straight out and keeps its ``annotations`` in a temporary spool
+  (memory, then disk) until the images are done.
+* Only ``ok`` rows are exported; ``error`` rows (which have no masks) are counted and skipped,
+  which also drops an error row that a ``--retry-errors`` run replaced by an ok row.
+* COCO ``file_name`` is the image's key; image ids count 1..N across all shards; category id
+  = ``label_id + 1`` (COCO reserves 0), names from ``job.json``'s ``id2label``.
+* COCO from **instance** outputs: one annotation per segment (the exact, possibly overlapping
+  mask). From **panoptic** outputs: the thing segments (``is_thing`` true); when the label set's
+  things were unknown at run time (``is_thing`` null, no stuff was fused) every segment is
+  exported, with a warning. From **semantic** outputs: one annotation per label present in an
+  image, as COCO-Stuff does, with ``iscrowd: 1`` because such a region may hold many objects,
+  and no score (semantic segments have none; ``min_score`` is then an error).
+* The masks are copied as they are: COCO RLE ``counts`` straight from the Parquet rows, the
+  panoptic PNGs byte for byte unless a filter drops segments (then dropped ids become void, 0).
+* ``labels`` keep only those labels (names or ids), and only their categories are listed;
+  ``min_score`` keeps segments scoring at least that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import posixpath
+import shutil
+import sys
+import tempfile
+import uuid
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from pycocotools import mask as mask_utils
+
+from . import __version__
+from .encode import decode_png, encode_png
+from .labels import resolve_labels, thing_ids
+from .sink import JOB_FILE, SUCCESS_FILE, OutputError, OutputStore
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("coco", "coco-panoptic", "label-studio", "cvat")
+
+# Rows decoded from Parquet at a time: bounds memory by a batch, not by a part (parts hold up to
+# --rows-per-part rows, each with its segments' RLEs).
+ROW_BATCH = 256
+# A COCO file's annotations wait in memory up to this size, then in a temporary file.
+SPOOL_MEMORY = 32 << 20
+# Where CVAT's "COCO 1.0" importer looks for the annotations of the "default" subset.
+CVAT_MEMBER = "annotations/instances_default.json"
+PANOPTIC_JSON = "panoptic.json"
+PANOPTIC_PNG_DIR = "panoptic"
+_ROW_COLUMNS = ["key", "image_uri", "status", "width", "height", "segments"]
+
+
+class ExportError(Exception):
+    """An export that cannot be done as asked; ``str(e)`` is one readable line."""
+
+
+# -- reading the job -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """What an export needs from ``job.json``."""
+
+    task: str
+    id2label: dict[int, str]
+    things: frozenset[int] | None  # None: the label set's things are unknown
+    model: str
+    revision: str | None
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.model}@{self.revision}" if self.revision else self.model
+
+
+def open_job(output: str, storage_options: Mapping[str, Any] | None = None) -> tuple[OutputStore, Job]:
+    """The output's store and its ``job.json``; a partial job (no ``_SUCCESS``) is allowed."""
+    try:
+        store = OutputStore(output, storage_options)
+        record = store.read_json(JOB_FILE)
+    except OutputError as exc:
+        raise ExportError(str(exc)) from exc
+    except Exception as exc:  # credentials, endpoint, permissions
+        raise ExportError(f"cannot read {output}: {type(exc).__name__}: {_one_line(exc)}") from exc
+    if record is None:
+        raise ExportError(f"{output} has no {JOB_FILE}: not a seglabel output")
+    try:
+        id2label = {int(k): str(v) for k, v in (record.get("id2label") or {}).items()}
+        task = record["task"]
+    except (KeyError, ValueError, AttributeError) as exc:
+        raise ExportError(f"{output}/{JOB_FILE} is not a seglabel job record ({exc})") from exc
+    if task not in ("instance", "semantic", "panoptic"):
+        raise ExportError(f"{output}/{JOB_FILE} names an unknown task {task!r}")
+    explicit = (record.get("settings") or {}).get("thing_labels")
+    try:
+        # The same rule the run used: explicit --thing-labels, else the known label set's flags.
+        things = thing_ids(id2label, explicit) if task == "panoptic" else None
+    except ValueError:
+        things = None
+    if not store.exists(SUCCESS_FILE):
+        log.warning("%s has no %s: the job is unfinished; exporting the rows committed so far", output, SUCCESS_FILE)
+    return store, Job(task, id2label, things, str(record.get("model") or ""), record.get("revision"))
+
+
+def iter_rows(store: OutputStore, columns: Sequence[str] = _ROW_COLUMNS) -> Iterator[dict]:
+    """Every committed row, part by part and batch by batch (never a whole part in memory)."""
+    for path in store.parts():
+        with store.fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(batch_size=ROW_BATCH, columns=list(columns)):
+                yield from batch.to_pylist()
+
+
+class _Counter:
+    """Counts ok and error rows while passing the ok ones on."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.errors = 0
+
+    def ok_rows(self, rows: Iterable[dict]) -> Iterator[dict]:
+        for row in rows:
+            if row["status"] == "ok":
+                self.ok += 1
+                yield row
+            else:
+                self.errors += 1
+
+
+# -- filters ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentFilter:
+    """Which segments to export: at least ``min_score``, and one of ``label_ids``."""
+
+    min_score: float | None = None
+    label_ids: frozenset[int] | None = None
+    # For COCO instances from panoptic outputs: stuff segments (is_thing false) are left out.
+    things_only: bool = False
+
+    def keep(self, seg: Mapping[str, Any]) -> bool:
+        if self.label_ids is not None and seg["label_id"] not in self.label_ids:
+            return False
+        if self.min_score is not None and (seg["score"] is None or seg["score"] < self.min_score):
+            return False
+        if self.things_only and seg.get("is_thing") is False:
+            return False
+        return True
+
+    def apply(self, segments: Iterable[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:
+        return [s for s in segments or () if self.keep(s)]
+
+
+def _segment_filter(job: Job, fmt: str, min_score: float | None, labels: Sequence[str] | None) -> SegmentFilter:
+    if min_score is not None and job.task == "semantic":
+        raise ExportError("--min-score does not apply: semantic outputs have no scores")
+    label_ids = None
+    if labels is not None:
+        names = [str(x).strip() for x in labels if str(x).strip()]
+        if not names:
+            raise ExportError("--labels is empty: name at least one label")
+        try:
+            label_ids = resolve_labels(job.id2label, names)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
+    things_only = job.task == "panoptic" and fmt in ("coco", "cvat")
+    if things_only and job.things is None:
+        log.warning(
+            "the label set's things are unknown (give --thing-labels when running the job): "
+            "exporting every panoptic segment as an instance"
+        )
+    return SegmentFilter(min_score, label_ids, things_only)
+
+
+def _categories(job: Job, label_ids: frozenset[int] | None, panoptic: bool) -> list[dict]:
+    """COCO categories: id = label_id + 1 (COCO reserves 0), only the labels kept."""
+    out = []
+    for label_id, name in sorted(job.id2label.items()):
+        if label_ids is not None and label_id not in label_ids:
+            continue
+        category: dict[str, Any] = {"id": label_id + 1, "name": name, "supercategory": ""}
+        if panoptic:
+            # Unknown things: every segment is its own region (nothing was fused), as things are.
+            category["isthing"] = 1 if job.things is None or label_id in job.things else 0
+            category["color"] = list(palette_color(label_id))
+        out.append(category)
+    return out
+
+
+def palette_color(index: int) -> tuple[int, int, int]:
+    """A stable, well-spread colour for an index (golden-ratio hue steps)."""
+    import colorsys
+
+    hue = (index * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+# -- writing files ---------------------------------------------------------------------------
+
+
+class _Dest:
+    """Where an export writes: a file or folder on any fsspec filesystem."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        try:
+            self.fs, path = url_to_fs(url, **dict(storage_options or {}))
+        except Exception as exc:
+            raise ExportError(f"cannot open destination {url!r}: {_one_line(exc)}") from exc
+        self.url = url
+        self.path = path.rstrip("/") or path
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        self.local = "file" in protocols or "local" in protocols
+
+    def join(self, *rel: str) -> str:
+        return posixpath.join(self.path, *rel)
+
+    def shard(self, index: int | None, default_name: str | None = None) -> str:
+        """The path of one output file: ``DEST`` itself, or ``DEST``'s stem numbered."""
+        path = self.join(default_name) if default_name else self.path
+        if index is None:
+            return path
+        stem, ext = posixpath.splitext(path)
+        return f"{stem}-{index:05d}{ext}"
+
+    def is_dir(self) -> bool:
+        try:
+            return bool(self.fs.isdir(self.path))
+        except Exception:
+            return False
+
+    @contextlib.contextmanager
+    def open(self, path: str) -> Iterator[IO[bytes]]:
+        """A file that appears at ``path`` whole, or not at all.
+
+        Local: written under a hidden temporary name beside it and renamed. Elsewhere: written
+        to a local temporary file and uploaded in one go (an object store publishes an object
+        only once its upload completes), so a failed export never leaves half a JSON.
+        """
+        if self.local:
+            parent, name = os.path.split(path)
+            os.makedirs(parent or ".", exist_ok=True)
+            tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            with tempfile.NamedTemporaryFile(prefix="seglabel-export-", suffix=posixpath.splitext(path)[1]) as f:
+                yield f
+                f.flush()
+                self.fs.put_file(f.name, path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """A small file, whole: renamed into place locally, one PUT on an object store."""
+        if self.local:
+            with self.open(path) as f:
+                f.write(data)
+        else:
+            self.fs.pipe_file(path, data)
+
+
+def _check_key(key: str) -> str:
+    """Keys become file names: refuse one that could leave the destination folder."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ExportError(f"unsafe key {key!r} in the output's rows")
+    return key
+
+
+def _dump(value: Any) -> bytes:
+    # ASCII JSON (non-ASCII as \\u escapes): every reader decodes it, whatever its locale.
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+class _JsonArray:
+    """Items of one JSON array, written to a stream as they come."""
+
+    def __init__(self, out: IO[bytes]):
+        self.out = out
+        self.count = 0
+
+    def add(self, item: Any) -> None:
+        self.out.write(b",\n" if self.count else b"\n")
+        self.out.write(_dump(item))
+        self.count += 1
+
+
+class _CocoFile:
+    """One COCO JSON being written: ``images`` stream straight out, the other list waits in a
+    spool (memory, then a temporary file) until the images are done, then follows them."""
+
+    def __init__(self, out: IO[bytes], head: Mapping[str, Any], spooled: str = "annotations"):
+        self.out = out
+        self.spooled = spooled
+        out.write(b"{")
+        for name, value in head.items():
+            out.write(_dump(name) + b":" + _dump(value) + b",\n")
+        out.write(b'"images":[')
+        self.images = _JsonArray(out)
+        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
+        self.annotations = _JsonArray(self._spool)
+
+    def close(self) -> None:
+        self.out.write(b"],\n" + _dump(self.spooled) + b":[")
+        self._spool.seek(0)
+        shutil.copyfileobj(self._spool, self.out)
+        self._spool.close()
+        self.out.write(b"]}\n")
+
+
+def _shards(rows: Iterator[dict], size: int | None) -> Iterator[tuple[int | None, Iterator[dict]]]:
+    """Consecutive groups of at most ``size`` rows (all rows when ``size`` is None), lazily.
+
+    Always yields at least one (possibly empty) group, so an export always writes a file. Each
+    group must be consumed before the next is asked for.
+    """
+    if size is None:
+        yield None, rows
+        return
+    first = next(rows, None)
+    index = 0
+    if first is None:
+        yield 0, iter(())
+        return
+    while first is not None:
+        yield index, itertools.chain([first], itertools.islice(rows, size - 1))
+        index += 1
+        first = next(rows, None)
+
+
+def _info(output: str, job: Job) -> dict:
+    now = datetime.now(timezone.utc)
+    return {
+        "description": f"seglabel {job.task} labels from {output}",
+        "contributor": "seglabel",
+        "url": "",
+        "version": __version__,
+        "year": now.year,
+        "date_created": now.isoformat(timespec="seconds"),
+        "model": job.model_version,
+        "task": job.task,
+    }
+
+
+# -- COCO instances and CVAT -----------------------------------------------------------------
+
+
+@dataclass
+class _Ids:
+    """Image and annotation ids, unique across every shard of one export."""
+
+    image: int = 0
+    annotation: int = 0
+
+
+def _coco_image(row: dict, ids: _Ids) -> dict:
+    ids.image += 1
+    return {"id": ids.image, "file_name": row["key"], "width": row["width"], "height": row["height"]}
+
+
+def _coco_annotations(row: dict, image_id: int, job: Job, keep: SegmentFilter, ids: _Ids, scores: bool) -> Iterator[dict]:
+    size = [row["height"], row["width"]]
+    for seg in keep.apply(row["segments"]):
+        ids.annotation += 1
+        ann = {
+            "id": ids.annotation,
+            "image_id": image_id,
+            "category_id": seg["label_id"] + 1,
+            # The job's RLE as it is (pycocotools compressed counts; size = height, width).
+            "segmentation": {"size": size, "counts": seg["rle"]},
+            "area": int(seg["area"]),
+            "bbox": [float(v) for v in seg["bbox"]],
+            # A semantic segment is every pixel of a label: possibly many objects, a "crowd".
+            "iscrowd": 1 if job.task == "semantic" else 0,
+        }
+        if scores and seg["score"] is not None:
+            ann["score"] = round(float(seg["score"]), 6)
+        yield ann
+
+
+def _write_coco(out: IO[bytes], rows: Iterable[dict], head: dict, job: Job, keep: SegmentFilter, ids: _Ids,
+                scores: bool, counts: dict) -> None:
+    coco = _CocoFile(out, head)
+    for row in rows:
+        image = _coco_image(row, ids)
+        coco.images.add(image)
+        for ann in _coco_annotations(row, image["id"], job, keep, ids, scores):
+            coco.annotations.add(ann)
+            counts["annotations"] += 1
+        counts["images"] += 1
+    coco.close()
+
+
+def _coco_head(output: str, job: Job, keep: SegmentFilter, panoptic: bool = False) -> dict:
+    return {
+        "info": _info(output, job),
+        # CVAT's own COCO export carries one empty licence; some importers expect the key.
+        "licenses": [{"id": 0, "name": "", "url": ""}],
+        "categories": _categories(job, keep.label_ids, panoptic),
+    }
+
+
+def _export_coco(output: str, job: Job, rows: Iterator[dict], dest: _Dest, keep: SegmentFilter,
+                 shard_size: int | None, counts: dict, cvat: bool) -> None:
+    ids = _Ids()
+    head = _coco_head(output, job, keep)
+    for index, shard in _shards(rows, shard_size):
+        path = dest.shard(index)
+        with dest.open(path) as f:
+            if cvat:
+                # CVAT "COCO 1.0": a zip with annotations/instances_<subset>.json. CVAT shapes
+                # carry no score (an unknown "score" attribute is not part of a task's labels).
+                with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                    with archive.open(CVAT_MEMBER, "w", force_zip64=True) as member:
+                        _write_coco(member, shard, head, job, keep, ids, False, counts)
+            else:
+                _write_coco(f, shard, head, job, keep, ids, True, counts)
+        counts["files"].append(path)
+
+
+# -- COCO panoptic ---------------------------------------------------------------------------
+
+
+def _export_coco_panoptic(output: str, job: Job, store: OutputStore, rows: Iterator[dict], dest: _Dest,
+                          keep: SegmentFilter, shard_size: int | None, counts: dict) -> None:
+    ids = _Ids()
+    head = _coco_head(output, job, keep, panoptic=True)
+    for index, shard in _shards(rows, shard_size):
+        path = dest.shard(index, PANOPTIC_JSON)
+        # The PNGs of a shard are written before its JSON, so a JSON never names a missing PNG.
+        with dest.open(path) as f:
+            coco = _CocoFile(f, head)
+            for row in shard:
+                key = _check_key(row["key"])
+                image = _coco_image(row, ids)
+                coco.images.add(image)
+                segments = row["segments"] or []
+                kept = keep.apply(segments)
+                png_name = f"{key}.png"
+                dest.write_bytes(dest.join(PANOPTIC_PNG_DIR, png_name), _panoptic_png(store, row, segments, kept))
+                counts["masks"] += 1
+                coco.annotations.add({
+                    "image_id": image["id"],
+                    "file_name": png_name,
+                    "segments_info": [
+                        {
+                            "id": int(s["id"]),
+                            "category_id": s["label_id"] + 1,
+                            "area": int(s["area"]),
+                            "bbox": [float(v) for v in s["bbox"]],
+                            "iscrowd": 0,
+                        }
+                        for s in kept
+                    ],
+                })
+                counts["images"] += 1
+                counts["annotations"] += len(kept)
+            coco.close()
+        counts["files"].append(path)
+
+
+def _panoptic_png(store: OutputStore, row: dict, segments: list, kept: list) -> bytes:
+    """The job's panoptic PNG (already COCO's encoding), with dropped segments made void."""
+    try:
+        data = store.fs.cat_file(store.path(OutputStore.mask_relpath(row["key"])))
+    except FileNotFoundError as exc:
+        raise ExportError(f"the mask of {row['key']!r} is missing from the output") from exc
+    if len(kept) == len(segments):
+        return data
+    id_map = decode_png(data, "panoptic")
+    kept_ids = np.array([s["id"] for s in kept], dtype=id_map.dtype)
+    id_map = np.where(np.isin(id_map, kept_ids), id_map, 0)
+    return encode_png(id_map, "panoptic")
+
+
+# -- Label Studio ----------------------------------------------------------------------------
+
+# Label Studio's brush RLE (label_studio_converter.brush.encode_rle, after thi.ng/rle-pack): a
+# bit stream of a 32-bit value count, a 5-bit word size - 1, four 4-bit run-length field sizes
+# - 1, then chunks "1 | size index (2 bits) | count - 1 | word" (a repeated word) or
+# "0 | size index | count - 1 | words" (literal words), padded to whole bytes.
+_LS_WORD = 8
+_LS_RLE_SIZES = (3, 4, 8, 16)
+_LS_HEADER_TAIL = f"{_LS_WORD - 1:05b}" + "".join(f"{s - 1:04b}" for s in _LS_RLE_SIZES)
+_LS_MAX_RUN = 1 << _LS_RLE_SIZES[-1]
+
+
+def _ls_run(count: int, word: str) -> str:
+    """The chunk of one repeated word, ``count`` ≤ 2**16 times."""
+    c = count - 1
+    if c < 1 << _LS_RLE_SIZES[0]:
+        return f"100{c:03b}{word}"
+    if c < 1 << _LS_RLE_SIZES[1]:
+        return f"101{c:04b}{word}"
+    if c < 1 << _LS_RLE_SIZES[2]:
+        return f"110{c:08b}{word}"
+    return f"111{c:016b}{word}"
+
+
+def label_studio_rle(mask: np.ndarray) -> list[int]:
+    """Label Studio's brush ``rle`` of a binary (H, W) mask.
+
+    Label Studio stores a brush mask as the RGBA 8-bit image flattened row by row, every
+    channel 255 inside the mask and 0 outside (what ``label_studio_converter.brush.mask2rle``
+    encodes). Runs are found on the H×W mask, each pixel being 4 equal bytes, so the 4·H·W
+    array is never built.
+    """
+    flat = np.ascontiguousarray(mask).reshape(-1) != 0
+    n = 4 * flat.size
+    if n >= 1 << 32:
+        raise ExportError(f"a {mask.shape[1]}x{mask.shape[0]} mask is too large for Label Studio's brush RLE")
+    bits = [f"{n:032b}", _LS_HEADER_TAIL]
+    if flat.size:
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        starts = np.concatenate(([0], change))
+        lengths = np.diff(np.concatenate((starts, [flat.size]))) * 4
+        for length, inside in zip(lengths.tolist(), flat[starts].tolist()):
+            word = "11111111" if inside else "00000000"
+            while length > 0:
+                chunk = min(length, _LS_MAX_RUN)
+                bits.append(_ls_run(chunk, word))
+                length -= chunk
+    text = "".join(bits)
+    text += "0" * (-len(text) % 8)
+    return np.packbits(np.frombuffer(text.encode("ascii"), dtype=np.uint8) - ord("0")).tolist()
+
+
+class _UriMap:
+    """Rewrites image URIs by prefix (longest prefix wins), for tools that cannot read s3://."""
+
+    def __init__(self, mapping: Mapping[str, str] | None):
+        self.pairs = sorted((mapping or {}).items(), key=lambda kv: len(kv[0]), reverse=True)
+        self._warned = False
+
+    def __call__(self, uri: str) -> str:
+        for old, new in self.pairs:
+            if uri.startswith(old):
+                rest = uri[len(old):]
+                if new.startswith(("http://", "https://")) and not old.startswith(("http://", "https://")):
+                    # A key with spaces or non-ASCII is a valid object name but not a valid URL.
+                    rest = quote(rest, safe="/")
+                return new + rest
+        if uri.startswith("file://") and not self._warned:
+            self._warned = True
+            log.warning(
+                "image URIs are local files (%s): Label Studio cannot open file:// URLs; map them "
+                "with --image-prefix-map, e.g. file:///data/=/data/local-files/?d=", uri
+            )
+        return uri
+
+
+def _ls_task(row: dict, job: Job, keep: SegmentFilter, uri: Callable[[str], str], from_name: str, to_name: str) -> dict:
+    width, height = row["width"], row["height"]
+    results = []
+    scores = []
+    for seg in keep.apply(row["segments"]):
+        mask = mask_utils.decode({"size": [height, width], "counts": seg["rle"].encode("ascii")})
+        result: dict[str, Any] = {
+            "id": f"seg{seg['id']}",
+            "from_name": from_name,
+            "to_name": to_name,
+            "type": "brushlabels",
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "value": {"format": "rle", "rle": label_studio_rle(mask), "brushlabels": [seg["label"]]},
+        }
+        if seg["score"] is not None:
+            result["score"] = round(float(seg["score"]), 6)
+            scores.append(result["score"])
+        results.append(result)
+    prediction: dict[str, Any] = {"model_version": job.model_version, "result": results}
+    if scores:
+        # The task-level score Label Studio sorts and samples by: the mean segment score.
+        prediction["score"] = round(sum(scores) / len(scores), 6)
+    return {"data": {"image": uri(row["image_uri"]), "key": row["key"]}, "predictions": [prediction]}
+
+
+def _export_label_studio(job: Job, rows: Iterator[dict], dest: _Dest, keep: SegmentFilter, shard_size: int | None,
+                         counts: dict, from_name: str, to_name: str, uri_map: Mapping[str, str] | None) -> None:
+    uri = _UriMap(uri_map)
+    for index, shard in _shards(rows, shard_size):
+        path = dest.shard(index)
+        with dest.open(path) as f:
+            f.write(b"[")
+            tasks = _JsonArray(f)
+            for row in shard:
+                task = _ls_task(row, job, keep, uri, from_name, to_name)
+                tasks.add(task)
+                counts["images"] += 1
+                counts["annotations"] += len(task["predictions"][0]["result"])
+            f.write(b"\n]\n")
+        counts["files"].append(path)
+
+
+# -- the entry point -------------------------------------------------------------------------
+
+
+def export(
+    output: str,
+    fmt: str,
+    to: str,
+    *,
+    min_score: float | None = None,
+    labels: Sequence[str] | None = None,
+    shard_size: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    from_name: str = "label",
+    to_name: str = "image",
+    image_prefix_map: Mapping[str, str] | None = None,
+    to_storage_options: Mapping[str, Any] | None = None,
+) -> dict:
+    """Export a job's output (``output``, any fsspec URL) to ``to`` in format ``fmt``.
+
+    ``storage_options`` are fsspec options for ``output``, ``to_storage_options`` for ``to``.
+    ``min_score`` and ``labels`` (names or ids) filter segments; ``shard_size`` splits the
+    export into numbered files of at most that many images. ``from_name`` / ``to_name`` are the
+    Label Studio control and object tag names; ``image_prefix_map`` rewrites image URIs for
+    Label Studio (``{"s3://bucket/": "https://cdn.example/"}``).
+
+    Returns counts: ``images`` (exported), ``annotations`` (segments exported),
+    ``error_rows`` (skipped), ``masks`` (PNGs written) and ``files`` (the JSON or zip files
+    written, in order). Raises :class:`ExportError` with one readable line.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if shard_size is not None and shard_size < 1:
+        raise ExportError(f"--shard-size must be at least 1, got {shard_size}")
+    store, job = open_job(output, storage_options)
+    if fmt == "coco-panoptic" and job.task != "panoptic":
+        raise ExportError(
+            f"coco-panoptic needs a panoptic output; {output} holds {job.task} masks (use --format coco)"
+        )
+    keep = _segment_filter(job, fmt, min_score, labels)
+    dest = _Dest(to, to_storage_options)
+    if fmt != "coco-panoptic" and (to.endswith("/") or dest.is_dir()):
+        raise ExportError(f"--to must name a file for {fmt}, and {to} is a folder")
+
+    counter = _Counter()
+    rows = counter.ok_rows(iter_rows(store))
+    counts: dict[str, Any] = {"format": fmt, "images": 0, "annotations": 0, "masks": 0, "files": []}
+    try:
+        if fmt in ("coco", "cvat"):
+            _export_coco(output, job, rows, dest, keep, shard_size, counts, cvat=fmt == "cvat")
+        elif fmt == "coco-panoptic":
+            _export_coco_panoptic(output, job, store, rows, dest, keep, shard_size, counts)
+        else:
+            _export_label_studio(job, rows, dest, keep, shard_size, counts, from_name, to_name, image_prefix_map)
+    except ExportError:
+        raise
+    except OSError as exc:  # storage: permissions, a full disk, an unreachable endpoint
+        raise ExportError(f"export to {to} failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+    counts["error_rows"] = counter.errors
+    log.info(
+        "exported %d images, %d annotations (%d error rows skipped) from %s as %s to %d file(s) under %s",
+        counts["images"], counts["annotations"], counter.errors, output, fmt, len(counts["files"]), to,
+    )
+    return counts
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def _prefix_pair(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old:
+        raise argparse.ArgumentTypeError(f"expected OLD_PREFIX=NEW_PREFIX, got {text!r}")
+    return old, new
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_parser(subparsers) -> None:
+    """Add ``seglabel export`` to the CLI's subcommands (handler: ``args.handler(args)``)."""
+    # Imported here: cli imports this module to build its parser.
+    from .cli import _common, _key_value
+
+    p = subparsers.add_parser(
+        "export",
+        parents=[_common()],
+        help="write a job's labels in an annotation tool's format (COCO, COCO panoptic, Label Studio, CVAT)",
+        description=(
+            "Export a job's masks for annotation tools, streaming its Parquet parts. coco: a COCO instances "
+            "JSON (RLE masks; panoptic outputs give their thing segments; semantic outputs one iscrowd=1 "
+            "annotation per label present). coco-panoptic: a folder with panoptic.json and panoptic/<key>.png. "
+            "label-studio: a JSON list of tasks with brushlabels predictions. cvat: a zip CVAT imports as "
+            "'COCO 1.0' (annotations/instances_default.json). Only ok rows are exported."
+        ),
+    )
+    p.add_argument("output", metavar="OUTPUT", help="a job's output URL (finished or partial)")
+    p.add_argument("--format", dest="fmt", required=True, choices=FORMATS)
+    p.add_argument("--to", required=True, metavar="DEST",
+                   help="a JSON file (coco, label-studio), a folder (coco-panoptic) or a zip (cvat); any fsspec URL")
+    p.add_argument("--min-score", dest="min_score", type=float, metavar="S", help="keep segments scoring at least S")
+    p.add_argument("--labels", metavar="LIST", help="keep only these labels (names or ids, comma-separated)")
+    p.add_argument("--shard-size", dest="shard_size", type=_positive_int, metavar="N",
+                   help="at most N images per file, numbered DEST-00000.json, DEST-00001.json, ...")
+    p.add_argument("--from-name", dest="from_name", default="label", help="Label Studio: the BrushLabels tag name")
+    p.add_argument("--to-name", dest="to_name", default="image", help="Label Studio: the Image tag name")
+    p.add_argument("--image-prefix-map", dest="image_prefix_map", type=_prefix_pair, action="append", default=[],
+                   metavar="OLD=NEW", help="Label Studio: rewrite image URIs starting with OLD (e.g. s3://bucket/=https://cdn/); repeatable")
+    p.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=_key_value,
+                   action="append", default=[], help="fsspec storage option for OUTPUT; repeatable")
+    p.add_argument("--to-option", dest="to_storage_options", metavar="KEY=VALUE", type=_key_value,
+                   action="append", default=[], help="fsspec storage option for DEST; repeatable")
+    p.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    """Run ``seglabel export``; a user's mistake is one line on stderr and exit status 2."""
+    try:
+        counts = export(
+            args.output,
+            args.fmt,
+            args.to,
+            min_score=args.min_score,
+            labels=args.labels.split(",") if args.labels is not None else None,
+            shard_size=args.shard_size,
+            storage_options=dict(args.output_storage_options),
+            from_name=args.from_name,
+            to_name=args.to_name,
+            image_prefix_map=dict(args.image_prefix_map),
+            to_storage_options=dict(args.to_storage_options),
+        )
+    except ExportError as exc:
+        print(f"seglabel: error: {exc}", file=sys.stderr)
+        return 2
+    files = counts["files"]
+    where = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]} ... {files[-1]})"
+    print(f"exported {counts['images']} images and {counts['annotations']} annotations as {args.fmt} to {where}")
+    return 0
+
+
+__all__ = ["FORMATS", "ExportError", "SegmentFilter", "add_parser", "export", "iter_rows", "label_studio_rle", "open_job"]

@@ -1,0 +1,221 @@
+"""Look at a job's labels: overlay PNGs and an ``index.html`` contact sheet.
+
+``seglabel preview OUTPUT --to DIR [--n 50]`` takes the first N ``ok`` rows of an output (in
+part order), reads each photo from its ``image_uri``, blends the segments' colours over it
+(with each segment's outline in full colour), writes its label and score at the segment's box
+with Pillow's default font, and saves ``DIR/overlays/<key>.png`` at the photo's own size. A
+contact sheet, ``DIR/index.html``, links every overlay with relative, escaped links, so the
+folder can be opened from disk, copied, or served as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import logging
+import sys
+from typing import Any, Mapping, Sequence
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
+
+from .decode import DecodeError, decode_image
+from .export import ExportError, Job, _check_key, _Dest, iter_rows, open_job, palette_color
+from .fetch import options_for, read_bytes
+
+log = logging.getLogger(__name__)
+
+OVERLAY_DIR = "overlays"
+INDEX_FILE = "index.html"
+# How much of a segment's colour shows over the photo: enough to see the region, little
+# enough to see what it covers.
+ALPHA = 0.5
+
+
+def preview(
+    output: str,
+    to: str,
+    *,
+    n: int = 50,
+    storage_options: Mapping[str, Any] | None = None,
+    image_storage_options: Mapping[str, Any] | None = None,
+    to_storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Write overlays of the first ``n`` ok images of ``output`` and an index under ``to``.
+
+    ``storage_options`` are fsspec options for the output; images are read with
+    ``image_storage_options``, or, when those are not given, with the output's options for
+    images on the output's protocol (as a job often keeps both in one bucket). An image that
+    cannot be read or decoded any more is skipped with a warning. Returns the overlay paths
+    written, in order. Raises :class:`~seglabel.export.ExportError` with one readable line.
+    """
+    if n < 1:
+        raise ExportError(f"--n must be at least 1, got {n}")
+    store, job = open_job(output, storage_options)
+    dest = _Dest(to, to_storage_options)
+    font = ImageFont.load_default()
+    written: list[str] = []
+    entries: list[tuple[str, str, list[str]]] = []  # (key, relative link, labels), at most n
+    for row in iter_rows(store):
+        if len(written) >= n:
+            break
+        if row["status"] != "ok":
+            continue
+        key = _check_key(row["key"])
+        uri = row["image_uri"]
+        options = image_storage_options if image_storage_options is not None else options_for(uri, output, storage_options or {})
+        try:
+            photo = decode_image(read_bytes(uri, options), max_pixels=None)
+        except (OSError, DecodeError, ValueError) as exc:
+            log.warning("skipping %s: cannot read its image %s: %s", key, uri, exc)
+            continue
+        if photo.shape[:2] != (row["height"], row["width"]):
+            log.warning(
+                "skipping %s: its image is now %dx%d, the labels are for %dx%d",
+                key, photo.shape[1], photo.shape[0], row["width"], row["height"],
+            )
+            continue
+        segments = row["segments"] or []
+        image = overlay(photo, segments, job, font)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=1)
+        rel = f"{OVERLAY_DIR}/{key}.png"
+        path = dest.join(rel)
+        dest.write_bytes(path, buf.getvalue())
+        written.append(path)
+        entries.append((key, rel, sorted({s["label"] for s in segments})))
+    dest.write_bytes(dest.join(INDEX_FILE), index_html(output, job, entries).encode("utf-8"))
+    log.info("wrote %d overlays and %s", len(written), dest.join(INDEX_FILE))
+    return written
+
+
+def overlay(photo: np.ndarray, segments: Sequence[Mapping[str, Any]], job: Job,
+            font: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None) -> Image.Image:
+    """The photo with its segments blended over it, outlined, and labelled at their boxes."""
+    height, width = photo.shape[:2]
+    # owner: 1 + the index of the segment shown at each pixel, 0 = none. Instance masks
+    # overlap: painted from the lowest score up, the best one shows, as in the instance PNG.
+    owner = np.zeros((height, width), dtype=np.int32)
+    order = range(len(segments) - 1, -1, -1) if job.task == "instance" else range(len(segments))
+    for i in order:
+        mask = mask_utils.decode({"size": [height, width], "counts": segments[i]["rle"].encode("ascii")})
+        owner[mask.astype(bool)] = i + 1
+    # Colour by segment id: adjacent instances of one label stay apart (semantic ids are labels).
+    colors = np.array([(0, 0, 0)] + [palette_color(int(s["id"])) for s in segments], dtype=np.float32)
+    shown = owner > 0
+    out = photo.astype(np.float32)
+    out[shown] = (1 - ALPHA) * out[shown] + ALPHA * colors[owner[shown]]
+    edge = shown & _boundary(owner)
+    out[edge] = colors[owner[edge]]
+    image = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+
+    draw = ImageDraw.Draw(image)
+    font = font or ImageFont.load_default()
+    taken: list[tuple[int, int, int, int]] = []
+    for seg in segments:
+        text = seg["label"] if seg["score"] is None else f"{seg['label']} {seg['score']:.2f}"
+        x, y = int(seg["bbox"][0]), int(seg["bbox"][1])
+        box = _place(draw, font, text, x, y, width, height, taken)
+        taken.append(box)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((box[0] + 2, box[1] + 1), text, fill=(255, 255, 255), font=font)
+    return image
+
+
+def _boundary(owner: np.ndarray) -> np.ndarray:
+    """Pixels whose 4-neighbourhood holds another owner (or the image's edge)."""
+    edge = np.zeros(owner.shape, dtype=bool)
+    edge[1:, :] |= owner[1:, :] != owner[:-1, :]
+    edge[:-1, :] |= owner[:-1, :] != owner[1:, :]
+    edge[:, 1:] |= owner[:, 1:] != owner[:, :-1]
+    edge[:, :-1] |= owner[:, :-1] != owner[:, 1:]
+    return edge
+
+
+def _place(draw: ImageDraw.ImageDraw, font, text: str, x: int, y: int, width: int, height: int,
+           taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    """A label's box just above the segment's box at (x, y) (inside it when there is no room
+    above, so a small segment is not hidden under its own label), kept inside the image and
+    moved down past labels already placed there (many instances share a corner)."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    w, h = right - left + 4, bottom - min(top, 0) + 3
+    x = max(0, min(x, width - w))
+    y = y - h if y >= h else y
+    for _ in range(50):
+        y0 = max(0, min(y, height - h))
+        box = (x, y0, x + w - 1, y0 + h - 1)
+        if not any(_overlaps(box, other) for other in taken):
+            return box
+        y = y0 + h
+    return box
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+
+def index_html(output: str, job: Job, entries: Sequence[tuple[str, str, list[str]]]) -> str:
+    """The contact sheet: every overlay as a thumbnail linking to it (relative, escaped)."""
+    figures = []
+    for key, rel, labels in entries:
+        link = html.escape(quote(rel, safe="/"), quote=True)
+        figures.append(
+            f'<figure><a href="{link}"><img src="{link}" loading="lazy" alt="{html.escape(key)}"></a>'
+            f"<figcaption>{html.escape(key)}<br><small>{html.escape(', '.join(labels) or 'no segments')}</small>"
+            "</figcaption></figure>"
+        )
+    title = f"seglabel preview: {output}"
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title>\n<style>"
+        "body{font-family:sans-serif;margin:1em}"
+        ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:12px}"
+        "figure{margin:0}img{width:100%;height:auto;display:block}"
+        "figcaption{font-size:12px;word-break:break-all}</style></head><body>\n"
+        f"<h1>{html.escape(title)}</h1>\n"
+        f"<p>{html.escape(job.task)} labels by {html.escape(job.model_version)}; {len(entries)} images</p>\n"
+        "<div class=\"grid\">\n" + "\n".join(figures) + "\n</div>\n</body></html>\n"
+    )
+
+
+def add_parser(subparsers) -> None:
+    """Add ``seglabel preview`` to the CLI's subcommands (handler: ``args.handler(args)``)."""
+    # Imported here: cli imports this module to build its parser.
+    from .cli import _common, _key_value
+
+    p = subparsers.add_parser(
+        "preview",
+        parents=[_common()],
+        help="overlay PNGs of the first images of an output and an index.html to look at them",
+        description="Blend the masks of the first N ok images over their photos and write an index.html.",
+    )
+    p.add_argument("output", metavar="OUTPUT", help="a job's output URL")
+    p.add_argument("--to", required=True, metavar="DIR", help="folder for overlays/ and index.html")
+    p.add_argument("--n", type=int, default=50, metavar="N", help="how many images (default 50)")
+    p.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=_key_value,
+                   action="append", default=[], help="fsspec storage option for OUTPUT; repeatable")
+    p.add_argument("--input-option", dest="input_storage_options", metavar="KEY=VALUE", type=_key_value,
+                   action="append", default=None, help="fsspec storage option for reading the images; repeatable")
+    p.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        paths = preview(
+            args.output,
+            args.to,
+            n=args.n,
+            storage_options=dict(args.output_storage_options),
+            image_storage_options=dict(args.input_storage_options) if args.input_storage_options else None,
+        )
+    except ExportError as exc:
+        print(f"seglabel: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} overlays; open {args.to.rstrip('/')}/{INDEX_FILE}")
+    return 0
+
+
+__all__ = ["add_parser", "index_html", "overlay", "preview"]
