@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _run_parser(sub)
     _inspect_parser(sub)
+    from . import export, preview
+
+    export.add_parser(sub)
+    preview.add_parser(sub)
     return parser
 
 

@@ -339,7 +339,8 @@ def _connect(address: str | None) -> bool:
     else:
         # An embedded, single-machine Ray: keep every process on loopback.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        # address="local": never attach to some other Ray that happens to run on this machine.
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 
@@ -477,10 +478,9 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
             fn_constructor_kwargs={"engine": config.engine},
             batch_size=config.engine.batch_size,
             batch_format="numpy",
+            # A Segmenter that dies (its process, its node) is replaced and its batches retried:
+            # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1.
             compute=ActorPoolStrategy(size=actors),
-            # A Segmenter that dies (its process, its node) is replaced and its batches retried.
-            max_restarts=-1,
-            max_task_retries=-1,
             **resources,
         )
         ds = ds.map_batches(

@@ -184,11 +184,13 @@ class Postprocessor:
             final = top_scores[b] * mask_scores
             sel = torch.nonzero(final >= spec.score_threshold).flatten()
             sel = sel[torch.argsort(final[sel], descending=True, stable=True)]
-            if spec.compat:
+            if len(sel) == 0:
+                masks = torch.zeros((0, height, width), dtype=torch.bool, device=logits.device)
+            elif spec.compat:
                 masks = F.interpolate(binary[sel].float().unsqueeze(0), size=(height, width), mode="nearest")[0] > 0
             else:
                 masks = torch.empty((len(sel), height, width), dtype=torch.bool, device=logits.device)
-                for r0, r1 in row_chunks(max(1, len(sel)), height, width, spec.chunk_elements):
+                for r0, r1 in row_chunks(len(sel), height, width, spec.chunk_elements):
                     masks[:, r0:r1] = bilinear_rows(logits[sel], height, width, r0, r1) > threshold
             areas = masks.flatten(1).sum(1)
             ok = areas > max(0, spec.min_area - 1)

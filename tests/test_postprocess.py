@@ -195,3 +195,16 @@ def test_filters_labels_min_area_max_instances():
         out.class_queries_logits, out.masks_queries_logits, SIZES[:1], (48, 64)
     )[0]
     assert set(np.unique(sem.id_map)) <= {1, 255} and list(sem.ids) in ([1], [])
+
+
+@pytest.mark.parametrize("task", ["instance", "panoptic", "semantic"])
+@pytest.mark.parametrize("compat", [False, True])
+def test_nothing_above_threshold_gives_an_empty_map(task, compat):
+    out = fake_outputs(7)
+    results = Postprocessor(PostprocessSpec(task, score_threshold=1.0, compat=compat), NUM_LABELS)(
+        out.class_queries_logits, out.masks_queries_logits, SIZES, (48, 64)
+    )
+    for r, size in zip(results, SIZES):
+        assert r.id_map.shape == size
+        if task != "semantic":  # semantic has no threshold: every pixel gets a label
+            assert len(r.ids) == 0 and not r.id_map.any()

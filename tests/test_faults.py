@@ -1,0 +1,366 @@
+"""Never lose or duplicate a label: bad inputs, resume, atomic commits and injected faults.
+
+Every test ends by reading the output back independently (tests/outputs.py) and checking that
+every input appears exactly once, with its PNG, or as an error row with the expected reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+from skimage import data
+
+from faultproxy import FaultProxy
+from outputs import check_output, read_rows
+from seglabel.cli import main
+from seglabel.pipeline import JobError, label
+from test_decode import encode, huge_png, oriented
+from test_job import drawn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session(s3_endpoint):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def many_images(folder: Path, n: int) -> dict[str, tuple[int, int]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for i in range(n):
+        image = drawn(32 + (i % 7) * 5, 24 + (i % 5) * 6, i)
+        image.save(folder / f"img{i:03d}.png")
+        expected[f"img{i:03d}.png"] = image.size
+    return expected
+
+
+# -- bad and unusual inputs ----------------------------------------------------------------
+
+
+def test_bad_input_corpus_gets_the_expected_status_for_every_file(checkpoints, tmp_path):
+    photo = data.astronaut()
+    jpeg, png = encode(Image.fromarray(photo), "JPEG"), encode(Image.fromarray(photo), "PNG")
+    tall = np.zeros((40, 24, 3), np.uint8)
+    frames = [Image.new("RGB", (30, 20), c) for c in ("red", "blue")]
+    files = {
+        "bad/zero.jpg": (b"", "decode: empty file"),
+        "bad/text.jpg": (b"just some text\n" * 10, "decode: cannot identify image"),
+        "bad/truncated.jpg": (jpeg[: len(jpeg) // 2], "decode: truncated image"),
+        "bad/truncated.png": (png[: len(png) // 3], "decode: truncated image"),
+        "bad/bomb.png": (huge_png(20000, 20000), "decode: image too large: 400000000 pixels"),
+        "ok/16bit.png": (encode(Image.fromarray(np.full((30, 40), 40000, np.uint16)), "PNG"), (40, 30)),
+        "ok/cmyk.jpg": (encode(Image.new("CMYK", (33, 21), (0, 255, 255, 0)), "JPEG"), (33, 21)),
+        "ok/gray.png": (encode(Image.new("L", (25, 35), 99), "PNG"), (25, 35)),
+        "ok/palette.png": (encode(Image.new("RGB", (31, 17), "green").convert("P"), "PNG"), (31, 17)),
+        "ok/rgba.png": (encode(Image.new("RGBA", (26, 19), (1, 2, 3, 0)), "PNG"), (26, 19)),
+        "ok/rotated.jpg": (oriented(tall, 6), (40, 24)),  # stored 24 wide, upright 40 wide
+        "ok/animated.gif": (encode(frames[0], "GIF", save_all=True, append_images=frames[1:]), (30, 20)),
+        "ok/animated.webp": (encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]), (30, 20)),
+    }
+    root = tmp_path / "in"
+    for key, (blob, _) in files.items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(blob)
+    # A manifest adds what a listing cannot show: an object deleted between listing and reading,
+    # and an entry that cannot be read (a folder named like an image).
+    (root / "gone.jpg").write_bytes(jpeg)
+    (root / "folder.jpg").mkdir()
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join([str(root / k) for k in files] + [str(root / "gone.jpg"), str(root / "folder.jpg")]))
+    (root / "gone.jpg").unlink()
+    out = tmp_path / "out"
+    summary = label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]))
+    base = str(root).lstrip("/")
+    expected = {f"{base}/{k}": want for k, (_, want) in files.items()}
+    expected[f"{base}/gone.jpg"] = "read: not found"
+    expected[f"{base}/folder.jpg"] = "read:"
+    check_output(str(out), "instance", expected)
+    assert summary.error == 7 and summary.ok == 8
+    rows = {r["key"]: r for r in read_rows(str(out))}
+    upright = Image.open(out / "masks" / f"{base}/ok/rotated.jpg.png")
+    assert upright.size == (40, 24) and rows[f"{base}/ok/rotated.jpg"]["width"] == 40
+
+
+# -- resume, retry, settings -------------------------------------------------------------------
+
+
+def test_retry_errors_replaces_error_rows_and_max_errors_stops(checkpoints, tmp_path, capsys):
+    root = tmp_path / "in"
+    expected = many_images(root, 6)
+    for name in ("late1.png", "late2.png", "late3.png"):
+        (root / name).write_bytes(b"")  # not there yet: an upload still in progress
+    out = tmp_path / "out"
+    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"])]
+    assert main(args + ["--max-errors", "1", "--batch-size", "1", "--rows-per-part", "1"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("seglabel: error: stopped:") and "over --max-errors 1" in last
+    committed = read_rows(str(out))
+    assert 2 <= sum(r["status"] == "error" for r in committed) <= 3  # stopped on the second
+    assert not (out / "_SUCCESS").exists()
+    assert main(args) == 0  # resumes; the empty files stay errors
+    check_output(str(out), "semantic", {**expected, **{n: "decode: empty file" for n in ("late1.png", "late2.png", "late3.png")}})
+    for name in ("late1.png", "late2.png", "late3.png"):
+        drawn(50, 40, 99).save(root / name)
+    assert main(args) == 0  # without --retry-errors an error row is final
+    assert sum(r["status"] == "error" for r in read_rows(str(out))) == 3
+    assert main(args + ["--retry-errors"]) == 0
+    check_output(str(out), "semantic", {**expected, **{n: (50, 40) for n in ("late1.png", "late2.png", "late3.png")}})
+
+
+def test_changed_mask_settings_refuse_and_overwrite_starts_again(checkpoints, tmp_path, capsys):
+    root = tmp_path / "in"
+    expected = many_images(root, 3)
+    out = tmp_path / "out"
+    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["instance"])]
+    assert main(args) == 0
+    parts = sorted(p.name for p in (out / "metadata").iterdir())
+    capsys.readouterr()
+    assert main(args + ["--score-threshold", "0.7"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("seglabel: error:") and "score_threshold: 0.5 -> 0.7" in last and "--overwrite" in last
+    assert sorted(p.name for p in (out / "metadata").iterdir()) == parts
+    assert main(args + ["--batch-size", "2"]) == 0  # batch size may change
+    assert main(args + ["--score-threshold", "0.7", "--overwrite"]) == 0
+    assert json.loads((out / "job.json").read_text())["settings"]["score_threshold"] == 0.7
+    assert not set(parts) & {p.name for p in (out / "metadata").iterdir()}
+    check_output(str(out), "instance", expected)
+
+
+def test_inspect_reports_progress_and_errors(checkpoints, tmp_path, capsys):
+    root = tmp_path / "in"
+    many_images(root, 3)
+    (root / "broken.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "out"
+    label(str(root), str(out), model=str(checkpoints["instance"]), limit=2)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert (state["total"], state["complete"]) == (2, True)
+    label(str(root), str(out), model=str(checkpoints["instance"]))
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4 (3 ok, 1 errors)" in text and "decode: cannot identify image" in text
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+def segmenter_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        try:
+            if "SegmentStage" in " ".join(proc.info["cmdline"] or []) + (proc.info["name"] or ""):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def kill_when(condition, pick, timeout: float = 120) -> dict:
+    """In a thread: wait for ``condition()``, then SIGKILL ``pick()``'s processes once."""
+    record: dict = {}
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                victims = pick()
+                if victims:
+                    for proc in victims:
+                        proc.kill()
+                    record["killed"] = [p.pid for p in victims]
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    record["thread"] = thread
+    return record
+
+
+def test_segmenter_actor_killed_mid_run_is_replaced(checkpoints, tmp_path):
+    root = tmp_path / "in"
+    expected = many_images(root, 60)
+    out = tmp_path / "out"
+    parts = lambda: list((out / "metadata").glob("*.parquet")) if (out / "metadata").exists() else []  # noqa: E731
+    record = kill_when(lambda: len(parts()) >= 2, segmenter_processes)
+    summary = label(str(root), str(out), model=str(checkpoints["panoptic"]), batch_size=2, rows_per_part=4)
+    record["thread"].join(5)
+    assert record.get("killed"), "the Segmenter was never killed: the test proved nothing"
+    check_output(str(out), "panoptic", expected)
+    assert len(summary.actors) >= 2, summary.actors  # a second Segmenter process did the rest
+
+
+def test_worker_node_lost_from_cluster(checkpoints, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    root = tmp_path / "in"
+    expected = many_images(root, 60)
+    out = tmp_path / "out"
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(3)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+
+        def node_with_segmenter():
+            pids = {p.pid for p in segmenter_processes()}
+            for node in nodes:
+                raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+                if pids & {c.pid for c in raylet.children(recursive=True)}:
+                    return node
+            return None
+
+        lost = {}
+
+        def remove_node():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                done = list((out / "metadata").glob("*.parquet")) if (out / "metadata").exists() else []
+                node = node_with_segmenter() if len(done) >= 2 else None
+                if node is not None:
+                    cluster.remove_node(node, allow_graceful=False)
+                    lost["node"] = node
+                    return
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=remove_node, daemon=True)
+        thread.start()
+        summary = label(str(root), str(out), model=str(checkpoints["instance"]), num_gpus=2, batch_size=2, rows_per_part=4)
+        thread.join(5)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert lost, "no node was removed: the test proved nothing"
+    check_output(str(out), "instance", expected)
+    assert len({a.split("/")[0] for a in summary.actors}) >= 2
+
+
+def _ray_pids() -> set[int]:
+    names = ("raylet", "gcs_server", "ray::", "dashboard", "log_monitor", "monitor.py", "default_worker")
+    pids = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if any(n in line for n in names):
+            pids.add(proc.pid)
+    return pids
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_driver_sigkilled_at_a_random_point_then_rerun(checkpoints, tmp_path, attempt):
+    """The driver (with its embedded Ray) is killed with SIGKILL at a random point; the same
+    command run again ends with every image labeled exactly once."""
+    root = tmp_path / "in"
+    expected = many_images(root, 40)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "seglabel.cli", "run", "--input", str(root), "--output", str(out),
+               "--model", str(checkpoints["instance"]), "--batch-size", "2", "--rows-per-part", "3"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    before = _ray_pids()
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rng = random.Random(attempt)
+    # Kill somewhere between "job started" and "most parts written".
+    target_parts = rng.randint(0, 10)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = len(list((out / "metadata").glob("*.parquet"))) if (out / "metadata").exists() else -1
+        if done >= target_parts:
+            time.sleep(rng.uniform(0, 0.5))
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pid in _ray_pids() - before:  # the killed run's Ray, wherever it lives
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not (out / "_SUCCESS").exists()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    check_output(str(out), "instance", expected)
+    assert not [p for p in (out / "metadata").iterdir() if ".tmp-" in p.name]
+
+
+def test_transient_s3_failures_are_retried(checkpoints, s3_endpoint, s3_bucket, tmp_path):
+    client = boto3.client("s3")
+    expected = {}
+    for i in range(12):
+        image = drawn(40 + i, 30, i)
+        client.put_object(Bucket=s3_bucket, Key=f"in/d{i:02d}.png", Body=encode(image, "PNG"))
+        expected[f"d{i:02d}.png"] = image.size
+    out = f"s3://{s3_bucket}/out"
+    with FaultProxy(s3_endpoint, every=4) as proxy:
+        options = {"endpoint_url": proxy.url}
+        outage = threading.Timer(6.0, proxy.outage, args=(3.0,))
+        outage.start()
+        label(
+            f"s3://{s3_bucket}/in", out, model=str(checkpoints["semantic"]), batch_size=2, rows_per_part=2,
+            input_storage_options=options, output_storage_options=options,
+        )
+        outage.cancel()
+    assert proxy.slowdowns >= 5, "no 503 was injected"
+    assert proxy.dropped >= 1, "the outage dropped no request"
+    check_output(out, "semantic", expected)
+
+
+# -- security hygiene ---------------------------------------------------------------------------
+
+
+def test_no_credentials_in_outputs_or_logs_and_keys_stay_inside(checkpoints, s3_endpoint, s3_bucket, tmp_path, capsys, caplog):
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket, Key="in/a.png", Body=encode(drawn(30, 20, 1), "PNG"))
+    client.put_object(Bucket=s3_bucket, Key="x.png", Body=encode(drawn(30, 20, 2), "PNG"))
+    secret = "wJalrXUtnFEMI-not-a-real-secret"
+    options = {"key": "AKIAFAKEKEYFORTESTS", "secret": secret}
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"s3://{s3_bucket}/in/a.png\ns3://{s3_bucket}/in/../x.png\n")
+    out = f"s3://{s3_bucket}/out"
+    caplog.set_level("DEBUG")
+    label(manifest=str(manifest), output=out, model=str(checkpoints["instance"]),
+          input_storage_options=options, output_storage_options=options)
+    check_output(out, "instance", {f"{s3_bucket}/in/a.png": (30, 20), f"{s3_bucket}/in/../x.png": "key: unsafe"})
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert all(k.startswith(("in/", "out/")) or k == "x.png" for k in keys), keys
+    blobs = [client.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in keys if k.startswith("out/") and not k.endswith(".png")]
+    captured = capsys.readouterr()
+    for text in [*(b.decode("latin-1") for b in blobs), captured.out, captured.err, caplog.text]:
+        assert secret not in text and "AKIAFAKEKEYFORTESTS" not in text
+
+
+def test_loading_a_checkpoint_never_runs_its_code(checkpoints, tmp_path):
+    from seglabel import Segmenter
+
+    evil = tmp_path / "evil-instance"
+    evil.mkdir()
+    for f in checkpoints["instance"].iterdir():
+        (evil / f.name).write_bytes(f.read_bytes())
+    marker = tmp_path / "pwned"
+    (evil / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((evil / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.Evil", "AutoConfig": "modeling_evil.Evil"}
+    (evil / "config.json").write_text(json.dumps(config))
+    Segmenter(str(evil))([np.zeros((8, 8, 3), np.uint8)])
+    assert not marker.exists()
