@@ -307,20 +307,29 @@ def test_driver_sigkilled_at_a_random_point_then_rerun(checkpoints, tmp_path, at
 def test_transient_s3_failures_are_retried(checkpoints, s3_endpoint, s3_bucket, tmp_path):
     client = boto3.client("s3")
     expected = {}
-    for i in range(12):
+    for i in range(24):
         image = drawn(40 + i, 30, i)
         client.put_object(Bucket=s3_bucket, Key=f"in/d{i:02d}.png", Body=encode(image, "PNG"))
         expected[f"d{i:02d}.png"] = image.size
     out = f"s3://{s3_bucket}/out"
     with FaultProxy(s3_endpoint, every=4) as proxy:
         options = {"endpoint_url": proxy.url}
-        outage = threading.Timer(6.0, proxy.outage, args=(3.0,))
-        outage.start()
+
+        def outage_mid_run():  # once the first part is committed: the job is in full flow
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if client.list_objects_v2(Bucket=s3_bucket, Prefix="out/metadata/").get("KeyCount", 0):
+                    proxy.outage(3.0)
+                    return
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=outage_mid_run, daemon=True)
+        thread.start()
         label(
-            f"s3://{s3_bucket}/in", out, model=str(checkpoints["semantic"]), batch_size=2, rows_per_part=2,
+            f"s3://{s3_bucket}/in", out, model=str(checkpoints["semantic"]), batch_size=1, rows_per_part=2,
             input_storage_options=options, output_storage_options=options,
         )
-        outage.cancel()
+        thread.join(5)
     assert proxy.slowdowns >= 5, "no 503 was injected"
     assert proxy.dropped >= 1, "the outage dropped no request"
     check_output(out, "semantic", expected)
