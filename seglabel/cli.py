@@ -54,6 +54,11 @@ def _run_parser(sub) -> None:
         description="Label images with Mask2Former: PNG masks and Parquet metadata under --output.",
         argument_default=argparse.SUPPRESS,
     )
+    add_job_flags(p)
+
+
+def add_job_flags(p: argparse.ArgumentParser, with_address: bool = True) -> None:
+    """The job's flags (shared by ``run`` and ``submit``)."""
     io = p.add_argument_group("input and output")
     io.add_argument("--config", metavar="SPEC.yaml", help="a YAML job spec; flags given here override it")
     io.add_argument("--input", metavar="URL", help="folder or prefix to list recursively (local path, s3://, gs://, …)")
@@ -92,7 +97,8 @@ def _run_parser(sub) -> None:
 
     cluster = p.add_argument_group("cluster")
     cluster.add_argument("--num-gpus", dest="num_gpus", type=int, metavar="N", help="GPUs (= Segmenter actors) to use; default all")
-    cluster.add_argument("--address", help="Ray cluster address (as ray.init takes it); default RAY_ADDRESS or a local Ray")
+    if with_address:
+        cluster.add_argument("--address", help="Ray cluster address (as ray.init takes it); default RAY_ADDRESS or a local Ray")
 
 
 def _inspect_parser(sub) -> None:
@@ -134,24 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _run_parser(sub)
     _inspect_parser(sub)
-    from . import export, preview
+    from . import export, preview, submit
 
     export.add_parser(sub)
     preview.add_parser(sub)
+    submit.add_parsers(sub, add_job_flags, _common)
     return parser
 
 
-def job_config(args: argparse.Namespace) -> JobConfig:
-    """The job's config: the spec file's settings, overridden by the flags given."""
+def job_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's settings by name: the spec file's, overridden by the flags given."""
     values: dict[str, Any] = {}
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "config", "handler")}
     if getattr(args, "config", None):
         values.update(load_spec(args.config))
     for name in ("input_storage_options", "output_storage_options"):
         if name in flags:
             values[name] = {**(values.get(name) or {}), **dict(flags.pop(name))}
     values.update(flags)
-    return JobConfig.from_mapping(values)
+    return values
+
+
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """The job's validated config from a spec file and flags."""
+    return JobConfig.from_mapping(job_values(args))
 
 
 def _setup_logging(level: str) -> None:

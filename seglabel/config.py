@@ -238,13 +238,21 @@ def _same_place(a: str | None, b: str | None) -> bool:
 
 
 def load_spec(path: str) -> dict[str, Any]:
-    """Read a YAML job spec (a mapping of settings) from a local path or fsspec URL."""
+    """Read a YAML job spec (a mapping of settings) from a local path, an fsspec URL, or
+    ``env:NAME`` (an environment variable holding the YAML, as ``seglabel submit`` ships it)."""
+    import os
+
     import fsspec
     import yaml
 
     try:
-        with fsspec.open(path, "r") as f:
-            values = yaml.safe_load(f)
+        if path.startswith("env:"):
+            if path[4:] not in os.environ:
+                raise FileNotFoundError(path)
+            values = yaml.safe_load(os.environ[path[4:]])
+        else:
+            with fsspec.open(path, "r") as f:
+                values = yaml.safe_load(f)
     except FileNotFoundError as exc:
         raise ConfigError(f"job spec {path} not found") from exc
     except yaml.YAMLError as exc:

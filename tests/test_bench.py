@@ -1,0 +1,148 @@
+"""`seglabel bench` on the CPU with the tiny architecture: the figures are there and agree with
+each other. Speed is measured by the bench, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seglabel.bench import DEFAULTS, bench_images, main, memory_report, parse_size, report, run_bench
+from seglabel.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("instance", "semantic", "panoptic")
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def without_pipeline(tmp_path_factory):
+    """(a) and (b) for each task on a few images, with the JSON written."""
+    out = {}
+    for task in TASKS:
+        path = tmp_path_factory.mktemp("bench") / f"{task}.json"
+        result = run_bench(arch="tiny", task=task, images=5, batch_size=2, skip_pipeline=True, json_path=str(path))
+        out[task] = (result, json.loads(path.read_text()))
+    return out
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_rates_ratios_and_segments(without_pipeline, task):
+    result, written = without_pipeline[task]
+    a, b = written["hf_loop"], written["segmenter"]
+    assert a["images"] == b["images"] == 5
+    for phase in (a, b):
+        assert phase["images_per_s"] > 0
+        assert close(phase["images_per_s"], phase["images"] / phase["seconds"])
+        # The confident random model gives every path segments to work on.
+        assert phase["segments_per_image"] > 0
+    assert close(written["ratios"]["b/a"], b["images_per_s"] / a["images_per_s"])
+    assert written["ratios"]["c/a"] is None and "pipeline" not in written
+    assert b["model_images_per_s"] >= b["images_per_s"] >= b["with_png_images_per_s"] > 0
+    # What the function returned is what was written.
+    assert written["ratios"] == json.loads(json.dumps(result["ratios"]))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_stage_times_are_positive(without_pipeline, task):
+    _, written = without_pipeline[task]
+    assert set(written["hf_loop"]["stages_s"]) == {"processor", "forward", "postprocess"}
+    assert set(written["segmenter"]["stages_s"]) == {"preprocess", "forward", "postprocess", "rle", "png"}
+    for phase in ("hf_loop", "segmenter"):
+        stages = written[phase]["stages_s"]
+        assert all(v > 0 for v in stages.values()), stages
+        assert sum(stages.values()) <= written[phase]["seconds"] * 1.5 + 0.01
+        assert set(written[phase]["ms_per_image"]) == set(stages)
+
+
+def test_environment_checkpoint_and_report(without_pipeline):
+    result, written = without_pipeline["instance"]
+    env = written["environment"]
+    assert env["device"] == "cpu" and env["torch"] and env["transformers"] and env["device_name"]
+    ck = written["checkpoint"]
+    assert ck["arch"] == "tiny" and ck["num_queries"] == 10 and ck["num_labels"] == 80
+    assert 0 < ck["calibration"]["mask_coverage"] < 0.5
+    assert written["images"] == {**written["images"], "count": 5, "size": "384x384"}
+    assert written["compile"]["requested"] is False
+    assert written["hf_loop"]["gpu_util"]["available"] is False
+    # The CPU goal for the tiny model is judged (met or not), never asserted.
+    assert any("3x" in g["goal"] for g in written["goals"])
+    text = report(result)
+    assert "(a) usual HF loop" in text and "(b) Segmenter alone" in text and "b/a" in text
+
+
+def test_pipeline_on_a_handful_of_images(tmp_path):
+    path = tmp_path / "bench.json"
+    result = run_bench(arch="tiny", task="instance", images=6, batch_size=2, json_path=str(path))
+    written = json.loads(path.read_text())
+    c = written["pipeline"]
+    assert c["images"] == 6 and c["ok"] == 6 and c["errors"] == 0
+    assert c["formats"] == {"jpg": 5, "png": 1}
+    assert c["images_per_s"] > 0 and c["segments_per_image"] > 0
+    assert c["decode_ms_per_image"] > 0 and c["ray"]["init_s"] >= 0
+    ra, rb, rc = (written[k]["images_per_s"] for k in ("hf_loop", "segmenter", "pipeline"))
+    ratios = written["ratios"]
+    assert close(ratios["b/a"], rb / ra) and close(ratios["c/a"], rc / ra) and close(ratios["c/b"], rc / rb)
+    assert any("90%" in g["goal"] for g in written["goals"])
+    assert "(c) pipeline" in report(result)
+
+
+def test_cli_json_and_compile_not_faked(tmp_path, capsys):
+    path = tmp_path / "cli.json"
+    code = main(["--images", "2", "--batch-size", "2", "--skip-pipeline", "--skip-hf", "--compile",
+                 "--target-segments", "0", "--json", str(path)])
+    assert code == 0
+    written = json.loads(path.read_text())
+    assert "hf_loop" not in written and written["segmenter"]["images"] == 2
+    assert written["compile"] == {"requested": True, "supported": False, "applied": False,
+                                  "reason": written["compile"]["reason"]}
+    assert "not implemented" in written["compile"]["reason"]
+    out = capsys.readouterr().out
+    assert "skipped" in out and "--compile" in out
+
+
+def test_cli_config_spec(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("arch: tiny\nimages: 2\nbatch_size: 2\nskip_hf: true\nskip_pipeline: true\n")
+    assert main(["--config", str(spec), "--images", "3", "--json", str(tmp_path / "o.json")]) == 0
+    written = json.loads((tmp_path / "o.json").read_text())
+    assert written["segmenter"]["images"] == 3  # the flag overrides the spec
+    spec.write_text("arch: tiny\nbatchsize: 2\n")
+    assert main(["--config", str(spec)]) == 2
+    assert "batchsize" in capsys.readouterr().err
+
+
+def test_job_spec_uses_bench_settings():
+    spec = yaml.safe_load((ROOT / "jobs" / "bench.yaml").read_text())
+    assert spec and set(spec) <= set(DEFAULTS)
+
+
+def test_sizes_and_images():
+    assert parse_size("384") == (384, 384)
+    assert parse_size("800x1088") == (800, 1088)
+    assert parse_size("native") is None
+    with pytest.raises(ConfigError):
+        parse_size("big")
+    images, info = bench_images(10, (64, 96))
+    assert len(images) == 10 and all(a.shape == (64, 96, 3) for a in images)
+    assert info["source"] == "skimage.data" and len(info["photos"]) >= 4
+    # Later rounds of the same photo are not the same pixels.
+    n = len(info["photos"])
+    assert (images[0] != images[n]).any()
+
+
+def test_memory_report_is_plausible():
+    mem = memory_report(entries=20_000)
+    assert mem["entries"] == 20_000
+    assert mem["manifest"]["refs"] == 20_000
+    assert mem["done_keys"]["keys"] == 20_000
+    for kind in ("manifest", "done_keys"):
+        v = mem[kind]
+        assert 10 < v["baseline_mb"] <= v["peak_mb"] < 4096
+        assert v["delta_mb"] >= 0 and v["seconds"] > 0
