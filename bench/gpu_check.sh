@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# seglabel's GPU check and benchmark (issue 7) as ONE prepared script for the device machine:
+# one H100 (or H200), Python 3.12, torch 2.11 CUDA, transformers 5.17, no ray/s3fs/moto/scikit-image,
+# no network. See bench/README.md for the goals.
+#
+# 1. Prepare once, on a machine with the network (the CPU machine), from the repo root:
+#        bash bench/gpu_check.sh --prepare
+#    -> .carry/ray-py312.tar.xz    Ray + jsonschema + pycocotools for Python 3.12 (../shared/tools/device-pack-ray)
+#    -> .carry/bench-photos/*.png  the skimage.data photos the bench cycles (the device has no scikit-image)
+#    (.carry/ is git-ignored; about 30 MB in all, under the 64 MiB carry limit.)
+# 2. Run on the device (the `run` tool), carrying .carry:
+#        run(command="bash bench/gpu_check.sh", carry=[".carry"], timeout_s=540)
+#    Everything lands in $OUT: one JSON per bench, one log per step, steps.tsv, summary.txt;
+#    the summary table is printed last. Give the machine back afterwards.
+#
+# Steps (each under its own time limit, all under BUDGET_S; a step that no longer fits is skipped):
+#   pytest  pytest -m gpu for the repo (modules that need moto / scikit-image fail to import
+#           there and are reported as collection errors; the gpu-marked tests of the rest run)
+#   s384    seglabel bench --arch swin-s --task instance --images 512 --batch-size 32 --dtype bf16 (384x384)
+#   s800    the same at --size 800x1088 (the usual loop on the first HF_IMAGES_LARGE images only)
+#   l384    seglabel bench --arch swin-l --task panoptic ... (384x384)
+#   mem     seglabel bench --memory (driver RSS for 10^6 manifest entries / resume keys); not by default
+# (c), the whole pipeline, runs on each image written REPEAT times (384²: 4, so 2048 files; 800x1088:
+# REPEAT_LARGE, 1) so that the job's fixed start-up (Ray actor, model load: seconds) weighs less;
+# its steady-state rate, start-up left out, is reported beside it.
+# Knobs (environment): STEPS, BUDGET_S (500), IMAGES (512), BS (32), BS_LARGE (32), HF_IMAGES (all),
+# HF_IMAGES_LARGE (128), REPEAT (4), REPEAT_LARGE (1), ARCH_S (swin-s), ARCH_L (swin-l), PY (python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PACK=${PACK:-.carry/ray-py312.tar.xz}
+PHOTOS=${PHOTOS:-.carry/bench-photos}
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    set -e
+    PYHERE=${PYHERE:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
+    mkdir -p "$PHOTOS"
+    "$PYHERE" - "$PHOTOS" <<'EOF'
+import sys
+from pathlib import Path
+from PIL import Image
+from seglabel.bench import _photos
+arrays, names, source = _photos(None)
+out = Path(sys.argv[1])
+for array, name in zip(arrays, names):
+    Image.fromarray(array).save(out / f"{name}.png", compress_level=6)
+print(f"wrote {len(names)} photos from {source} to {out}")
+EOF
+    if [[ -f "$PACK" ]]; then
+        echo "$PACK exists; delete it to rebuild"
+    else
+        ray_version=$("$PYHERE" -c 'import ray; print(ray.__version__)' 2>/dev/null || echo 2.60.0)
+        PATH="$(dirname "$PYHERE"):$PATH" bash ../shared/tools/device-pack-ray "$ray_version" "$(dirname "$PACK")"
+    fi
+    du -sh .carry
+    exit 0
+fi
+
+OUT=${OUT:-$(mktemp -d /tmp/seglabel-gpu-check.XXXXXX)}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+STEPS=${STEPS:-"pytest s384 s800 l384"}
+BUDGET_S=${BUDGET_S:-500}
+IMAGES=${IMAGES:-512}
+BS=${BS:-32}
+BS_LARGE=${BS_LARGE:-32}
+HF_IMAGES=${HF_IMAGES:-}
+HF_IMAGES_LARGE=${HF_IMAGES_LARGE:-128}
+REPEAT=${REPEAT:-4}
+REPEAT_LARGE=${REPEAT_LARGE:-1}
+ARCH_S=${ARCH_S:-swin-s}
+ARCH_L=${ARCH_L:-swin-l}
+START=$(date +%s)
+
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_VERBOSITY=error
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=0
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+: > "$OUT/steps.tsv"
+
+# -- Ray (and pycocotools) from the carried pack ------------------------------------------------
+if "$PY" -c 'import ray, pycocotools' >/dev/null 2>&1; then
+    echo "ray and pycocotools already importable"
+elif [[ -f "$PACK" ]]; then
+    t0=$(date +%s)
+    mkdir -p /tmp/site && tar xJf "$PACK" -C /tmp/site
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+    echo "unpacked $PACK in $(( $(date +%s) - t0 )) s"
+else
+    echo "no $PACK: run 'bash bench/gpu_check.sh --prepare' where there is network, and carry .carry" | tee "$OUT/ERROR.txt"
+fi
+PIPELINE_FLAGS=()
+if ! "$PY" -c 'import ray' >/dev/null 2>&1; then
+    echo "ray does not import: the pipeline phase (c) is skipped" | tee -a "$OUT/ERROR.txt"
+    PIPELINE_FLAGS=(--skip-pipeline)
+fi
+PHOTO_FLAGS=()
+[[ -d "$PHOTOS" ]] && PHOTO_FLAGS=(--photos "$PHOTOS")
+
+{
+    date -u
+    nvidia-smi -L 2>&1
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    "$PY" - <<'EOF' 2>&1
+import platform, torch, transformers
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "transformers", transformers.__version__, "cuda available", torch.cuda.is_available())
+try:
+    import ray; print("ray", ray.__version__)
+except Exception as exc:
+    print("ray: not importable:", exc)
+EOF
+    nproc
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+if "$PY" -m seglabel.cli bench --help >/dev/null 2>&1; then
+    BENCH=("$PY" -m seglabel.cli bench)
+else
+    BENCH=("$PY" -m seglabel.bench)   # the CLI does not list `bench` yet: the same code, run directly
+fi
+
+# run_step NAME LIMIT_S COMMAND...: own process group, SIGINT at the limit (Ray shuts down
+# cleanly), the group killed after; rc and seconds to steps.tsv.
+run_step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$(( START + BUDGET_S - $(date +%s) ))
+    if (( left < 45 )); then
+        printf '%s\tskipped\t0\t(budget spent)\n' "$name" >> "$OUT/steps.tsv"
+        echo "== $name: skipped, $left s of the budget left"
+        return
+    fi
+    (( limit > left )) && limit=$left
+    echo "== $name (limit ${limit} s): $*"
+    local t0
+    t0=$(date +%s)
+    setsid timeout -s INT -k 20 "$limit" "$@" > "$OUT/$name.log" 2>&1 &
+    local pid=$!
+    wait "$pid"
+    local rc=$?
+    kill -- "-$pid" 2>/dev/null
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$*" >> "$OUT/steps.tsv"
+    tail -n 4 "$OUT/$name.log"
+}
+
+for step in $STEPS; do
+    case $step in
+        pytest)
+            run_step pytest 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+                -o addopts="" -W ignore::DeprecationWarning tests ;;
+        s384)
+            run_step s384 200 "${BENCH[@]}" --arch "$ARCH_S" --task instance --images "$IMAGES" --batch-size "$BS" \
+                --dtype bf16 ${HF_IMAGES:+--hf-images "$HF_IMAGES"} --pipeline-repeat "$REPEAT" "${PHOTO_FLAGS[@]}" \
+                "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_S-instance-384.json" ;;
+        s800)
+            run_step s800 240 "${BENCH[@]}" --arch "$ARCH_S" --task instance --images "$IMAGES" --batch-size "$BS_LARGE" \
+                --dtype bf16 --size 800x1088 --hf-images "$HF_IMAGES_LARGE" --pipeline-repeat "$REPEAT_LARGE" \
+                "${PHOTO_FLAGS[@]}" "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_S-instance-800x1088.json" ;;
+        l384)
+            run_step l384 200 "${BENCH[@]}" --arch "$ARCH_L" --task panoptic --images "$IMAGES" --batch-size "$BS" \
+                --dtype bf16 ${HF_IMAGES:+--hf-images "$HF_IMAGES"} --pipeline-repeat "$REPEAT" "${PHOTO_FLAGS[@]}" \
+                "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_L-panoptic-384.json" ;;
+        mem)
+            run_step mem 120 "${BENCH[@]}" --memory --json "$OUT/memory.json" ;;
+        *)
+            echo "unknown step $step (pytest s384 s800 l384 mem)" ;;
+    esac
+done
+
+# -- the table, last ---------------------------------------------------------------------------
+"$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def f(v, d=1):
+    return "-" if v is None else f"{v:.{d}f}"
+print()
+print("steps (rc 0 ok, 124 timed out, 5 = pytest selected no test):")
+for line in (out / "steps.tsv").read_text().splitlines():
+    name, rc, secs, *_ = line.split("\t")
+    print(f"  {name:8} rc {rc:>7}  {secs:>4} s")
+log = out / "pytest.log"
+if log.exists():
+    tail = [l for l in log.read_text().splitlines() if l.strip()]
+    print("  pytest -m gpu:", tail[-1] if tail else "(no output)")
+print()
+head = f"{'bench':30} {'(a) HF':>7} {'(b) Seg':>8} {'(c) run':>8} {'c steady':>8} {'b/a':>6} {'c/a':>6} {'c/b':>5} {'seg/img a/b/c':>15} {'GPU% a/b/c':>12}"
+print(head)
+goals = []
+for path in sorted(out.glob("*.json")):
+    r = json.loads(path.read_text())
+    if "settings" not in r:
+        if "memory" in r:
+            m = r["memory"]
+            print(f"memory: manifest {m['manifest']['peak_mb']} MB peak, DoneKeys {m['done_keys']['peak_mb']} MB peak ({m['entries']:,} entries)")
+        continue
+    a, b, c = (r.get(k) or {} for k in ("hf_loop", "segmenter", "pipeline"))
+    ra = r["ratios"]
+    def util(p):
+        u = p.get("gpu_util") or {}
+        return f"{u['mean_pct']:.0f}" if u.get("available") else "-"
+    seg = "/".join(f(p.get("segments_per_image")) for p in (a, b, c))
+    gpu = "/".join(util(p) for p in (a, b, c))
+    print(f"{path.stem:30} {f(a.get('images_per_s')):>7} {f(b.get('images_per_s')):>8} {f(c.get('images_per_s')):>8} "
+          f"{f(c.get('steady_images_per_s')):>8} {f(ra.get('b/a')):>6} {f(ra.get('c/a')):>6} {f(ra.get('c/b'), 2):>5} "
+          f"{seg:>15} {gpu:>12}")
+    for g in r.get("goals", []):
+        goals.append(f"  {'MET    ' if g['met'] else 'NOT MET'} {path.stem}: {g['goal']}: {g['value']:.2f} (target {g['target']})")
+if goals:
+    print("goals:")
+    print("\n".join(goals))
+EOF
+echo "outputs in $OUT"
