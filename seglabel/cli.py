@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _run_parser(sub)
     _inspect_parser(sub)
-    from . import export, preview, submit
+    from . import bench, export, preview, submit
 
+    bench.add_parser(sub)
     export.add_parser(sub)
     preview.add_parser(sub)
     submit.add_parsers(sub, add_job_flags, _common)
