@@ -9,7 +9,7 @@
 #    -> .carry/bench-photos/*.png  the skimage.data photos the bench cycles (the device has no scikit-image)
 #    (.carry/ is git-ignored; about 30 MB in all, under the 64 MiB carry limit.)
 # 2. Run on the device (the `run` tool), carrying .carry:
-#        run(command="bash bench/gpu_check.sh", carry=[".carry"], timeout_s=540)
+#        run(command="bash bench/gpu_check.sh", carry=[".carry"], timeout_s=480)
 #    Everything lands in $OUT: one JSON per bench, one log per step, steps.tsv, summary.txt;
 #    the summary table is printed last. Give the machine back afterwards.
 #
@@ -23,7 +23,7 @@
 # (c), the whole pipeline, runs on each image written REPEAT times (384²: 4, so 2048 files; 800x1088:
 # REPEAT_LARGE, 1) so that the job's fixed start-up (Ray actor, model load: seconds) weighs less;
 # its steady-state rate, start-up left out, is reported beside it.
-# Knobs (environment): STEPS, BUDGET_S (500), IMAGES (512), BS (32), BS_LARGE (32), HF_IMAGES (all),
+# Knobs (environment): STEPS, BUDGET_S (440), IMAGES (512), BS (32), BS_LARGE (32), HF_IMAGES (all),
 # HF_IMAGES_LARGE (128), REPEAT (4), REPEAT_LARGE (1), ARCH_S (swin-s), ARCH_L (swin-l), PY (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,7 +60,7 @@ OUT=${OUT:-$(mktemp -d /tmp/seglabel-gpu-check.XXXXXX)}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 STEPS=${STEPS:-"pytest s384 s800 l384"}
-BUDGET_S=${BUDGET_S:-500}
+BUDGET_S=${BUDGET_S:-440}
 IMAGES=${IMAGES:-512}
 BS=${BS:-32}
 BS_LARGE=${BS_LARGE:-32}

@@ -546,6 +546,38 @@ class GpuSampler:
         }
 
 
+class CpuShare:
+    """How much of the machine's CPU time other processes took while a phase ran (Linux):
+    all CPUs' busy time from /proc/stat, less this process's own, over wall time x CPUs."""
+
+    def __enter__(self) -> "CpuShare":
+        self.start = self._sample()
+        return self
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / tick
+        own = sum(os.times()[:2])
+        return time.monotonic(), busy, own
+
+    def __exit__(self, *exc: Any) -> None:
+        self.end = self._sample()
+
+    def others(self) -> float | None:
+        if not self.start or not self.end:
+            return None
+        wall = self.end[0] - self.start[0]
+        if wall <= 0:
+            return None
+        others = (self.end[1] - self.start[1]) - (self.end[2] - self.start[2])
+        return round(max(0.0, others) / (wall * (os.cpu_count() or 1)), 3)
+
+
 def _sync(device: Any) -> None:
     import torch
 
@@ -641,7 +673,7 @@ def run_hf_loop(
     with torch.inference_mode():
         for image in images[: max(0, warmup)]:
             one(image, scratch)
-        with GpuSampler(device) as gpu:
+        with GpuSampler(device) as gpu, CpuShare() as cpu:
             started = time.perf_counter()
             for image in images:
                 segments += one(image, stages)
@@ -659,6 +691,7 @@ def run_hf_loop(
         "ms_per_image": _ms_per_image(stages, n),
         "processor_class": type(processor).__name__,
         "gpu_util": gpu.result(),
+        "others_cpu_share": cpu.others(),
     }
 
 
@@ -736,7 +769,7 @@ def run_segmenter(
     seg.timings.clear()
     predict_s = rle_s = png_s = 0.0
     segments = 0
-    with GpuSampler(seg.device) as gpu:
+    with GpuSampler(seg.device) as gpu, CpuShare() as cpu:
         for chunk in chunks():
             t0 = time.perf_counter()
             raws = seg.predict_raw(chunk)
@@ -771,6 +804,7 @@ def run_segmenter(
         "ms_per_image": _ms_per_image(stages, n),
         "unaccounted_s": max(0.0, predict_s - sum(stages[k] for k in ("preprocess", "forward", "postprocess"))),
         "gpu_util": gpu.result(),
+        "others_cpu_share": cpu.others(),
     }
     if seg.device.type == "cuda":
         result["note"] = "stage times are host-side: CUDA runs ahead, so device work shows where the host waits"
@@ -1037,12 +1071,19 @@ def _cpu_busy(seconds: float = 1.0) -> float | None:
     return round(1.0 - (idle1 - idle0) / max(1, total1 - total0), 3)
 
 
-def _busy(env: Mapping[str, Any]) -> str | None:
-    """A warning when other processes used the CPUs as the bench started."""
-    busy = env.get("cpu_busy_before")
-    if env.get("device", "cpu").startswith("cpu") and busy is not None and busy > 0.2:
-        return (f"other processes kept {busy:.0%} of the CPUs busy as the bench started: CPU figures "
-                "are not reliable (torch threads wait on each other); rerun on an idle machine")
+def _busy(result: Mapping[str, Any]) -> str | None:
+    """A warning when other processes used the CPUs as the bench started or during (a), (b)."""
+    env = result["environment"]
+    if not env.get("device", "cpu").startswith("cpu"):
+        return None
+    shares = {"before": env.get("cpu_busy_before")}
+    for key, name in (("hf_loop", "(a)"), ("segmenter", "(b)")):
+        shares[name] = (result.get(key) or {}).get("others_cpu_share")
+    worst = {k: v for k, v in shares.items() if v is not None and v > 0.1}
+    if worst:
+        text = ", ".join(f"{k} {v:.0%}" for k, v in worst.items())
+        return (f"other processes took CPU time ({text} of all CPUs): CPU figures are not reliable "
+                "(torch threads wait on each other); rerun on an idle machine")
     return None
 
 
@@ -1157,8 +1198,8 @@ def run_bench(
         "size": size, "batch_size": batch_size, "dtype": dtype or ("bf16" if dev.type == "cuda" else "fp32"),
         "device": str(dev), "resolution": str(res) if res else None, "score_threshold": score_threshold,
         "mask_threshold": mask_threshold, "overlap_threshold": overlap_threshold,
-        "target_segments": target_segments if arch else None,
-        "mask_coverage": mask_coverage if arch else None, "hf_images": hf_images, "pipeline_repeat": pipeline_repeat, "warmup": warmup,
+        "target_segments": target_segments if arch else None, "mask_coverage": mask_coverage if arch else None,
+        "hf_images": hf_images, "pipeline_repeat": pipeline_repeat, "warmup": warmup,
         "threads": torch.get_num_threads(), "num_gpus": num_gpus, "address": address,
     }
     result: dict[str, Any] = {"settings": settings, "environment": environment(dev)}
@@ -1178,8 +1219,7 @@ def run_bench(
             path, info = build_checkpoint(
                 Path(tmp) / f"bench-{arch}-{task}", arch, task,
                 calibration_images=arrays[:CALIBRATION_IMAGES], target_segments=target_segments,
-                coverage=mask_coverage,
-                input_size=image_size, score_threshold=score_threshold, mask_threshold=mask_threshold,
+                coverage=mask_coverage, input_size=image_size, score_threshold=score_threshold, mask_threshold=mask_threshold,
                 overlap_threshold=overlap_threshold, resolution=res, device=str(dev),
             )
             checkpoint = str(path)
@@ -1226,6 +1266,7 @@ def run_bench(
     result["cpu_ms_per_image_outside_model"] = round(cpu_ms, 3)
     result["goals"] = _goals(result)
     result["environment"]["load_average_end"] = _load_average()
+    result["environment"]["busy_warning"] = _busy(result)
     if json_path:
         write_json(result, json_path)
     return result
@@ -1420,7 +1461,7 @@ def report(result: Mapping[str, Any]) -> str:
         lines.append(f"--compile: {result['compile']['reason']} (eager figures above)")
     for g in result.get("goals", []):
         lines.append(f"goal {'MET' if g['met'] else 'not met'}: {g['goal']}: {g['value']:.2f} (target {g['target']})")
-    busy = _busy(env)
+    busy = _busy(result)
     if busy:
         lines.append(f"WARNING: {busy}")
     return "\n".join(lines)
