@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import TASKS, ConfigError
+from .errors import SeglabelError
 
 log = logging.getLogger(__name__)
 
 _TASK_IN_NAME = re.compile(r"(?:^|[-_./])(instance|semantic|panoptic)(?:$|[-_./])")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SeglabelError, RuntimeError):
     """The checkpoint cannot be found or loaded; the message is one readable line."""
 
 
@@ -106,7 +107,8 @@ def fetch_checkpoint(url: str, cache_dir: str | os.PathLike | None = None) -> Pa
     return target
 
 
-def _processor_class():
+def processor_class():
+    """The Mask2Former image processor class that needs no torchvision."""
     # transformers 5 falls back to the PIL processor (with a warning) when torchvision is missing
     # or broken; asking for it directly keeps the CPU path free of torchvision. seglabel only
     # reads the processor's configuration; the pixels are prepared on the model's device.
@@ -145,7 +147,7 @@ def load_checkpoint(
         kwargs["revision"] = revision
     try:
         net = Mask2FormerForUniversalSegmentation.from_pretrained(source, dtype=dtype, **kwargs)
-        processor = _processor_class().from_pretrained(source, **kwargs)
+        processor = processor_class().from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load checkpoint {model!r}: {first}") from exc
@@ -173,13 +175,20 @@ def read_label_config(model: str, revision: str | None = None) -> tuple[dict[int
     import fsspec
     from transformers import AutoConfig
 
-    if _is_remote_url(model) or model.startswith("file://") or os.path.isdir(model) or not _looks_like_hub_id(model):
+    if (
+        _is_remote_url(model)
+        or model.startswith("file://")
+        or os.path.isdir(model)
+        or not _looks_like_hub_id(model)
+    ):
         url = model.rstrip("/") + "/config.json"
         try:
             with fsspec.open(url, "r") as f:
                 config = json.load(f)
         except FileNotFoundError as exc:
-            raise CheckpointError(f"no checkpoint at {model} (expected a directory with config.json)") from exc
+            raise CheckpointError(
+                f"no checkpoint at {model} (expected a directory with config.json)"
+            ) from exc
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read checkpoint config {url}: {exc}") from exc
         return {int(k): str(v) for k, v in config.get("id2label", {}).items()}, revision

@@ -12,15 +12,19 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .decode import DEFAULT_MAX_PIXELS
-from .sources import DEFAULT_EXTENSIONS as _SOURCE_EXTENSIONS
+from .errors import SeglabelError
 
 DEFAULT_MODEL = "facebook/mask2former-swin-small-coco-instance"
+# What a listing takes as images (case-insensitive), unless --extensions says otherwise.
+DEFAULT_EXTENSIONS = ("bmp", "gif", "jpeg", "jpg", "png", "tif", "tiff", "webp")
+# Pillow's own error threshold (twice its MAX_IMAGE_PIXELS), so the default refuses exactly
+# what a stock Pillow would refuse to open.
+DEFAULT_MAX_PIXELS = 178_956_970
 TASKS = ("instance", "semantic", "panoptic")
 DTYPES = ("bf16", "fp16", "fp32")
 
 
-class ConfigError(ValueError):
+class ConfigError(SeglabelError, ValueError):
     """A configuration value is invalid; the message is one readable line."""
 
 
@@ -51,7 +55,9 @@ class Resolution:
             longest = int(m[2]) if m[2] else max(shortest, round(shortest * 1333 / 800))
             res = cls("shortest", shortest=shortest, longest=longest)
         else:
-            raise ConfigError(f"resolution {text!r}: expected HxW (e.g. 384x384), S (e.g. 800) or S:L (e.g. 800:1333)")
+            raise ConfigError(
+                f"resolution {text!r}: expected HxW (e.g. 384x384), S (e.g. 800) or S:L (e.g. 800:1333)"
+            )
         sizes = (res.height, res.width) if res.mode == "fixed" else (res.shortest, res.longest)
         if min(sizes) < 1:
             raise ConfigError(f"resolution {text!r}: sizes must be positive")
@@ -147,13 +153,10 @@ class EngineConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown engine setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown engine setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         return cls(**dict(values))
-
-
-
-
-DEFAULT_EXTENSIONS = tuple(sorted(_SOURCE_EXTENSIONS))
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,9 @@ class JobConfig:
         if not self.output or not str(self.output).strip():
             raise ConfigError("an output URL is required (--output)")
         if bool(self.input) == bool(self.manifest):
-            raise ConfigError("give exactly one of --input (a folder or prefix) or --manifest (a list of URIs)")
+            raise ConfigError(
+                "give exactly one of --input (a folder or prefix) or --manifest (a list of URIs)"
+            )
         if isinstance(self.extensions, str):
             object.__setattr__(self, "extensions", tuple(e for e in self.extensions.split(",") if e))
         exts = tuple(sorted({str(e).lower().lstrip(".") for e in self.extensions}))
@@ -208,7 +213,9 @@ class JobConfig:
         if self.max_errors is not None and not (
             0 < self.max_errors < 1 or (self.max_errors >= 0 and float(self.max_errors).is_integer())
         ):
-            raise ConfigError(f"max_errors must be a count (N >= 0) or a fraction (0 < F < 1), got {self.max_errors}")
+            raise ConfigError(
+                f"max_errors must be a count (N >= 0) or a fraction (0 < F < 1), got {self.max_errors}"
+            )
         if _same_place(self.input, self.output):
             raise ConfigError("the output must not be the input folder itself")
 

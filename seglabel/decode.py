@@ -37,11 +37,11 @@ from typing import Iterator
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from .config import DEFAULT_MAX_PIXELS
+from .errors import SeglabelError
+
 logger = logging.getLogger(__name__)
 
-# Pillow's own error threshold (twice MAX_IMAGE_PIXELS), so the default rejects exactly what a
-# stock Pillow would refuse to open.
-DEFAULT_MAX_PIXELS: int = 178_956_970
 
 # What Pillow raises for bad data (the set its own fuzz tests accept). TypeError, KeyError and
 # friends are left alone: from here they mean a bug, not a bad file.
@@ -74,7 +74,7 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
 
-class DecodeError(Exception):
+class DecodeError(SeglabelError):
     """Bytes that cannot be decoded into an image; ``str(e)`` is a short human reason."""
 
 
@@ -127,7 +127,8 @@ def decode_image(
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of the upright image from the header alone (EXIF orientation applied), without decoding pixels."""
+    """(width, height) of the upright image from the header alone (EXIF orientation applied),
+    without decoding pixels."""
     _check_data(data)
     with _bad_data_as_decode_error(), _open(data) as im:
         width, height = im.size

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .postprocess import RawPrediction
+if TYPE_CHECKING:  # postprocess imports torch; encoding runs in CPU tasks that need none
+    from .postprocess import RawPrediction
 
 # zlib level 1: a 16-bit 640×480 map encodes in about 3 ms instead of 5 ms at level 6, and
 # label maps compress well at any level.

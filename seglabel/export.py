@@ -46,17 +46,13 @@ Decisions (also in ``export --help``):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import json
 import logging
-import os
 import posixpath
 import shutil
-import sys
 import tempfile
-import uuid
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -64,14 +60,15 @@ from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import numpy as np
-import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 from pycocotools import mask as mask_utils
 
 from . import __version__
 from .encode import decode_png, encode_png
+from .errors import SeglabelError, one_line
+from .keys import is_safe_key
 from .labels import resolve_labels, thing_ids
 from .sink import JOB_FILE, SUCCESS_FILE, OutputError, OutputStore
+from .storage import open_atomic, open_url, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +81,13 @@ ROW_BATCH = 256
 SPOOL_MEMORY = 32 << 20
 # Where CVAT's "COCO 1.0" importer looks for the annotations of the "default" subset.
 CVAT_MEMBER = "annotations/instances_default.json"
+CVAT_IMAGES_DIR = "images/"
 PANOPTIC_JSON = "panoptic.json"
 PANOPTIC_PNG_DIR = "panoptic"
 _ROW_COLUMNS = ["key", "image_uri", "status", "width", "height", "segments"]
 
 
-class ExportError(Exception):
+class ExportError(SeglabelError):
     """An export that cannot be done as asked; ``str(e)`` is one readable line."""
 
 
@@ -119,7 +117,7 @@ def open_job(output: str, storage_options: Mapping[str, Any] | None = None) -> t
     except OutputError as exc:
         raise ExportError(str(exc)) from exc
     except Exception as exc:  # credentials, endpoint, permissions
-        raise ExportError(f"cannot read {output}: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise ExportError(f"cannot read {output}: {type(exc).__name__}: {one_line(exc)}") from exc
     if record is None:
         raise ExportError(f"{output} has no {JOB_FILE}: not a seglabel output")
     try:
@@ -129,24 +127,24 @@ def open_job(output: str, storage_options: Mapping[str, Any] | None = None) -> t
         raise ExportError(f"{output}/{JOB_FILE} is not a seglabel job record ({exc})") from exc
     if task not in ("instance", "semantic", "panoptic"):
         raise ExportError(f"{output}/{JOB_FILE} names an unknown task {task!r}")
-    explicit = (record.get("settings") or {}).get("thing_labels")
+    # job.json records each setting once; seglabel 0.1.0's earlier records kept them in "settings".
+    explicit = record.get("thing_labels", (record.get("settings") or {}).get("thing_labels"))
     try:
         # The same rule the run used: explicit --thing-labels, else the known label set's flags.
         things = thing_ids(id2label, explicit) if task == "panoptic" else None
     except ValueError:
         things = None
     if not store.exists(SUCCESS_FILE):
-        log.warning("%s has no %s: the job is unfinished; exporting the rows committed so far", output, SUCCESS_FILE)
+        log.warning(
+            "%s has no %s: the job is unfinished; exporting the rows committed so far", output, SUCCESS_FILE
+        )
     return store, Job(task, id2label, things, str(record.get("model") or ""), record.get("revision"))
 
 
 def iter_rows(store: OutputStore, columns: Sequence[str] = _ROW_COLUMNS) -> Iterator[dict]:
     """Every committed row, part by part and batch by batch (never a whole part in memory)."""
-    for path in store.parts():
-        with store.fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            for batch in parquet.iter_batches(batch_size=ROW_BATCH, columns=list(columns)):
-                yield from batch.to_pylist()
+    for batch in store.iter_batches(list(columns), ROW_BATCH):
+        yield from batch.to_pylist()
 
 
 class _Counter:
@@ -190,7 +188,9 @@ class SegmentFilter:
         return [s for s in segments or () if self.keep(s)]
 
 
-def _segment_filter(job: Job, fmt: str, min_score: float | None, labels: Sequence[str] | None) -> SegmentFilter:
+def _segment_filter(
+    job: Job, fmt: str, min_score: float | None, labels: Sequence[str] | None
+) -> SegmentFilter:
     if min_score is not None and job.task == "semantic":
         raise ExportError("--min-score does not apply: semantic outputs have no scores")
     label_ids = None
@@ -238,18 +238,17 @@ def palette_color(index: int) -> tuple[int, int, int]:
 # -- writing files ---------------------------------------------------------------------------
 
 
-class _Dest:
-    """Where an export writes: a file or folder on any fsspec filesystem."""
+class Destination:
+    """Where an export writes: a file or folder on any fsspec filesystem, each file atomically
+    (``seglabel.storage``), so that a failed export never leaves half a JSON."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
         try:
-            self.fs, path = url_to_fs(url, **dict(storage_options or {}))
+            self.fs, path = open_url(url, storage_options)
         except Exception as exc:
-            raise ExportError(f"cannot open destination {url!r}: {_one_line(exc)}") from exc
+            raise ExportError(f"cannot open destination {url!r}: {one_line(exc)}") from exc
         self.url = url
         self.path = path.rstrip("/") or path
-        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
-        self.local = "file" in protocols or "local" in protocols
 
     def join(self, *rel: str) -> str:
         return posixpath.join(self.path, *rel)
@@ -268,44 +267,18 @@ class _Dest:
         except Exception:
             return False
 
-    @contextlib.contextmanager
-    def open(self, path: str) -> Iterator[IO[bytes]]:
-        """A file that appears at ``path`` whole, or not at all.
-
-        Local: written under a hidden temporary name beside it and renamed. Elsewhere: written
-        to a local temporary file and uploaded in one go (an object store publishes an object
-        only once its upload completes), so a failed export never leaves half a JSON.
-        """
-        if self.local:
-            parent, name = os.path.split(path)
-            os.makedirs(parent or ".", exist_ok=True)
-            tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
-            try:
-                with open(tmp, "wb") as f:
-                    yield f
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-        else:
-            with tempfile.NamedTemporaryFile(prefix="seglabel-export-", suffix=posixpath.splitext(path)[1]) as f:
-                yield f
-                f.flush()
-                self.fs.put_file(f.name, path)
+    def open(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """A file that appears at ``path`` whole, or not at all."""
+        return open_atomic(self.fs, path)
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        """A small file, whole: renamed into place locally, one PUT on an object store."""
-        if self.local:
-            with self.open(path) as f:
-                f.write(data)
-        else:
-            self.fs.pipe_file(path, data)
+        """A small file, whole."""
+        write_atomic(self.fs, path, data)
 
 
-def _check_key(key: str) -> str:
+def checked_key(key: str) -> str:
     """Keys become file names: refuse one that could leave the destination folder."""
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    if not is_safe_key(key):
         raise ExportError(f"unsafe key {key!r} in the output's rows")
     return key
 
@@ -401,7 +374,9 @@ def _coco_image(row: dict, ids: _Ids) -> dict:
     return {"id": ids.image, "file_name": row["key"], "width": row["width"], "height": row["height"]}
 
 
-def _coco_annotations(row: dict, image_id: int, job: Job, keep: SegmentFilter, ids: _Ids, scores: bool) -> Iterator[dict]:
+def _coco_annotations(
+    row: dict, image_id: int, job: Job, keep: SegmentFilter, ids: _Ids, scores: bool
+) -> Iterator[dict]:
     size = [row["height"], row["width"]]
     for seg in keep.apply(row["segments"]):
         ids.annotation += 1
@@ -443,7 +418,7 @@ def _coco_head(output: str, job: Job, keep: SegmentFilter, panoptic: bool = Fals
     }
 
 
-def _export_coco(output: str, job: Job, rows: Iterator[dict], dest: _Dest, keep: SegmentFilter,
+def _export_coco(output: str, job: Job, rows: Iterator[dict], dest: Destination, keep: SegmentFilter,
                  shard_size: int | None, counts: dict, cvat: bool) -> None:
     ids = _Ids()
     head = _coco_head(output, job, keep)
@@ -454,6 +429,9 @@ def _export_coco(output: str, job: Job, rows: Iterator[dict], dest: _Dest, keep:
                 # CVAT "COCO 1.0": a zip with annotations/instances_<subset>.json. CVAT shapes
                 # carry no score (an unknown "score" attribute is not part of a task's labels).
                 with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                    # An empty images/ folder: CVAT matches frames by file name and needs no
+                    # images, but datumaro's COCO importer (what CVAT's is built on) wants one.
+                    archive.writestr(zipfile.ZipInfo(CVAT_IMAGES_DIR), b"")
                     with archive.open(CVAT_MEMBER, "w", force_zip64=True) as member:
                         _write_coco(member, shard, head, job, keep, ids, False, counts)
             else:
@@ -464,7 +442,7 @@ def _export_coco(output: str, job: Job, rows: Iterator[dict], dest: _Dest, keep:
 # -- COCO panoptic ---------------------------------------------------------------------------
 
 
-def _export_coco_panoptic(output: str, job: Job, store: OutputStore, rows: Iterator[dict], dest: _Dest,
+def _export_coco_panoptic(output: str, job: Job, store: OutputStore, rows: Iterator[dict], dest: Destination,
                           keep: SegmentFilter, shard_size: int | None, counts: dict) -> None:
     ids = _Ids()
     head = _coco_head(output, job, keep, panoptic=True)
@@ -474,13 +452,15 @@ def _export_coco_panoptic(output: str, job: Job, store: OutputStore, rows: Itera
         with dest.open(path) as f:
             coco = _CocoFile(f, head)
             for row in shard:
-                key = _check_key(row["key"])
+                key = checked_key(row["key"])
                 image = _coco_image(row, ids)
                 coco.images.add(image)
                 segments = row["segments"] or []
                 kept = keep.apply(segments)
                 png_name = f"{key}.png"
-                dest.write_bytes(dest.join(PANOPTIC_PNG_DIR, png_name), _panoptic_png(store, row, segments, kept))
+                dest.write_bytes(
+                    dest.join(PANOPTIC_PNG_DIR, png_name), _panoptic_png(store, row, segments, kept)
+                )
                 counts["masks"] += 1
                 coco.annotations.add({
                     "image_id": image["id"],
@@ -592,7 +572,9 @@ class _UriMap:
         return uri
 
 
-def _ls_task(row: dict, job: Job, keep: SegmentFilter, uri: Callable[[str], str], from_name: str, to_name: str) -> dict:
+def _ls_task(
+    row: dict, job: Job, keep: SegmentFilter, uri: Callable[[str], str], from_name: str, to_name: str
+) -> dict:
     width, height = row["width"], row["height"]
     results = []
     scores = []
@@ -619,8 +601,17 @@ def _ls_task(row: dict, job: Job, keep: SegmentFilter, uri: Callable[[str], str]
     return {"data": {"image": uri(row["image_uri"]), "key": row["key"]}, "predictions": [prediction]}
 
 
-def _export_label_studio(job: Job, rows: Iterator[dict], dest: _Dest, keep: SegmentFilter, shard_size: int | None,
-                         counts: dict, from_name: str, to_name: str, uri_map: Mapping[str, str] | None) -> None:
+def _export_label_studio(
+    job: Job,
+    rows: Iterator[dict],
+    dest: Destination,
+    keep: SegmentFilter,
+    shard_size: int | None,
+    counts: dict,
+    from_name: str,
+    to_name: str,
+    uri_map: Mapping[str, str] | None,
+) -> None:
     uri = _UriMap(uri_map)
     for index, shard in _shards(rows, shard_size):
         path = dest.shard(index)
@@ -675,7 +666,7 @@ def export(
             f"coco-panoptic needs a panoptic output; {output} holds {job.task} masks (use --format coco)"
         )
     keep = _segment_filter(job, fmt, min_score, labels)
-    dest = _Dest(to, to_storage_options)
+    dest = Destination(to, to_storage_options)
     if fmt != "coco-panoptic" and (to.endswith("/") or dest.is_dir()):
         raise ExportError(f"--to must name a file for {fmt}, and {to} is a folder")
 
@@ -688,11 +679,13 @@ def export(
         elif fmt == "coco-panoptic":
             _export_coco_panoptic(output, job, store, rows, dest, keep, shard_size, counts)
         else:
-            _export_label_studio(job, rows, dest, keep, shard_size, counts, from_name, to_name, image_prefix_map)
+            _export_label_studio(
+                job, rows, dest, keep, shard_size, counts, from_name, to_name, image_prefix_map
+            )
     except ExportError:
         raise
     except OSError as exc:  # storage: permissions, a full disk, an unreachable endpoint
-        raise ExportError(f"export to {to} failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise ExportError(f"export to {to} failed: {type(exc).__name__}: {one_line(exc)}") from exc
     counts["error_rows"] = counter.errors
     log.info(
         "exported %d images, %d annotations (%d error rows skipped) from %s as %s to %d file(s) under %s",
@@ -701,90 +694,15 @@ def export(
     return counts
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-# -- the command line ------------------------------------------------------------------------
-
-
-def _prefix_pair(text: str) -> tuple[str, str]:
-    old, sep, new = text.partition("=")
-    if not sep or not old:
-        raise argparse.ArgumentTypeError(f"expected OLD_PREFIX=NEW_PREFIX, got {text!r}")
-    return old, new
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_parser(subparsers) -> None:
-    """Add ``seglabel export`` to the CLI's subcommands (handler: ``args.handler(args)``)."""
-    # Imported here: cli imports this module to build its parser.
-    from .cli import _common, _key_value
-
-    p = subparsers.add_parser(
-        "export",
-        parents=[_common()],
-        help="write a job's labels in an annotation tool's format (COCO, COCO panoptic, Label Studio, CVAT)",
-        description=(
-            "Export a job's masks for annotation tools, streaming its Parquet parts. coco: a COCO instances "
-            "JSON (RLE masks; panoptic outputs give their thing segments; semantic outputs one iscrowd=1 "
-            "annotation per label present). coco-panoptic: a folder with panoptic.json and panoptic/<key>.png. "
-            "label-studio: a JSON list of tasks with brushlabels predictions. cvat: a zip CVAT imports as "
-            "'COCO 1.0' (annotations/instances_default.json). Only ok rows are exported."
-        ),
-    )
-    p.add_argument("output", metavar="OUTPUT", help="a job's output URL (finished or partial)")
-    p.add_argument("--format", dest="fmt", required=True, choices=FORMATS)
-    p.add_argument("--to", required=True, metavar="DEST",
-                   help="a JSON file (coco, label-studio), a folder (coco-panoptic) or a zip (cvat); any fsspec URL")
-    p.add_argument("--min-score", dest="min_score", type=float, metavar="S", help="keep segments scoring at least S")
-    p.add_argument("--labels", metavar="LIST", help="keep only these labels (names or ids, comma-separated)")
-    p.add_argument("--shard-size", dest="shard_size", type=_positive_int, metavar="N",
-                   help="at most N images per file, numbered DEST-00000.json, DEST-00001.json, ...")
-    p.add_argument("--from-name", dest="from_name", default="label", help="Label Studio: the BrushLabels tag name")
-    p.add_argument("--to-name", dest="to_name", default="image", help="Label Studio: the Image tag name")
-    p.add_argument("--image-prefix-map", dest="image_prefix_map", type=_prefix_pair, action="append", default=[],
-                   metavar="OLD=NEW", help="Label Studio: rewrite image URIs starting with OLD (e.g. s3://bucket/=https://cdn/); repeatable")
-    p.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=_key_value,
-                   action="append", default=[], help="fsspec storage option for OUTPUT; repeatable")
-    p.add_argument("--to-option", dest="to_storage_options", metavar="KEY=VALUE", type=_key_value,
-                   action="append", default=[], help="fsspec storage option for DEST; repeatable")
-    p.set_defaults(handler=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    """Run ``seglabel export``; a user's mistake is one line on stderr and exit status 2."""
-    try:
-        counts = export(
-            args.output,
-            args.fmt,
-            args.to,
-            min_score=args.min_score,
-            labels=args.labels.split(",") if args.labels is not None else None,
-            shard_size=args.shard_size,
-            storage_options=dict(args.output_storage_options),
-            from_name=args.from_name,
-            to_name=args.to_name,
-            image_prefix_map=dict(args.image_prefix_map),
-            to_storage_options=dict(args.to_storage_options),
-        )
-    except ExportError as exc:
-        print(f"seglabel: error: {exc}", file=sys.stderr)
-        return 2
-    files = counts["files"]
-    where = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]} ... {files[-1]})"
-    print(f"exported {counts['images']} images and {counts['annotations']} annotations as {args.fmt} to {where}")
-    return 0
-
-
-__all__ = ["FORMATS", "ExportError", "SegmentFilter", "add_parser", "export", "iter_rows", "label_studio_rle", "open_job"]
+__all__ = [
+    "FORMATS",
+    "Destination",
+    "ExportError",
+    "SegmentFilter",
+    "checked_key",
+    "export",
+    "iter_rows",
+    "label_studio_rle",
+    "open_job",
+    "palette_color",
+]

@@ -14,6 +14,7 @@ import numpy as np
 from fsspec.core import split_protocol
 
 from .decode import DecodeError, decode_image
+from .errors import one_line
 from .storage import open_url
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,6 @@ class Fetched:
     error: str | None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def options_for(uri: str, base_url: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
     """Storage options apply to URIs on the same protocol as the input they were given for."""
     same = (split_protocol(uri)[0] or "file") == (split_protocol(base_url)[0] or "file")
@@ -46,17 +42,19 @@ def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> by
     return fs.cat_file(path)
 
 
-def fetch(uri: str, storage_options: Mapping[str, Any] | None = None, max_pixels: int | None = None) -> Fetched:
+def fetch(
+    uri: str, storage_options: Mapping[str, Any] | None = None, max_pixels: int | None = None
+) -> Fetched:
     """Read and decode one image into an upright (H, W, 3) uint8 RGB array."""
     try:
         data = read_bytes(uri, storage_options)
     except FileNotFoundError:
         return Fetched(None, None, None, "read: not found")
     except PermissionError as exc:
-        return Fetched(None, None, None, f"read: permission denied: {_one_line(exc)}")
+        return Fetched(None, None, None, f"read: permission denied: {one_line(exc, 200)}")
     except Exception as exc:  # network, credentials, throttling after the client's own retries
         log.warning("cannot read %s: %s", uri, exc)
-        return Fetched(None, None, None, f"read: {type(exc).__name__}: {_one_line(exc)}")
+        return Fetched(None, None, None, f"read: {type(exc).__name__}: {one_line(exc, 200)}")
     try:
         image = decode_image(data, max_pixels=max_pixels)
     except DecodeError as exc:

@@ -27,12 +27,15 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .checkpoint import detect_task, read_label_config
+from .cluster import connect
 from .config import ConfigError, EngineConfig, JobConfig
 from .encode import build_segments, encode_png
+from .errors import SeglabelError, reason
 from .fetch import fetch, options_for
 from .labels import resolve_labels, thing_ids
-from .sink import JOB_FILE, SCRATCH_DIR, SCHEMA, SUCCESS_FILE, OutputStore
+from .sink import JOB_FILE, SCHEMA, SCRATCH_DIR, SUCCESS_FILE, OutputStore
 from .sources import ImageRef, iter_listing, iter_manifest
+from .storage import absolute_local
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,10 @@ ACTOR_START_TIMEOUT_S = 1800
 MAX_ERRORS_MIN_SEEN = 100
 
 
-class JobError(RuntimeError):
+class JobError(SeglabelError, RuntimeError):
     """The job stopped on purpose (e.g. too many errors); the message is one readable line."""
+
+    exit_status = 1
 
 
 @dataclass
@@ -90,7 +95,8 @@ class Summary:
             lines.append(f"nothing to do: all {self.already_done} images already have rows in {self.output}")
         else:
             lines.append(
-                f"labeled {self.processed} images ({self.ok} ok, {self.error} failed) in {self.seconds:.1f} s, "
+                f"labeled {self.processed} images ({self.ok} ok, {self.error} failed) "
+                f"in {self.seconds:.1f} s, "
                 f"{self.images_per_second:.1f} images/s"
             )
             if self.already_done:
@@ -102,7 +108,9 @@ class Summary:
             )
             for reason, count in self.totals.get("errors_by_reason", {}).items():
                 lines.append(f"  {count:>8}  {reason}")
-        lines.append(f"masks: {self.output.rstrip('/')}/masks/  metadata: {self.output.rstrip('/')}/metadata/")
+        lines.append(
+            f"masks: {self.output.rstrip('/')}/masks/  metadata: {self.output.rstrip('/')}/metadata/"
+        )
         return "\n".join(lines)
 
 
@@ -155,7 +163,6 @@ class SegmentStage:
     def __init__(self, engine: EngineConfig, cpu_threads: int = 1):
         import ray
         import torch
-
         from transformers.utils import logging as hf_logging
 
         if not torch.cuda.is_available():
@@ -173,7 +180,9 @@ class SegmentStage:
         errors = [_error(e) or "" for e in batch["error"]]
         raws: list[bytes] = [b""] * n
         todo = [i for i in range(n) if not errors[i]]
-        for i, raw in zip(todo, self._predict([batch["image"][i] for i in todo], [batch["key"][i] for i in todo])):
+        for i, raw in zip(
+            todo, self._predict([batch["image"][i] for i in todo], [batch["key"][i] for i in todo])
+        ):
             if isinstance(raw, str):
                 errors[i] = raw
             else:
@@ -196,14 +205,19 @@ class SegmentStage:
             return self.segmenter.predict_raw(images)
         except Exception as exc:
             # Find the culprit(s) one image at a time rather than failing the whole batch.
-            log.warning("batch failed (%s: %s); retrying its %d images one by one", type(exc).__name__, exc, len(images))
+            log.warning(
+                "batch failed (%s: %s); retrying its %d images one by one",
+                type(exc).__name__,
+                exc,
+                len(images),
+            )
         out = []
         for image, key in zip(images, keys):
             try:
                 out.extend(self.segmenter.predict_raw([image]))
             except Exception as exc:
                 log.warning("segment failed for %s: %s", key, exc)
-                out.append(f"segment: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+                out.append(reason("segment", exc))
         return out
 
 
@@ -226,13 +240,19 @@ def _encode_batch(
             prediction = pickle.loads(raw)
             try:
                 segments = build_segments(prediction, task, id2label, things)
-                # The PNG is written before the row that references it is returned.
-                row["mask_uri"] = output.write_mask(key, encode_png(prediction.id_map, task))
-            except Exception as exc:  # storage failures after the client's retries
-                log.warning("cannot write mask for %s: %s", key, exc)
-                row["error"] = f"write: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+                png = encode_png(prediction.id_map, task)
+            except Exception as exc:  # a prediction pycocotools or Pillow cannot encode
+                log.warning("cannot encode the mask of %s: %s", key, exc)
+                row["error"] = reason("encode", exc)
             else:
-                row.update(status="ok", segments=[s.to_row() for s in segments])
+                try:
+                    # The PNG is written before the row that references it is returned.
+                    row["mask_uri"] = output.write_mask(key, png)
+                except Exception as exc:  # storage failures after the client's retries
+                    log.warning("cannot write mask for %s: %s", key, exc)
+                    row["error"] = reason("write", exc)
+                else:
+                    row.update(status="ok", segments=[s.to_row() for s in segments])
             row["width"], row["height"] = int(width), int(height)
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
@@ -253,27 +273,23 @@ def _refs(config: JobConfig) -> Iterator[ImageRef]:
     )
 
 
-def _job_record(config: JobConfig, task: str, revision: str | None, id2label: dict[int, str]) -> dict[str, Any]:
-    """job.json: the run's spec and versions. No storage options: they may hold credentials."""
+def _job_record(
+    config: JobConfig, task: str, revision: str | None, id2label: dict[int, str]
+) -> dict[str, Any]:
+    """job.json: the run's spec and versions, each setting once. ``task`` and ``revision`` are
+    the ones the run settled on (the checkpoint's task, the Hub commit); the other mask
+    settings as given (``dtype`` null: the device's default). No storage options: they may
+    hold credentials."""
     import ray
     import torch
     import transformers
 
-    engine = config.engine
     return {
         "input": config.input,
         "manifest": config.manifest,
         "output": config.output,
-        "model": engine.model,
-        "revision": revision,
-        "task": task,
+        **_mask_settings(config.engine, task, revision),
         "id2label": {str(k): v for k, v in sorted(id2label.items())},
-        "settings": engine.mask_settings(),
-        "score_threshold": engine.score_threshold,
-        "mask_threshold": engine.mask_threshold,
-        "overlap_threshold": engine.overlap_threshold,
-        "resolution": str(engine.resolution) if engine.resolution else None,
-        "dtype": engine.dtype,
         "versions": {
             "seglabel": __version__,
             "transformers": transformers.__version__,
@@ -284,9 +300,19 @@ def _job_record(config: JobConfig, task: str, revision: str | None, id2label: di
     }
 
 
-def _check_same_settings(previous: dict[str, Any], engine: EngineConfig, output: str) -> None:
-    before = previous.get("settings", {})
-    now = engine.mask_settings()
+def _mask_settings(engine: EngineConfig, task: str, revision: str | None) -> dict[str, Any]:
+    return {**engine.mask_settings(), "task": task, "revision": revision}
+
+
+def _check_same_settings(previous: dict[str, Any], engine: EngineConfig, task: str, revision: str | None,
+                         output: str) -> None:
+    """Refuse to resume an output labeled with settings that change masks."""
+    if isinstance(previous.get("settings"), dict):
+        # job.json of seglabel 0.1.0 before settings were recorded once: the mask settings as
+        # given sat in "settings" (task and revision as asked, not as resolved).
+        before, now = previous["settings"], engine.mask_settings()
+    else:
+        before, now = previous, _mask_settings(engine, task, revision)
     changed = [k for k in now if k in before and before[k] != now[k]]
     if changed:
         diff = "; ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
@@ -331,23 +357,6 @@ def _stage_todo(store: OutputStore, refs: Iterator[ImageRef], done, limit: int |
     return paths, found, skipped, todo
 
 
-def _connect(address: str | None) -> bool:
-    """Connect to Ray; returns whether this call started it (and so must stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # An embedded, single-machine Ray: keep every process on loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # address="local": never attach to some other Ray that happens to run on this machine.
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    return True
-
-
 def _actor_resources(config: JobConfig, local: bool) -> tuple[int, dict[str, float]]:
     """How many Segmenter actors, and what each asks for: one GPU each, or a CPU fallback.
 
@@ -378,6 +387,7 @@ def run(config: JobConfig) -> Summary:
     Raises ConfigError, SourceError, CheckpointError or OutputError (one readable line each)
     before any model runs when the settings, input, checkpoint or output are unusable.
     """
+    config = _absolute_paths(config)
     engine = config.engine
     task = detect_task(engine.model, engine.task)
     id2label, revision = read_label_config(engine.model, engine.revision)
@@ -398,7 +408,7 @@ def run(config: JobConfig) -> Summary:
         store.clear()
         previous = None
     elif previous is not None:
-        _check_same_settings(previous, engine, config.output)
+        _check_same_settings(previous, engine, task, revision, config.output)
     if not config.dry_run:
         store.check_writable()
         store.clean_temporary()
@@ -415,7 +425,9 @@ def run(config: JobConfig) -> Summary:
         summary.found, summary.already_done = found, skipped
         return summary
 
-    todo_paths, summary.found, summary.already_done, todo = _stage_todo(store, refs, done, config.limit, run_id)
+    todo_paths, summary.found, summary.already_done, todo = _stage_todo(
+        store, refs, done, config.limit, run_id
+    )
     if previous is None:
         store.write_json(JOB_FILE, _job_record(config, task, revision, id2label))
     try:
@@ -428,6 +440,8 @@ def run(config: JobConfig) -> Summary:
             return summary
         store.remove(SUCCESS_FILE)  # stale until every new image has a row
         started = time.perf_counter()
+        # Every Segmenter loads the commit the driver resolved (a Hub branch may move meanwhile).
+        config = config.replace(engine=engine.replace(revision=revision))
         _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary)
         summary.seconds = time.perf_counter() - started
         summary.totals = store.counts()
@@ -435,6 +449,22 @@ def run(config: JobConfig) -> Summary:
     finally:
         store.remove(f"{SCRATCH_DIR}/todo-{run_id}")
     return summary
+
+
+def _absolute_paths(config: JobConfig) -> JobConfig:
+    """The config with its local paths absolute: they are resolved here, in the driver, since a
+    Ray worker's working directory is not the driver's."""
+    changes: dict[str, Any] = {
+        name: absolute_local(getattr(config, name))
+        for name in ("input", "manifest", "output")
+        if getattr(config, name)
+    }
+    model = config.engine.model
+    # A checkpoint folder, not a Hub id ("org/name" is a relative path too, when no such folder
+    # exists here); file:// URLs are absolute already and stay as given.
+    if "://" not in model and (model.startswith((".", "~", "/")) or os.path.isdir(os.path.expanduser(model))):
+        changes["engine"] = config.engine.replace(model=absolute_local(model))
+    return config.replace(**changes)
 
 
 class _Nothing:
@@ -451,13 +481,11 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    started_ray = _connect(config.address)
-    local = started_ray and not (config.address or os.environ.get("RAY_ADDRESS"))
-    try:
+    with connect(config.address) as connection:
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-        actors, resources = _actor_resources(config, local)
+        actors, resources = _actor_resources(config, connection.embedded)
         base_url = config.manifest or config.input
         # Blocks of one batch each: a block goes to one task or actor, so a single big block
         # would serialise decoding and leave all but one Segmenter idle.
@@ -465,12 +493,22 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
         # own Parquet reader, whose listing does not ride out a throttled object store.
         ds = (
             ray.data.from_items([{"path": p} for p in todo_paths])
-            .map_batches(_read_todo, fn_kwargs={"store": store}, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS)
+            .map_batches(
+                _read_todo,
+                fn_kwargs={"store": store},
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=DECODE_CPUS,
+            )
             .repartition(target_num_rows_per_block=config.engine.batch_size)
         )
         ds = ds.map_batches(
             _decode_batch,
-            fn_kwargs={"base_url": base_url, "storage_options": config.input_storage_options, "max_pixels": config.max_pixels},
+            fn_kwargs={
+                "base_url": base_url,
+                "storage_options": config.input_storage_options,
+                "max_pixels": config.max_pixels,
+            },
             batch_size=DECODE_BATCH,
             batch_format="numpy",
             num_cpus=DECODE_CPUS,
@@ -487,15 +525,18 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
         )
         ds = ds.map_batches(
             _encode_batch,
-            fn_kwargs={"output": store, "task": task, "model": config.engine.model, "id2label": id2label, "things": things},
+            fn_kwargs={
+                "output": store,
+                "task": task,
+                "model": config.engine.model,
+                "id2label": id2label,
+                "things": things,
+            },
             batch_size=ENCODE_BATCH,
             batch_format="numpy",
             num_cpus=ENCODE_CPUS,
         )
         _commit(ds, store, config, todo, run_id, summary)
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
 def _too_many_errors(max_errors: float | None, errors: int, seen: int) -> bool:

@@ -4,8 +4,11 @@ The semantics are those of Hugging Face's ``post_process_{semantic,instance,pano
 (and of Mask2Former's own inference code), without their limits: HF resizes every mask to a
 hard-coded 384×384 first, loops over queries with a host synchronisation each, and builds the
 canvas on the CPU. Here the work stays on the device, the per-query decisions are made on small
-vectors with one synchronisation per image, and the full-resolution maps are produced in row
-chunks so that memory stays bounded for large photos.
+vectors, and the full-resolution maps are produced in row chunks so that memory stays bounded for
+large photos. The host still waits on the device several times per image: at each selection of
+kept queries (``nonzero``, boolean indexing), twice per row chunk (``bilinear_rows`` reads its
+source rows' bounds) and once per array brought back (semantic about 3 waits, instance and
+panoptic about 6–8, plus 2 per chunk).
 
 Masks are first brought to the model-input resolution (the "canvas"), as Mask2Former's own
 inference does, then to the original size. ``compat=True`` reproduces HF's results as they are:
@@ -81,7 +84,9 @@ def bilinear_rows(x: torch.Tensor, out_h: int, out_w: int, r0: int, r1: int) -> 
     lo, hi = int(y0[0]), int(y1[-1])
     sub = x[:, lo : hi + 1]
     if sub.shape[-1] != out_w:
-        sub = F.interpolate(sub.unsqueeze(0), size=(sub.shape[1], out_w), mode="bilinear", align_corners=False)[0]
+        sub = F.interpolate(
+            sub.unsqueeze(0), size=(sub.shape[1], out_w), mode="bilinear", align_corners=False
+        )[0]
     return (1 - wy) * sub[:, y0 - lo] + wy * sub[:, y1 - lo]
 
 
@@ -127,7 +132,9 @@ class Postprocessor:
         """(K, h, w) mask logits at the canvas resolution."""
         if tuple(mask_logits.shape[-2:]) == self.canvas_size:
             return mask_logits
-        return F.interpolate(mask_logits.unsqueeze(0), size=self.canvas_size, mode="bilinear", align_corners=False)[0]
+        return F.interpolate(
+            mask_logits.unsqueeze(0), size=self.canvas_size, mode="bilinear", align_corners=False
+        )[0]
 
     # -- semantic ---------------------------------------------------------------------------
 
@@ -187,7 +194,10 @@ class Postprocessor:
             if len(sel) == 0:
                 masks = torch.zeros((0, height, width), dtype=torch.bool, device=logits.device)
             elif spec.compat:
-                masks = F.interpolate(binary[sel].float().unsqueeze(0), size=(height, width), mode="nearest")[0] > 0
+                masks = (
+                    F.interpolate(binary[sel].float().unsqueeze(0), size=(height, width), mode="nearest")[0]
+                    > 0
+                )
             else:
                 masks = torch.empty((len(sel), height, width), dtype=torch.bool, device=logits.device)
                 for r0, r1 in row_chunks(len(sel), height, width, spec.chunk_elements):
@@ -200,7 +210,11 @@ class Postprocessor:
             n = len(sel)
             # The highest-scoring instance covering a pixel wins: rank N..1, keep the maximum.
             rank = torch.arange(n, 0, -1, device=masks.device, dtype=torch.int32).view(-1, 1, 1)
-            best = (masks * rank).amax(0) if n else torch.zeros((height, width), dtype=torch.int32, device=masks.device)
+            best = (
+                (masks * rank).amax(0)
+                if n
+                else torch.zeros((height, width), dtype=torch.int32, device=masks.device)
+            )
             id_map = torch.where(best > 0, n + 1 - best, 0)
             results.append(
                 RawPrediction(
@@ -230,7 +244,11 @@ class Postprocessor:
             k = len(sel)
             if k == 0:
                 empty = np.zeros((height, width), dtype=np.int32)
-                results.append(RawPrediction(empty, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)))
+                results.append(
+                    RawPrediction(
+                        empty, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+                    )
+                )
                 continue
             probs, scores = self._canvas(mask_logits[b, sel]).sigmoid(), pred_scores[b, sel]
             owner = torch.empty((height, width), dtype=torch.int64, device=probs.device)
@@ -243,7 +261,10 @@ class Postprocessor:
                 # HF compares the score-weighted probabilities with the mask threshold.
                 original += (weighted >= spec.mask_threshold).flatten(1).sum(1)
             lut, ids, labels, seg_scores = self._merge(
-                areas.cpu().numpy(), original.cpu().numpy(), pred_labels[b, sel].cpu().numpy(), scores.cpu().numpy()
+                areas.cpu().numpy(),
+                original.cpu().numpy(),
+                pred_labels[b, sel].cpu().numpy(),
+                scores.cpu().numpy(),
             )
             id_map = torch.from_numpy(lut).to(owner.device)[owner]
             results.append(RawPrediction(id_map.cpu().numpy().astype(np.int32), ids, labels, seg_scores))

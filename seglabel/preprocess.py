@@ -5,8 +5,9 @@ device once and every step runs there. The resize matches the processor's Pillow
 filter, which antialiases when shrinking: on the CPU torch's uint8 antialiased kernel uses
 Pillow's own arithmetic; elsewhere two float passes (horizontal, then vertical) are each rounded
 to uint8 levels as Pillow's passes are. Random-weight test models have tiny margins between
-labels, so a one-level difference in many pixels visibly changes their maps. Images are grouped by their model-input size so that
-no image is ever padded against another: an image's result never depends on its batch.
+labels, so a one-level difference in many pixels visibly changes their maps. Images are grouped
+by their model-input size so that no image is ever padded against another: an image's result
+never depends on its batch.
 """
 
 from __future__ import annotations
@@ -103,7 +104,11 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     x = image.float()
     for step in ((x.shape[-2], size[1]), size):
         if tuple(x.shape[-2:]) != tuple(step):
-            x = F.interpolate(x, size=step, mode="bilinear", align_corners=False, antialias=True).round_().clamp_(0, 255)
+            x = (
+                F.interpolate(x, size=step, mode="bilinear", align_corners=False, antialias=True)
+                .round_()
+                .clamp_(0, 255)
+            )
     return x
 
 

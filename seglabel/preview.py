@@ -10,11 +10,9 @@ folder can be opened from disk, copied, or served as it is.
 
 from __future__ import annotations
 
-import argparse
 import html
 import io
 import logging
-import sys
 from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
@@ -23,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from .decode import DecodeError, decode_image
-from .export import ExportError, Job, _check_key, _Dest, iter_rows, open_job, palette_color
+from .export import Destination, ExportError, Job, checked_key, iter_rows, open_job, palette_color
 from .fetch import options_for, read_bytes
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ def preview(
     if n < 1:
         raise ExportError(f"--n must be at least 1, got {n}")
     store, job = open_job(output, storage_options)
-    dest = _Dest(to, to_storage_options)
+    dest = Destination(to, to_storage_options)
     font = ImageFont.load_default()
     written: list[str] = []
     entries: list[tuple[str, str, list[str]]] = []  # (key, relative link, labels), at most n
@@ -64,9 +62,13 @@ def preview(
             break
         if row["status"] != "ok":
             continue
-        key = _check_key(row["key"])
+        key = checked_key(row["key"])
         uri = row["image_uri"]
-        options = image_storage_options if image_storage_options is not None else options_for(uri, output, storage_options or {})
+        options = (
+            image_storage_options
+            if image_storage_options is not None
+            else options_for(uri, output, storage_options or {})
+        )
         try:
             photo = decode_image(read_bytes(uri, options), max_pixels=None)
         except (OSError, DecodeError, ValueError) as exc:
@@ -164,7 +166,8 @@ def index_html(output: str, job: Job, entries: Sequence[tuple[str, str, list[str
         link = html.escape(quote(rel, safe="/"), quote=True)
         figures.append(
             f'<figure><a href="{link}"><img src="{link}" loading="lazy" alt="{html.escape(key)}"></a>'
-            f"<figcaption>{html.escape(key)}<br><small>{html.escape(', '.join(labels) or 'no segments')}</small>"
+            f"<figcaption>{html.escape(key)}<br>"
+            f"<small>{html.escape(', '.join(labels) or 'no segments')}</small>"
             "</figcaption></figure>"
         )
     title = f"seglabel preview: {output}"
@@ -181,41 +184,4 @@ def index_html(output: str, job: Job, entries: Sequence[tuple[str, str, list[str
     )
 
 
-def add_parser(subparsers) -> None:
-    """Add ``seglabel preview`` to the CLI's subcommands (handler: ``args.handler(args)``)."""
-    # Imported here: cli imports this module to build its parser.
-    from .cli import _common, _key_value
-
-    p = subparsers.add_parser(
-        "preview",
-        parents=[_common()],
-        help="overlay PNGs of the first images of an output and an index.html to look at them",
-        description="Blend the masks of the first N ok images over their photos and write an index.html.",
-    )
-    p.add_argument("output", metavar="OUTPUT", help="a job's output URL")
-    p.add_argument("--to", required=True, metavar="DIR", help="folder for overlays/ and index.html")
-    p.add_argument("--n", type=int, default=50, metavar="N", help="how many images (default 50)")
-    p.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=_key_value,
-                   action="append", default=[], help="fsspec storage option for OUTPUT; repeatable")
-    p.add_argument("--input-option", dest="input_storage_options", metavar="KEY=VALUE", type=_key_value,
-                   action="append", default=None, help="fsspec storage option for reading the images; repeatable")
-    p.set_defaults(handler=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    try:
-        paths = preview(
-            args.output,
-            args.to,
-            n=args.n,
-            storage_options=dict(args.output_storage_options),
-            image_storage_options=dict(args.input_storage_options) if args.input_storage_options else None,
-        )
-    except ExportError as exc:
-        print(f"seglabel: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(paths)} overlays; open {args.to.rstrip('/')}/{INDEX_FILE}")
-    return 0
-
-
-__all__ = ["add_parser", "index_html", "overlay", "preview"]
+__all__ = ["index_html", "overlay", "preview"]

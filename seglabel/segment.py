@@ -37,7 +37,9 @@ def as_rgb(image: Any) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {array.shape} dtype {array.dtype}")
+        raise ValueError(
+            f"expected an (H, W, 3) uint8 RGB image, got shape {array.shape} dtype {array.dtype}"
+        )
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"empty image of shape {array.shape}")
     return array
@@ -60,7 +62,11 @@ class Segmenter:
         self.dtype_name = config.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
         self.dtype = _DTYPES[self.dtype_name]
         checkpoint = load_checkpoint(
-            config.model, config.revision, device=str(self.device), dtype=self.dtype, cache_dir=config.cache_dir
+            config.model,
+            config.revision,
+            device=str(self.device),
+            dtype=self.dtype,
+            cache_dir=config.cache_dir,
         )
         self.model = checkpoint.model
         self.model_id = checkpoint.model_id
@@ -98,19 +104,6 @@ class Segmenter:
             self.model_id, self.revision or "-", self.task, self.device, self.dtype_name,
         )
 
-    def describe(self) -> dict[str, Any]:
-        """What the engine runs, as plain values (for job.json)."""
-        return {
-            "model": self.model_id,
-            "revision": self.revision,
-            "task": self.task,
-            "dtype": self.dtype_name,
-            "device": self.device.type,
-            "resolution": str(self.preprocess_spec.resolution) if self.preprocess_spec.resolution else None,
-            "id2label": {str(k): v for k, v in sorted(self.id2label.items())},
-            "thing_ids": sorted(self.thing_ids) if self.thing_ids is not None else None,
-        }
-
     def predict_raw(self, images: Sequence[Any]) -> list[RawPrediction]:
         """Label maps and per-segment arrays for each image, in input order (no RLE yet)."""
         arrays = [as_rgb(image) for image in images]
@@ -129,7 +122,9 @@ class Segmenter:
 
     def _run_batch(self, arrays: list[np.ndarray], size: tuple[int, int]) -> list[RawPrediction]:
         t0 = time.perf_counter()
-        pixels = preprocess([to_device(a, self.device) for a in arrays], self.preprocess_spec, size, self.dtype)
+        pixels = preprocess(
+            [to_device(a, self.device) for a in arrays], self.preprocess_spec, size, self.dtype
+        )
         t1 = time.perf_counter()
         outputs = self.model(pixel_values=pixels)
         t2 = time.perf_counter()
@@ -144,7 +139,9 @@ class Segmenter:
 
     def to_prediction(self, raw: RawPrediction) -> Prediction:
         """Attach segment records (labels, RLE, area, bbox) to a raw prediction."""
-        return Prediction(self.task, raw.id_map, build_segments(raw, self.task, self.id2label, self.thing_ids))
+        return Prediction(
+            self.task, raw.id_map, build_segments(raw, self.task, self.id2label, self.thing_ids)
+        )
 
     def __call__(self, images: Sequence[Any]) -> list[Prediction]:
         """Segment a batch of (H, W, 3) uint8 RGB images of any sizes."""

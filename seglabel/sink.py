@@ -20,15 +20,16 @@ import logging
 import posixpath
 import uuid
 from collections import Counter
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from .sources import hash64
-from .storage import open_url
+from .errors import SeglabelError, one_line
+from .keys import hash64, key_hashes
+from .storage import is_local, is_temporary, open_url, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ METADATA_DIR = "metadata"
 SCRATCH_DIR = "_seglabel"
 
 
-class OutputError(RuntimeError):
+class OutputError(SeglabelError, RuntimeError):
     """The output cannot be read or written; the message is one readable line."""
 
 
@@ -90,11 +91,6 @@ class DoneKeys:
         return bool(i < len(self._hashes) and self._hashes[i] == h)
 
 
-def key_hashes(keys: Iterable[str]) -> np.ndarray:
-    """64-bit hashes of keys, as a uint64 array."""
-    return np.fromiter((hash64(k) for k in keys), dtype=np.uint64)
-
-
 class OutputStore:
     """One job's output folder on any fsspec filesystem."""
 
@@ -104,10 +100,9 @@ class OutputStore:
         try:
             self.fs, root = open_url(url, self.storage_options)
         except Exception as exc:
-            raise OutputError(f"cannot open output {url!r}: {exc}") from exc
+            raise OutputError(f"cannot open output {url!r}: {one_line(exc)}") from exc
         self.root = root.rstrip("/") or root
-        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
-        self.local = "file" in protocols or "local" in protocols
+        self.local = is_local(self.fs)
 
     def __reduce__(self):
         # Workers rebuild the store from its URL; fsspec caches filesystem instances per process.
@@ -130,21 +125,7 @@ class OutputStore:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a file so that it only ever becomes visible complete."""
-        path = self.path(rel)
-        if self.local:
-            parent, name = posixpath.split(path)
-            self.fs.makedirs(parent, exist_ok=True)
-            tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
-            try:
-                with self.fs.open(tmp, "wb") as f:
-                    f.write(data)
-                self.fs.mv(tmp, path)
-            finally:
-                if self.fs.exists(tmp):
-                    self.fs.rm(tmp)
-        else:
-            # A single PUT: object stores publish an object only once it is complete.
-            self.fs.pipe_file(path, data)
+        write_atomic(self.fs, self.path(rel), data)
 
     def write_json(self, rel: str, value: Any) -> None:
         self.write_bytes(rel, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
@@ -170,7 +151,9 @@ class OutputStore:
             self.write_bytes(rel, b"ok")
             self.fs.rm(self.path(rel))
         except Exception as exc:
-            raise OutputError(f"cannot write to output {self.url}: {type(exc).__name__}: {exc}") from exc
+            raise OutputError(
+                f"cannot write to output {self.url}: {type(exc).__name__}: {one_line(exc)}"
+            ) from exc
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -204,11 +187,20 @@ class OutputStore:
         for path in self.parts():
             yield self.read_parquet(path, columns)
 
+    def iter_batches(self, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+        """Some columns of every committed row, part by part, ``batch_size`` rows at a time
+        (a part's compressed bytes in memory, never all of its decoded rows)."""
+        for path in self.parts():
+            parquet = pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path)))
+            yield from parquet.iter_batches(batch_size=batch_size, columns=columns, use_threads=False)
+
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
         """One Parquet file under the output, read whole."""
         # Whole parts are small (one driver buffer's worth of rows); reading them from bytes
         # keeps pyarrow off Python file objects (see iter_part_columns).
-        return pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).read(columns=columns, use_threads=False)
+        return pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).read(
+            columns=columns, use_threads=False
+        )
 
     def done_keys(self, include_errors: bool = True) -> DoneKeys:
         """Keys with a committed row (``include_errors=False``: only ``ok`` rows count)."""
@@ -254,7 +246,9 @@ class OutputStore:
                 queued += pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).metadata.num_rows
         return {
             "output": self.url,
-            "job": {k: job.get(k) for k in ("input", "manifest", "model", "revision", "task", "started")} if job else None,
+            "job": {k: job.get(k) for k in ("input", "manifest", "model", "revision", "task", "started")}
+            if job
+            else None,
             "complete": success is not None,
             "parts": len(self.parts()),
             "queued_by_running_job": queued,
@@ -286,7 +280,7 @@ class OutputStore:
                 names = self.fs.ls(self.path(rel), detail=False)
             except FileNotFoundError:
                 continue
-            stale += [n for n in names if ".tmp-" in posixpath.basename(n) or posixpath.basename(n).startswith("todo-")]
+            stale += [n for n in names if is_temporary(n) or posixpath.basename(n).startswith("todo-")]
         for n in stale:
             self.fs.rm(n, recursive=True)
         return len(stale)

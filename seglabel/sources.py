@@ -19,7 +19,6 @@ Plain Python, no Ray: the pipeline wires these iterators into Ray Data.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,19 +29,14 @@ import fsspec
 from fsspec.core import split_protocol
 from fsspec.utils import infer_compression
 
+from .config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
+from .errors import SeglabelError, one_line
+from .keys import UNSAFE_KEY_ERROR, hash64, is_safe_key
 from .storage import open_url
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EXTENSIONS: frozenset[str] = frozenset(
-    {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
-)
-
-UNSAFE_KEY_ERROR = "key: unsafe"
-
-# Linux (ext4, xfs, ...) and most object-store-to-disk tools cap one name at 255 bytes; a longer
-# segment could never be written as a mask file, so it is refused up front.
-_MAX_SEGMENT_BYTES = 255
+DEFAULT_EXTENSIONS: frozenset[str] = frozenset(_DEFAULT_EXTENSIONS)
 
 # Rows per Arrow batch when streaming csv / parquet manifests: bounded memory, few Python calls.
 _BATCH_ROWS = 65_536
@@ -70,31 +64,11 @@ class ImageRef:
     error: str | None = None
 
 
-class SourceError(Exception):
+class SourceError(SeglabelError):
     """The input cannot be enumerated (missing, unreachable, not a folder, bad manifest).
 
     Its message is one readable line, meant to be shown to the user as is.
     """
-
-
-def is_safe_key(key: str) -> bool:
-    """Whether ``key`` can only name a file inside the output folder, on any storage.
-
-    False for an empty key, a leading '/', a backslash or NUL anywhere, and any '/'-separated
-    segment that is empty, '.', '..' or over 255 bytes of UTF-8 (or not encodable as UTF-8:
-    undecodable local file names arrive as lone surrogates, which Parquet cannot store either).
-    """
-    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
-        return False
-    for segment in key.split("/"):
-        if segment in ("", ".", ".."):
-            return False
-        try:
-            if len(segment.encode("utf-8")) > _MAX_SEGMENT_BYTES:
-                return False
-        except UnicodeEncodeError:
-            return False
-    return True
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -106,23 +80,8 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def hash64(text: str) -> int:
-    """A 64-bit hash of a string (blake2b), to remember 10^8 keys or URIs in little memory."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
 def _ref(key: str, uri: str) -> ImageRef:
     return ImageRef(key, uri) if is_safe_key(key) else ImageRef(key, uri, UNSAFE_KEY_ERROR)
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception as one short line (botocore and pyarrow messages can span several)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
@@ -134,7 +93,7 @@ def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, 
     try:
         return open_url(url, options)
     except Exception as exc:  # unknown protocol, filesystem package not installed, bad options
-        raise SourceError(f"cannot open {url!r}: {_one_line(exc)}") from exc
+        raise SourceError(f"cannot open {url!r}: {one_line(exc)}") from exc
 
 
 def _child_prefix(directory: str) -> str:
@@ -216,9 +175,9 @@ def iter_listing(
     try:
         entries = fs.ls(root, detail=True)
     except FileNotFoundError as exc:
-        raise SourceError(f"input {input_url!r} not found: {_one_line(exc)}") from exc
+        raise SourceError(f"input {input_url!r} not found: {one_line(exc)}") from exc
     except Exception as exc:  # permissions, network, endpoint: anything that stops the listing
-        raise SourceError(f"cannot list input {input_url!r}: {_one_line(exc)}") from exc
+        raise SourceError(f"cannot list input {input_url!r}: {one_line(exc)}") from exc
 
     # ls() of a file returns that file alone (local, memory and s3fs alike): no extra request.
     # (An S3 folder marker "prefix/" alone is named with its '/', so it is not taken for a file.)
@@ -296,7 +255,7 @@ def iter_listing(
                 logger.warning("directory vanished during listing, skipped: %s", directory)
             except Exception as exc:
                 raise SourceError(
-                    f"cannot list {full_uri(fs, directory)!r}: {_one_line(exc)}"
+                    f"cannot list {full_uri(fs, directory)!r}: {one_line(exc)}"
                 ) from exc
         if entries is None:
             break
@@ -430,7 +389,7 @@ def iter_manifest(
                 fs = manifest_fs if cls is manifest_cls else fsspec.filesystem(protocol)
             except (ValueError, ImportError) as exc:
                 raise SourceError(
-                    f"manifest {manifest_url!r}: cannot read {protocol}:// URIs: {_one_line(exc)}"
+                    f"manifest {manifest_url!r}: cannot read {protocol}:// URIs: {one_line(exc)}"
                 ) from exc
             filesystems[protocol] = fs
             kinds = {type(f) for f in filesystems.values()}
@@ -469,11 +428,11 @@ def iter_manifest(
     except SourceError:
         raise
     except FileNotFoundError as exc:
-        raise SourceError(f"manifest {manifest_url!r} not found: {_one_line(exc)}") from exc
+        raise SourceError(f"manifest {manifest_url!r} not found: {one_line(exc)}") from exc
     except UnicodeDecodeError as exc:
-        raise SourceError(f"manifest {manifest_url!r} is not UTF-8 text: {_one_line(exc)}") from exc
+        raise SourceError(f"manifest {manifest_url!r} is not UTF-8 text: {one_line(exc)}") from exc
     except Exception as exc:  # pyarrow parse errors, permissions, network
-        raise SourceError(f"cannot read manifest {manifest_url!r}: {_one_line(exc)}") from exc
+        raise SourceError(f"cannot read manifest {manifest_url!r}: {one_line(exc)}") from exc
     logger.info(
         "manifest %s: %d entries, %d distinct (%d with unsafe keys), %d duplicates skipped",
         manifest_url, counts["entries"], counts["entries"] - counts["duplicates"],

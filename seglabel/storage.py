@@ -1,14 +1,28 @@
-"""Open fsspec filesystems with seglabel's defaults for flaky object stores.
+"""Storage: opening fsspec filesystems with seglabel's defaults, and writing files atomically.
 
-At 10^7 objects an object store will answer some requests with 503 SlowDown or drop a
-connection; botocore's own retry machinery (standard mode: exponential backoff with jitter,
-retrying throttling, 5xx and connection errors) handles that when given enough attempts. The
-defaults apply only where the user's storage options do not say otherwise.
+The one home for how seglabel talks to storage, shared by the sink (masks, Parquet parts,
+job.json), the exports and the bench:
+
+* :func:`open_url` opens any fsspec URL with retry defaults for flaky object stores. At 10^7
+  objects an object store will answer some requests with 503 SlowDown or drop a connection;
+  botocore's own retry machinery (standard mode: exponential backoff with jitter, retrying
+  throttling, 5xx and connection errors) handles that when given enough attempts. The defaults
+  apply only where the user's storage options do not say otherwise.
+* :func:`write_atomic` and :func:`open_atomic` make a file appear whole or not at all: on a
+  local disk under a hidden temporary name in the same folder, then renamed with
+  ``os.replace`` (which refuses to replace a folder with a file, so a write lands exactly at
+  its path or fails); on an object store as one upload, which the store publishes only once it
+  is complete.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+import os
+import posixpath
+import tempfile
+import uuid
+from typing import IO, Any, Iterator, Mapping
 
 from fsspec.core import split_protocol, url_to_fs
 
@@ -16,6 +30,9 @@ S3_PROTOCOLS = frozenset({"s3", "s3a"})
 # About a minute of backoff in all (botocore caps each wait at 20 s): enough to ride out
 # throttling and a short outage of the endpoint, short enough to report a dead one.
 S3_MAX_ATTEMPTS = 10
+# Hidden temporary files are named ".<name>.tmp-<hex>": no listing of images or parts takes them,
+# and a later run recognises (and removes) what a killed one left.
+TEMPORARY_MARK = ".tmp-"
 
 
 def with_defaults(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -31,3 +48,77 @@ def with_defaults(url: str, storage_options: Mapping[str, Any] | None = None) ->
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None):
     """``fsspec.core.url_to_fs`` with the defaults above: (filesystem, path)."""
     return url_to_fs(url, **with_defaults(url, storage_options))
+
+
+def absolute_local(url: str) -> str:
+    """A local path made absolute (``./x``, ``~/x``, ``x``, ``file://x``); other URLs as given.
+
+    The driver resolves local paths before anything reaches a worker: a Ray worker's working
+    directory is not the driver's (a notebook that changed directory, a cluster's nodes), so a
+    relative path would name another folder there.
+    """
+    protocol, path = split_protocol(url)
+    if protocol not in (None, "file", "local"):
+        return url
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def is_local(fs: Any) -> bool:
+    """Whether ``fs`` is the local disk (where files are renamed into place)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols or "local" in protocols
+
+
+def is_temporary(path: str) -> bool:
+    """Whether ``path`` names a temporary file of :func:`open_atomic`."""
+    name = posixpath.basename(path.rstrip("/"))
+    return name.startswith(".") and TEMPORARY_MARK in name
+
+
+@contextlib.contextmanager
+def open_atomic(fs: Any, path: str) -> Iterator[IO[bytes]]:
+    """A binary file to write that appears at ``path`` (a path of ``fs``) whole, or not at all.
+
+    Local: written under a hidden temporary name beside ``path`` and renamed with
+    ``os.replace``; renaming onto an existing folder fails (IsADirectoryError) instead of moving
+    the file into it. Elsewhere: written to a local temporary file and uploaded in one go, so a
+    failed write never leaves half a file.
+    """
+    if is_local(fs):
+        parent, name = os.path.split(path)
+        os.makedirs(parent or ".", exist_ok=True)
+        tmp = os.path.join(parent, f".{name}{TEMPORARY_MARK}{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+    else:
+        suffix = posixpath.splitext(path)[1]
+        with tempfile.NamedTemporaryFile(prefix="seglabel-", suffix=suffix) as f:
+            yield f
+            f.flush()
+            fs.put_file(f.name, path)
+
+
+def write_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that the file only ever becomes visible whole."""
+    if is_local(fs):
+        with open_atomic(fs, path) as f:
+            f.write(data)
+    else:
+        # A single PUT: object stores publish an object only once it is complete.
+        fs.pipe_file(path, data)
+
+
+__all__ = [
+    "absolute_local",
+    "is_local",
+    "is_temporary",
+    "open_atomic",
+    "open_url",
+    "with_defaults",
+    "write_atomic",
+]

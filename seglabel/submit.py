@@ -4,24 +4,32 @@
     seglabel status|logs|stop --address http://HEAD:8265 SUBMISSION_ID
 
 The job's settings travel in the runtime_env (an environment variable holding the YAML spec),
-so the cluster needs nothing but the installed package; ``--working-dir`` ships a folder too
-(e.g. a checkout with ``jobs/``) and ``--pip`` extra requirements. The entrypoint is
+so the cluster needs nothing but the installed package; ``working_dir`` ships a folder too
+(e.g. a checkout with ``jobs/``) and ``pip`` extra requirements. The entrypoint is
 ``seglabel.jobs_entry``, the same code path as ``seglabel run``. The driver asks for no GPU.
+
+Token authentication: a Ray 2.60 head started where a token exists (``ray start --head`` after
+any local ``ray.init``, or with ``RAY_AUTH_MODE=token``) answers 401 to a client that sends
+none, and Ray's own client sends one only when ``RAY_AUTH_MODE=token`` is set where it runs.
+When the head asks for a token, seglabel looks where Ray keeps one (``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) and sends it; with none, the error says how to
+provide it. A token is only ever sent to a head that asked for one.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .config import ConfigError, JobConfig
+from .errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +38,69 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SUBMIT_RETRY_S = 120
 # Storage-option names that carry secrets: a spec travels to the cluster in the clear, so
 # credentials must come from the platform (IRSA, workload identity, instance profiles).
-SECRET_OPTIONS = ("key", "secret", "token", "password", "session_token", "access_key", "secret_key", "credentials")
+SECRET_OPTIONS = (
+    "key",
+    "secret",
+    "token",
+    "password",
+    "session_token",
+    "access_key",
+    "secret_key",
+    "credentials",
+)
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".carry"]
+TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it, or copy the "
+    "head's ~/.ray/auth_token to this machine (`ray get-auth-token` on the head prints it)"
+)
 
 
-def _client(address: str):
+def find_token() -> tuple[str, str] | None:
+    """The Ray authentication token where Ray's own tools look for it, and where it was found:
+    ``RAY_AUTH_TOKEN``, then the file ``RAY_AUTH_TOKEN_PATH`` names, then ``~/.ray/auth_token``."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token, "RAY_AUTH_TOKEN"
+    candidates = []
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        candidates.append(("RAY_AUTH_TOKEN_PATH", Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()))
+    candidates.append(("~/.ray/auth_token", Path.home() / ".ray" / "auth_token"))
+    for source, path in candidates:
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            continue
+        if token:
+            return token, f"{source} ({path})"
+    return None
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return type(exc).__name__ == "AuthenticationError" or "401" in text or "Authentication required" in text
+
+
+def client(address: str):
+    """A Jobs API client for ``address``, with the cluster's token when the head asks for one."""
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
-    except Exception as exc:  # connection refused, not a dashboard, bad URL
-        raise ConfigError(f"cannot reach the Ray Jobs API at {address}: {' '.join(str(exc).split())[:300]}") from exc
+    except Exception as exc:  # connection refused, not a dashboard, bad URL, a token required
+        if not _is_auth_error(exc):
+            raise ConfigError(f"cannot reach the Ray Jobs API at {address}: {one_line(exc)}") from exc
+    found = find_token()
+    if found is None:
+        raise ConfigError(f"the Ray cluster at {address} requires an authentication token: {TOKEN_HELP}")
+    token, source = found
+    try:
+        return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+    except Exception as exc:
+        if _is_auth_error(exc) or "403" in str(exc) or "Authentication failed" in str(exc):
+            raise ConfigError(
+                f"the Ray cluster at {address} refused the token from {source}: {TOKEN_HELP}"
+            ) from exc
+        raise ConfigError(f"cannot reach the Ray Jobs API at {address}: {one_line(exc)}") from exc
 
 
 def _check_no_secrets(values: dict[str, Any]) -> None:
@@ -75,13 +135,14 @@ def submit(
         runtime_env["pip"] = list(pip)
     # A shipped checkout runs its own jobs/ script (which calls the installed package); without
     # one the cluster's installed package alone runs the job.
-    script = "jobs/run_job.py" if working_dir and os.path.isfile(os.path.join(working_dir, "jobs", "run_job.py")) else None
-    entrypoint = f"python {script if script else '-m seglabel.jobs_entry'} --config env:{SPEC_ENV}"
-    client = _client(address)
+    shipped = working_dir and os.path.isfile(os.path.join(working_dir, "jobs", "run_job.py"))
+    script = "jobs/run_job.py" if shipped else "-m seglabel.jobs_entry"
+    entrypoint = f"python {script} --config env:{SPEC_ENV}"
+    jobs = client(address)
     deadline = time.monotonic() + SUBMIT_RETRY_S
     while True:
         try:
-            return client.submit_job(
+            return jobs.submit_job(
                 entrypoint=entrypoint,
                 runtime_env=runtime_env,
                 submission_id=submission_id,
@@ -99,93 +160,50 @@ def submit(
             time.sleep(2)
 
 
-async def _follow(client, submission_id: str) -> None:
-    async for lines in client.tail_job_logs(submission_id):
+async def _follow(jobs, submission_id: str) -> None:
+    async for lines in jobs.tail_job_logs(submission_id):
         sys.stdout.write(lines)
         sys.stdout.flush()
 
 
+def _status_value(info) -> str:
+    return str(getattr(info.status, "value", info.status))
+
+
 def wait(address: str, submission_id: str, follow: bool = True, poll_s: float = 1.0) -> tuple[str, str]:
-    """Wait until the job ends (printing its logs when ``follow``); returns (status, message)."""
-    client = _client(address)
+    """Wait until the job ends (printing its logs to stdout when ``follow``); returns
+    (status, message)."""
+    jobs = client(address)
     if follow:
-        asyncio.run(_follow(client, submission_id))
+        asyncio.run(_follow(jobs, submission_id))
     while True:
-        info = client.get_job_info(submission_id)
-        status = str(getattr(info.status, "value", info.status))
+        info = jobs.get_job_info(submission_id)
+        status = _status_value(info)
         if status in TERMINAL:
             return status, info.message or ""
         time.sleep(poll_s)
 
 
-def _last_error_line(text: str) -> str:
+def status(address: str, submission_id: str) -> tuple[str, str]:
+    """A submitted job's status and message."""
+    info = client(address).get_job_info(submission_id)
+    return _status_value(info), info.message or ""
+
+
+def logs(address: str, submission_id: str) -> str:
+    """A submitted job's logs so far."""
+    return client(address).get_job_logs(submission_id)
+
+
+def stop(address: str, submission_id: str) -> bool:
+    """Ask a submitted job to stop; False when it was not running."""
+    return client(address).stop_job(submission_id)
+
+
+def last_error_line(text: str) -> str:
+    """The last ``seglabel: …`` line of a job's logs: why it failed, in one line."""
     lines = [line for line in text.strip().splitlines() if line.startswith("seglabel: ")]
     return lines[-1] if lines else ""
 
 
-# -- CLI ----------------------------------------------------------------------------------------
-
-
-def add_parsers(sub, run_parser_for, common) -> None:
-    """Add ``submit``, ``status``, ``logs`` and ``stop`` to the CLI."""
-    p = sub.add_parser(
-        "submit", parents=[common()],
-        help="submit a labeling job to a Ray cluster through the Ray Jobs API",
-        description="Submit `seglabel run` with these settings to a Ray cluster (the job flags of `seglabel run` apply).",
-        argument_default=argparse.SUPPRESS,
-    )
-    run_parser_for(p, with_address=False)
-    p.add_argument("--address", required=True, help="the Jobs API URL of the head's dashboard, e.g. http://HEAD:8265")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--wait", dest="wait", action="store_true", help="follow the logs and exit with the job's status (default)")
-    mode.add_argument("--no-wait", dest="wait", action="store_false", help="print the submission id and return")
-    p.add_argument("--working-dir", help="a local folder to ship with the job (e.g. a checkout with jobs/)")
-    p.add_argument("--pip", action="append", metavar="REQUIREMENT", help="an extra pip requirement on the cluster; repeatable")
-    p.add_argument("--submission-id", help="choose the submission id (default: Ray picks one)")
-    p.set_defaults(handler=_submit_main)
-    for name, helptext in (("status", "a submitted job's status"), ("logs", "a submitted job's logs"), ("stop", "stop a submitted job")):
-        q = sub.add_parser(name, parents=[common()], help=helptext)
-        q.add_argument("submission_id", metavar="SUBMISSION_ID")
-        q.add_argument("--address", required=True, help="the Jobs API URL, e.g. http://HEAD:8265")
-        q.set_defaults(handler=globals()[f"_{name}_main"])
-
-
-def _submit_main(args: argparse.Namespace) -> int:
-    from .cli import job_values
-
-    extra = {k: getattr(args, k) for k in ("address", "wait", "working_dir", "pip", "submission_id") if hasattr(args, k)}
-    for k in extra:
-        delattr(args, k)
-    values = job_values(args)
-    submission_id = submit(
-        extra["address"], values, working_dir=extra.get("working_dir"), pip=extra.get("pip"),
-        submission_id=extra.get("submission_id"),
-    )
-    print(submission_id, flush=True)
-    if not extra.get("wait", True):
-        return 0
-    status, message = wait(extra["address"], submission_id)
-    if status == "SUCCEEDED":
-        print(f"job {submission_id} SUCCEEDED")
-        return 0
-    reason = _last_error_line(_client(extra["address"]).get_job_logs(submission_id)) or " ".join(message.split())[:300]
-    print(f"seglabel: job {submission_id} {status}: {reason}", file=sys.stderr)
-    return 1
-
-
-def _status_main(args: argparse.Namespace) -> int:
-    info = _client(args.address).get_job_info(args.submission_id)
-    status = str(getattr(info.status, "value", info.status))
-    print(status if not info.message else f"{status}: {' '.join(info.message.split())[:300]}")
-    return 0
-
-
-def _logs_main(args: argparse.Namespace) -> int:
-    sys.stdout.write(_client(args.address).get_job_logs(args.submission_id))
-    return 0
-
-
-def _stop_main(args: argparse.Namespace) -> int:
-    stopped = _client(args.address).stop_job(args.submission_id)
-    print(f"stop requested for {args.submission_id}" if stopped else f"{args.submission_id} was not running")
-    return 0
+__all__ = ["client", "find_token", "last_error_line", "logs", "status", "stop", "submit", "wait"]

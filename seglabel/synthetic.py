@@ -37,7 +37,12 @@ ARCHITECTURES: dict[str, dict] = {
         "model": {"num_queries": 100},
     },
     "swin-l": {
-        "backbone": {"embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48], "window_size": 12},
+        "backbone": {
+            "embed_dim": 192,
+            "depths": [2, 2, 18, 2],
+            "num_heads": [6, 12, 24, 48],
+            "window_size": 12,
+        },
         "model": {"num_queries": 200},
     },
 }

@@ -1,0 +1,276 @@
+"""Random-weight checkpoints that behave like trained ones, for benchmarks.
+
+No weights can be downloaded where seglabel is built and measured, and random weights give no
+segments at all (post-processing would look free), so the bench builds a checkpoint of the
+chosen architecture (``seglabel.synthetic``) and calibrates it on the bench's first photos to
+carry a realistic number of realistic masks per image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..config import ConfigError, EngineConfig
+
+
+def bench_labels(task: str) -> dict[int, str]:
+    """A realistic label set per task: COCO's 80 things (instance), COCO panoptic's 133
+    (panoptic; stuff is fused), ADE20K's 150 (semantic)."""
+    from ..labels import LABEL_SETS
+
+    table = {"instance": LABEL_SETS["coco-panoptic"][:80], "panoptic": LABEL_SETS["coco-panoptic"],
+             "semantic": LABEL_SETS["ade20k"]}[task]
+    return {i: name for i, (name, _) in enumerate(table)}
+
+
+def _postprocessor(task: str, id2label: Mapping[int, str], engine: EngineConfig):
+    from ..labels import thing_ids
+    from ..postprocess import Postprocessor, PostprocessSpec
+
+    things = thing_ids(id2label)
+    fuse = (
+        frozenset(set(id2label) - set(things)) if task == "panoptic" and things is not None else frozenset()
+    )
+    spec = PostprocessSpec(
+        task=task,
+        score_threshold=engine.score_threshold,
+        mask_threshold=engine.mask_threshold,
+        overlap_threshold=engine.overlap_threshold,
+        fuse_label_ids=fuse,
+    )
+    return Postprocessor(spec, len(id2label))
+
+
+# Calibration of random models: share of the image each mask covers, and the spread of mask
+# and label logits (large enough that masks are sharp and each query is sure of its label).
+MASK_COVERAGE = 0.04
+MASK_LOGIT_STD = 8.0
+CLASS_LOGIT_STD = 10.0
+CROSS_ATTENTION_SCALE = 0.03
+
+
+def _mask_head(model: Any) -> Any:
+    """The last Linear of the mask embedder (shared by every decoder layer)."""
+    import torch
+
+    embedder = model.model.transformer_module.decoder.mask_predictor.mask_embedder
+    return [m for m in embedder.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def calibrate_random_model(
+    model: Any,
+    processor: Any,
+    images: Sequence[np.ndarray],
+    task: str,
+    id2label: Mapping[int, str],
+    *,
+    target: float,
+    coverage: float = MASK_COVERAGE,
+    engine: EngineConfig = EngineConfig(),
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Give a random-weight model realistic masks and about ``target`` segments per image, as
+    ``engine``'s thresholds and resolution count them.
+
+    A random mask head makes every query's mask cover most of the image (the pixel embeddings
+    share one large mean direction), so instances all overlap and panoptic merging keeps almost
+    none. Four edits of the weights, measured on ``images``:
+
+    0. queries: the decoder's cross-attention outputs are damped so that queries stay distinct
+       (else every query of an image shares its label, mask and score);
+    1. masks: the pixel embeddings' mean direction becomes a constant channel, which the mask
+       head reads only as an offset, set so that each mask covers about ``coverage`` of the
+       image (a few rounds, since the decoder's masked attention reads its own masks); the
+       mask logits are then scaled to be sharp (their sign, hence the attention masks, kept);
+    2. labels: each label's logit is centred over the queries, so that queries pick different
+       labels (else one label wins every query), and scaled so that each query is sure of its
+       label;
+    3. segments: the no-object logit is shifted so that seglabel's post-processing at the given
+       thresholds keeps about ``target`` segments per image. Each candidate shift re-runs only
+       the post-processing on stored outputs (nothing else reads that logit); candidates are
+       quantiles of the per-query margin between the best label and no-object.
+
+    Returns what was done and measured.
+    """
+    import torch
+
+    from ..preprocess import PreprocessSpec, preprocess, to_device
+
+    spec = PreprocessSpec.from_processor(processor, engine.resolution)
+    post = _postprocessor(task, id2label, engine)
+    dev = torch.device(device)
+    model.to(dev)
+    batches = []
+    for image in images:
+        size = spec.input_size(*image.shape[:2])
+        batches.append(
+            (preprocess([to_device(image, dev)], spec, size, torch.float32), image.shape[:2], size)
+        )
+
+    def forward() -> list:
+        with torch.inference_mode():
+            return [(model(pixel_values=pixels), original, size) for pixels, original, size in batches]
+
+    head = _mask_head(model)
+    info: dict[str, Any] = {
+        "calibration_images": len(batches),
+        "cross_attention_scale": CROSS_ATTENTION_SCALE,
+    }
+    # 0. queries: with random weights every query's cross-attention returns about the same
+    # image average, which swamps what tells one query from another (for swin-s, 99% of the
+    # variance of the heads' input is per image), so all queries of an image would share one
+    # label, one mask and one score. Damping the cross-attention outputs lets each query keep
+    # its identity while the image still shapes it (and the masks read the image directly).
+    with torch.no_grad():
+        for layer in model.model.transformer_module.decoder.layers:
+            layer.cross_attn.out_proj.weight.mul_(CROSS_ATTENTION_SCALE)
+            layer.cross_attn.out_proj.bias.mul_(CROSS_ATTENTION_SCALE)
+    outputs = forward()
+    info["mask_coverage_as_built"] = float(
+        np.mean([(o.masks_queries_logits > 0).float().mean().item() for o, _, _ in outputs])
+    )
+    if coverage:
+        # The pixel embeddings share one large mean direction, so every mask covers all or
+        # nothing of an image. Turn that direction into a constant channel (the pixel decoder's
+        # mask projection: its weights lose it, its bias carries a constant 1 along it), and
+        # let the mask head read only the rest, plus a bias along the constant channel: an
+        # offset that is the same for every pixel of every image.
+        features = [o.pixel_decoder_last_hidden_state.float() for o, _, _ in outputs]
+        mean = torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0)
+        unit = mean / mean.norm().clamp_min(1e-12)
+        projection = model.model.pixel_level_module.decoder.mask_projection
+        with torch.no_grad():
+            project = torch.eye(len(unit), device=unit.device) - torch.outer(unit, unit)
+            weight = projection.weight.view(projection.weight.shape[0], -1)
+            weight.copy_(project.to(weight.dtype) @ weight)
+            projection.bias.copy_(
+                project.to(projection.bias.dtype) @ projection.bias + unit.to(projection.bias.dtype)
+            )
+            head.weight.copy_(project.to(head.weight.dtype) @ head.weight)
+            head.bias.copy_(project.to(head.bias.dtype) @ head.bias)
+            for _ in range(4):
+                outputs = forward()
+                logits = torch.cat([o.masks_queries_logits.float().flatten() for o, _, _ in outputs])
+                sample = logits[:: max(1, len(logits) // 2_000_000)]
+                now = float((sample > 0).float().mean())
+                if abs(now - coverage) <= 0.15 * coverage:
+                    break
+                head.bias.sub_(float(torch.quantile(sample, 1.0 - coverage)) * unit.to(head.bias.dtype))
+            outputs = forward()
+            logits = torch.cat([o.masks_queries_logits.float().flatten() for o, _, _ in outputs])
+            sharpen = MASK_LOGIT_STD / float(logits.std().clamp_min(1e-6))
+            head.weight.mul_(sharpen)
+            head.bias.mul_(sharpen)
+        outputs = forward()
+        info["mask_coverage"] = float(
+            np.mean([(o.masks_queries_logits > 0).float().mean().item() for o, _, _ in outputs])
+        )
+    stored = [(o.class_queries_logits.float().clone(), o.masks_queries_logits.float(), original, size)
+              for o, original, size in outputs]
+    # 2. labels: queries share one large hidden-state direction too, so one label would win
+    # every query (a semantic map of one label). Centre each label's logit over the queries.
+    # Then scale the label logits so that each query is sure of its label.
+    with torch.inference_mode():
+        label_logits = torch.cat([c[..., :-1].flatten(0, 1) for c, _, _, _ in stored])
+        label_mean = label_logits.mean(0)
+        sharpen = CLASS_LOGIT_STD / float((label_logits - label_mean).std().clamp_min(1e-6))
+        for c, _, _, _ in stored:
+            c[..., :-1] = (c[..., :-1] - label_mean) * sharpen
+    with torch.no_grad():
+        head = model.class_predictor
+        head.bias[:-1] = (head.bias[:-1] - label_mean.clone().to(head.bias.dtype)) * sharpen
+        head.weight[:-1] *= sharpen
+    info["distinct_labels_per_image"] = float(
+        np.mean([len(set(c[0, :, :-1].argmax(-1).tolist())) for c, _, _, _ in stored])
+    )
+
+    def segments_per_image(shift: float) -> float:
+        # Counted at the mask logits' own resolution (a quarter of the input's side): about
+        # the counts at full size, for a sixteenth of the work.
+        total = 0
+        for class_logits, mask_logits, _, _ in stored:
+            shifted = class_logits.clone()
+            shifted[..., -1] += shift
+            low = tuple(mask_logits.shape[-2:])
+            total += sum(len(r.ids) for r in post(shifted, mask_logits, [low], low))
+        return total / max(1, len(stored))
+
+    if target:
+        with torch.inference_mode():
+            margins = torch.cat(
+                [(c[..., :-1].amax(-1) - c[..., -1]).flatten() for c, _, _, _ in stored]
+            ).cpu()
+            quantiles = torch.quantile(margins.double(), torch.linspace(0, 1, 26, dtype=torch.float64))
+            # Just below a quantile keeps that share of the queries as objects; 0 is "as built".
+            candidates = sorted({0.0, float(margins.min()) - 1.0, *(float(q) - 1e-3 for q in quantiles)})
+            tried = [(shift, segments_per_image(shift)) for shift in candidates]
+        shift, found = min(tried, key=lambda t: (abs(t[1] - target), abs(t[0])))
+        with torch.no_grad():
+            model.class_predictor.bias[-1] += shift
+        info.update(
+            no_object_shift=round(shift, 4),
+            target_segments_per_image=target,
+            segments_per_image=found,
+            segments_per_image_unshifted=dict(tried).get(0.0),
+            max_segments_per_image=max(c for _, c in tried),
+        )
+    else:
+        with torch.inference_mode():
+            info["segments_per_image"] = segments_per_image(0.0)
+    model.to("cpu")
+    return info
+
+
+def build_checkpoint(
+    path: str | Path,
+    arch: str,
+    task: str,
+    *,
+    calibration_images: Sequence[np.ndarray] = (),
+    target_segments: float = 20,
+    coverage: float = MASK_COVERAGE,
+    input_size: tuple[int, int] | None = None,
+    engine: EngineConfig = EngineConfig(),
+    device: str = "cpu",
+    seed: int = 0,
+) -> tuple[Path, dict]:
+    """A random-weight, confident checkpoint of ``arch`` for ``task`` (its preprocessor resizes
+    to ``input_size``), calibrated on ``calibration_images`` to carry about ``target_segments``
+    per image with masks covering about ``coverage`` of the image each (0: as built)."""
+    from ..checkpoint import processor_class
+    from ..synthetic import ARCHITECTURES, build_random_model, preprocessor_config
+
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    id2label = bench_labels(task)
+    started = time.perf_counter()
+    model = build_random_model(arch, id2label, confident=True, seed=seed)
+    size = {"height": input_size[0], "width": input_size[1]} if input_size else None
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(size), indent=2))
+    info: dict[str, Any] = {
+        "arch": arch,
+        "task": task,
+        "num_queries": int(model.config.num_queries),
+        "num_labels": len(id2label),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+    }
+    if (target_segments or coverage) and calibration_images:
+        processor = processor_class().from_pretrained(path)
+        info["calibration"] = calibrate_random_model(
+            model, processor, calibration_images, task, id2label, target=target_segments, coverage=coverage,
+            engine=engine, device=device,
+        )
+    model.save_pretrained(path)
+    info["build_s"] = round(time.perf_counter() - started, 2)
+    del model
+    return path, info
+
+
+__all__ = ["bench_labels", "build_checkpoint", "calibrate_random_model"]

@@ -1,0 +1,179 @@
+"""What the commands share: the parser class, argument types, the job's flags, logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import yaml
+
+from ..config import JobConfig, load_spec
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` as a storage option; the value is read as a YAML scalar, so that
+    ``anon=true`` and a port number arrive typed."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value) if value else ""
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def common() -> argparse.ArgumentParser:
+    """The flags every command takes (as a parent parser)."""
+    parent = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    parent.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    return parent
+
+
+def add_job_flags(p: argparse.ArgumentParser, with_address: bool = True) -> None:
+    """The job's flags (shared by ``run`` and ``submit``); only the flags given are set."""
+    io = p.add_argument_group("input and output")
+    io.add_argument("--config", metavar="SPEC.yaml", help="a YAML job spec; flags given here override it")
+    io.add_argument(
+        "--input", metavar="URL", help="folder or prefix to list recursively (local path, s3://, gs://, …)"
+    )
+    io.add_argument(
+        "--manifest", metavar="URL", help="txt/csv/parquet list of image URIs, instead of --input"
+    )
+    io.add_argument("--output", metavar="URL", help="where masks/, metadata/, job.json and _SUCCESS go")
+    io.add_argument("--extensions", metavar="LIST",
+                    help="image extensions to list (default: jpg,jpeg,png,webp,bmp,gif,tif,tiff)")
+    io.add_argument(
+        "--input-option",
+        dest="input_storage_options",
+        metavar="KEY=VALUE",
+        type=key_value,
+        action="append",
+        help="fsspec storage option for the input (e.g. endpoint_url=…, anon=true); repeatable",
+    )
+    io.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=key_value,
+                    action="append", help="fsspec storage option for the output; repeatable")
+    io.add_argument("--limit", type=int, metavar="N", help="label only the first N images not yet done")
+    io.add_argument("--dry-run", action="store_true",
+                    help="list and count (and what is already done) without running the model")
+    io.add_argument("--rows-per-part", type=int, metavar="N", help="rows per Parquet part (default 10000)")
+    io.add_argument(
+        "--max-pixels", type=int, metavar="N", help="refuse images with more pixels (decompression bombs)"
+    )
+    io.add_argument(
+        "--overwrite", action="store_true", help="delete the output's previous results and start again"
+    )
+    io.add_argument(
+        "--retry-errors", action="store_true", help="also re-process images whose rows are errors"
+    )
+    io.add_argument(
+        "--max-errors",
+        dest="max_errors",
+        type=float,
+        metavar="N|F",
+        help="stop when more than N images (or a fraction F < 1 of those seen) fail; default never",
+    )
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", metavar="ID_OR_PATH", help="Hub id, local directory or checkpoint URL "
+                       "(default facebook/mask2former-swin-small-coco-instance)")
+    model.add_argument("--revision", help="pin a Hub revision (branch, tag or commit)")
+    model.add_argument(
+        "--task", choices=("instance", "semantic", "panoptic"), help="default: from the checkpoint's name"
+    )
+    model.add_argument("--batch-size", dest="batch_size", type=int, metavar="N")
+    model.add_argument(
+        "--resolution", metavar="HxW|S|S:L", help="model input size, e.g. 384x384 or 800 (shortest edge)"
+    )
+    model.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 on CUDA, fp32 on CPU")
+    model.add_argument("--score-threshold", dest="score_threshold", type=float, metavar="S")
+    model.add_argument("--mask-threshold", dest="mask_threshold", type=float, metavar="S")
+    model.add_argument("--overlap-threshold", dest="overlap_threshold", type=float, metavar="S")
+    model.add_argument(
+        "--hf-compat", dest="compat", action="store_true", help="reproduce HF's post-processing exactly"
+    )
+    model.add_argument(
+        "--thing-labels", dest="thing_labels", metavar="LIST", help="panoptic: labels that are things"
+    )
+    model.add_argument(
+        "--labels", metavar="LIST", help="keep only these labels (names or ids, comma-separated)"
+    )
+    model.add_argument(
+        "--min-area", dest="min_area", type=int, metavar="PX", help="drop segments smaller than this"
+    )
+    model.add_argument("--max-instances", dest="max_instances", type=int, metavar="N",
+                       help="keep at most N segments per image")
+
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument("--num-gpus", dest="num_gpus", type=int, metavar="N",
+                         help="GPUs (= Segmenter actors) to use; default all")
+    if with_address:
+        cluster.add_argument(
+            "--address", help="Ray cluster address (as ray.init takes it); default RAY_ADDRESS or a local Ray"
+        )
+
+
+# The flags of add_job_flags that are not job settings.
+_NOT_JOB_SETTINGS = ("command", "log_level", "config", "handler")
+
+
+def job_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's settings by name: the spec file's, overridden by the flags given."""
+    values: dict[str, Any] = {}
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_JOB_SETTINGS}
+    if getattr(args, "config", None):
+        values.update(load_spec(args.config))
+    for name in ("input_storage_options", "output_storage_options"):
+        if name in flags:
+            values[name] = {**(values.get(name) or {}), **dict(flags.pop(name))}
+    values.update(flags)
+    return values
+
+
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """The job's validated config from a spec file and flags."""
+    return JobConfig.from_mapping(job_values(args))
+
+
+def setup_logging(level: str) -> None:
+    """seglabel's loggers at ``level``, other libraries' at WARNING and above, on stderr."""
+    # force: main() may run several times in one process (tests, notebooks), each with that
+    # moment's stderr.
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.getLogger("seglabel").setLevel(getattr(logging, level.upper()))
+
+
+__all__ = [
+    "LOG_LEVELS",
+    "Parser",
+    "add_job_flags",
+    "common",
+    "job_config",
+    "job_values",
+    "key_value",
+    "positive_int",
+    "setup_logging",
+]

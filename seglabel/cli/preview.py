@@ -1,0 +1,46 @@
+"""``seglabel preview``: overlays of an output's first images and a page to look at them."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..preview import INDEX_FILE, preview
+from .common import common, key_value
+
+
+def add_parsers(sub) -> None:
+    """Add ``seglabel preview``."""
+    p = sub.add_parser(
+        "preview",
+        parents=[common()],
+        help="overlay PNGs of the first images of an output and an index.html to look at them",
+        description="Blend the masks of the first N ok images over their photos and write an index.html.",
+    )
+    p.add_argument("output", metavar="OUTPUT", help="a job's output URL")
+    p.add_argument("--to", required=True, metavar="DIR", help="folder for overlays/ and index.html")
+    p.add_argument("--n", type=int, default=50, metavar="N", help="how many images (default 50)")
+    p.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=key_value,
+                   action="append", default=[], help="fsspec storage option for OUTPUT; repeatable")
+    p.add_argument(
+        "--input-option",
+        dest="input_storage_options",
+        metavar="KEY=VALUE",
+        type=key_value,
+        action="append",
+        default=None,
+        help="fsspec storage option for reading the images; repeatable",
+    )
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Write the overlays and the index, and say where to look."""
+    paths = preview(
+        args.output,
+        args.to,
+        n=args.n,
+        storage_options=dict(args.output_storage_options),
+        image_storage_options=dict(args.input_storage_options) if args.input_storage_options else None,
+    )
+    print(f"wrote {len(paths)} overlays; open {args.to.rstrip('/')}/{INDEX_FILE}")
+    return 0
