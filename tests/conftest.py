@@ -1,9 +1,10 @@
-"""Shared fixtures: loopback-only Ray and S3, offline Hugging Face, tiny random checkpoints."""
+"""Shared fixtures: loopback-only Ray and S3, offline Hugging Face, tiny random checkpoints, and
+a check that the suite leaves the repository as it found it."""
 
 from __future__ import annotations
 
 import os
-import socket
+import subprocess
 
 # Set before anything imports ray, boto3 or huggingface_hub: keep Ray on 127.0.0.1 (see
 # ../shared/ENVIRONMENT.md), never reach a real AWS endpoint, never download from the Hub.
@@ -19,13 +20,45 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
 
+from helpers import ROOT, free_port, ray_head, write_token  # noqa: E402
+
 TINY_LABELS = {i: f"label{i}" for i in range(5)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# -- the repository stays clean ------------------------------------------------------------------
+
+
+def _repo_status() -> set[str] | None:
+    """``git status --porcelain`` of the checkout, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(out.splitlines())
+
+
+def pytest_sessionstart(session):
+    session.config._repo_status_before = _repo_status()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when a test wrote into the repository (an output resolved against the wrong
+    working directory lands there: workers do not share the driver's)."""
+    before = getattr(session.config, "_repo_status_before", None)
+    after = _repo_status()
+    if before is None or after is None:
+        return
+    new = sorted(after - before)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "the tests wrote into the repository:\n  " + "\n  ".join(new[:20])
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# -- S3 -----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +97,41 @@ def s3_bucket(s3_endpoint, request):
         for obj in page.get("Contents", []):
             client.delete_object(Bucket=name, Key=obj["Key"])
     client.delete_bucket(Bucket=name)
+
+
+# -- Ray ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_endpoint):
+    """One embedded local Ray for a module's tests (a job uses it instead of starting its own).
+
+    ``address="local"``: a new Ray of this process, never some other Ray running on the
+    machine. Started after the S3 endpoint, so that its workers inherit AWS_ENDPOINT_URL_S3.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def head(s3_endpoint, tmp_path_factory):
+    """A Ray head with the Jobs API on loopback (helpers.Head), started as Ray 2.60 starts one by
+    default on a machine that has a token: with token authentication on; its token is in
+    ``head.home``/.ray/auth_token."""
+    import ray
+
+    ray.shutdown()  # nothing of this process may hold another Ray
+    home = tmp_path_factory.mktemp("ray-home")
+    write_token(home)
+    with ray_head(home) as started:
+        yield started
+
+
+# -- checkpoints --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,18 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-CONTRACT_COLUMNS = ["key", "image_uri", "status", "error", "width", "height", "mask_uri", "task", "model", "segments"]
+CONTRACT_COLUMNS = [
+    "key",
+    "image_uri",
+    "status",
+    "error",
+    "width",
+    "height",
+    "mask_uri",
+    "task",
+    "model",
+    "segments",
+]
 
 
 def read_rows(output: str) -> list[dict]:
@@ -49,7 +60,9 @@ def check_output(output: str, task: str, expected: dict[str, object]) -> dict[st
     rows = read_rows(output)
     keys = [r["key"] for r in rows]
     assert len(keys) == len(set(keys)), "an image appears more than once"
-    assert set(keys) == set(expected), f"missing {set(expected) - set(keys)}, extra {set(keys) - set(expected)}"
+    assert set(keys) == set(expected), (
+        f"missing {set(expected) - set(keys)}, extra {set(keys) - set(expected)}"
+    )
     by_key = {r["key"]: r for r in rows}
     fs, root = fsspec.core.url_to_fs(output)
     for key, want in expected.items():

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import re
 
 import pytest
 import yaml
 
-from seglabel.bench import DEFAULTS, bench_images, compile_support, main, memory_report, parse_size, report, run_bench
-from seglabel.config import ConfigError
+from helpers import ROOT
+from seglabel.bench import BenchConfig, bench_images, memory_report, parse_size, report, run_bench
+from seglabel.cli import main
+from seglabel.config import ConfigError, EngineConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("instance", "semantic", "panoptic")
 
 
@@ -27,7 +28,17 @@ def without_pipeline(tmp_path_factory):
     out = {}
     for task in TASKS:
         path = tmp_path_factory.mktemp("bench") / f"{task}.json"
-        result = run_bench(arch="tiny", task=task, images=3, batch_size=2, skip_pipeline=True, json_path=str(path))
+        config = BenchConfig.from_mapping(
+            {
+                "arch": "tiny",
+                "task": task,
+                "images": 3,
+                "batch_size": 2,
+                "skip_pipeline": True,
+                "json": str(path),
+            }
+        )
+        result = run_bench(config)
         out[task] = (result, json.loads(path.read_text()))
     return out
 
@@ -69,7 +80,6 @@ def test_environment_checkpoint_and_report(without_pipeline):
     assert ck["arch"] == "tiny" and ck["num_queries"] == 10 and ck["num_labels"] == 80
     assert 0 < ck["calibration"]["mask_coverage"] < 0.5
     assert written["images"] == {**written["images"], "count": 3, "size": "384x384"}
-    assert written["compile"]["requested"] is False
     assert written["hf_loop"]["gpu_util"]["available"] is False
     # The CPU goal for the tiny model is judged (met or not), never asserted.
     assert any("3x" in g["goal"] for g in written["goals"])
@@ -79,7 +89,8 @@ def test_environment_checkpoint_and_report(without_pipeline):
 
 def test_pipeline_on_a_handful_of_images(tmp_path):
     path = tmp_path / "bench.json"
-    result = run_bench(arch="tiny", task="instance", images=6, batch_size=2, json_path=str(path))
+    result = run_bench(BenchConfig.from_mapping(
+        {"arch": "tiny", "task": "instance", "images": 6, "batch_size": 2, "json": str(path)}))
     written = json.loads(path.read_text())
     c = written["pipeline"]
     assert c["images"] == 6 and c["ok"] == 6 and c["errors"] == 0
@@ -95,42 +106,49 @@ def test_pipeline_on_a_handful_of_images(tmp_path):
 
 def test_cli_json(tmp_path, capsys):
     path = tmp_path / "cli.json"
-    code = main(["--images", "2", "--batch-size", "2", "--skip-pipeline", "--skip-hf",
+    code = main(["bench", "--images", "2", "--batch-size", "2", "--skip-pipeline", "--skip-hf",
                  "--target-segments", "0", "--json", str(path)])
     assert code == 0
     written = json.loads(path.read_text())
     assert "hf_loop" not in written and written["segmenter"]["images"] == 2
-    assert written["compile"]["requested"] is False and written["compile"]["applied"] is False
     assert "skipped" in capsys.readouterr().out
-
-
-def test_compile_is_not_faked(tmp_path, capsys):
-    if compile_support()["supported"]:
-        pytest.skip("the Segmenter supports torch.compile: compiling takes minutes, not for a unit test")
-    path = tmp_path / "compile.json"
-    assert main(["--images", "2", "--batch-size", "2", "--skip-pipeline", "--skip-hf", "--compile",
-                 "--target-segments", "0", "--json", str(path)]) == 0
-    written = json.loads(path.read_text())
-    assert written["compile"]["requested"] is True and written["compile"]["applied"] is False
-    assert "not implemented" in written["compile"]["reason"]
-    assert written["segmenter"]["compiled"] is False
-    assert "--compile" in capsys.readouterr().out
 
 
 def test_cli_config_spec(tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text("arch: tiny\nimages: 2\nbatch_size: 2\nskip_hf: true\nskip_pipeline: true\n")
-    assert main(["--config", str(spec), "--images", "3", "--json", str(tmp_path / "o.json")]) == 0
+    assert main(["bench", "--config", str(spec), "--images", "3", "--json", str(tmp_path / "o.json")]) == 0
     written = json.loads((tmp_path / "o.json").read_text())
     assert written["segmenter"]["images"] == 3  # the flag overrides the spec
     spec.write_text("arch: tiny\nbatchsize: 2\n")
-    assert main(["--config", str(spec)]) == 2
+    assert main(["bench", "--config", str(spec)]) == 2
     assert "batchsize" in capsys.readouterr().err
 
 
 def test_job_spec_uses_bench_settings():
     spec = yaml.safe_load((ROOT / "jobs" / "bench.yaml").read_text())
-    assert spec and set(spec) <= set(DEFAULTS)
+    config = BenchConfig.from_spec(str(ROOT / "jobs" / "bench.yaml"), {})
+    assert config.arch == spec["arch"] and config.engine.batch_size == spec["batch_size"]
+    assert config.engine.dtype == spec["dtype"] and config.pipeline_repeat == spec["pipeline_repeat"]
+
+
+def test_bench_config_is_validated_and_shares_the_engine_defaults():
+    config = BenchConfig()
+    assert config.arch == "tiny" and config.task == "instance"
+    # The thresholds and batch size are the engine's own defaults, not a second copy of them.
+    assert config.engine == EngineConfig()
+    assert BenchConfig.from_mapping({"score-threshold": 0.3}).engine.score_threshold == 0.3
+    for bad, message in (
+        ({"model": "x-instance", "arch": "tiny"}, "not both"),
+        ({"images": 0}, "images"),
+        ({"size": "big"}, "--size"),
+        ({"score_threshold": 2}, "score_threshold"),
+        ({"batchsize": 2}, "unknown bench setting(s) batchsize"),
+        ({"arch": "swin-xl"}, "arch"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            BenchConfig.from_mapping(bad)
+    assert BenchConfig.from_mapping({"model": "org/m2f-coco-panoptic"}).task == "panoptic"
 
 
 def test_sizes_and_images():
@@ -156,14 +174,3 @@ def test_memory_report_is_plausible():
         v = mem[kind]
         assert 10 < v["baseline_mb"] <= v["peak_mb"] < 4096
         assert v["delta_mb"] >= 0 and v["seconds"] > 0
-
-
-def test_done_keys_as_the_memory_report_builds_them():
-    from seglabel.sink import DoneKeys, key_hashes
-
-    keys = [f"a/{i % 700}.jpg" for i in range(1000)]  # 300 repeats
-    done = DoneKeys(key_hashes(keys))
-    assert len(done) == 700
-    assert all(k in done for k in keys[:700])
-    assert "a/700.jpg" not in done and "b/1.jpg" not in done
-    assert len(DoneKeys()) == 0 and "x" not in DoneKeys()

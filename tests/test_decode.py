@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
 import warnings
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as skdata
 
+from helpers import encode, huge_png, oriented
 from seglabel.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, image_size
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
-
-
-def encode(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def rgb(color, shape) -> np.ndarray:
@@ -30,21 +23,6 @@ def rgb(color, shape) -> np.ndarray:
 
 def gray3(values) -> np.ndarray:
     return np.repeat(np.array(values, np.uint8)[..., None], 3, axis=2)
-
-
-def huge_png(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose IHDR claims width x height: costs nothing unless someone decodes it."""
-    png = bytearray(encode(Image.new("RGB", (1, 1)), "PNG"))
-    assert png[12:16] == b"IHDR"
-    png[16:24] = struct.pack(">II", width, height)
-    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
-    return bytes(png)
-
-
-def oriented(array: np.ndarray, orientation: int, fmt: str = "JPEG") -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return encode(Image.fromarray(array), fmt, exif=exif, quality=95)
 
 
 def marked(height: int, width: int) -> np.ndarray:
@@ -64,7 +42,10 @@ BAD_INPUTS = {
     "text-named-jpg": (b"not a photo.jpg\n" * 20, "cannot identify image"),
     "truncated-jpeg": (_JPEG[: len(_JPEG) // 2], "truncated image"),
     "truncated-png": (_PNG[: len(_PNG) // 2], "truncated image"),
-    "huge-png-header": (huge_png(20000, 20000), f"image too large: 400000000 pixels > limit {DEFAULT_MAX_PIXELS}"),
+    "huge-png-header": (
+        huge_png(20000, 20000),
+        f"image too large: 400000000 pixels > limit {DEFAULT_MAX_PIXELS}",
+    ),
 }
 
 
@@ -170,8 +151,16 @@ VALID = {
     "cmyk-jpeg-adobe": lambda: (*_adobe_cmyk(), 2),
     "grayscale-png": lambda: (encode(Image.fromarray(skdata.camera()), "PNG"), gray3(skdata.camera()), 0),
     "bilevel-png": lambda: (encode(Image.fromarray(np.eye(4, dtype=bool)), "PNG"), gray3(np.eye(4) * 255), 0),
-    "ycbcr-tiff": lambda: (encode(Image.new("YCbCr", (4, 4), (128, 128, 128)), "TIFF"), rgb((128, 128, 128), (4, 4)), 1),
-    "gray-alpha-png": lambda: (encode(Image.fromarray(np.array([[[7, 0], [9, 255]]], np.uint8)), "PNG"), gray3([[7, 9]]), 0),
+    "ycbcr-tiff": lambda: (
+        encode(Image.new("YCbCr", (4, 4), (128, 128, 128)), "TIFF"),
+        rgb((128, 128, 128), (4, 4)),
+        1,
+    ),
+    "gray-alpha-png": lambda: (
+        encode(Image.fromarray(np.array([[[7, 0], [9, 255]]], np.uint8)), "PNG"),
+        gray3([[7, 9]]),
+        0,
+    ),
     "palette-transparency": lambda: (*_palette_with_transparency(), 0),
     "rgba-png": lambda: (*_rgba(), 0),
     "animated-gif": lambda: (*_frames("GIF"), 0),

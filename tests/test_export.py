@@ -8,11 +8,12 @@ the published format. The job's outputs are read with tests/outputs.py (no segla
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
+import posixpath
 import shutil
+import subprocess
 import tracemalloc
 import zipfile
 from html.parser import HTMLParser
@@ -28,9 +29,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from skimage import data
 
+from helpers import tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel import export as export_module
-from seglabel import preview as preview_module
+from seglabel.cli import main
 from seglabel.export import ExportError, export, label_studio_rle
 from seglabel.preview import preview
 
@@ -60,16 +62,6 @@ def corpus(tmp_path_factory) -> Path:
         path.write_bytes(encoded(make(), fmt))
     (root / BROKEN).write_bytes(b"\xff\xd8\xff not a jpeg")
     return root
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def run_job(tmp_path_factory, corpus, checkpoint, task: str, **settings) -> str:
@@ -106,7 +98,9 @@ def ok_rows(output: str) -> dict[str, dict]:
 
 
 def job_mask(row: dict, seg: dict) -> np.ndarray:
-    return mask_utils.decode({"size": [row["height"], row["width"]], "counts": seg["rle"].encode()}).astype(bool)
+    return mask_utils.decode({"size": [row["height"], row["width"]], "counts": seg["rle"].encode()}).astype(
+        bool
+    )
 
 
 def mask_bbox(mask: np.ndarray) -> list[float]:
@@ -114,7 +108,9 @@ def mask_bbox(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
 
 
-def check_coco(coco: COCO, rows: dict[str, dict], task: str, keep=lambda seg: True, scores: bool = True) -> int:
+def check_coco(
+    coco: COCO, rows: dict[str, dict], task: str, keep=lambda seg: True, scores: bool = True
+) -> int:
     """Every ok image once; each annotation is exactly its job segment; returns annotations."""
     images = coco.dataset["images"]
     assert sorted(i["file_name"] for i in images) == sorted(rows)
@@ -167,7 +163,9 @@ def test_coco_from_instance_outputs(instance_out, tmp_path):
     assert n == sum(len(r["segments"]) for r in rows.values()) > 0
     assert counts["images"] == len(PHOTOS) and counts["annotations"] == n and counts["error_rows"] == 1
     assert counts["files"] == [str(to)]
-    assert [(c["id"], c["name"]) for c in coco.dataset["categories"]] == [(i + 1, f"label{i}") for i in range(5)]
+    assert [(c["id"], c["name"]) for c in coco.dataset["categories"]] == [
+        (i + 1, f"label{i}") for i in range(5)
+    ]
     assert BROKEN not in {i["file_name"] for i in coco.dataset["images"]}
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temporary left behind
 
@@ -268,7 +266,11 @@ def check_panoptic(folder: Path, rows: dict[str, dict], keep=lambda seg: True) -
 def test_coco_panoptic_round_trips(panoptic_out, instance_out, tmp_path):
     rows = ok_rows(panoptic_out)
     counts = export(panoptic_out, "coco-panoptic", str(tmp_path / "all"))
-    assert check_panoptic(tmp_path / "all", rows) == counts["annotations"] == sum(len(r["segments"]) for r in rows.values())
+    assert (
+        check_panoptic(tmp_path / "all", rows)
+        == counts["annotations"]
+        == sum(len(r["segments"]) for r in rows.values())
+    )
     assert counts["masks"] == len(PHOTOS)
 
     # A filter drops segments: their pixels become void, and the rest still round-trips.
@@ -371,13 +373,29 @@ def test_label_studio_tasks(instance_out, tmp_path):
         assert len(results) == len(row["segments"])
         assert prediction["score"] == pytest.approx(np.mean([s["score"] for s in row["segments"]]), abs=1e-5)
         for result, seg in zip(results, row["segments"]):
-            assert {k: result[k] for k in ("from_name", "to_name", "type", "original_width", "original_height", "image_rotation")} == {
-                "from_name": "mask", "to_name": "photo", "type": "brushlabels",
-                "original_width": row["width"], "original_height": row["height"], "image_rotation": 0,
+            assert {
+                k: result[k]
+                for k in (
+                    "from_name",
+                    "to_name",
+                    "type",
+                    "original_width",
+                    "original_height",
+                    "image_rotation",
+                )
+            } == {
+                "from_name": "mask",
+                "to_name": "photo",
+                "type": "brushlabels",
+                "original_width": row["width"],
+                "original_height": row["height"],
+                "image_rotation": 0,
             }
             assert result["value"]["format"] == "rle" and result["value"]["brushlabels"] == [seg["label"]]
             assert result["score"] == pytest.approx(seg["score"], abs=1e-6)
-            assert np.array_equal(ls_mask(result["value"]["rle"], row["width"], row["height"]), job_mask(row, seg))
+            assert np.array_equal(
+                ls_mask(result["value"]["rle"], row["width"], row["height"]), job_mask(row, seg)
+            )
             total += 1
     assert total == counts["annotations"] > 0
     # Without a map, URIs are kept as they are (s3://… stays s3://…).
@@ -385,7 +403,11 @@ def test_label_studio_tasks(instance_out, tmp_path):
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert {t["data"]["image"] for t in plain} == {r["image_uri"] for r in rows.values()}
     assert {r["value"]["brushlabels"][0] for t in plain for r in t["predictions"][0]["result"]} == {"label0"}
-    assert all(r["from_name"] == "label" and r["to_name"] == "image" for t in plain for r in t["predictions"][0]["result"])
+    assert all(
+        r["from_name"] == "label" and r["to_name"] == "image"
+        for t in plain
+        for r in t["predictions"][0]["result"]
+    )
 
 
 # -- CVAT ------------------------------------------------------------------------------------
@@ -399,7 +421,7 @@ def test_cvat_archive_is_coco_1_0(panoptic_out, tmp_path):
     export(panoptic_out, "cvat", str(to))
     with zipfile.ZipFile(to) as archive:
         assert archive.testzip() is None
-        assert archive.namelist() == ["annotations/instances_default.json"]
+        assert archive.namelist() == ["images/", "annotations/instances_default.json"]
         doc = json.loads(archive.read("annotations/instances_default.json"))
     assert {"licenses", "info", "categories", "images", "annotations"} <= set(doc)
     for category in doc["categories"]:
@@ -409,9 +431,42 @@ def test_cvat_archive_is_coco_1_0(panoptic_out, tmp_path):
     assert doc["annotations"]
     for ann in doc["annotations"]:
         assert {"id", "image_id", "category_id", "segmentation", "area", "bbox", "iscrowd"} <= set(ann)
-        assert set(ann["segmentation"]) == {"size", "counts"} and isinstance(ann["segmentation"]["counts"], str)
+        assert set(ann["segmentation"]) == {"size", "counts"} and isinstance(
+            ann["segmentation"]["counts"], str
+        )
     (tmp_path / "doc.json").write_text(json.dumps(doc))
     check_coco(load_coco(tmp_path / "doc.json"), rows, "panoptic", keep=lambda s: s["is_thing"], scores=False)
+
+
+# Run by datumaro's own Python: load an unpacked CVAT archive as CVAT's COCO importer family
+# does, and print what it found.
+DATUMARO_LOAD = """
+import json, sys
+from datumaro.components.dataset import Dataset
+dataset = Dataset.import_from(sys.argv[1], "coco_instances")
+items = list(dataset)
+print(json.dumps({
+    "ids": sorted(item.id for item in items),
+    "masks": sum(type(a).__name__ in ("RleMask", "Mask", "Polygon")
+                 for item in items for a in item.annotations),
+}))
+"""
+
+
+def test_cvat_archive_loads_in_datumaro(panoptic_out, tmp_path):
+    """datumaro 1.13 (the package index's; CVAT's importers are its fork) loads the archive."""
+    python = tool_python("datumaro")
+    to = tmp_path / "cvat.zip"
+    export(panoptic_out, "cvat", str(to))
+    with zipfile.ZipFile(to) as archive:
+        archive.extractall(tmp_path / "unpacked")
+        doc = json.loads(archive.read("annotations/instances_default.json"))
+    done = subprocess.run([python, "-c", DATUMARO_LOAD, str(tmp_path / "unpacked")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["ids"] == sorted(posixpath.splitext(image["file_name"])[0] for image in doc["images"])
+    assert loaded["masks"] == len(doc["annotations"]) > 0
 
 
 # -- reading from object storage, partial jobs, streaming ------------------------------------
@@ -456,17 +511,36 @@ def synthetic_output(root: Path, rows: int, template: str) -> str:
     mask = np.zeros((48, 64), dtype=np.uint8)
     mask[10:20, 5:30] = 1
     rle = mask_utils.encode(np.asfortranarray(mask))
-    seg = {"id": 1, "label_id": 2, "label": "label2", "score": 0.9, "area": int(mask_utils.area(rle)),
-           "bbox": [float(v) for v in mask_utils.toBbox(rle)], "rle": rle["counts"].decode(), "is_thing": None}
+    seg = {
+        "id": 1,
+        "label_id": 2,
+        "label": "label2",
+        "score": 0.9,
+        "area": int(mask_utils.area(rle)),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "rle": rle["counts"].decode(),
+        "is_thing": None,
+    }
     per_part = 1000
     for start in range(0, rows, per_part):
         batch = [
-            {"key": f"img/{i:07d}.jpg", "image_uri": f"s3://b/img/{i:07d}.jpg", "status": "ok", "error": None,
-             "width": 64, "height": 48, "mask_uri": f"s3://b/out/masks/img/{i:07d}.jpg.png", "task": "instance",
-             "model": "m", "segments": [seg]}
+            {
+                "key": f"img/{i:07d}.jpg",
+                "image_uri": f"s3://b/img/{i:07d}.jpg",
+                "status": "ok",
+                "error": None,
+                "width": 64,
+                "height": 48,
+                "mask_uri": f"s3://b/out/masks/img/{i:07d}.jpg.png",
+                "task": "instance",
+                "model": "m",
+                "segments": [seg],
+            }
             for i in range(start, min(rows, start + per_part))
         ]
-        pq.write_table(pa.Table.from_pylist(batch, schema=SCHEMA), root / "metadata" / f"part-{start:08d}.parquet")
+        pq.write_table(
+            pa.Table.from_pylist(batch, schema=SCHEMA), root / "metadata" / f"part-{start:08d}.parquet"
+        )
     return str(root)
 
 
@@ -562,18 +636,9 @@ def test_preview_of_instances_and_first_n(instance_out, corpus, tmp_path):
 # -- the command line ------------------------------------------------------------------------
 
 
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="seglabel")
-    sub = parser.add_subparsers(dest="command", required=True)
-    export_module.add_parser(sub)
-    preview_module.add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.handler(args)
-
-
 def test_cli(instance_out, semantic_out, tmp_path, capsys):
     rows = ok_rows(instance_out)
-    code = cli(["export", instance_out, "--format", "coco", "--to", str(tmp_path / "c.json"),
+    code = main(["export", instance_out, "--format", "coco", "--to", str(tmp_path / "c.json"),
                 "--labels", "label0,label1", "--min-score", "0.4", "--shard-size", "10"])
     assert code == 0
     n = check_coco(load_coco(tmp_path / "c-00000.json"), rows, "instance",
@@ -581,16 +646,16 @@ def test_cli(instance_out, semantic_out, tmp_path, capsys):
     assert n > 0
     assert "exported 4 images" in capsys.readouterr().out
 
-    code = cli(["export", instance_out, "--format", "label-studio", "--to", str(tmp_path / "ls.json"),
+    code = main(["export", instance_out, "--format", "label-studio", "--to", str(tmp_path / "ls.json"),
                 "--image-prefix-map", "file:///=https://cdn.example/?d=/", "--from-name", "m"])
     assert code == 0
     tasks = json.loads((tmp_path / "ls.json").read_text())
     assert all(t["data"]["image"].startswith("https://cdn.example/?d=/") for t in tasks)
 
     capsys.readouterr()
-    assert cli(["export", instance_out, "--format", "coco-panoptic", "--to", str(tmp_path / "p")]) == 2
+    assert main(["export", instance_out, "--format", "coco-panoptic", "--to", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("seglabel: error: coco-panoptic needs a panoptic output") and err.count("\n") == 1
 
-    assert cli(["preview", semantic_out, "--to", str(tmp_path / "prev"), "--n", "1"]) == 0
+    assert main(["preview", semantic_out, "--to", str(tmp_path / "prev"), "--n", "1"]) == 0
     assert len(list((tmp_path / "prev" / "overlays").rglob("*.png"))) == 1

@@ -24,23 +24,12 @@ from PIL import Image
 from skimage import data
 
 from faultproxy import FaultProxy
+from helpers import drawn, encode, huge_png, oriented
 from outputs import check_output, read_rows
 from seglabel.cli import main
-from seglabel.pipeline import JobError, label
-from test_decode import encode, huge_png, oriented
-from test_job import drawn
+from seglabel.pipeline import label
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session(s3_endpoint):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def many_images(folder: Path, n: int) -> dict[str, tuple[int, int]]:
@@ -85,7 +74,9 @@ def test_bad_input_corpus_gets_the_expected_status_for_every_file(checkpoints, t
     (root / "gone.jpg").write_bytes(jpeg)
     (root / "folder.jpg").mkdir()
     manifest = tmp_path / "list.txt"
-    manifest.write_text("\n".join([str(root / k) for k in files] + [str(root / "gone.jpg"), str(root / "folder.jpg")]))
+    manifest.write_text(
+        "\n".join([str(root / k) for k in files] + [str(root / "gone.jpg"), str(root / "folder.jpg")])
+    )
     (root / "gone.jpg").unlink()
     out = tmp_path / "out"
     summary = label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]))
@@ -117,13 +108,19 @@ def test_retry_errors_replaces_error_rows_and_max_errors_stops(checkpoints, tmp_
     assert 2 <= sum(r["status"] == "error" for r in committed) <= 3  # stopped on the second
     assert not (out / "_SUCCESS").exists()
     assert main(args) == 0  # resumes; the empty files stay errors
-    check_output(str(out), "semantic", {**expected, **{n: "decode: empty file" for n in ("late1.png", "late2.png", "late3.png")}})
+    check_output(
+        str(out),
+        "semantic",
+        {**expected, **{n: "decode: empty file" for n in ("late1.png", "late2.png", "late3.png")}},
+    )
     for name in ("late1.png", "late2.png", "late3.png"):
         drawn(50, 40, 99).save(root / name)
     assert main(args) == 0  # without --retry-errors an error row is final
     assert sum(r["status"] == "error" for r in read_rows(str(out))) == 3
     assert main(args + ["--retry-errors"]) == 0
-    check_output(str(out), "semantic", {**expected, **{n: (50, 40) for n in ("late1.png", "late2.png", "late3.png")}})
+    check_output(
+        str(out), "semantic", {**expected, **{n: (50, 40) for n in ("late1.png", "late2.png", "late3.png")}}
+    )
 
 
 def test_changed_mask_settings_refuse_and_overwrite_starts_again(checkpoints, tmp_path, capsys):
@@ -136,11 +133,15 @@ def test_changed_mask_settings_refuse_and_overwrite_starts_again(checkpoints, tm
     capsys.readouterr()
     assert main(args + ["--score-threshold", "0.7"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("seglabel: error:") and "score_threshold: 0.5 -> 0.7" in last and "--overwrite" in last
+    assert (
+        last.startswith("seglabel: error:")
+        and "score_threshold: 0.5 -> 0.7" in last
+        and "--overwrite" in last
+    )
     assert sorted(p.name for p in (out / "metadata").iterdir()) == parts
     assert main(args + ["--batch-size", "2"]) == 0  # batch size may change
     assert main(args + ["--score-threshold", "0.7", "--overwrite"]) == 0
-    assert json.loads((out / "job.json").read_text())["settings"]["score_threshold"] == 0.7
+    assert json.loads((out / "job.json").read_text())["score_threshold"] == 0.7
     assert not set(parts) & {p.name for p in (out / "metadata").iterdir()}
     check_output(str(out), "instance", expected)
 
@@ -247,7 +248,9 @@ def test_worker_node_lost_from_cluster(checkpoints, tmp_path):
 
         thread = threading.Thread(target=remove_node, daemon=True)
         thread.start()
-        summary = label(str(root), str(out), model=str(checkpoints["instance"]), num_gpus=2, batch_size=2, rows_per_part=4)
+        summary = label(
+            str(root), str(out), model=str(checkpoints["instance"]), num_gpus=2, batch_size=2, rows_per_part=4
+        )
         thread.join(5)
     finally:
         ray.shutdown()
@@ -278,7 +281,9 @@ def test_driver_sigkilled_at_a_random_point_then_rerun(checkpoints, tmp_path, at
                "--model", str(checkpoints["instance"]), "--batch-size", "2", "--rows-per-part", "3"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     before = _ray_pids()
-    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     rng = random.Random(attempt)
     # Kill somewhere between "job started" and "most parts written".
     target_parts = rng.randint(0, 10)
@@ -338,7 +343,9 @@ def test_transient_s3_failures_are_retried(checkpoints, s3_endpoint, s3_bucket, 
 # -- security hygiene ---------------------------------------------------------------------------
 
 
-def test_no_credentials_in_outputs_or_logs_and_keys_stay_inside(checkpoints, s3_endpoint, s3_bucket, tmp_path, capsys, caplog):
+def test_no_credentials_in_outputs_or_logs_and_keys_stay_inside(
+    checkpoints, s3_endpoint, s3_bucket, tmp_path, capsys, caplog
+):
     client = boto3.client("s3")
     client.put_object(Bucket=s3_bucket, Key="in/a.png", Body=encode(drawn(30, 20, 1), "PNG"))
     client.put_object(Bucket=s3_bucket, Key="x.png", Body=encode(drawn(30, 20, 2), "PNG"))
@@ -353,10 +360,16 @@ def test_no_credentials_in_outputs_or_logs_and_keys_stay_inside(checkpoints, s3_
     caplog.set_level("DEBUG", logger="seglabel")
     label(manifest=str(manifest), output=out, model=str(checkpoints["instance"]),
           input_storage_options=options, output_storage_options=options)
-    check_output(out, "instance", {f"{s3_bucket}/in/a.png": (30, 20), f"{s3_bucket}/in/../x.png": "key: unsafe"})
+    check_output(
+        out, "instance", {f"{s3_bucket}/in/a.png": (30, 20), f"{s3_bucket}/in/../x.png": "key: unsafe"}
+    )
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert all(k.startswith(("in/", "out/")) or k == "x.png" for k in keys), keys
-    blobs = [client.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in keys if k.startswith("out/") and not k.endswith(".png")]
+    blobs = [
+        client.get_object(Bucket=s3_bucket, Key=k)["Body"].read()
+        for k in keys
+        if k.startswith("out/") and not k.endswith(".png")
+    ]
     captured = capsys.readouterr()
     for text in [*(b.decode("latin-1") for b in blobs), captured.out, captured.err, caplog.text]:
         assert secret not in text and "AKIAFAKEKEYFORTESTS" not in text

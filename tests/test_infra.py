@@ -175,7 +175,9 @@ def _unique_set(validator, list_type, instance, schema):
     if list_type == "set" and validator.is_type(instance, "array"):
         dumped = [json.dumps(x, sort_keys=True) for x in instance]
         if len(set(dumped)) != len(dumped):
-            yield jsonschema.ValidationError(f"{instance!r} has duplicate items (x-kubernetes-list-type: set)")
+            yield jsonschema.ValidationError(
+                f"{instance!r} has duplicate items (x-kubernetes-list-type: set)"
+            )
 
 
 K8sValidator = jsonschema.validators.extend(
@@ -226,7 +228,11 @@ CORE_SCHEMAS = {
             "automountServiceAccountToken": {"type": "boolean"},
             "imagePullSecrets": {
                 "type": "array",
-                "items": {"type": "object", "properties": {"name": {"type": "string"}}, "additionalProperties": False},
+                "items": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}},
+                    "additionalProperties": False,
+                },
             },
             "secrets": {"type": "array", "items": {"type": "object"}},
         },
@@ -239,7 +245,9 @@ CORE_SCHEMAS = {
 def schemas() -> dict[tuple[str, str], dict]:
     kuberay = shared_dir() / "schemas" / "kuberay"
     out = dict(CORE_SCHEMAS)
-    out[("ray.io/v1", "RayJob")] = resource_schema(crd_schema(kuberay / "ray.io_rayjobs.yaml"), "ray.io/v1", "RayJob")
+    out[("ray.io/v1", "RayJob")] = resource_schema(
+        crd_schema(kuberay / "ray.io_rayjobs.yaml"), "ray.io/v1", "RayJob"
+    )
     out[("ray.io/v1", "RayCluster")] = resource_schema(
         crd_schema(kuberay / "ray.io_rayclusters.yaml"), "ray.io/v1", "RayCluster"
     )
@@ -274,7 +282,11 @@ MANIFESTS = ["rayjob.yaml", "raycluster.yaml", "serviceaccount.yaml"]
 def test_kuberay_manifest_validates_strictly(name, schemas):
     docs = load_file(KUBERAY / name)
     assert docs, f"{name} has no documents"
-    problems = [f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}: {msg}" for doc in docs for msg in errors_for(doc, schemas)]
+    problems = [
+        f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}: {msg}"
+        for doc in docs
+        for msg in errors_for(doc, schemas)
+    ]
     assert not problems, f"{name} does not validate:\n" + "\n".join(problems)
 
 
@@ -292,14 +304,22 @@ def _raycluster() -> dict:
 
 
 MISSPELLINGS = {
-    "shutdownAfterJobFinish": lambda job: _rename(job["spec"], "shutdownAfterJobFinishes", "shutdownAfterJobFinish"),
-    "replica": lambda job: _rename(job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0], "replicas", "replica"),
+    "shutdownAfterJobFinish": lambda job: _rename(
+        job["spec"], "shutdownAfterJobFinishes", "shutdownAfterJobFinish"
+    ),
+    "replica": lambda job: _rename(
+        job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0], "replicas", "replica"
+    ),
     "limit": lambda job: _rename(
-        job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"],
+        job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+            "resources"
+        ],
         "limits",
         "limit",
     ),
-    "rayStartParam": lambda job: _rename(job["spec"]["rayClusterSpec"]["headGroupSpec"], "rayStartParams", "rayStartParam"),
+    "rayStartParam": lambda job: _rename(
+        job["spec"]["rayClusterSpec"]["headGroupSpec"], "rayStartParams", "rayStartParam"
+    ),
     "lables": lambda job: _rename(job["metadata"], "labels", "lables"),
 }
 
@@ -369,7 +389,16 @@ def test_strict_schema_transformation():
     assert s["properties"]["map"]["additionalProperties"] == {"type": "string"}
     assert s["properties"]["bare"]["additionalProperties"] is False
     v = K8sValidator(s)
-    assert v.is_valid({"type": "x", "items": {"a": 1}, "free": {"anything": 1}, "map": {"k": "v"}, "port": "http", "maybe": None})
+    assert v.is_valid(
+        {
+            "type": "x",
+            "items": {"a": 1},
+            "free": {"anything": 1},
+            "map": {"k": "v"},
+            "port": "http",
+            "maybe": None,
+        }
+    )
     assert v.is_valid({"port": 8080})
     assert not v.is_valid({"items": {"a": 1, "b": 2}})
     assert not v.is_valid({"bare": {"x": 1}})
@@ -414,16 +443,22 @@ def test_cluster_shape(name):
     assert cluster["enableInTreeAutoscaling"] is True
     pin = _ray_pin()
     if pin:
-        assert cluster["rayVersion"] == pin, "rayVersion must match the Ray the image installs (.ci/constraints.txt)"
+        assert cluster["rayVersion"] == pin, (
+            "rayVersion must match the Ray the image installs (.ci/constraints.txt)"
+        )
     assert cluster["workerGroupSpecs"], "no worker groups"
     for group in cluster["workerGroupSpecs"]:
-        assert 0 <= group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
+        assert (
+            0 <= group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
+        )
         assert group["maxReplicas"] > group["minReplicas"], "an autoscaling group needs room to grow"
         spec = group["template"]["spec"]
         (container,) = spec["containers"]
         res = container["resources"]
         assert int(res["requests"][GPU]) >= 1 and int(res["limits"][GPU]) == int(res["requests"][GPU])
-        assert any(t.get("key") == GPU and t.get("effect") == "NoSchedule" for t in spec.get("tolerations", []))
+        assert any(
+            t.get("key") == GPU and t.get("effect") == "NoSchedule" for t in spec.get("tolerations", [])
+        )
     uid = int(_dockerfile_user().split(":")[0])
     service_accounts = {d["metadata"]["name"] for d in load_file(KUBERAY / "serviceaccount.yaml")}
     for pod in _pod_specs(cluster):
@@ -431,7 +466,9 @@ def test_cluster_shape(name):
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == uid
         for container in pod["containers"]:
             assert container["image"] == IMAGE
-            assert not any(e["name"].startswith("AWS_") for e in container.get("env", [])), "credentials via the SA"
+            assert not any(e["name"].startswith("AWS_") for e in container.get("env", [])), (
+                "credentials via the SA"
+            )
             for env in container.get("env", []):
                 assert "value" not in env or not re.search(r"(?i)token|secret|password|key", env["name"])
 
@@ -454,14 +491,18 @@ def test_rayjob_runs_the_spec_from_its_configmap():
     (container,) = head["containers"]
     mount = next(m for m in container["volumeMounts"] if config_path.is_relative_to(m["mountPath"]))
     volume = next(v for v in head["volumes"] if v["name"] == mount["name"])
-    configmap = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"])
+    configmap = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]
+    )
     values = yaml.safe_load(configmap["data"][str(config_path.relative_to(mount["mountPath"]))])
 
     # It is a real seglabel job spec: every key a known setting, values valid.
     from seglabel.config import JobConfig
 
     config = JobConfig.from_mapping(values)
-    assert config.input_storage_options == {} and config.output_storage_options == {}, "no credentials in a spec"
+    assert config.input_storage_options == {} and config.output_storage_options == {}, (
+        "no credentials in a spec"
+    )
     # The pipeline sizes its actor pool from the GPUs present when the job starts.
     gpus_at_start = sum(
         g["minReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"][GPU])
@@ -502,7 +543,9 @@ def _ec2_unknown_keys(node_config: dict) -> list[str]:
     """Keys of a node_config that EC2 RunInstances (which Ray calls with it) does not take."""
     import botocore.session
 
-    shape = botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    shape = (
+        botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    )
 
     def walk(value, shape, path) -> Iterator[str]:
         if shape.type_name == "structure" and isinstance(value, dict):
@@ -609,7 +652,9 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
 
 def test_dockerfile_facts():
     text = (INFRA / "Dockerfile").read_text()
-    instructions = [line for line in re.sub(r"\\\n", " ", text).splitlines() if line and not line.startswith("#")]
+    instructions = [
+        line for line in re.sub(r"\\\n", " ", text).splitlines() if line and not line.startswith("#")
+    ]
     froms = [i.split()[1] for i in instructions if i.startswith("FROM ")]
     assert froms and all(re.search(r":[\w.-]+$|@sha256:", f) for f in froms), froms
     user = _dockerfile_user()

@@ -2,86 +2,27 @@
 
 from __future__ import annotations
 
-import io
 import json
-import re
-import shlex
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
-from skimage import data
+from PIL import Image
 
+from helpers import EXPECTED, corpus_files, drawn, write_corpus
 from outputs import check_output, read_png, read_rows
 from seglabel.cli import main
+from seglabel.cli.common import job_config
 from seglabel.pipeline import label
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("instance", "semantic", "panoptic")
-
-
-def drawn(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 255, 3)))
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        x0, y0 = int(rng.integers(0, width - 1)), int(rng.integers(0, height - 1))
-        box = [x0, y0, x0 + int(rng.integers(1, width)), y0 + int(rng.integers(1, height))]
-        draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    return image
-
-
-def corpus_files() -> dict[str, bytes]:
-    """Key → file bytes: real photos and drawn images in nested folders, odd names, junk."""
-    def encode(image: Image.Image, fmt: str) -> bytes:
-        buf = io.BytesIO()
-        image.save(buf, format=fmt)
-        return buf.getvalue()
-
-    return {
-        "astronaut.jpg": encode(Image.fromarray(data.astronaut()), "JPEG"),
-        "photos/coffee.png": encode(Image.fromarray(data.coffee()), "PNG"),
-        "photos/cats/chelsea cat é.WEBP": encode(Image.fromarray(data.chelsea()), "WEBP"),
-        "drawn/a/shapes 1.png": encode(drawn(64, 48, 1), "PNG"),
-        "drawn/a/b/tall.bmp": encode(drawn(20, 150, 2), "BMP"),
-        "drawn/broken.jpg": b"\xff\xd8\xff not really a jpeg",
-        "drawn/notes.txt": b"not an image and not listed",
-    }
-
-
-EXPECTED = {
-    "astronaut.jpg": (512, 512),
-    "photos/coffee.png": (600, 400),
-    "photos/cats/chelsea cat é.WEBP": (451, 300),
-    "drawn/a/shapes 1.png": (64, 48),
-    "drawn/a/b/tall.bmp": (20, 150),
-    "drawn/broken.jpg": "decode:",
-}
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:
-    root = tmp_path / "images"
-    for key, blob in corpus_files().items():
-        path = root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
-    return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session(s3_endpoint):
-    """One local Ray for the module's tests (the job uses it instead of starting its own).
-
-    Started after the S3 endpoint, so that its workers inherit AWS_ENDPOINT_URL_S3."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    return write_corpus(tmp_path / "images")
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -150,12 +91,20 @@ def test_same_masks_alone_and_among_others(checkpoints, corpus, tmp_path):
     single.mkdir()
     (single / "astronaut.jpg").write_bytes((corpus / "astronaut.jpg").read_bytes())
     label(str(single), str(tmp_path / "a"), model=str(checkpoints["panoptic"]), score_threshold=0.3)
-    label(str(corpus), str(tmp_path / "b"), model=str(checkpoints["panoptic"]), score_threshold=0.3, batch_size=4)
+    label(
+        str(corpus),
+        str(tmp_path / "b"),
+        model=str(checkpoints["panoptic"]),
+        score_threshold=0.3,
+        batch_size=4,
+    )
     alone = {r["key"]: r for r in read_rows(str(tmp_path / "a"))}["astronaut.jpg"]
     among = {r["key"]: r for r in read_rows(str(tmp_path / "b"))}["astronaut.jpg"]
     pa_, pb = np.array(read_png(alone["mask_uri"])), np.array(read_png(among["mask_uri"]))
     assert (pa_ == pb).all(axis=-1).mean() >= 0.9999
-    assert [(s["id"], s["label_id"]) for s in alone["segments"]] == [(s["id"], s["label_id"]) for s in among["segments"]]
+    assert [(s["id"], s["label_id"]) for s in alone["segments"]] == [
+        (s["id"], s["label_id"]) for s in among["segments"]
+    ]
 
 
 def test_two_node_cluster_spreads_work(checkpoints, corpus, tmp_path):
@@ -174,9 +123,25 @@ def test_two_node_cluster_spreads_work(checkpoints, corpus, tmp_path):
         many.mkdir()
         for i in range(24):
             drawn(40 + i, 30 + i, i).save(many / f"d{i:02d}.png")
-        expected = dict(EXPECTED, **{f"many/d{i:02d}.png": Image.open(many / f"d{i:02d}.png").size for i in range(24)})
-        two = label(str(corpus), str(tmp_path / "two"), model=str(checkpoints["instance"]), num_gpus=2, batch_size=2, score_threshold=0.3)
-        one = label(str(corpus), str(tmp_path / "one"), model=str(checkpoints["instance"]), num_gpus=1, batch_size=2, score_threshold=0.3)
+        expected = dict(
+            EXPECTED, **{f"many/d{i:02d}.png": Image.open(many / f"d{i:02d}.png").size for i in range(24)}
+        )
+        two = label(
+            str(corpus),
+            str(tmp_path / "two"),
+            model=str(checkpoints["instance"]),
+            num_gpus=2,
+            batch_size=2,
+            score_threshold=0.3,
+        )
+        one = label(
+            str(corpus),
+            str(tmp_path / "one"),
+            model=str(checkpoints["instance"]),
+            num_gpus=1,
+            batch_size=2,
+            score_threshold=0.3,
+        )
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -190,7 +155,9 @@ def test_two_node_cluster_spreads_work(checkpoints, corpus, tmp_path):
         other = rows_one[key]
         if row["status"] != "ok":
             continue
-        assert [(s["id"], s["label_id"]) for s in row["segments"]] == [(s["id"], s["label_id"]) for s in other["segments"]]
+        assert [(s["id"], s["label_id"]) for s in row["segments"]] == [
+            (s["id"], s["label_id"]) for s in other["segments"]
+        ]
         a, b = np.array(read_png(row["mask_uri"])), np.array(read_png(other["mask_uri"]))
         assert (a == b).mean() >= 0.9999
 
@@ -200,7 +167,10 @@ def test_empty_input_writes_zero_success(checkpoints, tmp_path, capsys):
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "readme.txt").write_text("no images here")
     out = tmp_path / "out"
-    assert main(["run", "--input", str(empty), "--output", str(out), "--model", str(checkpoints["instance"])]) == 0
+    assert (
+        main(["run", "--input", str(empty), "--output", str(out), "--model", str(checkpoints["instance"])])
+        == 0
+    )
     assert "no images found" in capsys.readouterr().out
     success = json.loads((out / "_SUCCESS").read_text())
     assert (success["total"], success["ok"], success["error"]) == (0, 0, 0)
@@ -218,7 +188,9 @@ def test_empty_input_writes_zero_success(checkpoints, tmp_path, capsys):
         (["--input", "{tmp}", "--model", "{tmp}/no-model-instance"], "no checkpoint"),
     ],
 )
-def test_bad_input_or_flag_is_one_line_and_writes_nothing(checkpoints, tmp_path, capsys, s3_endpoint, argv, message):
+def test_bad_input_or_flag_is_one_line_and_writes_nothing(
+    checkpoints, tmp_path, capsys, s3_endpoint, argv, message
+):
     out = tmp_path / "out"
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     if "--model" not in argv:
@@ -231,7 +203,7 @@ def test_bad_input_or_flag_is_one_line_and_writes_nothing(checkpoints, tmp_path,
 
 
 def test_yaml_spec_builds_the_same_config_and_flags_override(tmp_path, checkpoints, capsys):
-    from seglabel.cli import build_parser, job_config
+    from seglabel.cli import build_parser
 
     spec = tmp_path / "job.yaml"
     spec.write_text(
@@ -239,11 +211,29 @@ def test_yaml_spec_builds_the_same_config_and_flags_override(tmp_path, checkpoin
         "batch_size: 4\nscore_threshold: 0.4\nlabels: [label1, label2]\nmax_instances: 5\n"
         "input_storage_options: {anon: true}\n"
     )
-    from_flags = job_config(build_parser().parse_args([
-        "run", "--input", f"{tmp_path}/in", "--output", f"{tmp_path}/out", "--model", str(checkpoints["instance"]),
-        "--batch-size", "4", "--score-threshold", "0.4", "--labels", "label1,label2", "--max-instances", "5",
-        "--input-option", "anon=true",
-    ]))
+    from_flags = job_config(
+        build_parser().parse_args(
+            [
+                "run",
+                "--input",
+                f"{tmp_path}/in",
+                "--output",
+                f"{tmp_path}/out",
+                "--model",
+                str(checkpoints["instance"]),
+                "--batch-size",
+                "4",
+                "--score-threshold",
+                "0.4",
+                "--labels",
+                "label1,label2",
+                "--max-instances",
+                "5",
+                "--input-option",
+                "anon=true",
+            ]
+        )
+    )
     from_spec = job_config(build_parser().parse_args(["run", "--config", str(spec)]))
     assert from_spec == from_flags
     overridden = job_config(build_parser().parse_args(["run", "--config", str(spec), "--batch-size", "2"]))
@@ -252,18 +242,3 @@ def test_yaml_spec_builds_the_same_config_and_flags_override(tmp_path, checkpoin
     assert main(["run", "--config", str(spec)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown setting(s) batchsize" in err[0]
-
-
-def test_readme_quickstart_works_as_written(checkpoints, corpus, tmp_path, monkeypatch, capsys):
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- quickstart -->\s*```(?:bash|sh)?\n(.*?)```", readme, re.S)
-    assert block, "README has no quickstart block"
-    commands = [line for line in block.group(1).splitlines() if line.startswith("seglabel run")]
-    assert len(commands) == 1
-    assert corpus == tmp_path / "images"
-    monkeypatch.chdir(tmp_path)
-    argv = shlex.split(commands[0])[1:] + ["--model", str(checkpoints["instance"])]
-    assert main(argv) == 0
-    assert "labeled 6 images" in capsys.readouterr().out
-    out = re.search(r"--output\s+(\S+)", commands[0]).group(1)
-    check_output(str(tmp_path / out), "instance", EXPECTED)

@@ -55,7 +55,10 @@ def test_bilinear_rows_equals_interpolate():
     torch.testing.assert_close(chunks, full, atol=1e-5, rtol=1e-5)
     # Shrinking (1-pixel-wide outputs) follows the same formula.
     torch.testing.assert_close(
-        bilinear_rows(x, 1, 3, 0, 1), F.interpolate(x[None], size=(1, 3), mode="bilinear")[0], atol=1e-5, rtol=1e-5
+        bilinear_rows(x, 1, 3, 0, 1),
+        F.interpolate(x[None], size=(1, 3), mode="bilinear")[0],
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 
@@ -103,9 +106,12 @@ def test_compat_panoptic_matches_hf(hf):
     out = fake_outputs(3, broad=0)
     fuse = {0, 4}
     ours = Postprocessor(
-        PostprocessSpec("panoptic", score_threshold=0.3, compat=True, fuse_label_ids=frozenset(fuse)), NUM_LABELS
+        PostprocessSpec("panoptic", score_threshold=0.3, compat=True, fuse_label_ids=frozenset(fuse)),
+        NUM_LABELS,
     )(out.class_queries_logits, out.masks_queries_logits, SIZES)
-    theirs = hf.post_process_panoptic_segmentation(out, threshold=0.3, label_ids_to_fuse=fuse, target_sizes=SIZES)
+    theirs = hf.post_process_panoptic_segmentation(
+        out, threshold=0.3, label_ids_to_fuse=fuse, target_sizes=SIZES
+    )
     total = 0
     for o, t in zip(ours, theirs):
         hf_map = t["segmentation"].numpy()
@@ -158,7 +164,8 @@ def test_panoptic_fuses_stuff_only():
     out = fake_outputs(5, broad=0)
     stuff = frozenset({0, 1, 2})
     results = Postprocessor(
-        PostprocessSpec("panoptic", score_threshold=0.3, overlap_threshold=0.5, fuse_label_ids=stuff), NUM_LABELS
+        PostprocessSpec("panoptic", score_threshold=0.3, overlap_threshold=0.5, fuse_label_ids=stuff),
+        NUM_LABELS,
     )(out.class_queries_logits, out.masks_queries_logits, SIZES, (48, 64))
     thing_repeats = 0
     for r in results:
@@ -190,7 +197,10 @@ def test_filters_labels_min_area_max_instances():
     big = Postprocessor(PostprocessSpec("instance", score_threshold=0.2, min_area=cut), NUM_LABELS)(
         out.class_queries_logits, out.masks_queries_logits, SIZES[:1], (48, 64)
     )[0]
-    assert len(big.ids) == int((areas >= cut).sum()) and (big.masks.reshape(len(big.ids), -1).sum(1) >= cut).all()
+    assert (
+        len(big.ids) == int((areas >= cut).sum())
+        and (big.masks.reshape(len(big.ids), -1).sum(1) >= cut).all()
+    )
     sem = Postprocessor(PostprocessSpec("semantic", keep_label_ids=frozenset({1})), NUM_LABELS)(
         out.class_queries_logits, out.masks_queries_logits, SIZES[:1], (48, 64)
     )[0]

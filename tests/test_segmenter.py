@@ -5,20 +5,20 @@ from __future__ import annotations
 import io
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
+import tomllib
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from skimage import data
 
 from seglabel import Segmenter
-from seglabel.config import ConfigError, Resolution
 from seglabel.checkpoint import detect_task
+from seglabel.config import ConfigError, Resolution
 from seglabel.labels import LABEL_SETS
 from seglabel.synthetic import save_random_checkpoint
 
@@ -70,7 +70,9 @@ def test_rles_decode_to_the_label_map(predictions, task):
     checked = 0
     for pred in predictions[task]:
         for seg in pred.segments:
-            mask = mask_utils.decode({"size": [pred.height, pred.width], "counts": seg.rle.encode()}).astype(bool)
+            mask = mask_utils.decode({"size": [pred.height, pred.width], "counts": seg.rle.encode()}).astype(
+                bool
+            )
             owned = pred.id_map == seg.id
             if task == "instance":
                 assert not (owned & ~mask).any(), "id-map pixels must lie inside the exact mask"
@@ -106,7 +108,12 @@ def test_default_matches_hf_end_to_end(segmenters):
     images = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     with torch.inference_mode():
         outputs = seg.model(**processor(images=images, return_tensors="pt"))
-    hf_maps = [m.numpy() for m in processor.post_process_semantic_segmentation(outputs, target_sizes=[i.shape[:2] for i in images])]
+    hf_maps = [
+        m.numpy()
+        for m in processor.post_process_semantic_segmentation(
+            outputs, target_sizes=[i.shape[:2] for i in images]
+        )
+    ]
     ours = seg(images)
     for hf_map, pred in zip(hf_maps, ours):
         assert (hf_map == pred.id_map).mean() >= 0.97
@@ -136,7 +143,10 @@ def test_result_does_not_depend_on_the_batch(segmenters, task):
         assert [(s.id, s.label_id) for s in alone.segments] == [(s.id, s.label_id) for s in together.segments]
         for a, b in zip(alone.segments, together.segments):
             assert a.score is None and b.score is None or abs(a.score - b.score) < 1e-5
-            ma, mb = (mask_utils.decode({"size": [alone.height, alone.width], "counts": s.rle.encode()}) for s in (a, b))
+            ma, mb = (
+                mask_utils.decode({"size": [alone.height, alone.width], "counts": s.rle.encode()})
+                for s in (a, b)
+            )
             assert np.logical_and(ma, mb).sum() >= 0.999 * np.logical_or(ma, mb).sum()
 
 

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from seglabel import sources
+from seglabel.keys import is_safe_key
 from seglabel.sources import (
     DEFAULT_EXTENSIONS,
     ImageRef,
     SourceError,
     full_uri,
-    is_safe_key,
     iter_listing,
     iter_manifest,
 )

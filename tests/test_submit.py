@@ -3,89 +3,35 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from conftest import free_port
+from helpers import EXPECTED, ROOT, drawn, write_corpus
 from outputs import check_output
 from seglabel.cli import main
 from seglabel.config import JobConfig
-from test_job import EXPECTED, corpus_files
-
-ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """`ray start --head` with the dashboard (Jobs API) on 127.0.0.1, stopped by the test."""
-    import ray
+@pytest.fixture(autouse=True)
+def token_env(head, monkeypatch):
+    """The head's token where Ray's tools look for it (RAY_AUTH_TOKEN_PATH), nothing else."""
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.home / ".ray" / "auth_token"))
 
-    ray.shutdown()  # nothing of this process may hold another Ray
-    temp = Path(f"/tmp/sgl-{os.getpid()}")  # Ray's socket paths must stay short
-    port, dashboard = free_port(), free_port()
-    # Ray 2.60 heads require a token by default. seglabel's client is Ray's own (it takes the
-    # token from RAY_AUTH_TOKEN or ~/.ray/auth_token, as `ray job submit` does), but Ray reads
-    # the auth mode once per process, and this test process has run Ray already: this loopback
-    # head runs without tokens instead.
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
-    # Job entrypoints run `python`, as on a cluster image: this environment's.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    subprocess.run(
-        [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true", "--disable-usage-stats",
-         # Ports of our own, so that nothing else on the machine can be in the way.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}"],
-        env=env, check=True, capture_output=True, timeout=120,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        from ray.job_submission import JobSubmissionClient
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                JobSubmissionClient(address).list_jobs()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield address
-    finally:
-        # Stop this head only (not `ray stop`, which would stop every Ray on the machine):
-        # its processes and all their descendants (the agents rename themselves "ray::…").
-        victims = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                line = " ".join(proc.info["cmdline"] or [])
-                if str(temp) in line or f"127.0.0.1:{port}" in line:
-                    victims += [proc, *proc.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for proc in victims:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
+@pytest.fixture
+def address(head) -> str:
+    return head.dashboard
 
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:
-    root = tmp_path / "images"
-    for key, blob in corpus_files().items():
-        (root / key).parent.mkdir(parents=True, exist_ok=True)
-        (root / key).write_bytes(blob)
-    return root
+    return write_corpus(tmp_path / "images")
 
 
 def wait_status(address: str, submission_id: str, capsys, timeout: float = 180) -> str:
@@ -99,9 +45,9 @@ def wait_status(address: str, submission_id: str, capsys, timeout: float = 180) 
     raise AssertionError(f"{submission_id} did not finish")
 
 
-def test_submit_wait_runs_the_job_on_the_cluster(head, checkpoints, corpus, tmp_path, capsys):
+def test_submit_wait_runs_the_job_on_the_cluster(address, checkpoints, corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    status = main(["submit", "--address", head, "--wait", "--input", str(corpus), "--output", str(out),
+    status = main(["submit", "--address", address, "--wait", "--input", str(corpus), "--output", str(out),
                    "--model", str(checkpoints["instance"]), "--score-threshold", "0.3"])
     captured = capsys.readouterr()
     printed = captured.out
@@ -110,43 +56,63 @@ def test_submit_wait_runs_the_job_on_the_cluster(head, checkpoints, corpus, tmp_
     check_output(str(out), "instance", EXPECTED)
 
 
-def test_submit_no_wait_with_working_dir_then_status_and_logs(head, checkpoints, corpus, tmp_path, capsys):
+def test_submit_no_wait_with_working_dir_then_status_and_logs(address, checkpoints, corpus, tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
     out = tmp_path / "out"
-    spec.write_text(yaml.safe_dump({"input": str(corpus), "output": str(out), "model": str(checkpoints["semantic"])}))
-    assert main(["submit", "--address", head, "--no-wait", "--config", str(spec), "--working-dir", str(ROOT)]) == 0
+    spec.write_text(
+        yaml.safe_dump({"input": str(corpus), "output": str(out), "model": str(checkpoints["semantic"])})
+    )
+    assert (
+        main(["submit", "--address", address, "--no-wait", "--config", str(spec), "--working-dir", str(ROOT)])
+        == 0
+    )
     submission_id = capsys.readouterr().out.strip().splitlines()[-1]
-    assert wait_status(head, submission_id, capsys) == "SUCCEEDED"
-    from ray.job_submission import JobSubmissionClient
+    assert wait_status(address, submission_id, capsys) == "SUCCEEDED"
+    from seglabel.submit import client
 
-    info = JobSubmissionClient(head).get_job_info(submission_id)
+    info = client(address).get_job_info(submission_id)
     assert info.entrypoint.startswith("python jobs/run_job.py")  # the shipped checkout's script ran
-    assert main(["logs", submission_id, "--address", head]) == 0
+    assert main(["logs", submission_id, "--address", address]) == 0
     assert "labeled 6 images" in capsys.readouterr().out
     check_output(str(out), "semantic", EXPECTED)
 
 
-def test_failed_job_is_reported_with_its_reason(head, corpus, tmp_path, capsys):
-    status = main(["submit", "--address", head, "--input", str(corpus), "--output", str(tmp_path / "out"),
+def test_failed_job_is_reported_with_its_reason(address, corpus, tmp_path, capsys):
+    status = main(["submit", "--address", address, "--input", str(corpus), "--output", str(tmp_path / "out"),
                    "--model", str(tmp_path / "no-such-model-instance")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1
     assert "FAILED" in err[-1] and "no checkpoint" in err[-1], err[-1]
 
 
-def test_stop(head, checkpoints, tmp_path, capsys):
+def test_stop(address, checkpoints, tmp_path, capsys):
     many = tmp_path / "many"
     many.mkdir()
-    from test_job import drawn
-
     for i in range(400):
         drawn(64, 48, i).save(many / f"{i:03d}.png")
-    assert main(["submit", "--address", head, "--no-wait", "--input", str(many), "--output", str(tmp_path / "out"),
-                 "--model", str(checkpoints["instance"]), "--batch-size", "1"]) == 0
+    assert (
+        main(
+            [
+                "submit",
+                "--address",
+                address,
+                "--no-wait",
+                "--input",
+                str(many),
+                "--output",
+                str(tmp_path / "out"),
+                "--model",
+                str(checkpoints["instance"]),
+                "--batch-size",
+                "1",
+            ]
+        )
+        == 0
+    )
     submission_id = capsys.readouterr().out.strip().splitlines()[-1]
-    assert main(["stop", submission_id, "--address", head]) == 0
+    assert main(["stop", submission_id, "--address", address]) == 0
     assert "stop requested" in capsys.readouterr().out
-    assert wait_status(head, submission_id, capsys) == "STOPPED"
+    assert wait_status(address, submission_id, capsys) == "STOPPED"
 
 
 def test_submit_refuses_credentials_and_bad_settings_before_sending(capsys):
@@ -171,3 +137,67 @@ def test_example_job_specs_are_valid():
         "facebook/mask2former-swin-large-cityscapes-semantic",
         "facebook/mask2former-swin-large-coco-panoptic",
     }
+
+
+# -- token authentication (the head runs with Ray 2.60's default: tokens on) --------------------
+
+
+def test_a_head_with_tokens_refuses_a_client_without_one(address):
+    """What `ray job submit` meets without RAY_AUTH_MODE=token: a 401, so the test is real."""
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert err.value.code == 401
+
+
+def test_without_a_token_is_one_line_saying_how_to_give_one(address, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token there
+    assert main(["status", "raysubmit_anything", "--address", address]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "requires an authentication token" in err[0], err
+    assert "RAY_AUTH_TOKEN" in err[0] and "~/.ray/auth_token" in err[0]
+
+
+def test_a_wrong_token_is_refused_in_one_line(address, tmp_path, monkeypatch, capsys):
+    wrong = tmp_path / "wrong"
+    wrong.write_text("0" * 64)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(wrong))
+    assert main(["status", "raysubmit_anything", "--address", address]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refused the token" in err[0] and str(wrong) in err[0], err
+    assert "0" * 64 not in err[0]  # never the token itself
+
+
+@pytest.mark.parametrize("where", ["home", "env"])
+def test_token_from_home_or_environment(head, tmp_path, monkeypatch, where):
+    from seglabel.submit import client, find_token
+
+    address, home = head.dashboard, head.home
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    if where == "home":
+        monkeypatch.setenv("HOME", str(home))
+    else:
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    assert find_token()[0] == token
+    assert isinstance(client(address).list_jobs(), list)
+
+
+def test_joining_a_token_cluster_without_ray_auth_mode_says_how(head, checkpoints, corpus, tmp_path):
+    """`seglabel run --address` is a Ray driver: as Ray does for an explicit address, it sends no
+    token unless RAY_AUTH_MODE=token, and the failure says so in one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(head.home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "seglabel", "run", "--input", str(corpus), "--output", str(tmp_path / "out"),
+         "--model", str(checkpoints["instance"]), "--address", head.gcs],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert last.startswith(f"seglabel: error: cannot join the Ray cluster at {head.gcs}")
+    assert "RAY_AUTH_MODE=token" in last

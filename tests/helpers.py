@@ -1,0 +1,231 @@
+"""Helpers the test modules share: image files, a small mixed corpus, free ports, a Ray head.
+
+Test modules import from here (and from ``outputs`` for reading outputs back), never from each
+other.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+from skimage import data
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    """An image's file bytes in ``fmt``."""
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose IHDR claims width x height: costs nothing unless someone decodes it."""
+    png = bytearray(encode(Image.new("RGB", (1, 1)), "PNG"))
+    assert png[12:16] == b"IHDR"
+    png[16:24] = struct.pack(">II", width, height)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def oriented(array: np.ndarray, orientation: int, fmt: str = "JPEG") -> bytes:
+    """A JPEG (or ``fmt``) of ``array`` with an EXIF orientation tag."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(Image.fromarray(array), fmt, exif=exif, quality=95)
+
+
+def drawn(width: int, height: int, seed: int) -> Image.Image:
+    """A drawn image: a flat background with a few ellipses, different for every seed."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, width - 1)), int(rng.integers(0, height - 1))
+        box = [x0, y0, x0 + int(rng.integers(1, width)), y0 + int(rng.integers(1, height))]
+        draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return image
+
+
+def corpus_files() -> dict[str, bytes]:
+    """Key → file bytes: real photos and drawn images in nested folders, odd names, junk."""
+    return {
+        "astronaut.jpg": encode(Image.fromarray(data.astronaut()), "JPEG"),
+        "photos/coffee.png": encode(Image.fromarray(data.coffee()), "PNG"),
+        "photos/cats/chelsea cat é.WEBP": encode(Image.fromarray(data.chelsea()), "WEBP"),
+        "drawn/a/shapes 1.png": encode(drawn(64, 48, 1), "PNG"),
+        "drawn/a/b/tall.bmp": encode(drawn(20, 150, 2), "BMP"),
+        "drawn/broken.jpg": b"\xff\xd8\xff not really a jpeg",
+        "drawn/notes.txt": b"not an image and not listed",
+    }
+
+
+# What a job makes of corpus_files(): (width, height) of each labeled image, or the start of the
+# error of an image that cannot be labeled.
+EXPECTED = {
+    "astronaut.jpg": (512, 512),
+    "photos/coffee.png": (600, 400),
+    "photos/cats/chelsea cat é.WEBP": (451, 300),
+    "drawn/a/shapes 1.png": (64, 48),
+    "drawn/a/b/tall.bmp": (20, 150),
+    "drawn/broken.jpg": "decode:",
+}
+
+
+def write_corpus(root: Path) -> Path:
+    """corpus_files() written under ``root``; returns ``root``."""
+    for key, blob in corpus_files().items():
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+    return root
+
+
+@dataclass(frozen=True)
+class Head:
+    """A Ray head started by a test."""
+
+    dashboard: str  # the Jobs API, http://127.0.0.1:PORT
+    gcs: str  # what a driver joins, 127.0.0.1:PORT
+    home: Path  # its HOME: ~/.ray/auth_token there holds its token, if it has one
+
+
+@contextmanager
+def ray_head(home: Path, env: dict[str, str] | None = None) -> Iterator[Head]:
+    """``ray start --head`` with the Jobs API on 127.0.0.1.
+
+    The head runs with ``HOME=home``: Ray 2.60 turns token authentication on when a token is
+    found at ``~/.ray/auth_token``, so a token written there first gives a head with Ray's
+    default authentication, without touching the user's own home. Stopped (this head only, with
+    every process it started) at the end.
+    """
+    temp = Path(f"/tmp/sgl-{uuid.uuid4().hex[:8]}")  # Ray's socket paths must stay short
+    port, dashboard = free_port(), free_port()
+    head_env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HOME=str(home), **(env or {}))
+    # The test process may have turned token auth on for itself (a local ray.init does): the
+    # head decides for itself from its own HOME, as a freshly started one would.
+    head_env.pop("RAY_AUTH_MODE", None)
+    # Job entrypoints run `python`, as on a cluster image: this environment's.
+    head_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{head_env.get('PATH', '')}"
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            # Ports of our own, so that nothing else on the machine can be in the way.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+        ],
+        env=head_env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_jobs_api(address, home)
+        yield Head(address, f"127.0.0.1:{port}", home)
+    finally:
+        _stop_head(temp, port)
+
+
+def _wait_for_jobs_api(address: str, home: Path, timeout: float = 90) -> None:
+    """Until the head takes jobs (its job agent starts a few seconds after the dashboard)."""
+    import urllib.error
+    import urllib.request
+
+    token_file = home / ".ray" / "auth_token"
+    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            request = urllib.request.Request(f"{address}/api/jobs/", headers=headers)
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Ray head at {address} did not answer")
+        time.sleep(0.5)
+
+
+def _stop_head(temp: Path, port: int) -> None:
+    # This head only (not `ray stop`, which would stop every Ray on the machine): its processes
+    # and all their descendants (the agents rename themselves "ray::…").
+    import psutil
+
+    victims = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            line = " ".join(proc.info["cmdline"] or [])
+            if str(temp) in line or f"127.0.0.1:{port}" in line:
+                victims += [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def write_token(home: Path) -> str:
+    """A fresh Ray authentication token at ``home/.ray/auth_token`` (where Ray keeps its own)."""
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    (home / ".ray").mkdir(parents=True, exist_ok=True)
+    (home / ".ray" / "auth_token").write_text(token)
+    return token
+
+
+def tool_python(name: str) -> str:
+    """The Python of an annotation tool's own virtual environment (their pins conflict with
+    seglabel's): ``.venv-tools/<name>`` in the checkout, or under ``SEGLABEL_TOOLS_DIR``.
+
+    ``.ci/run`` installs them; elsewhere a missing tool skips the test, except with
+    ``SEGLABEL_REQUIRE_TOOLS=1`` (set by ``.ci/run``), where it fails.
+    """
+    import pytest
+
+    root = Path(os.environ.get("SEGLABEL_TOOLS_DIR") or ROOT / ".venv-tools")
+    python = root / name / "bin" / "python"
+    if python.exists():
+        return str(python)
+    message = f"{name} is not installed in {root / name} (.ci/run installs it there)"
+    if os.environ.get("SEGLABEL_REQUIRE_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)

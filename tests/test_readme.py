@@ -1,0 +1,192 @@
+"""Every code block of README.md runs as written, in order, in one working folder.
+
+What the blocks meet instead of the outside world, and the only substitutions made:
+
+* **Hugging Face Hub ids** are not rewritten: tiny random checkpoints with the real label sets
+  (COCO's 80 things, COCO panoptic's 133 labels, Cityscapes' 19) sit in a Hugging Face cache
+  (``HF_HOME``) under those ids, and ``HF_HUB_OFFLINE=1`` makes every load come from there.
+* **``s3://bucket/…`` and ``s3://my-bucket/…``** are not rewritten: buckets of those names live on
+  the loopback S3 endpoint (moto), with the photos and the manifest the blocks name.
+* **``gs://bucket/``** becomes a local folder (there is no GCS endpoint here): ``{work}/gs/bucket/``.
+* **``HEAD:6379`` and ``http://HEAD:8265``** become a real Ray head on loopback, started as Ray
+  2.60 starts one by default where a token exists (token authentication on). The blocks run
+  with ``HOME`` holding that token in ``~/.ray/auth_token``, as on the head itself.
+* **``jobs/*.yaml``** are the repository's specs, copied into the working folder unchanged.
+* **``pip`` and ``python -m pytest``** are recorded, not run (shell functions in front of the
+  blocks): installing and running the tests from scratch is ``.ci/run``'s work, and this test
+  checks that ``.ci/run`` runs exactly the README's commands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from skimage import data
+
+from helpers import ROOT, drawn, encode, ray_head, write_token
+from outputs import read_rows
+from seglabel.labels import LABEL_SETS
+from seglabel.synthetic import save_random_checkpoint
+
+README = ROOT / "README.md"
+BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+# The Hub checkpoints the README names, each with its real label set.
+HUB_CHECKPOINTS = {
+    "facebook/mask2former-swin-small-coco-instance": [name for name, _ in LABEL_SETS["coco-panoptic"][:80]],
+    "facebook/mask2former-swin-large-coco-panoptic": [name for name, _ in LABEL_SETS["coco-panoptic"]],
+    "facebook/mask2former-swin-large-cityscapes-semantic": [name for name, _ in LABEL_SETS["cityscapes"]],
+}
+# In front of every shell block: installs and the test suite are recorded, not run.
+SHELL_PREAMBLE = """
+pip() { printf 'pip %s\\n' "$*" >> "$README_CALLS"; }
+python() {
+    if [ "${1:-}" = "-m" ] && [ "${2:-}" = "pytest" ]; then printf 'python %s\\n' "$*" >> "$README_CALLS";
+    else command python "$@"; fi
+}
+"""
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """(language, text) of every fenced code block of the README, in order."""
+    return [(lang, text) for lang, text in BLOCK.findall(README.read_text(encoding="utf-8"))]
+
+
+def hub_cache(hf_home: Path, repo_id: str, checkpoint: Path) -> None:
+    """Lay a checkpoint folder out in a Hugging Face cache as ``repo_id`` at one commit (refs/main
+    names it), the way huggingface_hub finds a downloaded repository offline."""
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def jpeg(image: Image.Image) -> bytes:
+    return encode(image, "JPEG")
+
+
+@pytest.fixture(scope="module")
+def world(s3_endpoint, tmp_path_factory):
+    """The working folder, its environment, and what the README's blocks expect to find."""
+    import ray
+
+    ray.shutdown()  # this process holds no Ray; the blocks start their own or use the head
+    work = tmp_path_factory.mktemp("readme")
+    home = work / "home"
+    hf_home = work / "hf"
+    checkpoints = tmp_path_factory.mktemp("readme-checkpoints")
+    for repo_id, names in HUB_CHECKPOINTS.items():
+        folder = save_random_checkpoint(checkpoints / repo_id.split("/")[1], "tiny", dict(enumerate(names)))
+        hub_cache(hf_home, repo_id, folder)
+    write_token(home)
+
+    photos = {
+        "photo.jpg": jpeg(Image.fromarray(data.astronaut())),
+        "coffee.jpg": jpeg(Image.fromarray(data.coffee())),
+        "shapes.jpg": jpeg(drawn(96, 64, 3)),
+    }
+    (work / "images").mkdir()
+    for name, blob in photos.items():
+        (work / "images" / name).write_bytes(blob)
+    street = work / "gs" / "bucket" / "street"
+    street.mkdir(parents=True)
+    for i in range(2):
+        (street / f"frame{i}.jpg").write_bytes(jpeg(drawn(128, 64, 10 + i)))
+    s3 = boto3.client("s3")
+    for bucket in ("bucket", "my-bucket"):
+        s3.create_bucket(Bucket=bucket)
+        for name, blob in photos.items():
+            s3.put_object(Bucket=bucket, Key=f"photos/{name}", Body=blob)
+    manifest = pa.BufferOutputStream()
+    pq.write_table(pa.table({"uri": [f"s3://bucket/photos/{name}" for name in photos]}), manifest)
+    s3.put_object(Bucket="bucket", Key="inventory/keys.parquet", Body=manifest.getvalue().to_pybytes())
+    shutil.copytree(ROOT / "jobs", work / "jobs", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+
+    env = dict(os.environ, HOME=str(home), HF_HOME=str(hf_home), HF_HUB_OFFLINE="1",
+               README_CALLS=str(work / "calls.txt"))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    with ray_head(home, env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}) as head:
+        yield {"work": work, "env": env, "head": head, "photos": sorted(photos), "street": 2}
+    for bucket in ("bucket", "my-bucket"):
+        fsspec.filesystem("s3").rm(bucket, recursive=True)
+
+
+def substituted(text: str, world: dict) -> str:
+    """The block's text with the substitutions of this module's docstring, and nothing else."""
+    head = world["head"]
+    text = text.replace("gs://bucket/", f"{world['work']}/gs/bucket/")
+    text = text.replace("http://HEAD:8265", head.dashboard).replace("HEAD:6379", head.gcs)
+    return text
+
+
+def run_block(lang: str, text: str, world: dict) -> subprocess.CompletedProcess:
+    if lang in ("bash", "sh"):
+        argv = ["bash", "-c", "set -euo pipefail\n" + SHELL_PREAMBLE + text]
+    elif lang == "python":
+        argv = [sys.executable, "-c", text]
+    else:
+        raise AssertionError(f"README block in an unknown language {lang!r}: this test cannot run it")
+    return subprocess.run(
+        argv, cwd=world["work"], env=world["env"], capture_output=True, text=True, timeout=900
+    )
+
+
+def test_every_readme_block_runs_as_written(world):
+    blocks = readme_blocks()
+    assert len(blocks) >= 7 and {lang for lang, _ in blocks} == {"bash", "python"}
+    for lang, text in blocks:
+        done = run_block(lang, substituted(text, world), world)
+        assert done.returncode == 0, (
+            f"README block failed (exit {done.returncode}):\n{text}\n--- stdout\n{done.stdout[-3000:]}"
+            f"\n--- stderr\n{done.stderr[-5000:]}"
+        )
+
+    work, photos = world["work"], world["photos"]
+    # The quickstart labeled ./images into ./labels, and the exports and preview read it.
+    quick = read_rows(str(work / "labels"))
+    assert sorted(r["key"] for r in quick) == photos and all(r["status"] == "ok" for r in quick)
+    assert json.loads((work / "labels" / "_SUCCESS").read_text())["total"] == len(photos)
+    assert (work / "coco-00000.json").exists() and (work / "cvat.zip").exists()
+    assert (work / "panoptic" / "panoptic.json").exists() and (work / "tasks.json").exists()
+    assert len(list((work / "preview" / "overlays").glob("*.png"))) == len(photos)
+    tasks = json.loads((work / "tasks.json").read_text())
+    assert {t["data"]["image"] for t in tasks} == {f"https://cdn.example.com/photos/{p}" for p in photos}
+    # The other runs, on S3, the local stand-in for GCS, and the Ray head.
+    for output, task, n in (("s3://bucket/labels", "panoptic", len(photos)),
+                            (str(work / "gs" / "bucket" / "street-labels"), "semantic", world["street"]),
+                            ("s3://my-bucket/labels/coco-instance", "instance", len(photos)),
+                            ("s3://bucket/api-labels", "instance", len(photos))):
+        rows = read_rows(output)
+        assert len(rows) == n and {r["task"] for r in rows} == {task}, output
+    # Installs and the test command are .ci/run's: exactly the README's, there.
+    calls = (work / "calls.txt").read_text().splitlines()
+    assert calls == [
+        "pip install -e .",
+        "pip install torch==2.13.0",
+        "pip install -c .ci/constraints.txt -e .[test]",
+        "python -m pytest -q",
+        "python -m pytest -q",
+    ]
+    ci = (ROOT / ".ci" / "run").read_text()
+    for line in (
+        "pip install torch==2.13.0",
+        'pip install -c .ci/constraints.txt -e ".[test]"',
+        "python -m pytest -q",
+    ):
+        assert re.search(rf"^\s*{re.escape(line)}\s*$", ci, re.M), f".ci/run does not run: {line}"
+    assert 'pip install -c .ci/constraints.txt -e ".[test]" && python -m pytest -q' in README.read_text()

@@ -1,0 +1,183 @@
+"""The output store and the shared storage mechanisms, without Ray: atomic writes, parts, resume
+state, counts, error-row removal, housekeeping; read back with pyarrow and the filesystem."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from seglabel.errors import SeglabelError
+from seglabel.keys import hash64, key_hashes
+from seglabel.postprocess import RawPrediction
+from seglabel.sink import SCHEMA, DoneKeys, OutputError, OutputStore
+from seglabel.storage import absolute_local, is_temporary, open_atomic, write_atomic
+
+
+def rows(*specs: tuple[str, str, str | None]) -> pa.Table:
+    """Contract rows from (key, status, error)."""
+    return pa.Table.from_pylist([
+        {"key": k, "image_uri": f"file:///in/{k}", "status": s, "error": e, "width": 4 if s == "ok" else None,
+         "height": 3 if s == "ok" else None, "mask_uri": f"file:///out/masks/{k}.png" if s == "ok" else None,
+         "task": "instance", "model": "m", "segments": [] if s == "ok" else None}
+        for k, s, e in specs
+    ], schema=SCHEMA)
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path) -> OutputStore:
+    if request.param == "local":
+        return OutputStore(str(tmp_path / "out"))
+    import uuid
+
+    return OutputStore(f"memory://sink-{uuid.uuid4().hex}")
+
+
+def test_parts_counts_and_done_keys(store):
+    store.write_part(
+        rows(("a.jpg", "ok", None), ("b.jpg", "error", "decode: truncated image")), "part-1.parquet"
+    )
+    store.write_part(rows(("c.jpg", "error", "read: not found")), "part-2.parquet")
+    assert [p.rsplit("/", 1)[1] for p in store.parts()] == ["part-1.parquet", "part-2.parquet"]
+    # Parts are what the contract says, read with pyarrow alone.
+    table = pq.read_table(pa.BufferReader(store.fs.cat_file(store.parts()[0])))
+    assert table.schema.names == SCHEMA.names and table.num_rows == 2
+    assert store.counts() == {"total": 3, "ok": 1, "error": 2,
+                              "errors_by_reason": {"decode: truncated image": 1, "read: not found": 1}}
+    done = store.done_keys()
+    assert "a.jpg" in done and "b.jpg" in done and "c.jpg" in done and "d.jpg" not in done
+    only_ok = store.done_keys(include_errors=False)
+    assert "a.jpg" in only_ok and "b.jpg" not in only_ok
+
+
+def test_drop_error_rows_replaces_parts_and_the_later_row_wins(store):
+    store.write_part(rows(("a.jpg", "ok", None), ("b.jpg", "error", "decode: x")), "part-1.parquet")
+    store.write_part(rows(("c.jpg", "error", "read: not found")), "part-2.parquet")
+    assert store.drop_error_rows() == 2
+    assert [p.rsplit("/", 1)[1] for p in store.parts()] == ["part-1.parquet"]  # part-2 had nothing left
+    assert store.counts()["total"] == 1
+    store.write_part(rows(("b.jpg", "ok", None), ("c.jpg", "ok", None)), "part-3.parquet")
+    assert store.counts() == {"total": 3, "ok": 3, "error": 0, "errors_by_reason": {}}
+
+
+def test_batches_are_bounded_and_cover_every_row(store):
+    store.write_part(rows(*[(f"{i}.jpg", "ok", None) for i in range(7)]), "part-1.parquet")
+    store.write_part(rows(*[(f"x{i}.jpg", "ok", None) for i in range(3)]), "part-2.parquet")
+    batches = list(store.iter_batches(["key"], 3))
+    assert max(b.num_rows for b in batches) <= 3
+    assert sum(b.num_rows for b in batches) == 10
+
+
+def test_job_files_and_inspect(store):
+    assert store.read_json("job.json") is None
+    store.write_json("job.json", {"task": "instance", "model": "m", "input": "/in"})
+    store.write_part(rows(("a.jpg", "ok", None)), "part-1.parquet")
+    state = store.inspect()
+    assert state["complete"] is False and state["parts"] == 1 and state["total"] == 1
+    assert state["job"]["task"] == "instance"
+    store.write_json("_SUCCESS", store.counts())
+    assert store.inspect()["complete"] is True
+    store.clear()
+    assert store.read_json("job.json") is None and store.parts() == [] and not store.exists("_SUCCESS")
+
+
+def test_a_killed_runs_temporary_files_are_cleaned(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_part(rows(("a.jpg", "ok", None)), "part-1.parquet")
+    (tmp_path / "out" / "metadata" / ".part-2.parquet.tmp-0123").write_bytes(b"half")
+    (tmp_path / "out" / "_seglabel" / "todo-run1").mkdir(parents=True)
+    assert len(store.parts()) == 1  # hidden temporary parts are never read
+    assert store.clean_temporary() == 2
+    assert sorted(os.listdir(tmp_path / "out" / "metadata")) == ["part-1.parquet"]
+
+
+def test_a_write_lands_exactly_at_its_path_or_fails(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    uri = store.write_mask("x.jpg", b"png")
+    assert uri == (tmp_path / "out" / "masks" / "x.jpg.png").as_uri()
+    # A folder where the file should go: the write fails, and nothing moves into the folder.
+    (tmp_path / "out" / "masks" / "y.jpg.png").mkdir()
+    with pytest.raises(OSError):
+        store.write_mask("y.jpg", b"png")
+    assert os.listdir(tmp_path / "out" / "masks" / "y.jpg.png") == []
+    assert not [n for n in os.listdir(tmp_path / "out" / "masks") if is_temporary(n)]
+
+
+def test_open_atomic_shows_nothing_until_complete(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    target = tmp_path / "a" / "file.json"
+    with pytest.raises(RuntimeError):
+        with open_atomic(fs, str(target)) as f:
+            f.write(b"half")
+            assert not target.exists()
+            raise RuntimeError("failed while writing")
+    assert not target.exists() and os.listdir(tmp_path / "a") == []
+    write_atomic(fs, str(target), b"whole")
+    assert target.read_bytes() == b"whole"
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    store = OutputStore(str(blocker / "out"))
+    with pytest.raises(OutputError) as err:
+        store.check_writable()
+    assert isinstance(err.value, SeglabelError) and "\n" not in str(err.value)
+
+
+def test_done_keys_and_hashes():
+    keys = [f"a/{i % 700}.jpg" for i in range(1000)]  # 300 repeats
+    done = DoneKeys(key_hashes(keys))
+    assert len(done) == 700
+    assert all(k in done for k in keys[:700])
+    assert "a/700.jpg" not in done and "b/1.jpg" not in done
+    assert len(DoneKeys()) == 0 and "x" not in DoneKeys()
+    assert key_hashes(["x", "y"]).tolist() == [hash64("x"), hash64("y")]
+    assert hash64("\udcff.jpg") != hash64("\udcfe.jpg")  # undecodable names hash, distinctly
+
+
+def test_absolute_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_local("./labels") == str(tmp_path / "labels")
+    assert absolute_local("labels/x") == str(tmp_path / "labels" / "x")
+    assert absolute_local("file:///data/x") == "/data/x"
+    assert absolute_local("~/x") == os.path.expanduser("~/x")
+    for url in ("s3://b/labels", "gs://b/x", "memory://x", "http://h/x.txt"):
+        assert absolute_local(url) == url
+
+
+def encode_batch(tmp_path, raw: RawPrediction):
+    from seglabel.pipeline import _encode_batch
+
+    store = OutputStore(str(tmp_path / "out"))
+    batch = {
+        "key": np.array(["k.jpg"], dtype=object), "uri": np.array(["file:///k.jpg"], dtype=object),
+        "width": np.array([4], np.int32), "height": np.array([3], np.int32),
+        "error": np.array([""], dtype=object), "raw": np.array([pickle.dumps(raw)], dtype=object),
+        "actor": np.array(["a"], dtype=object),
+    }
+    return store, _encode_batch(batch, store, "instance", "m", {0: "label0"}, None).to_pylist()[0]
+
+
+def test_encode_failure_is_an_encode_error_row_without_a_mask(tmp_path):
+    ids = np.zeros(0, np.int32)
+    # A label map no PNG mode holds (two channels of 16 bits): Pillow refuses to encode it.
+    broken = RawPrediction(np.zeros((3, 4, 2), np.uint16), ids, ids, np.zeros(0, np.float32),
+                           np.zeros((0, 3, 4), bool))
+    store, row = encode_batch(tmp_path, broken)
+    assert row["status"] == "error" and row["error"].startswith("encode: "), row
+    assert row["mask_uri"] is None and row["segments"] is None
+    assert not (tmp_path / "out" / "masks").exists()
+    good = RawPrediction(
+        np.zeros((3, 4), np.uint16), ids, ids, np.zeros(0, np.float32), np.zeros((0, 3, 4), bool)
+    )
+    _, row = encode_batch(tmp_path, good)
+    assert row["status"] == "ok" and row["segments"] == []
+    assert json.loads(json.dumps(row["mask_uri"])).endswith("/masks/k.jpg.png")
