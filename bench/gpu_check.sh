@@ -39,8 +39,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
 import sys
 from pathlib import Path
 from PIL import Image
-from seglabel.bench import _photos
-arrays, names, source = _photos(None)
+from seglabel.bench.images import photos
+arrays, names, source = photos(None)
 out = Path(sys.argv[1])
 for array, name in zip(arrays, names):
     Image.fromarray(array).save(out / f"{name}.png", compress_level=6)
@@ -113,11 +113,7 @@ EOF
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
 
-if "$PY" -m seglabel.cli bench --help >/dev/null 2>&1; then
-    BENCH=("$PY" -m seglabel.cli bench)
-else
-    BENCH=("$PY" -m seglabel.bench)   # the CLI does not list `bench` yet: the same code, run directly
-fi
+BENCH=("$PY" -m seglabel bench)   # `seglabel bench`, without needing the console script installed
 
 # run_step NAME LIMIT_S COMMAND...: own process group, SIGINT at the limit (Ray shuts down
 # cleanly), the group killed after; rc and seconds to steps.tsv.
