@@ -173,7 +173,6 @@ def read_label_config(model: str, revision: str | None = None) -> tuple[dict[int
     import json
 
     import fsspec
-    from transformers import AutoConfig
 
     if (
         _is_remote_url(model)
@@ -192,6 +191,9 @@ def read_label_config(model: str, revision: str | None = None) -> tuple[dict[int
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read checkpoint config {url}: {exc}") from exc
         return {int(k): str(v) for k, v in config.get("id2label", {}).items()}, revision
+    # Only here: transformers imports torch (a quarter of a GB in the driver, for a config file).
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:

@@ -11,6 +11,7 @@ rows at a time and commits them as one Parquet file.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pickle
@@ -32,6 +33,7 @@ from .config import ConfigError, EngineConfig, JobConfig
 from .encode import build_segments, encode_png
 from .errors import SeglabelError, reason
 from .fetch import fetch, options_for
+from .keys import Bits, HashSet, SortedHashes, key_hashes
 from .labels import resolve_labels, thing_ids
 from .sink import JOB_FILE, SCHEMA, SCRATCH_DIR, SUCCESS_FILE, OutputStore
 from .sources import ImageRef, iter_listing, iter_manifest
@@ -40,6 +42,11 @@ from .storage import absolute_local
 log = logging.getLogger(__name__)
 
 TODO_ROWS_PER_FILE = 100_000
+# Refs hashed and classified at a time while enumerating (vectorised lookups, bounded memory).
+ENUMERATION_BATCH = 8192
+# A part is committed once it holds --rows-per-part rows or this many bytes of rows, whichever
+# comes first: rows of large photos with many instances carry megabytes of RLE each.
+PART_MAX_BYTES = 64 << 20
 # CPU shares of the light tasks: on a 2-core machine one Segmenter actor takes a core and the
 # decode and encode tasks share the other instead of waiting for whole cores.
 DECODE_CPUS = 0.25
@@ -142,6 +149,7 @@ def _decode_batch(batch: dict[str, np.ndarray], base_url: str, storage_options: 
         heights.append(result.height if ok else -1)
         errors.append(error or "")
     return {
+        "index": batch["index"],
         "key": batch["key"],
         "uri": batch["uri"],
         "image": _object_array(images),
@@ -188,6 +196,7 @@ class SegmentStage:
             else:
                 raws[i] = pickle.dumps(raw, protocol=5)
         return {
+            "index": batch["index"],
             "key": batch["key"],
             "uri": batch["uri"],
             "width": batch["width"],
@@ -256,7 +265,8 @@ def _encode_batch(
             row["width"], row["height"] = int(width), int(height)
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    return table.append_column("actor", pa.array(list(batch["actor"]), pa.string()))
+    table = table.append_column("actor", pa.array(list(batch["actor"]), pa.string()))
+    return table.append_column("index", pa.array(np.asarray(batch["index"], dtype=np.int64)))
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -322,15 +332,62 @@ def _check_same_settings(previous: dict[str, Any], engine: EngineConfig, task: s
         )
 
 
-def _stage_todo(store: OutputStore, refs: Iterator[ImageRef], done, limit: int | None, run_id: str):
-    """Write the images still to do as Parquet files the workers read; returns their paths
-    and the counts (found, already done, to do). Holds one file's rows at a time."""
-    paths, found, skipped, todo = [], 0, 0, 0
+@dataclass
+class _Tally:
+    """What an enumeration met: distinct images, those already done, those to do (before any
+    --limit), and repeated keys (counted once in the others)."""
+
+    found: int = 0
+    already_done: int = 0
+    todo: int = 0
+    repeats: int = 0
+
+
+def _new_refs(
+    refs: Iterator[ImageRef], done: SortedHashes, tally: _Tally, dedupe: bool
+) -> Iterator[ImageRef]:
+    """The refs without a committed row, in order, each key once; counts into ``tally``.
+
+    Keys are handled as 64-bit hashes, a batch at a time: a done key is found by binary search
+    in ``done`` and remembered in one bit, so that a repeat of it is told from its first
+    appearance; with ``dedupe`` (a manifest may list an image twice; a listing never does) the
+    other keys go into a growing hash set. Nothing is held per key beyond that: an output whose
+    images are all done costs its done set and a bit a key.
+    """
+    seen = HashSet() if dedupe else None
+    while True:
+        batch = list(itertools.islice(refs, ENUMERATION_BATCH))
+        if not batch:
+            return
+        hashes = key_hashes([r.key for r in batch])
+        keep = np.ones(len(batch), dtype=bool)
+        if len(done):
+            index = done.find(hashes)
+            member = np.flatnonzero(index >= 0)
+            first = done.first_visits(index[member])
+            tally.already_done += int(first.sum())
+            tally.repeats += len(first) - int(first.sum())
+            keep[member] = False
+        if seen is not None:
+            rest = np.flatnonzero(keep)
+            new = seen.add_new(hashes[rest])
+            tally.repeats += len(new) - int(new.sum())
+            keep[rest[~new]] = False
+        tally.found = tally.already_done + tally.todo + int(keep.sum())
+        tally.todo += int(keep.sum())
+        yield from itertools.compress(batch, keep.tolist())
+
+
+def _stage_todo(store: OutputStore, refs: Iterator[ImageRef], limit: int | None, run_id: str):
+    """Write the images still to do as Parquet files the workers read, each row with its index
+    in the todo order; returns their paths and the number of rows. Holds one file's rows."""
+    paths, todo = [], 0
     buffer: list[ImageRef] = []
 
     def flush():
         if buffer:
             table = pa.table({
+                "index": pa.array(range(todo - len(buffer), todo), pa.int64()),
                 "key": [r.key for r in buffer],
                 "uri": [r.uri for r in buffer],
                 "error": pa.array([r.error for r in buffer], pa.string()),
@@ -343,18 +400,14 @@ def _stage_todo(store: OutputStore, refs: Iterator[ImageRef], done, limit: int |
             buffer.clear()
 
     for ref in refs:
-        found += 1
-        if ref.key in done:
-            skipped += 1
-            continue
         if limit is not None and todo >= limit:
-            continue
+            continue  # counted all the same: the summary says how many are found
         buffer.append(ref)
         todo += 1
         if len(buffer) >= TODO_ROWS_PER_FILE:
             flush()
     flush()
-    return paths, found, skipped, todo
+    return paths, todo
 
 
 def _actor_resources(config: JobConfig, local: bool) -> tuple[int, dict[str, float]]:
@@ -414,20 +467,22 @@ def run(config: JobConfig) -> Summary:
         store.clean_temporary()
         if config.retry_errors and previous is not None:
             log.info("dropped %d error rows to process them again", store.drop_error_rows())
-    done = store.done_keys(include_errors=not config.retry_errors) if previous is not None else _Nothing()
+    done = store.done_keys(include_errors=not config.retry_errors) if previous is not None else SortedHashes()
+    tally = _Tally()
+    new_refs = _new_refs(refs, done, tally, dedupe=bool(config.manifest))
 
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     if config.dry_run:
-        found = skipped = 0
-        for ref in refs:
-            found += 1
-            skipped += ref.key in done
-        summary.found, summary.already_done = found, skipped
+        for _ in new_refs:
+            pass
+        summary.found, summary.already_done = tally.found, tally.already_done
         return summary
 
-    todo_paths, summary.found, summary.already_done, todo = _stage_todo(
-        store, refs, done, config.limit, run_id
-    )
+    todo_paths, todo = _stage_todo(store, new_refs, config.limit, run_id)
+    summary.found, summary.already_done = tally.found, tally.already_done
+    if tally.repeats:
+        log.info("%d entries repeated an image already listed: each image counts once", tally.repeats)
+    del done, new_refs  # the enumeration's memory, before the counts need theirs
     if previous is None:
         store.write_json(JOB_FILE, _job_record(config, task, revision, id2label))
     try:
@@ -465,11 +520,6 @@ def _absolute_paths(config: JobConfig) -> JobConfig:
     if "://" not in model and (model.startswith((".", "~", "/")) or os.path.isdir(os.path.expanduser(model))):
         changes["engine"] = config.engine.replace(model=absolute_local(model))
     return config.replace(**changes)
-
-
-class _Nothing:
-    def __contains__(self, key: str) -> bool:
-        return False
 
 
 def _chain(first: ImageRef, rest: Iterator[ImageRef]) -> Iterator[ImageRef]:
@@ -553,39 +603,40 @@ def _commit(ds, store: OutputStore, config: JobConfig, todo: int, run_id: str, s
 
     rows_per_part = config.rows_per_part
     pending: list[pa.Table] = []
-    pending_rows = 0
+    pending_rows = pending_bytes = 0
     part = 0
     actors: Counter[str] = Counter()
-    seen: set[str] = set()
+    # One bit per row of this run's todo list (its "index" column), not a set of keys.
+    committed = Bits(todo)
     last_log = time.monotonic()
     started = time.perf_counter()
 
     def write(table: pa.Table) -> None:
         nonlocal part
-        store.write_part(table.drop_columns(["actor"]), f"part-{run_id}-{part:05d}.parquet")
+        store.write_part(table.drop_columns(["actor", "index"]), f"part-{run_id}-{part:05d}.parquet")
         part += 1
 
     with tqdm(total=todo, unit="img", desc="labeling", disable=None) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            keys = batch.column("key").to_pylist()
             # Ray yields a task's rows once even when it retried the task; this guards the
             # contract (every image exactly once) against any duplicate all the same.
-            fresh = [i for i, k in enumerate(keys) if k not in seen]
-            if len(fresh) != len(keys):
-                log.warning("dropping %d duplicate rows", len(keys) - len(fresh))
-                batch = batch.take(fresh)
-            seen.update(keys)
+            fresh = committed.first(batch.column("index").to_numpy())
+            if not fresh.all():
+                log.warning("dropping %d duplicate rows", len(fresh) - int(fresh.sum()))
+                batch = batch.filter(pa.array(fresh))
             statuses = batch.column("status").to_pylist()
             summary.ok += statuses.count("ok")
             summary.error += len(statuses) - statuses.count("ok")
             actors.update(a for a, s in zip(batch.column("actor").to_pylist(), statuses) if s == "ok")
             pending.append(batch)
             pending_rows += batch.num_rows
-            while pending_rows >= rows_per_part:
+            pending_bytes += batch.nbytes
+            while pending_rows >= rows_per_part or (pending_rows and pending_bytes >= PART_MAX_BYTES):
                 table = pa.concat_tables(pending).combine_chunks()
                 write(table.slice(0, rows_per_part))
                 rest = table.slice(rows_per_part)
                 pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+                pending_bytes = rest.nbytes if rest.num_rows else 0
             bar.update(batch.num_rows)
             summary.processed += batch.num_rows
             if _too_many_errors(config.max_errors, summary.error, summary.processed):

@@ -28,7 +28,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .errors import SeglabelError, one_line
-from .keys import hash64, key_hashes
+from .keys import HashSpool, SortedHashes, key_hashes, repeated
 from .storage import is_local, is_temporary, open_url, write_atomic
 
 log = logging.getLogger(__name__)
@@ -70,25 +70,6 @@ SCRATCH_DIR = "_seglabel"
 
 class OutputError(SeglabelError, RuntimeError):
     """The output cannot be read or written; the message is one readable line."""
-
-
-class DoneKeys:
-    """The keys that already have a committed row, as a sorted array of 64-bit hashes.
-
-    Eight bytes a key, so that resuming a 10^8-image output fits a driver (800 MB), where a
-    Python set of strings would need tens of GB.
-    """
-
-    def __init__(self, hashes: np.ndarray | None = None):
-        self._hashes = np.unique(hashes) if hashes is not None else np.zeros(0, dtype=np.uint64)
-
-    def __len__(self) -> int:
-        return len(self._hashes)
-
-    def __contains__(self, key: str) -> bool:
-        h = np.uint64(hash64(key))
-        i = np.searchsorted(self._hashes, h)
-        return bool(i < len(self._hashes) and self._hashes[i] == h)
 
 
 class OutputStore:
@@ -202,34 +183,60 @@ class OutputStore:
             columns=columns, use_threads=False
         )
 
-    def done_keys(self, include_errors: bool = True) -> DoneKeys:
-        """Keys with a committed row (``include_errors=False``: only ``ok`` rows count)."""
-        chunks = []
+    def done_keys(self, include_errors: bool = True) -> SortedHashes:
+        """Keys with a committed row (``include_errors=False``: only ``ok`` rows count), as a
+        set of hashes: 8 bytes a key, read one part at a time."""
+        spool = HashSpool()
         for table in self.iter_part_columns(["key", "status"]):
-            keys = table.column("key").to_pylist()
             if not include_errors:
-                status = table.column("status").to_pylist()
-                keys = [k for k, s in zip(keys, status) if s == "ok"]
-            chunks.append(key_hashes(keys))
-        return DoneKeys(np.concatenate(chunks) if chunks else None)
+                table = table.filter(pa.compute.equal(table.column("status"), "ok"))
+            spool.add(key_hashes(table.column("key").to_pylist()))
+        return SortedHashes.from_spool(spool)
 
     def counts(self) -> dict[str, Any]:
         """Rows, ok and error counts (errors by reason) over all committed parts.
 
-        When a re-run with ``--retry-errors`` replaced an error row, the later row wins.
+        Every key has one row: the commit refuses repeats within a run and a run skips what
+        earlier runs committed. Should a key still have two rows (a part replaced while another
+        run wrote), the later row wins. Memory: the keys' hashes, 8 bytes a row, to find such
+        repeats; the rows themselves are counted one part at a time.
         """
-        latest: dict[int, tuple[str, str | None]] = {}
+        statuses: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        spool = HashSpool()
         for table in self.iter_part_columns(["key", "status", "error"]):
-            for key, status, error in zip(*(table.column(c).to_pylist() for c in ("key", "status", "error"))):
-                latest[hash64(key)] = (status, error)
-        statuses = Counter(s for s, _ in latest.values())
-        reasons = Counter(_reason(e) for s, e in latest.values() if s != "ok")
+            statuses.update(_value_counts(table.column("status")))
+            failed = table.filter(pa.compute.not_equal(table.column("status"), "ok"))
+            reasons.update(_reason(e) for e in failed.column("error").to_pylist())
+            spool.add(key_hashes(table.column("key").to_pylist()))
+        repeats = repeated(spool.sorted())
+        if len(repeats):
+            self._discount_replaced_rows(repeats, statuses, reasons)
         return {
-            "total": len(latest),
+            "total": sum(statuses.values()),
             "ok": statuses.get("ok", 0),
             "error": sum(v for k, v in statuses.items() if k != "ok"),
-            "errors_by_reason": dict(sorted(reasons.items())),
+            "errors_by_reason": dict(sorted((k, v) for k, v in reasons.items() if v)),
         }
+
+    def _discount_replaced_rows(self, repeats: np.ndarray, statuses: Counter, reasons: Counter) -> None:
+        """Take out of the counts every row of a repeated key but its last (parts are read in
+        name order, which is commit order: part names start with the run's UTC time)."""
+        rows_of: dict[int, list[tuple[str, str | None]]] = {}
+        wanted = SortedHashes(repeats, is_sorted=True)
+        for table in self.iter_part_columns(["key", "status", "error"]):
+            hashes = key_hashes(table.column("key").to_pylist())
+            hit = wanted.find(hashes) >= 0
+            if not hit.any():
+                continue
+            status, error = table.column("status").to_pylist(), table.column("error").to_pylist()
+            for i in np.flatnonzero(hit).tolist():
+                rows_of.setdefault(int(hashes[i]), []).append((status[i], error[i]))
+        for rows in rows_of.values():
+            for status, error in rows[:-1]:
+                statuses[status] -= 1
+                if status != "ok":
+                    reasons[_reason(error)] -= 1
 
     def inspect(self) -> dict[str, Any]:
         """The state of an output, from storage alone: rows committed, errors by reason,
@@ -306,6 +313,11 @@ class OutputStore:
             else:
                 self.fs.rm(path)
         return dropped
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    counts = pa.compute.value_counts(column)
+    return {v.as_py(): c.as_py() for v, c in zip(counts.field("values"), counts.field("counts"))}
 
 
 def _reason(error: str | None) -> str:

@@ -19,6 +19,7 @@ Plain Python, no Ray: the pipeline wires these iterators into Ray Data.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import posixpath
 from collections.abc import Iterable, Iterator, Mapping
@@ -31,7 +32,7 @@ from fsspec.utils import infer_compression
 
 from .config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
 from .errors import SeglabelError, one_line
-from .keys import UNSAFE_KEY_ERROR, hash64, is_safe_key
+from .keys import UNSAFE_KEY_ERROR, is_safe_key
 from .storage import open_url
 
 logger = logging.getLogger(__name__)
@@ -171,100 +172,168 @@ def iter_listing(
     root = root.rstrip("/") or root
     wanted = frozenset(e.lower().lstrip(".") for e in extensions)
     excluded = _normalise_excludes(fs, exclude)
+    ordered = _streams(fs)
 
     try:
-        entries = fs.ls(root, detail=True)
+        entries, single = _first_listing(fs, root, ordered)
     except FileNotFoundError as exc:
         raise SourceError(f"input {input_url!r} not found: {one_line(exc)}") from exc
     except Exception as exc:  # permissions, network, endpoint: anything that stops the listing
         raise SourceError(f"cannot list input {input_url!r}: {one_line(exc)}") from exc
-
-    # ls() of a file returns that file alone (local, memory and s3fs alike): no extra request.
-    # (An S3 folder marker "prefix/" alone is named with its '/', so it is not taken for a file.)
-    if len(entries) == 1 and entries[0]["type"] != "directory":
-        name = entries[0]["name"]
-        if name == root:
-            base = posixpath.basename(name)
-            if _extension(base) not in wanted:
-                raise SourceError(
-                    f"input {input_url!r} is a file, not a folder of images "
-                    f"(use a .txt/.csv/.parquet manifest to list images)"
-                )
-            logger.info("input %s is a single image", input_url)
-            yield _ref(base, full_uri(fs, name))
-            return
+    if single is not None:
+        base = posixpath.basename(single)
+        if _extension(base) not in wanted:
+            raise SourceError(
+                f"input {input_url!r} is a file, not a folder of images "
+                f"(use a .txt/.csv/.parquet manifest to list images)"
+            )
+        logger.info("input %s is a single image", input_url)
+        yield _ref(base, full_uri(fs, single))
+        return
 
     logger.info("listing images under %s", full_uri(fs, root))
     counts = {"images": 0, "unsafe": 0, "directories": 0, "hidden": 0, "other": 0}
     if _is_under(root, excluded):
         logger.warning("input %s is inside an excluded path: nothing to list", input_url)
         return
+
+    def image(prefix: str, base: str, key: str) -> ImageRef:
+        ref = _ref(key, full_uri(fs, prefix + base))
+        counts["images"] += 1
+        counts["unsafe"] += ref.error is not None
+        return ref
+
     # Pending directories as (path, key); popped from the end, so pushed in reverse order.
     stack: list[tuple[str, str]] = []
     directory, dir_key = root, ""
     while True:
         counts["directories"] += 1
         prefix = _child_prefix(directory)
-        files: list[tuple[str, str]] = []
+        files: list[tuple[str, str]] = []  # unordered listings only: sorted before yielding
         subdirs: list[tuple[str, str]] = []
-        for entry in entries:
-            name: str = entry["name"]
-            is_dir = entry["type"] == "directory"
-            if not name.startswith(prefix):
-                logger.warning("skipping %r: listed under %r but not inside it", name, directory)
-                continue
-            base = name[len(prefix) :].rstrip("/")
-            if not base or "/" in base:
-                if is_dir:  # S3 prefix "a//": fsspec strips the trailing '/', cannot list it
-                    logger.warning(
-                        "skipping %s/: a prefix with an empty path segment cannot be listed",
-                        full_uri(fs, name.rstrip("/")),
-                    )
-                continue  # an S3 folder marker object ("a/"): not an image
-            if base.startswith("."):
-                counts["hidden"] += 1
-                continue
-            if _is_under(name.rstrip("/"), excluded):
-                logger.debug("excluded: %s", name)
-                continue
-            key = f"{dir_key}/{base}" if dir_key else base
-            if is_dir:
-                subdirs.append((base, key))
-            elif _extension(base) in wanted:
-                files.append((base, key))
-            else:
-                counts["other"] += 1
+        try:
+            for entry in entries:
+                name: str = entry["name"]
+                is_dir = entry["type"] == "directory"
+                if not name.startswith(prefix):
+                    logger.warning("skipping %r: listed under %r but not inside it", name, directory)
+                    continue
+                base = name[len(prefix) :].rstrip("/")
+                if not base or "/" in base:
+                    if is_dir:  # S3 prefix "a//": fsspec strips the trailing '/', cannot list it
+                        logger.warning(
+                            "skipping %s/: a prefix with an empty path segment cannot be listed",
+                            full_uri(fs, name.rstrip("/")),
+                        )
+                    continue  # an S3 folder marker object ("a/"): not an image
+                if base.startswith("."):
+                    counts["hidden"] += 1
+                    continue
+                if _is_under(name.rstrip("/"), excluded):
+                    logger.debug("excluded: %s", name)
+                    continue
+                key = f"{dir_key}/{base}" if dir_key else base
+                if is_dir:
+                    subdirs.append((base, key))
+                elif _extension(base) not in wanted:
+                    counts["other"] += 1
+                elif ordered:
+                    yield image(prefix, base, key)  # as the pages come: never a whole listing held
+                else:
+                    files.append((base, key))
+        except FileNotFoundError:
+            # Deleted between its parent's listing and now: nothing left to label there.
+            logger.warning("directory vanished during listing, skipped: %s", directory)
+        except Exception as exc:
+            raise SourceError(f"cannot list {full_uri(fs, directory)!r}: {one_line(exc)}") from exc
         del entries  # drop the listing's dicts before yielding: one directory at a time
         files.sort()
         for base, key in files:
-            ref = _ref(key, full_uri(fs, prefix + base))
-            counts["images"] += 1
-            counts["unsafe"] += ref.error is not None
-            yield ref
+            yield image(prefix, base, key)
         subdirs.sort(reverse=True)
         stack.extend((prefix + base, key) for base, key in subdirs)
         del files, subdirs
-
-        entries = None
-        while stack and entries is None:
-            directory, dir_key = stack.pop()
-            try:
-                entries = fs.ls(directory, detail=True)
-            except FileNotFoundError:
-                # Deleted between its parent's listing and now: nothing left to label there.
-                logger.warning("directory vanished during listing, skipped: %s", directory)
-            except Exception as exc:
-                raise SourceError(
-                    f"cannot list {full_uri(fs, directory)!r}: {one_line(exc)}"
-                ) from exc
-        if entries is None:
+        if not stack:
             break
+        directory, dir_key = stack.pop()
+        entries = _entries(fs, directory, ordered)
     logger.info(
         "listed %s: %d images (%d with unsafe keys) in %d directories; "
         "skipped %d hidden and %d non-image entries",
         input_url, counts["images"], counts["unsafe"], counts["directories"],
         counts["hidden"], counts["other"],
     )
+
+
+def _streams(fs: Any) -> bool:
+    """Whether ``fs`` lists a directory page by page in key order (S3, not versioned)."""
+    return callable(getattr(fs, "_iterdir", None)) and not getattr(fs, "version_aware", False) and (
+        "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol))
+    )
+
+
+def _entries(fs: Any, directory: str, ordered: bool) -> Iterator[dict]:
+    """One directory's entries: page by page where the store streams them, else one ``ls``."""
+    if ordered:
+        return _s3_entries(fs, directory)
+    try:
+        return iter(fs.ls(directory, detail=True))
+    except FileNotFoundError:
+        return iter(())  # vanished since its parent was listed
+
+
+def _first_listing(fs: Any, root: str, ordered: bool) -> tuple[Iterator[dict], str | None]:
+    """The root's entries, or (when the root is a file) its path as the single image."""
+    if not ordered:
+        # ls() of a file returns that file alone (local and memory alike): no extra request.
+        entries = fs.ls(root, detail=True)
+        if len(entries) == 1 and entries[0]["type"] != "directory" and entries[0]["name"] == root:
+            return iter(()), root
+        return iter(entries), None
+    entries = _s3_entries(fs, root)
+    first = next(entries, None)  # the first page: a missing bucket or a denied listing fails here
+    if first is not None:
+        return itertools.chain([first], entries), None
+    # Nothing under root/: a file, an empty bucket, or nothing at all (FileNotFoundError).
+    info = fs.info(root)
+    return iter(()), (root if info["type"] != "directory" else None)
+
+
+# Entries fetched from the event loop at a time: one S3 page holds at most 1,000.
+_PAGE = 1000
+
+
+async def _take(entries: Any, n: int) -> list[dict]:
+    taken: list[dict] = []
+    try:
+        for _ in range(n):
+            taken.append(await entries.__anext__())
+    except StopAsyncIteration:
+        pass
+    return taken
+
+
+def _s3_entries(fs: Any, directory: str) -> Iterator[dict]:
+    """A prefix's objects and sub-prefixes as S3 lists them (one request a page, UTF-8 key
+    order), a page at a time: a flat prefix of 10^7 objects is never held whole. s3fs's own
+    ``ls`` collects and caches the whole listing first."""
+    from fsspec.asyn import sync
+    from s3fs.errors import translate_boto_error
+
+    bucket, key, _ = fs.split_path(directory)
+    pages = fs._iterdir(bucket, prefix=f"{key.rstrip('/')}/" if key else "", delimiter="/")
+    try:
+        while True:
+            try:
+                page = sync(fs.loop, _take, pages, _PAGE)
+            except Exception as exc:  # botocore's errors, as s3fs's own listing reports them
+                translated = translate_boto_error(exc) if hasattr(exc, "response") else exc
+                raise translated from exc
+            if not page:
+                return
+            yield from page
+    finally:
+        sync(fs.loop, pages.aclose)
 
 
 # ---------------------------------------------------------------------------------- manifests
@@ -326,7 +395,9 @@ def _parquet_entries(fs: Any, path: str, compression: str | None) -> Iterator[tu
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
+        # pre_buffer off: on, pyarrow reads (and holds) every row group's uri column up front,
+        # on its I/O threads: 40 bytes an entry, where a batch at a time needs nothing per entry.
+        parquet = pq.ParquetFile(f, pre_buffer=False)
         names = parquet.schema_arrow.names
         if "uri" not in names:
             raise SourceError(
@@ -346,7 +417,7 @@ _READERS = {"txt": _txt_entries, "csv": _csv_entries, "parquet": _parquet_entrie
 def iter_manifest(
     manifest_url: str, *, storage_options: Mapping[str, Any] | None = None
 ) -> Iterator[ImageRef]:
-    """Yield one ImageRef per distinct URI in a manifest, streamed in file order.
+    """Yield one ImageRef per entry of a manifest, streamed in file order.
 
     Formats, chosen by the manifest's name: ``.txt`` (one URI per line; blank lines and lines
     starting with '#' skipped; surrounding whitespace stripped), ``.csv`` with a ``uri`` column
@@ -368,9 +439,9 @@ def iter_manifest(
     protocols. An unsafe key (e.g. ``s3://b/a/../x.jpg``) yields a ref with
     ``error="key: unsafe"``.
 
-    Duplicates (same full URI) are yielded once. To keep 10^8 entries small, seen URIs are kept
-    as 64-bit blake2b hashes (ints), not strings; with 10^8 distinct URIs the chance that any
-    two share a hash, dropping one image as a false duplicate, is about 3e-4.
+    Repeated entries are yielded as they come: the job counts each key once (it de-duplicates
+    the keys it has not labeled yet as 64-bit hashes, ``seglabel.pipeline``), so that nothing
+    here grows with the manifest.
 
     Raises SourceError (one line) when the manifest is missing, unreadable, of an unknown
     format, lacks a ``uri`` column, or names a protocol no installed filesystem handles.
@@ -401,8 +472,7 @@ def iter_manifest(
                 )
         return fs
 
-    seen: set[int] = set()
-    counts = {"entries": 0, "duplicates": 0, "unsafe": 0}
+    counts = {"entries": 0, "unsafe": 0}
     logger.info("reading %s manifest %s", fmt, manifest_url)
     try:
         for row, entry in _READERS[fmt](manifest_fs, manifest_path, compression):
@@ -415,11 +485,6 @@ def iter_manifest(
                 fs = filesystem_for(protocol or "file")
                 path = fs._strip_protocol(entry)
             uri = full_uri(fs, path)
-            digest = hash64(uri)  # an int of 8 bytes is ~36 bytes in a set; the URI string would be 100+
-            if digest in seen:
-                counts["duplicates"] += 1
-                continue
-            seen.add(digest)
             key = uri.split("://", 1)[1] if "://" in uri else uri
             key = key[1:] if key.startswith("/") else key  # the root '/' of file:///x, memory:///x
             ref = _ref(key, uri)
@@ -434,7 +499,5 @@ def iter_manifest(
     except Exception as exc:  # pyarrow parse errors, permissions, network
         raise SourceError(f"cannot read manifest {manifest_url!r}: {one_line(exc)}") from exc
     logger.info(
-        "manifest %s: %d entries, %d distinct (%d with unsafe keys), %d duplicates skipped",
-        manifest_url, counts["entries"], counts["entries"] - counts["duplicates"],
-        counts["unsafe"], counts["duplicates"],
+        "manifest %s: %d entries (%d with unsafe keys)", manifest_url, counts["entries"], counts["unsafe"],
     )

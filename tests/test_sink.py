@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from seglabel.errors import SeglabelError
-from seglabel.keys import hash64, key_hashes
+from seglabel.keys import HashSet, HashSpool, SortedHashes, hash64, key_hashes, repeated
 from seglabel.postprocess import RawPrediction
-from seglabel.sink import SCHEMA, DoneKeys, OutputError, OutputStore
+from seglabel.sink import SCHEMA, OutputError, OutputStore
 from seglabel.storage import absolute_local, is_temporary, open_atomic, write_atomic
 
 
@@ -132,15 +132,52 @@ def test_unwritable_output_is_one_line(tmp_path):
     assert isinstance(err.value, SeglabelError) and "\n" not in str(err.value)
 
 
-def test_done_keys_and_hashes():
+def test_key_hashes_and_sorted_hashes():
     keys = [f"a/{i % 700}.jpg" for i in range(1000)]  # 300 repeats
-    done = DoneKeys(key_hashes(keys))
+    done = SortedHashes(key_hashes(keys))
     assert len(done) == 700
     assert all(k in done for k in keys[:700])
     assert "a/700.jpg" not in done and "b/1.jpg" not in done
-    assert len(DoneKeys()) == 0 and "x" not in DoneKeys()
+    assert len(SortedHashes()) == 0 and "x" not in SortedHashes()
     assert key_hashes(["x", "y"]).tolist() == [hash64("x"), hash64("y")]
     assert hash64("\udcff.jpg") != hash64("\udcfe.jpg")  # undecodable names hash, distinctly
+    # A member's first visit is told from its repeats, across calls and within one.
+    index = done.find(key_hashes(["a/1.jpg", "zzz", "a/1.jpg", "a/2.jpg"]))
+    assert index[1] == -1 and index[0] == index[2] >= 0
+    assert done.first_visits(index[[0, 2, 3]]).tolist() == [True, False, True]
+    assert done.first_visits(index[[3, 0]]).tolist() == [False, False]
+
+
+def test_hash_set_tells_new_from_seen_like_a_python_set():
+    rng = np.random.default_rng(0)
+    hashes, reference = HashSet(), set()
+    for _ in range(300):
+        batch = rng.integers(0, 20_000, 97).astype(np.uint64)
+        expected = []
+        for value in batch.tolist():
+            expected.append(value not in reference)
+            reference.add(value)
+        assert hashes.add_new(batch).tolist() == expected
+    assert len(hashes) == len(reference)
+
+
+def test_hash_spool_spills_and_reads_back_sorted():
+    values = np.random.default_rng(1).integers(0, 2**63, 10_000).astype(np.uint64)
+    spool = HashSpool(spill_bytes=4096)  # spills to its temporary file many times
+    for chunk in np.array_split(values, 37):
+        spool.add(chunk)
+    assert spool.sorted().tolist() == sorted(values.tolist())
+    assert repeated(np.array([1, 2, 2, 3, 5, 5, 5], np.uint64)).tolist() == [2, 5]
+    assert repeated(np.array([1, 2, 3], np.uint64)).tolist() == []
+
+
+def test_counts_let_the_later_row_of_a_repeated_key_win(store):
+    store.write_part(
+        rows(("a.jpg", "error", "decode: truncated image"), ("b.jpg", "ok", None)), "part-1.parquet"
+    )
+    store.write_part(rows(("a.jpg", "ok", None), ("c.jpg", "error", "read: not found")), "part-2.parquet")
+    store.write_part(rows(("c.jpg", "error", "read: not found")), "part-3.parquet")
+    assert store.counts() == {"total": 3, "ok": 2, "error": 1, "errors_by_reason": {"read: not found": 1}}
 
 
 def test_absolute_local_paths(tmp_path, monkeypatch):
@@ -158,9 +195,13 @@ def encode_batch(tmp_path, raw: RawPrediction):
 
     store = OutputStore(str(tmp_path / "out"))
     batch = {
-        "key": np.array(["k.jpg"], dtype=object), "uri": np.array(["file:///k.jpg"], dtype=object),
-        "width": np.array([4], np.int32), "height": np.array([3], np.int32),
-        "error": np.array([""], dtype=object), "raw": np.array([pickle.dumps(raw)], dtype=object),
+        "index": np.array([0], np.int64),
+        "key": np.array(["k.jpg"], dtype=object),
+        "uri": np.array(["file:///k.jpg"], dtype=object),
+        "width": np.array([4], np.int32),
+        "height": np.array([3], np.int32),
+        "error": np.array([""], dtype=object),
+        "raw": np.array([pickle.dumps(raw)], dtype=object),
         "actor": np.array(["a"], dtype=object),
     }
     return store, _encode_batch(batch, store, "instance", "m", {0: "label0"}, None).to_pylist()[0]

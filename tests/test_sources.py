@@ -260,8 +260,16 @@ def test_s3_missing_prefix_and_bucket(s3_bucket):
 # ------------------------------------------------------------------------------ manifests
 
 
+def each_key_once(refs):
+    """The refs in order, a key's first ref only: what a job makes of a manifest."""
+    seen = set()
+    return [r for r in refs if not (r.key in seen or seen.add(r.key))]
+
+
 def manifest_expectations(tmp_path):
-    """Entries of a manifest in tmp_path/m/ and the refs they must give, in order."""
+    """Entries of a manifest in tmp_path/m/ and the refs they must give, in order, each image
+    once (entries 3, 4, 6 and 7 repeat earlier images: the manifest yields them all, the job
+    keeps the first)."""
     d = str(tmp_path)
     entries = [
         "a.jpg", "./img/b.jpg", "../up.jpg", f"{d}/m/a.jpg", f"file://{d}/m/img/b.jpg",
@@ -286,10 +294,11 @@ def test_txt_manifest(tmp_path):
     text = "# images\n\n" + "\n".join(entries[:3]) + "\n   \n#" + entries[3] + "\n" + "\n".join(
         entries) + "\r\n"
     (tmp_path / "m" / "list.txt").write_text(text, encoding="utf-8")
-    assert list(iter_manifest(str(tmp_path / "m" / "list.txt"))) == expected
+    refs = list(iter_manifest(str(tmp_path / "m" / "list.txt")))
+    assert len(refs) == 3 + len(entries) and each_key_once(refs) == expected
     with gzip.open(tmp_path / "m" / "list.txt.gz", "wt", encoding="utf-8") as f:
         f.write(text)
-    assert list(iter_manifest(f"file://{tmp_path}/m/list.txt.gz")) == expected
+    assert each_key_once(iter_manifest(f"file://{tmp_path}/m/list.txt.gz")) == expected
 
 
 def test_csv_and_parquet_manifests(tmp_path):
@@ -298,8 +307,9 @@ def test_csv_and_parquet_manifests(tmp_path):
     table = pa.table({"id": list(range(len(entries))), "uri": entries})
     pacsv.write_csv(table, tmp_path / "m" / "list.csv")
     pq.write_table(table, tmp_path / "m" / "list.parquet", row_group_size=3)
-    assert list(iter_manifest(str(tmp_path / "m" / "list.csv"))) == expected
-    assert list(iter_manifest(str(tmp_path / "m" / "list.parquet"))) == expected
+    for name in ("list.csv", "list.parquet"):
+        refs = list(iter_manifest(str(tmp_path / "m" / name)))
+        assert len(refs) == len(entries) and each_key_once(refs) == expected
 
 
 def test_manifests_are_streamed(tmp_path, monkeypatch):
@@ -326,8 +336,8 @@ def test_manifests_are_streamed(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_BATCH_ROWS", 1000)
     it = iter_manifest(str(tmp_path / "l.parquet"))
     assert next(it).key == "bkt/00000.jpg" and batches == [1000]  # first batch only
-    assert len(list(it)) == n - 1  # the repeated URI counted once
-    assert len(list(iter_manifest(str(tmp_path / "l.csv")))) == n
+    assert len(list(it)) == n  # the repeated URI too: the job counts it once
+    assert len(list(iter_manifest(str(tmp_path / "l.csv")))) == n + 1
 
 
 def test_manifest_missing_uri_column(tmp_path):
@@ -358,7 +368,7 @@ def test_manifest_errors_are_one_line(tmp_path):
 def test_s3_manifest_relative_entries(s3_bucket):
     body = "img/a.jpg\n../top.jpg\n./img/a.jpg\ns3://other/x.jpg\n/abs/local.jpg\n"
     put(s3_bucket, {"m/list.txt": body.encode()})
-    assert list(iter_manifest(f"s3://{s3_bucket}/m/list.txt")) == [
+    assert each_key_once(iter_manifest(f"s3://{s3_bucket}/m/list.txt")) == [
         ImageRef(f"{s3_bucket}/m/img/a.jpg", f"s3://{s3_bucket}/m/img/a.jpg"),
         ImageRef(f"{s3_bucket}/top.jpg", f"s3://{s3_bucket}/top.jpg"),
         ImageRef("other/x.jpg", "s3://other/x.jpg"),
@@ -370,3 +380,31 @@ def test_s3_manifest_relative_entries(s3_bucket):
 
 def test_default_extensions():
     assert DEFAULT_EXTENSIONS == {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
+
+
+def test_s3_flat_prefix_is_streamed_page_by_page(s3_bucket, monkeypatch):
+    """A flat prefix is read a page (1,000 keys) at a time, in key order: the first images are
+    yielded after the first request, before the listing is complete."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    from s3fs import S3FileSystem
+
+    client = boto3.client("s3")
+    names = [f"flat/{i:05d}.jpg" for i in range(1100)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=s3_bucket, Key=k, Body=b"x"), names))
+    calls = []
+    real_call = S3FileSystem._call_s3
+
+    async def spy_call(self, method, *args, **kwargs):
+        calls.append(method)
+        return await real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(S3FileSystem, "_call_s3", spy_call)
+    refs = iter_listing(f"s3://{s3_bucket}/flat")
+    first = next(refs)
+    assert first.key == "00000.jpg" and calls == ["list_objects_v2"]
+    rest = list(refs)
+    assert [first.key] + keys(rest) == [n.split("/", 1)[1] for n in names]
+    assert calls == ["list_objects_v2"] * 2

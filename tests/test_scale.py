@@ -1,0 +1,74 @@
+"""What the driver holds per image stays small: the enumeration's counts and de-duplication on
+64-bit hashes, the commit's one bit per todo row, parts flushed by bytes as well as rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from outputs import read_rows
+from seglabel import pipeline
+from seglabel.keys import Bits, SortedHashes, key_hashes
+from seglabel.sink import SCHEMA, OutputStore
+from seglabel.sources import ImageRef
+
+
+def refs(keys):
+    return iter([ImageRef(k, f"s3://b/{k}") for k in keys])
+
+
+@pytest.mark.parametrize("batch", [2, 8192])
+def test_new_refs_count_done_todo_and_repeats(monkeypatch, batch):
+    monkeypatch.setattr(pipeline, "ENUMERATION_BATCH", batch)
+    done = SortedHashes(key_hashes(["d1", "d2", "d3"]))
+    keys = ["a", "d1", "b", "a", "d1", "d2", "c", "b", "d4", "a"]
+    tally = pipeline._Tally()
+    todo = [r.key for r in pipeline._new_refs(refs(keys), done, tally, dedupe=True)]
+    assert todo == ["a", "b", "c", "d4"]  # in order, each once, none already done
+    assert (tally.found, tally.already_done, tally.todo, tally.repeats) == (6, 2, 4, 4)
+    # A listing never repeats a key: no set is kept for its new keys.
+    tally = pipeline._Tally()
+    listed = [r.key for r in pipeline._new_refs(refs(["x", "d3", "y"]), SortedHashes(), tally, dedupe=False)]
+    assert listed == ["x", "d3", "y"] and (tally.found, tally.already_done) == (3, 0)
+
+
+def test_committed_rows_are_one_bit_each():
+    committed = Bits(10)
+    assert committed._bits.nbytes == 2
+    assert committed.first(np.array([3, 9, 3, 0])).tolist() == [True, True, False, True]
+    assert committed.first(np.array([9, 1])).tolist() == [False, True]
+
+
+def big_rows(start: int, n: int, rle_bytes: int) -> pa.Table:
+    """Contract rows whose one segment carries an RLE of ``rle_bytes`` (as large photos do)."""
+    segment = {"id": 1, "label_id": 0, "label": "x", "score": 0.9, "area": 1, "bbox": [0.0, 0.0, 1.0, 1.0],
+               "rle": "a" * rle_bytes, "is_thing": None}
+    table = pa.Table.from_pylist([
+        {"key": f"{i}.jpg", "image_uri": f"file:///in/{i}.jpg", "status": "ok", "error": None, "width": 1,
+         "height": 1, "mask_uri": f"file:///out/masks/{i}.jpg.png", "task": "instance", "model": "m",
+         "segments": [segment]}
+        for i in range(start, start + n)
+    ], schema=SCHEMA)
+    table = table.append_column("actor", pa.array(["a"] * n, pa.string()))
+    return table.append_column("index", pa.array(range(start, start + n), pa.int64()))
+
+
+def test_parts_are_committed_by_bytes_and_repeated_rows_dropped(ray_session, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(pipeline, "PART_MAX_BYTES", 1 << 20)
+    # 40 rows of about 100 kB each, one batch of them sent twice (a retried task).
+    batches = [big_rows(start, 8, 100_000) for start in range(0, 40, 8)]
+    ds = ray.data.from_arrow(batches + [batches[1]])
+    store = OutputStore(str(tmp_path / "out"))
+    config = pipeline.JobConfig(
+        output=str(tmp_path / "out"), input=str(tmp_path / "in"), rows_per_part=10_000
+    )
+    summary = pipeline.Summary(output=config.output, task="instance", model="m")
+    pipeline._commit(ds, store, config, 40, "run", summary)
+    rows_per_part = [store.read_parquet(p).num_rows for p in store.parts()]
+    # About 1 MB a part (10 rows, and a batch more at most), where rows alone would make one part.
+    assert len(rows_per_part) >= 3 and max(rows_per_part) <= 18, rows_per_part
+    assert sorted(r["key"] for r in read_rows(str(tmp_path / "out"))) == sorted(f"{i}.jpg" for i in range(40))
+    assert summary.processed == 40 and summary.ok == 40
