@@ -165,12 +165,22 @@ def test_sizes_and_images():
     assert (images[0] != images[n]).any()
 
 
-def test_memory_report_is_plausible():
-    mem = memory_report(entries=20_000)
-    assert mem["entries"] == 20_000
-    assert mem["manifest"]["refs"] == 20_000
-    assert mem["done_keys"]["keys"] == 20_000
-    for kind in ("manifest", "done_keys"):
-        v = mem[kind]
-        assert 10 < v["baseline_mb"] <= v["peak_mb"] < 4096
-        assert v["delta_mb"] >= 0 and v["seconds"] > 0
+def test_memory_report_measures_every_structure_at_two_sizes():
+    from seglabel.bench import memory_text
+
+    mem = memory_report(entries=12_000)
+    assert mem["sizes"] == [2_000, 12_000]
+    names = set(mem["measures"])
+    assert names == {"enumerate", "resume_scan", "commit_guard", "counts", "dry_run", "inspect"}
+    for name, measure in mem["measures"].items():
+        runs = measure["runs"]
+        for n in ("2000", "12000"):
+            assert 10 < runs[n]["peak_mb"] < 4096 and runs[n]["seconds"] > 0, (name, runs[n])
+        slope = (runs["12000"]["peak_mb"] - runs["2000"]["peak_mb"]) * 2**20 / 10_000
+        assert measure["bytes_per_image"] == round(slope, 1)
+    # Each structure really held the images it stands for.
+    large = {name: measure["runs"]["12000"] for name, measure in mem["measures"].items()}
+    assert large["enumerate"]["found"] == large["resume_scan"]["keys"] == 12_000
+    assert large["counts"]["total"] == large["commit_guard"]["rows"] == 12_000
+    text = memory_text(mem)
+    assert "B/image" in text and "dry_run" in text and "64 MiB" in text

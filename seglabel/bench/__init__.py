@@ -22,8 +22,9 @@ free; the built model is made confident (``seglabel.synthetic``) and its no-obje
 shifted, measured on the first images, so that each image carries about ``--target-segments``
 segments at the chosen thresholds.
 
-``seglabel bench --memory`` measures the driver's memory instead: peak RSS for enumerating a
-1,000,000-entry manifest and for building the resume state (``DoneKeys``) over 1,000,000 keys.
+``seglabel bench --memory`` measures the driver's memory instead: bytes per image of every
+structure the driver holds per image, and of ``run --dry-run`` and ``inspect``, as the slope of
+peak RSS between two sizes (``seglabel.bench.memory``).
 
 Speed is measured, never asserted: the issue's goals are printed as met / not met.
 

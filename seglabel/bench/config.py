@@ -76,7 +76,7 @@ class BenchConfig:
     keep: bool = False
     json: str | None = None
     memory: bool = False
-    memory_entries: int = 1_000_000
+    memory_entries: int = 1_200_000
 
     def __post_init__(self) -> None:
         if self.model and self.arch:

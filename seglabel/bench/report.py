@@ -122,19 +122,23 @@ def report(result: Mapping[str, Any]) -> str:
 
 
 def memory_text(report_: Mapping[str, Any]) -> str:
+    """The driver-memory figures as a short table: bytes per image (the slope of peak RSS
+    between the two sizes), what that makes at 10^8 images, and seconds per 10^6."""
+    small, large = report_["sizes"]
     lines = [
-        f"driver memory for {report_['entries']:,} entries "
-        "(peak RSS of a fresh process; delta over its imports):"
+        f"driver memory per image: slope of peak RSS between {small:,} and {large:,} images "
+        "(each in a fresh process)",
+        f"  {'':14} {'B/image':>8} {'at 10^8':>9} {'s/10^6':>7}  what",
     ]
-    for kind, what in (("manifest", "enumerate a parquet manifest (iter_manifest)"),
-                       ("done_keys", "build DoneKeys (resume state)")):
-        v = report_[kind]
-        lines.append(
-            f"  {what:46} peak {v['peak_mb']:8.1f} MB, delta {v['delta_mb']:7.1f} MB "
-            f"({v['bytes_per_entry']} B/entry), {v['seconds']:.1f} s"
-        )
+    for name, m in report_["measures"].items():
+        figures = f"{m['bytes_per_image']:8.1f} {m['at_1e8_gb']:7.2f}GB {m['seconds_per_million']:7.2f}"
+        lines.append(f"  {name:14} {figures}  {m['what']}")
+    part = report_["part_buffer"]
+    lines.append(
+        f"  a part's rows before commit: at most {part['rows']:,} rows or "
+        f"{part['max_bytes'] / 2**20:.0f} MiB (then written), whatever the corpus"
+    )
     return "\n".join(lines)
-
 
 
 def write_json(result: Mapping[str, Any], path: str) -> None:

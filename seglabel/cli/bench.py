@@ -81,11 +81,10 @@ def add_parsers(sub) -> None:
                    help="(c): where the image files and outputs go (on a cluster: shared storage)")
     r.add_argument("--keep", action="store_true", help="(c): keep the image files and outputs")
     r.add_argument("--json", metavar="PATH", help="write every figure and the environment as JSON")
-    r.add_argument(
-        "--memory", action="store_true", help="measure the driver's memory (manifest, DoneKeys) instead"
-    )
+    r.add_argument("--memory", action="store_true",
+                   help="measure the driver's memory per image (enumeration, resume, commit, totals) instead")
     r.add_argument("--memory-entries", dest="memory_entries", type=int, metavar="N",
-                   help="entries for --memory (default 1,000,000)")
+                   help="--memory: the larger of its two sizes; the smaller is N/6 (default 1,200,000)")
     p.set_defaults(handler=main)
 
 
