@@ -68,11 +68,23 @@ def default_cache_dir() -> Path:
     return Path(base) / "checkpoints"
 
 
+# The files a checkpoint directory may give the local copy, by plain name: the config, the
+# preprocessor's config and safetensors weights (one file, or shards with their index). Nothing
+# else is copied: no pickled weights (loading them runs code), no code, no file from a folder
+# below (a name with a separator, or "..", could land anywhere on the node).
+CHECKPOINT_FILES = re.compile(
+    r"config\.json|preprocessor_config\.json|model\.safetensors(\.index\.json)?"
+    r"|model-\d{5}-of-\d{5}\.safetensors"
+)
+
+
 def fetch_checkpoint(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Copy a checkpoint directory from an fsspec URL to the local cache, once.
 
-    The copy lands in a temporary directory and is renamed into place, so that several actors on
-    one node starting together never load a half-copied checkpoint.
+    Only the directory's own files named in ``CHECKPOINT_FILES`` are copied, each to its plain
+    name in the copy; anything else there is left out (and logged). The copy lands in a
+    temporary directory and is renamed into place, so that several actors on one node starting
+    together never load a half-copied checkpoint.
     """
     import fsspec
 
@@ -81,20 +93,30 @@ def fetch_checkpoint(url: str, cache_dir: str | os.PathLike | None = None) -> Pa
     if (target / "config.json").exists():
         return target
     fs, path = fsspec.core.url_to_fs(url)
-    path = path.rstrip("/")
+    prefix = path.rstrip("/") + "/"
     try:
-        files = [f for f in fs.find(path) if not f.rstrip("/").endswith("/")]
+        entries = fs.ls(path.rstrip("/"), detail=True)  # this directory's entries: nothing below it
     except FileNotFoundError:
-        files = []
-    if not any(f.endswith("/config.json") or f == "config.json" for f in files):
+        entries = []
+    files: dict[str, str] = {}
+    for entry in entries:
+        name = entry["name"][len(prefix):] if entry["name"].startswith(prefix) else ""
+        if entry["type"] == "file" and CHECKPOINT_FILES.fullmatch(name):
+            files[name] = entry["name"]
+        elif entry["type"] == "file" or name:
+            log.info("checkpoint %s: not copying %r (not a config or safetensors file)", url, entry["name"])
+    if "config.json" not in files:
         raise CheckpointError(f"no checkpoint at {url} (expected a directory with config.json)")
+    if not any(name.endswith(".safetensors") for name in files):
+        raise CheckpointError(
+            f"no safetensors weights at {url}: checkpoints from a URL load only from safetensors files "
+            "(pickled weights run code when loaded)"
+        )
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
     try:
-        for f in files:
-            rel = f[len(path):].lstrip("/")
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f, str(tmp / rel))
+        for name, source in sorted(files.items()):
+            fs.get_file(source, str(tmp / name))
         try:
             tmp.rename(target)
         except OSError:
@@ -103,7 +125,7 @@ def fetch_checkpoint(url: str, cache_dir: str | os.PathLike | None = None) -> Pa
             # Another process on this node finished the same copy first.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("copied checkpoint %s to %s", url, target)
+    log.info("copied checkpoint %s to %s (%s)", url, target, ", ".join(sorted(files)))
     return target
 
 
@@ -135,18 +157,20 @@ def load_checkpoint(
     from transformers import Mask2FormerForUniversalSegmentation
 
     source: str = model
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    weights: dict[str, Any] = {}
     if model.startswith("file://"):
         source = model[len("file://"):]
     elif _is_remote_url(model):
         source = str(fetch_checkpoint(model, cache_dir))
+        weights["use_safetensors"] = True  # all the copy holds; never unpickle what a bucket serves
     is_local = os.path.isdir(source)
     if not is_local and not _looks_like_hub_id(source):
         raise CheckpointError(f"no checkpoint directory at {model}")
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
     if revision and not is_local:
         kwargs["revision"] = revision
     try:
-        net = Mask2FormerForUniversalSegmentation.from_pretrained(source, dtype=dtype, **kwargs)
+        net = Mask2FormerForUniversalSegmentation.from_pretrained(source, dtype=dtype, **kwargs, **weights)
         processor = processor_class().from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from skimage import data
 
 from seglabel import Segmenter
-from seglabel.checkpoint import detect_task
+from seglabel.checkpoint import CheckpointError, detect_task
 from seglabel.config import ConfigError, Resolution
 from seglabel.labels import LABEL_SETS
 from seglabel.synthetic import save_random_checkpoint
@@ -278,3 +278,34 @@ def test_cuda_paths(checkpoints):
     inst = Segmenter(str(checkpoints["instance"]), device="cuda", score_threshold=0.3)
     assert inst.dtype_name == "bf16"
     assert [p.id_map.shape for p in inst(images)] == [i.shape[:2] for i in images]
+
+
+def test_checkpoint_url_copies_plain_safetensors_files_only(checkpoints, s3_bucket, tmp_path):
+    """A bucket cannot write outside the cache (names with '..', folders below) nor have pickled
+    weights loaded: only config, preprocessor config and safetensors files are copied."""
+    import boto3
+
+    client = boto3.client("s3")
+    for f in checkpoints["instance"].iterdir():
+        client.put_object(Bucket=s3_bucket, Key=f"m/ckpt-instance/{f.name}", Body=f.read_bytes())
+    evil = b"import os; os.environ['PWNED'] = '1'\n"
+    for key in ("m/ckpt-instance/../../sitecustomize.py", "m/ckpt-instance/sub/../../../x/sitecustomize.py",
+                "m/ckpt-instance/pytorch_model.bin", "m/ckpt-instance/modeling_evil.py"):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=evil)
+    cache = tmp_path / "cache" / "checkpoints"
+    seg = Segmenter(f"s3://{s3_bucket}/m/ckpt-instance", cache_dir=str(cache), score_threshold=0.3)
+    (copy,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert sorted(p.name for p in copy.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "sitecustomize" in p.name) == []
+    assert len(seg(mixed_images()[:1])) == 1
+
+    # Pickled weights alone are refused with one line, not loaded.
+    client.put_object(Bucket=s3_bucket, Key="p/ckpt-instance/config.json",
+                      Body=(checkpoints["instance"] / "config.json").read_bytes())
+    client.put_object(Bucket=s3_bucket, Key="p/ckpt-instance/pytorch_model.bin", Body=evil)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        Segmenter(f"s3://{s3_bucket}/p/ckpt-instance", cache_dir=str(cache))
