@@ -32,6 +32,7 @@ import io
 import logging
 import struct
 import threading
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -107,6 +108,8 @@ def decode_image(
         pixels = im.width * im.height
         if max_pixels is not None and pixels > max_pixels:
             raise DecodeError(f"image too large: {pixels} pixels > limit {max_pixels}")
+        if im.format == "PNG":
+            _check_png_data(data)
         orientation = _orientation(im)
         if draft is not None and im.format in ("JPEG", "MPO"):
             # draft() works on the stored image, which is sideways for orientations 5 to 8.
@@ -133,6 +136,60 @@ def image_size(data: bytes) -> tuple[int, int]:
     with _bad_data_as_decode_error(), _open(data) as im:
         width, height = im.size
         return (height, width) if _orientation(im) in _SWAPS_AXES else (width, height)
+
+
+# Deflate expands data at most about 1032 times (a 258-byte match per two bits, at best).
+_INFLATE_MAX_RATIO = 1032
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7 passes: (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_INFLATE_STEP = 1 << 20
+
+
+def _png_raw_size(width: int, height: int, depth: int, color: int, interlaced: bool) -> int:
+    """Bytes the IDAT stream must inflate to: every row of every pass, with its filter byte."""
+    bits = _PNG_CHANNELS.get(color, 4) * depth
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))
+        if columns and rows:
+            total += rows * (1 + -(-columns * bits // 8))
+    return total
+
+
+def _check_png_data(data: bytes) -> None:
+    """Refuse a PNG whose image data cannot make the image its header declares, before Pillow
+    allocates it: a 150-byte file may declare 13000 × 13000 pixels, which Pillow decodes
+    "successfully" to half a gigabyte of zeros, as it does any image whose zlib stream ends
+    early. The stream is inflated here a MiB at a time, only to count its bytes."""
+    pos, header, compressed = 8, None, []
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IHDR" and length >= 13:
+            header = struct.unpack(">IIBBBBB", data[pos + 8 : pos + 21])
+        elif kind == b"IDAT":
+            compressed.append(data[pos + 8 : pos + 8 + length])
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None:
+        return  # Pillow says what is wrong with it
+    width, height, depth, color, _, _, interlace = header
+    expected = _png_raw_size(width, height, depth, color, bool(interlace))
+    if expected > _INFLATE_MAX_RATIO * sum(len(c) for c in compressed) + 1024:
+        raise DecodeError("truncated image")  # too little data to hold what the header says
+    inflate, produced = zlib.decompressobj(), 0
+    try:
+        for chunk in compressed:
+            produced += len(inflate.decompress(chunk, _INFLATE_STEP))
+            while inflate.unconsumed_tail and produced < expected:
+                produced += len(inflate.decompress(inflate.unconsumed_tail, _INFLATE_STEP))
+            if produced >= expected:
+                return
+    except zlib.error:
+        return  # corrupt: Pillow says how
+    raise DecodeError("truncated image")
 
 
 def _check_data(data: bytes) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -207,3 +209,38 @@ def test_draft_size_is_upright_for_exif_rotated_jpegs():
     data = oriented(np.tile(_PHOTO, (1, 4, 1)), 6)  # stored 2048 x 512, upright 512 x 2048
     out = decode_image(data, draft=(500, 250))
     assert out.shape[1] >= 500 and out.shape[0] >= 250
+
+
+def _png(width: int, height: int, rows: bytes, interlace: int = 0, depth: int = 8, color: int = 2) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9))
+            + chunk(b"IEND", b""))
+
+
+def test_a_png_whose_data_cannot_make_its_declared_image_is_truncated():
+    """A 150-byte PNG declaring 13000 x 13000 (under the default pixel limit) decoded, before, to
+    half a GB of zeros; so did any PNG whose zlib stream ends before its last row."""
+    bomb = _png(13000, 13000, (b"\x00" * (1 + 13000 * 3)) * 2)
+    assert len(bomb) < 200 and 13000 * 13000 < DEFAULT_MAX_PIXELS
+    short = _png(100, 80, (b"\x00" * 301) * 40)  # a complete zlib stream of half the rows
+    for data in (bomb, short):
+        with pytest.raises(DecodeError, match="truncated image"):
+            decode_image(data)
+    assert decode_image(_png(100, 80, (b"\x00" * 301) * 80)).shape == (80, 100, 3)
+
+
+@pytest.mark.parametrize("width, height", [(13, 7), (17, 11), (2, 9)])
+def test_interlaced_pngs_are_counted_pass_by_pass(width, height):
+    """Adam7: seven passes of rows, each with its filter byte; all of them, or truncated."""
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+              (0, 1, 1, 2))
+    rows = []
+    for x0, y0, dx, dy in passes:
+        columns, count = max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))
+        rows.append((b"\x00" + b"\x07" * (columns * 3)) * count if columns else b"")
+    assert decode_image(_png(width, height, b"".join(rows), interlace=1)).shape == (height, width, 3)
+    with pytest.raises(DecodeError, match="truncated image"):
+        decode_image(_png(width, height, b"".join(rows[:-1]), interlace=1))
