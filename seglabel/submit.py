@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import yaml
 
@@ -36,17 +36,16 @@ log = logging.getLogger(__name__)
 SPEC_ENV = "SEGLABEL_JOB_SPEC"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SUBMIT_RETRY_S = 120
-# Storage-option names that carry secrets: a spec travels to the cluster in the clear, so
-# credentials must come from the platform (IRSA, workload identity, instance profiles).
-SECRET_OPTIONS = (
-    "key",
-    "secret",
-    "token",
-    "password",
-    "session_token",
-    "access_key",
-    "secret_key",
-    "credentials",
+# Field names that carry secrets, at any depth of a spec: a spec travels to the cluster in the
+# clear, so credentials must come from the platform (IRSA, workload identity, instance profiles).
+SECRET_NAMES = (
+    "key", "secret", "token", "password", "passwd", "credential", "authorization", "connection_string", "sas",
+    "signature", "cookie",
+)
+# Strings that carry a secret whatever their field's name (Azure connection strings, signed URLs).
+SECRET_MARKERS = (
+    "accountkey=", "sharedaccesssignature=", "sig=", "x-amz-signature=", "x-amz-credential=",
+    "x-goog-signature=", "x-goog-credential=",
 )
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".carry"]
 TOKEN_HELP = (
@@ -103,16 +102,37 @@ def client(address: str):
         raise ConfigError(f"cannot reach the Ray Jobs API at {address}: {one_line(exc)}") from exc
 
 
-def _check_no_secrets(values: dict[str, Any]) -> None:
-    for name in ("input_storage_options", "output_storage_options"):
-        options = values.get(name) or {}
-        found = sorted(k for k in options if any(s in k.lower() for s in SECRET_OPTIONS))
-        if found:
-            raise ConfigError(
-                f"{name} holds credentials ({', '.join(found)}); a submitted spec is visible to anyone "
-                "who can read the cluster's jobs: give the cluster an identity (IRSA, workload identity, "
-                "an instance profile) instead"
-            )
+def _secret_fields(value: Any, path: str) -> Iterator[str]:
+    """Where ``value`` (a spec's setting, at ``path``) holds a secret, at any depth: a field named
+    like one (``client_kwargs.aws_secret_access_key``, ``headers.Authorization``), a URL with a
+    password (``https://user:pw@host``), a string carrying an account key or a signature
+    (``AccountKey=…``, ``sig=…``). Only field paths are reported, never values."""
+    if isinstance(value, Mapping):
+        for name, inner in value.items():
+            here = f"{path}.{name}"
+            if inner not in (None, "", False) and any(s in str(name).lower() for s in SECRET_NAMES):
+                yield here
+            else:
+                yield from _secret_fields(inner, here)
+    elif isinstance(value, (list, tuple)):
+        for i, inner in enumerate(value):
+            yield from _secret_fields(inner, f"{path}[{i}]")
+    elif isinstance(value, str):
+        lowered = value.lower()
+        if "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            yield f"{path} (a URL with user information)"
+        elif any(marker in lowered for marker in SECRET_MARKERS):
+            yield f"{path} (a key or signature)"
+
+
+def _check_no_secrets(values: Mapping[str, Any]) -> None:
+    found = [field for name in sorted(values) for field in _secret_fields(values[name], name)]
+    if found:
+        raise ConfigError(
+            f"the spec holds credentials ({', '.join(found)}); a submitted spec is visible to anyone who can "
+            "read the cluster's jobs: give the cluster an identity (IRSA, workload identity, an instance "
+            "profile) instead"
+        )
 
 
 def submit(

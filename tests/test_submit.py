@@ -201,3 +201,39 @@ def test_joining_a_token_cluster_without_ray_auth_mode_says_how(head, checkpoint
     assert done.returncode == 2, done.stderr[-2000:]
     assert last.startswith(f"seglabel: error: cannot join the Ray cluster at {head.gcs}")
     assert "RAY_AUTH_MODE=token" in last
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (
+            ["--input-option", "client_kwargs={aws_secret_access_key: SECRETVALUE}"],
+            "input_storage_options.client_kwargs.aws_secret_access_key",
+        ),
+        (
+            [
+                "--output-option",
+                "connection_string=DefaultEndpointsProtocol=https;AccountName=a;AccountKey=SECRETVALUE",
+            ],
+            "output_storage_options.connection_string",
+        ),
+        (
+            ["--input-option", "headers={Authorization: Bearer SECRETVALUE}"],
+            "input_storage_options.headers.Authorization",
+        ),
+        (
+            ["--input-option", "endpoint_url=http://user:SECRETVALUE@127.0.0.1:9000"],
+            "input_storage_options.endpoint_url (a URL with user information)",
+        ),
+        (
+            ["--input-option", "client_kwargs={endpoint_url: 'https://h/x?X-Amz-Signature=SECRETVALUE'}"],
+            "input_storage_options.client_kwargs.endpoint_url (a key or signature)",
+        ),
+    ],
+)
+def test_submit_finds_nested_secrets_and_names_them_without_their_values(flags, field, capsys):
+    argv = ["submit", "--address", "http://127.0.0.1:9", "--input", "s3://b/in", "--output", "s3://b/out"]
+    assert main(argv + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0] and "credentials" in err[0], err
+    assert "SECRETVALUE" not in err[0]
