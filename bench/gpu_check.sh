@@ -16,10 +16,11 @@
 # Steps (each under its own time limit, all under BUDGET_S; a step that no longer fits is skipped):
 #   pytest  pytest -m gpu for the repo (modules that need moto / scikit-image fail to import
 #           there and are reported as collection errors; the gpu-marked tests of the rest run)
+#   nan     the tiny model's outputs in fp32 / bf16 / fp16 at batch 1 and 2: NaN or finite
 #   s384    seglabel bench --arch swin-s --task instance --images 512 --batch-size 32 --dtype bf16 (384x384)
 #   s800    the same at --size 800x1088 (the usual loop on the first HF_IMAGES_LARGE images only)
 #   l384    seglabel bench --arch swin-l --task panoptic ... (384x384)
-#   mem     seglabel bench --memory (driver RSS for 10^6 manifest entries / resume keys); not by default
+#   mem     seglabel bench --memory (driver bytes per image, 2e5 vs 1.2e6 images); not by default
 # (c), the whole pipeline, runs on each image written REPEAT times (384²: 4, so 2048 files; 800x1088:
 # REPEAT_LARGE, 1) so that the job's fixed start-up (Ray actor, model load: seconds) weighs less;
 # its steady-state rate, start-up left out, is reported beside it.
@@ -59,7 +60,7 @@ fi
 OUT=${OUT:-$(mktemp -d /tmp/seglabel-gpu-check.XXXXXX)}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-STEPS=${STEPS:-"pytest s384 s800 l384"}
+STEPS=${STEPS:-"pytest nan s384 s800 l384"}
 BUDGET_S=${BUDGET_S:-440}
 IMAGES=${IMAGES:-512}
 BS=${BS:-32}
@@ -139,6 +140,29 @@ run_step() {
     tail -n 4 "$OUT/$name.log"
 }
 
+# The tiny model's raw outputs, in each dtype at batch 1 and 2, checked for NaN: on the CPU bf16
+# and fp16 give NaN at batch 1 (torch's reduced-precision grid_sample), which empties the masks.
+NAN_CHECK='
+import tempfile, numpy as np, torch
+from seglabel.preprocess import preprocess, to_device
+from seglabel.segment import Segmenter
+from seglabel.synthetic import save_random_checkpoint
+checkpoint = save_random_checkpoint(tempfile.mkdtemp() + "/tiny-instance", "tiny")
+images = [np.random.default_rng(i).integers(0, 255, (384, 384, 3), dtype=np.uint8) for i in range(2)]
+device = "cuda" if torch.cuda.is_available() else "cpu"
+for dtype in ("fp32", "bf16", "fp16"):
+    seg = Segmenter(str(checkpoint), dtype=dtype, device=device)
+    for n in (1, 2):
+        size = seg.preprocess_spec.input_size(384, 384)
+        with torch.inference_mode():
+            pixels = preprocess([to_device(a, seg.device) for a in images[:n]], seg.preprocess_spec, size, seg.dtype)
+            out = seg.model(pixel_values=pixels)
+        nan = bool(torch.isnan(out.masks_queries_logits).any() or torch.isnan(out.class_queries_logits).any())
+        state = "NaN" if nan else "finite"
+        print(f"{device} {dtype} batch {n}: {state}")
+'
+printf '%s\n' "$NAN_CHECK" > "$OUT/nan_check.py"  # a file: steps.tsv keeps one line per step
+
 for step in $STEPS; do
     case $step in
         pytest)
@@ -156,10 +180,12 @@ for step in $STEPS; do
             run_step l384 200 "${BENCH[@]}" --arch "$ARCH_L" --task panoptic --images "$IMAGES" --batch-size "$BS" \
                 --dtype bf16 ${HF_IMAGES:+--hf-images "$HF_IMAGES"} --pipeline-repeat "$REPEAT" "${PHOTO_FLAGS[@]}" \
                 "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_L-panoptic-384.json" ;;
+        nan)
+            run_step nan 90 "$PY" "$OUT/nan_check.py" ;;
         mem)
             run_step mem 120 "${BENCH[@]}" --memory --json "$OUT/memory.json" ;;
         *)
-            echo "unknown step $step (pytest s384 s800 l384 mem)" ;;
+            echo "unknown step $step (pytest nan s384 s800 l384 mem)" ;;
     esac
 done
 
@@ -187,8 +213,8 @@ for path in sorted(out.glob("*.json")):
     r = json.loads(path.read_text())
     if "settings" not in r:
         if "memory" in r:
-            m = r["memory"]
-            print(f"memory: manifest {m['manifest']['peak_mb']} MB peak, DoneKeys {m['done_keys']['peak_mb']} MB peak ({m['entries']:,} entries)")
+            m = r["memory"]["measures"]
+            print("memory, bytes per image: " + ", ".join(f"{k} {v['bytes_per_image']}" for k, v in m.items()))
         continue
     a, b, c = (r.get(k) or {} for k in ("hf_loop", "segmenter", "pipeline"))
     ra = r["ratios"]
