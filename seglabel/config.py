@@ -20,6 +20,8 @@ DEFAULT_EXTENSIONS = ("bmp", "gif", "jpeg", "jpg", "png", "tif", "tiff", "webp")
 # Pillow's own error threshold (twice its MAX_IMAGE_PIXELS), so the default refuses exactly
 # what a stock Pillow would refuse to open.
 DEFAULT_MAX_PIXELS = 178_956_970
+# No image file is read past this many bytes (a file that lies about its size, a device).
+DEFAULT_MAX_BYTES = 256 << 20
 TASKS = ("instance", "semantic", "panoptic")
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -180,6 +182,7 @@ class JobConfig:
     dry_run: bool = False
     rows_per_part: int = 10_000
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_bytes: int | None = DEFAULT_MAX_BYTES
     overwrite: bool = False
     retry_errors: bool = False
     max_errors: float | None = None
@@ -210,6 +213,8 @@ class JobConfig:
             raise ConfigError(f"rows_per_part must be a positive integer, got {self.rows_per_part!r}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes < 1):
+            raise ConfigError(f"max_bytes must be a positive whole number, got {self.max_bytes!r}")
         if self.max_errors is not None and not (
             0 < self.max_errors < 1 or (self.max_errors >= 0 and float(self.max_errors).is_integer())
         ):

@@ -7,15 +7,19 @@ caller writes the reason into the image's ``error`` row and the job goes on.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
+import fsspec
 import numpy as np
 from fsspec.core import split_protocol
 
 from .decode import DecodeError, decode_image
 from .errors import one_line
-from .storage import open_url
+from .storage import is_local, with_defaults
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +35,76 @@ class Fetched:
 
 
 def options_for(uri: str, base_url: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
-    """Storage options apply to URIs on the same protocol as the input they were given for."""
-    same = (split_protocol(uri)[0] or "file") == (split_protocol(base_url)[0] or "file")
-    return dict(storage_options) if same else {}
+    """The storage options given for an input, for one of its images: they apply to URIs on the
+    input's protocol, and for http(s) on the input's host only (there options carry headers,
+    tokens among them, that a manifest must not be able to send to any host it lists)."""
+    protocol = split_protocol(uri)[0] or "file"
+    if protocol != (split_protocol(base_url)[0] or "file"):
+        return {}
+    if protocol in ("http", "https") and urlsplit(uri).netloc.lower() != urlsplit(base_url).netloc.lower():
+        return {}
+    return dict(storage_options)
 
 
-def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """The object's bytes (fsspec caches one filesystem instance per process and options)."""
-    fs, path = open_url(uri, storage_options)
-    return fs.cat_file(path)
+class Unreadable(Exception):
+    """An object that is not read on purpose; ``str(e)`` is the reason for its error row."""
+
+
+def read_bytes(
+    uri: str, storage_options: Mapping[str, Any] | None = None, max_bytes: int | None = None
+) -> bytes:
+    """The bytes of the object a listing or manifest named, at most ``max_bytes`` of them
+    (fsspec caches one filesystem instance per process and options).
+
+    The URI is split into its protocol and its path only: never parsed as an fsspec URL, whose
+    "::" chains filesystems (``in/a::b.jpg`` would read ``in/a``). On a local disk only regular
+    files are read (a symlink to one is followed): a FIFO would block the read forever and a
+    device such as ``/dev/zero`` never ends. The read itself stops after ``max_bytes`` + 1
+    bytes (one ranged request on an object store), whatever size was listed: a file that grew,
+    or lies about its size, raises :class:`Unreadable` instead of filling the worker's memory.
+    """
+    fs, path = filesystem_for(uri, storage_options), object_path(uri)
+    if is_local(fs):
+        status = os.stat(path)  # follows symlinks; FileNotFoundError for a dangling one
+        if not stat.S_ISREG(status.st_mode):
+            raise Unreadable("not a regular file")
+        if max_bytes is not None and status.st_size > max_bytes:
+            raise Unreadable(f"{status.st_size} bytes, over --max-bytes {max_bytes}")
+    if max_bytes is None:
+        return fs.cat_file(path)
+    try:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except OSError as exc:
+        if "range" in str(exc).lower() and "satisf" in str(exc).lower():
+            return b""  # S3 answers a range on an empty object with 416
+        raise
+    if len(data) > max_bytes:
+        raise Unreadable(f"over --max-bytes {max_bytes}")
+    return data
+
+
+def filesystem_for(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """The filesystem of a listed URI's protocol, with seglabel's storage defaults."""
+    protocol = split_protocol(uri)[0] or "file"
+    return fsspec.filesystem(protocol, **with_defaults(uri, storage_options))
+
+
+def object_path(uri: str) -> str:
+    """A listed URI's path on its filesystem: the URI without its protocol, nothing else."""
+    return fsspec.get_filesystem_class(split_protocol(uri)[0] or "file")._strip_protocol(uri)
 
 
 def fetch(
-    uri: str, storage_options: Mapping[str, Any] | None = None, max_pixels: int | None = None
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> Fetched:
     """Read and decode one image into an upright (H, W, 3) uint8 RGB array."""
     try:
-        data = read_bytes(uri, storage_options)
+        data = read_bytes(uri, storage_options, max_bytes)
+    except Unreadable as exc:
+        return Fetched(None, None, None, f"read: {exc}")
     except FileNotFoundError:
         return Fetched(None, None, None, "read: not found")
     except PermissionError as exc:

@@ -34,12 +34,17 @@ MAX_SEGMENT_BYTES = 255
 def is_safe_key(key: str) -> bool:
     """Whether ``key`` can only name a file inside the output folder, on any storage.
 
-    False for an empty key, a leading '/', a backslash or NUL anywhere, and any '/'-separated
-    segment that is empty, '.', '..' or over 255 bytes of UTF-8 (or not encodable as UTF-8:
-    undecodable local file names arrive as lone surrogates, which Parquet cannot store either).
+    False for an empty key, a leading '/', a backslash or NUL anywhere, "?versionId=" anywhere
+    (s3fs takes what follows for an object version: ``a.jpg.png?versionId=1.jpg`` would read
+    or write ``a.jpg.png``), and any '/'-separated segment that is empty, '.', '..' or over 255
+    bytes of UTF-8 (or not encodable as UTF-8: undecodable local file names arrive as lone
+    surrogates, which Parquet cannot store either; see :func:`printable`). Other characters
+    object stores allow ('?', '#', '%', '::', spaces) round-trip as they are.
     """
     if not key or key.startswith("/") or "\\" in key or "\x00" in key:
         return False
+    if "?versionId=" in key:
+        return False  # s3fs reads it as a version: the object or mask would be another one
     for segment in key.split("/"):
         if segment in ("", ".", ".."):
             return False
@@ -49,6 +54,21 @@ def is_safe_key(key: str) -> bool:
         except UnicodeEncodeError:
             return False
     return True
+
+
+def printable(text: str) -> str:
+    """``text`` storable as UTF-8, losslessly: a name that is not valid UTF-8 (a local file name
+    decoded with surrogate escapes) gets each undecodable byte as ``\\xNN`` and each backslash
+    doubled; any other text is returned as it is. Two different names never give one result."""
+    if "\\" not in text and not any("\udc80" <= c <= "\udcff" for c in text):
+        return text
+    out = []
+    for c in text:
+        if "\udc80" <= c <= "\udcff":
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        else:
+            out.append("\\\\" if c == "\\" else c)
+    return "".join(out)
 
 
 def hash64(text: str) -> int:
@@ -247,5 +267,5 @@ class HashSet:
 
 __all__ = [
     "MAX_SEGMENT_BYTES", "UNSAFE_KEY_ERROR", "Bits", "HashSet", "HashSpool", "SortedHashes", "hash64",
-    "is_safe_key", "key_hashes", "repeated",
+    "is_safe_key", "key_hashes", "printable", "repeated",
 ]

@@ -33,7 +33,7 @@ from .config import ConfigError, EngineConfig, JobConfig
 from .encode import build_segments, encode_png
 from .errors import SeglabelError, reason
 from .fetch import fetch, options_for
-from .keys import Bits, HashSet, SortedHashes, key_hashes
+from .keys import Bits, HashSet, SortedHashes, is_safe_key, key_hashes
 from .labels import resolve_labels, thing_ids
 from .sink import JOB_FILE, SCHEMA, SCRATCH_DIR, SUCCESS_FILE, OutputStore
 from .sources import ImageRef, iter_listing, iter_manifest
@@ -76,6 +76,7 @@ class Summary:
     model: str
     found: int = 0
     already_done: int = 0
+    held_back: int = 0  # to do, but left for a later run by --limit
     processed: int = 0
     ok: int = 0
     error: int = 0
@@ -98,7 +99,9 @@ class Summary:
         if self.found == 0:
             return f"no images found; wrote an empty result to {self.output}"
         lines = []
-        if self.processed == 0:
+        if self.processed == 0 and self.held_back:
+            lines.append(f"labeled nothing (--limit); {self.already_done} images already have rows")
+        elif self.processed == 0:
             lines.append(f"nothing to do: all {self.already_done} images already have rows in {self.output}")
         else:
             lines.append(
@@ -108,6 +111,8 @@ class Summary:
             )
             if self.already_done:
                 lines.append(f"skipped {self.already_done} images already labeled")
+        if self.held_back:
+            lines.append(f"left {self.held_back} images for a later run (--limit): the output is incomplete")
         if self.totals:
             lines.append(
                 f"output now holds {self.totals.get('total', 0)} rows: {self.totals.get('ok', 0)} ok, "
@@ -134,13 +139,19 @@ def _error(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _decode_batch(batch: dict[str, np.ndarray], base_url: str, storage_options: dict, max_pixels: int | None):
+def _decode_batch(
+    batch: dict[str, np.ndarray],
+    base_url: str,
+    storage_options: dict,
+    max_pixels: int | None,
+    max_bytes: int | None,
+):
     images, widths, heights, errors = [], [], [], []
     for uri, error in zip(batch["uri"], batch["error"]):
         error = _error(error)
         result = None
         if error is None:
-            result = fetch(uri, options_for(uri, base_url, storage_options), max_pixels)
+            result = fetch(uri, options_for(uri, base_url, storage_options), max_pixels, max_bytes)
             error = result.error
         ok = result is not None and result.image is not None
         # Rows that failed carry a 1×1 placeholder so that the column stays one tensor type.
@@ -263,6 +274,12 @@ def _encode_batch(
                 else:
                     row.update(status="ok", segments=[s.to_row() for s in segments])
             row["width"], row["height"] = int(width), int(height)
+        if row["status"] != "ok" and is_safe_key(key):
+            # An error row has no mask: not even one an earlier, interrupted run wrote for it.
+            try:
+                output.remove_mask(key)
+            except Exception as exc:
+                log.warning("cannot remove an earlier mask of %s: %s", key, exc)
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     table = table.append_column("actor", pa.array(list(batch["actor"]), pa.string()))
@@ -312,6 +329,21 @@ def _job_record(
 
 def _mask_settings(engine: EngineConfig, task: str, revision: str | None) -> dict[str, Any]:
     return {**engine.mask_settings(), "task": task, "revision": revision}
+
+
+def _check_same_input(previous: dict[str, Any], config: JobConfig) -> None:
+    """Refuse to resume an output labeled from another input: keys are relative to their input
+    root (or manifest URIs), so two inputs' keys mixed in one output mean nothing."""
+    def same_form(url: str | None) -> str | None:
+        return absolute_local(url).rstrip("/") if url else None
+
+    before = [same_form(previous.get(n)) for n in ("input", "manifest")]
+    if before != [same_form(config.input), same_form(config.manifest)]:
+        was, now = before[0] or before[1], config.input or config.manifest
+        raise ConfigError(
+            f"{config.output} was labeled from {was!r}, not {now!r}; use the same input to resume, "
+            "or --overwrite to start again"
+        )
 
 
 def _check_same_settings(previous: dict[str, Any], engine: EngineConfig, task: str, revision: str | None,
@@ -461,6 +493,7 @@ def run(config: JobConfig) -> Summary:
         store.clear()
         previous = None
     elif previous is not None:
+        _check_same_input(previous, config)
         _check_same_settings(previous, engine, task, revision, config.output)
     if not config.dry_run:
         store.check_writable()
@@ -480,6 +513,8 @@ def run(config: JobConfig) -> Summary:
 
     todo_paths, todo = _stage_todo(store, new_refs, config.limit, run_id)
     summary.found, summary.already_done = tally.found, tally.already_done
+    # _SUCCESS says every input image has a row: not so while --limit holds some back.
+    summary.held_back = tally.todo - todo
     if tally.repeats:
         log.info("%d entries repeated an image already listed: each image counts once", tally.repeats)
     del done, new_refs  # the enumeration's memory, before the counts need theirs
@@ -489,7 +524,9 @@ def run(config: JobConfig) -> Summary:
         if todo == 0:
             if summary.found == 0:
                 log.warning("no images found under %s", config.input or config.manifest)
-            if summary.found == 0 or not store.exists(SUCCESS_FILE):
+            if summary.held_back:
+                store.remove(SUCCESS_FILE)
+            elif summary.found == 0 or not store.exists(SUCCESS_FILE):
                 summary.totals = store.counts()
                 store.write_json(SUCCESS_FILE, summary.totals)
             return summary
@@ -500,7 +537,8 @@ def run(config: JobConfig) -> Summary:
         _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary)
         summary.seconds = time.perf_counter() - started
         summary.totals = store.counts()
-        store.write_json(SUCCESS_FILE, {**summary.totals, "actors": summary.actors})
+        if not summary.held_back:
+            store.write_json(SUCCESS_FILE, {**summary.totals, "actors": summary.actors})
     finally:
         store.remove(f"{SCRATCH_DIR}/todo-{run_id}")
     return summary
@@ -558,6 +596,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
                 "base_url": base_url,
                 "storage_options": config.input_storage_options,
                 "max_pixels": config.max_pixels,
+                "max_bytes": config.max_bytes,
             },
             batch_size=DECODE_BATCH,
             batch_format="numpy",

@@ -117,6 +117,13 @@ class OutputStore:
         self.write_bytes(rel, png)
         return self.uri(rel)
 
+    def remove_mask(self, key: str) -> None:
+        """Delete the mask of ``key`` if there is one (a folder of that name is left alone)."""
+        try:
+            self.fs.rm_file(self.path(self.mask_relpath(key)))
+        except (FileNotFoundError, IsADirectoryError):
+            pass
+
     def write_part(self, table: pa.Table, name: str) -> str:
         """Commit one Parquet part of metadata rows; returns its path."""
         buf = io.BytesIO()

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import posixpath
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +34,8 @@ from fsspec.utils import infer_compression
 
 from .config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
 from .errors import SeglabelError, one_line
-from .keys import UNSAFE_KEY_ERROR, is_safe_key
-from .storage import open_url
+from .keys import UNSAFE_KEY_ERROR, is_safe_key, printable
+from .storage import is_local, open_url
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,10 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def _ref(key: str, uri: str) -> ImageRef:
-    return ImageRef(key, uri) if is_safe_key(key) else ImageRef(key, uri, UNSAFE_KEY_ERROR)
+    if is_safe_key(key):
+        return ImageRef(key, uri)
+    # Never read or written; its row records the name as UTF-8 (keys.printable).
+    return ImageRef(printable(key), printable(uri), UNSAFE_KEY_ERROR)
 
 
 def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
@@ -192,7 +197,7 @@ def iter_listing(
         return
 
     logger.info("listing images under %s", full_uri(fs, root))
-    counts = {"images": 0, "unsafe": 0, "directories": 0, "hidden": 0, "other": 0}
+    counts = {"images": 0, "unsafe": 0, "directories": 0, "hidden": 0, "other": 0, "special": 0}
     if _is_under(root, excluded):
         logger.warning("input %s is inside an excluded path: nothing to list", input_url)
         return
@@ -233,6 +238,12 @@ def iter_listing(
                     logger.debug("excluded: %s", name)
                     continue
                 key = f"{dir_key}/{base}" if dir_key else base
+                kind = entry["type"] if entry["type"] in ("file", "directory") else _local_kind(fs, entry)
+                if kind != "file" and kind != "directory":
+                    counts["special"] += 1  # a FIFO would block its reader, a device never ends
+                    logger.debug("skipped (not a regular file or folder): %s", name)
+                    continue
+                is_dir = kind == "directory"
                 if is_dir:
                     subdirs.append((base, key))
                 elif _extension(base) not in wanted:
@@ -263,6 +274,24 @@ def iter_listing(
         input_url, counts["images"], counts["unsafe"], counts["directories"],
         counts["hidden"], counts["other"],
     )
+    if counts["special"]:
+        logger.warning(
+            "skipped %d entries under %s that are neither regular files nor folders (FIFOs, devices, "
+            "symlinks to those or to folders)", counts["special"], input_url,
+        )
+
+
+def _local_kind(fs: Any, entry: dict) -> str:
+    """What a listing entry of type "other" is: on a local disk, a symlink is followed to a
+    regular file ("file"); a symlink to a folder is not followed (a loop would never end), and
+    FIFOs, sockets, devices and dangling links are "special"."""
+    if not is_local(fs) or not entry.get("islink"):
+        return "special"
+    try:
+        target = os.stat(entry["name"])
+    except OSError:
+        return "special"
+    return "file" if stat.S_ISREG(target.st_mode) else "special"
 
 
 def _streams(fs: Any) -> bool:

@@ -155,11 +155,13 @@ def test_inspect_reports_progress_and_errors(checkpoints, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     state = json.loads(capsys.readouterr().out)
-    assert (state["total"], state["complete"]) == (2, True)
+    # Two of four images have rows: not complete (no _SUCCESS while --limit holds images back).
+    assert (state["total"], state["complete"]) == (2, False)
     label(str(root), str(out), model=str(checkpoints["instance"]))
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "4 (3 ok, 1 errors)" in text and "decode: cannot identify image" in text
+    assert "status:   complete" in text
 
 
 # -- faults ---------------------------------------------------------------------------------

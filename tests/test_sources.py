@@ -63,9 +63,10 @@ LOCAL_FILES = [
     "back\\slash.jpg", "sp ace/ü ñ.jpeg", "sub/y.TIFF", "sub/readme.md", "sub/deep/z.webp",
     "sub/deep/w.gif", "zz/q.bmp", "out/m.png", "output2/n.png",
 ]
-# A directory's files (sorted), then its subdirectories depth first, in name order.
+# A directory's files (sorted), then its subdirectories depth first, in name order. The key of
+# an unsafe name is recorded with its backslashes doubled (keys.printable: lossless).
 LOCAL_ORDER = [
-    "B.JPG", "a.jpg", "back\\slash.jpg", "c.Png", "out/m.png", "output2/n.png", "sp ace/ü ñ.jpeg",
+    "B.JPG", "a.jpg", "back\\\\slash.jpg", "c.Png", "out/m.png", "output2/n.png", "sp ace/ü ñ.jpeg",
     "sub/y.TIFF", "sub/deep/w.gif", "sub/deep/z.webp", "zz/q.bmp",
 ]
 
@@ -84,7 +85,7 @@ def test_local_listing_keys_uris_order(local_tree):
     refs = list(iter_listing(str(local_tree)))
     assert keys(refs) == LOCAL_ORDER
     assert all(r.uri == f"file://{local_tree}/{r.key}" for r in refs)
-    assert [r.key for r in refs if r.error] == ["back\\slash.jpg"]
+    assert [r.key for r in refs if r.error] == ["back\\\\slash.jpg"]
     assert {r.error for r in refs if r.error} == {"key: unsafe"}
     assert list(iter_listing(str(local_tree))) == refs  # deterministic
 

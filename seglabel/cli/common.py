@@ -78,6 +78,8 @@ def add_job_flags(p: argparse.ArgumentParser, with_address: bool = True) -> None
     io.add_argument(
         "--max-pixels", type=int, metavar="N", help="refuse images with more pixels (decompression bombs)"
     )
+    io.add_argument("--max-bytes", type=int, metavar="N",
+                    help="refuse image files larger than this (default 268435456: 256 MiB)")
     io.add_argument(
         "--overwrite", action="store_true", help="delete the output's previous results and start again"
     )
