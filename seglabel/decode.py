@@ -163,13 +163,14 @@ def _check_png_data(data: bytes) -> None:
     allocates it: a 150-byte file may declare 13000 × 13000 pixels, which Pillow decodes
     "successfully" to half a gigabyte of zeros, as it does any image whose zlib stream ends
     early. The stream is inflated here a MiB at a time, only to count its bytes."""
+    view = memoryview(data)  # slices without copies: the data of a large PNG is megabytes
     pos, header, compressed = 8, None, []
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        if kind == b"IHDR" and length >= 13:
-            header = struct.unpack(">IIBBBBB", data[pos + 8 : pos + 21])
+    while pos + 8 <= len(view):
+        length, kind = struct.unpack_from(">I4s", view, pos)
+        if kind == b"IHDR" and length >= 13 and pos + 21 <= len(view):
+            header = struct.unpack_from(">IIBBBBB", view, pos + 8)
         elif kind == b"IDAT":
-            compressed.append(data[pos + 8 : pos + 8 + length])
+            compressed.append(view[pos + 8 : pos + 8 + length])
         elif kind == b"IEND":
             break
         pos += 12 + length

@@ -72,15 +72,38 @@ def read_bytes(
             raise Unreadable(f"{status.st_size} bytes, over --max-bytes {max_bytes}")
     if max_bytes is None:
         return fs.cat_file(path)
+    if split_protocol(uri)[0] in ("http", "https"):
+        data = _read_stream(fs, path, max_bytes + 1)
+    else:
+        data = _ranged_read(fs, path, max_bytes + 1)
+    if len(data) > max_bytes:
+        raise Unreadable(f"over --max-bytes {max_bytes}")
+    return data
+
+
+def _ranged_read(fs: Any, path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes in one ranged request (a local read of that many bytes)."""
     try:
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        return fs.cat_file(path, start=0, end=limit)
     except OSError as exc:
         if "range" in str(exc).lower() and "satisf" in str(exc).lower():
             return b""  # S3 answers a range on an empty object with 416
         raise
-    if len(data) > max_bytes:
-        raise Unreadable(f"over --max-bytes {max_bytes}")
-    return data
+
+
+def _read_stream(fs: Any, path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of an http(s) response, read as a stream: fsspec's ranged read
+    of an http URL reads the whole body, and a server may ignore the range (or never end)."""
+    chunks, total = [], 0
+    # block_size 0 and a known size: a plain GET streamed, with no HEAD request first.
+    with fs.open(path, "rb", block_size=0, size=limit) as stream:
+        while total < limit:
+            chunk = stream.read(min(1 << 20, limit - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    return b"".join(chunks)
 
 
 def filesystem_for(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:

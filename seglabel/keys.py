@@ -29,6 +29,8 @@ UNSAFE_KEY_ERROR = "key: unsafe"
 # Linux (ext4, xfs, ...) and most object-store-to-disk tools cap one name at 255 bytes; a longer
 # segment could never be written as a mask file, so it is refused up front.
 MAX_SEGMENT_BYTES = 255
+# Every file written for a key is named "<key>.png" (masks, panoptic exports, previews).
+MASK_SUFFIX = ".png"
 
 
 def is_safe_key(key: str) -> bool:
@@ -36,20 +38,24 @@ def is_safe_key(key: str) -> bool:
 
     False for an empty key, a leading '/', a backslash or NUL anywhere, "?versionId=" anywhere
     (s3fs takes what follows for an object version: ``a.jpg.png?versionId=1.jpg`` would read
-    or write ``a.jpg.png``), and any '/'-separated segment that is empty, '.', '..' or over 255
-    bytes of UTF-8 (or not encodable as UTF-8: undecodable local file names arrive as lone
-    surrogates, which Parquet cannot store either; see :func:`printable`). Other characters
-    object stores allow ('?', '#', '%', '::', spaces) round-trip as they are.
+    or write ``a.jpg.png``), and any '/'-separated segment that is empty, '.', '..', over 255
+    bytes of UTF-8 (251 for the last: its files are "<key>.png"), or not encodable as UTF-8
+    (undecodable local file names arrive as lone surrogates, which Parquet cannot store either;
+    see :func:`printable`). Other characters object stores allow ('?', '#', '%', '::',
+    spaces) round-trip as they are.
     """
     if not key or key.startswith("/") or "\\" in key or "\x00" in key:
         return False
     if "?versionId=" in key:
         return False  # s3fs reads it as a version: the object or mask would be another one
-    for segment in key.split("/"):
+    segments = key.split("/")
+    for i, segment in enumerate(segments):
         if segment in ("", ".", ".."):
             return False
+        # The last segment becomes "<segment>.png": it must fit in one name with its suffix.
+        limit = MAX_SEGMENT_BYTES - (len(MASK_SUFFIX) if i == len(segments) - 1 else 0)
         try:
-            if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            if len(segment.encode("utf-8")) > limit:
                 return False
         except UnicodeEncodeError:
             return False

@@ -276,6 +276,9 @@ def _encode_batch(
             row["width"], row["height"] = int(width), int(height)
         if row["status"] != "ok" and is_safe_key(key):
             # An error row has no mask: not even one an earlier, interrupted run wrote for it.
+            # (Safe only because each todo row reaches this stage once: Ray Data yields a
+            # task's output once even when it retried it, and the driver's guard against a
+            # repeat comes after this.)
             try:
                 output.remove_mask(key)
             except Exception as exc:
@@ -351,8 +354,11 @@ def _check_same_settings(previous: dict[str, Any], engine: EngineConfig, task: s
     """Refuse to resume an output labeled with settings that change masks."""
     if isinstance(previous.get("settings"), dict):
         # job.json of seglabel 0.1.0 before settings were recorded once: the mask settings as
-        # given sat in "settings" (task and revision as asked, not as resolved).
-        before, now = previous["settings"], engine.mask_settings()
+        # given sat in "settings" (task and revision as asked, not as resolved), and a local
+        # checkpoint's path as typed (now made absolute before this check).
+        before, now = dict(previous["settings"]), engine.mask_settings()
+        if isinstance(before.get("model"), str):
+            before["model"] = _absolute_model(before["model"])
     else:
         before, now = previous, _mask_settings(engine, task, revision)
     changed = [k for k in now if k in before and before[k] != now[k]]
@@ -386,6 +392,7 @@ def _new_refs(
     other keys go into a growing hash set. Nothing is held per key beyond that: an output whose
     images are all done costs its done set and a bit a key.
     """
+    refs = iter(refs)  # islice on a list would start again at every batch
     seen = HashSet() if dedupe else None
     while True:
         batch = list(itertools.islice(refs, ENUMERATION_BATCH))
@@ -489,9 +496,10 @@ def run(config: JobConfig) -> Summary:
     refs = _chain(first, refs) if first is not None else iter(())
     store = OutputStore(config.output, config.output_storage_options)
     previous = store.read_json(JOB_FILE)
-    if config.overwrite and not config.dry_run:
-        store.clear()
-        previous = None
+    if config.overwrite:
+        if not config.dry_run:
+            store.clear()
+        previous = None  # a dry run of --overwrite counts as the real one would: from scratch
     elif previous is not None:
         _check_same_input(previous, config)
         _check_same_settings(previous, engine, task, revision, config.output)
@@ -552,12 +560,19 @@ def _absolute_paths(config: JobConfig) -> JobConfig:
         for name in ("input", "manifest", "output")
         if getattr(config, name)
     }
-    model = config.engine.model
-    # A checkpoint folder, not a Hub id ("org/name" is a relative path too, when no such folder
-    # exists here); file:// URLs are absolute already and stay as given.
-    if "://" not in model and (model.startswith((".", "~", "/")) or os.path.isdir(os.path.expanduser(model))):
-        changes["engine"] = config.engine.replace(model=absolute_local(model))
+    model = _absolute_model(config.engine.model)
+    if model != config.engine.model:
+        changes["engine"] = config.engine.replace(model=model)
     return config.replace(**changes)
+
+
+def _absolute_model(model: str) -> str:
+    """A checkpoint folder's absolute path; a Hub id or URL as given. "org/name" is a relative
+    path too, so only one that names a folder here (or starts like a path) is taken for one;
+    file:// URLs are absolute already."""
+    if "://" not in model and (model.startswith((".", "~", "/")) or os.path.isdir(os.path.expanduser(model))):
+        return absolute_local(model)
+    return model
 
 
 def _chain(first: ImageRef, rest: Iterator[ImageRef]) -> Iterator[ImageRef]:

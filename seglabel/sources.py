@@ -197,7 +197,8 @@ def iter_listing(
         return
 
     logger.info("listing images under %s", full_uri(fs, root))
-    counts = {"images": 0, "unsafe": 0, "directories": 0, "hidden": 0, "other": 0, "special": 0}
+    counts = {"images": 0, "unsafe": 0, "directories": 0, "hidden": 0, "other": 0, "special": 0,
+              "unsafe_folders": 0}
     if _is_under(root, excluded):
         logger.warning("input %s is inside an excluded path: nothing to list", input_url)
         return
@@ -244,7 +245,12 @@ def iter_listing(
                     logger.debug("skipped (not a regular file or folder): %s", name)
                     continue
                 is_dir = kind == "directory"
-                if is_dir:
+                if is_dir and not is_safe_key(key):
+                    # s3fs would list another prefix ("a?versionId=x/" as "a/"): what is under
+                    # it cannot be read under its own name either.
+                    counts["unsafe_folders"] += 1
+                    logger.warning("skipping folder %s: its name cannot be a key", full_uri(fs, name))
+                elif is_dir:
                     subdirs.append((base, key))
                 elif _extension(base) not in wanted:
                     counts["other"] += 1

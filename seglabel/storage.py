@@ -30,8 +30,9 @@ S3_PROTOCOLS = frozenset({"s3", "s3a"})
 # About a minute of backoff in all (botocore caps each wait at 20 s): enough to ride out
 # throttling and a short outage of the endpoint, short enough to report a dead one.
 S3_MAX_ATTEMPTS = 10
-# Hidden temporary files are named ".<name>.tmp-<hex>": no listing of images or parts takes them,
-# and a later run recognises (and removes) what a killed one left.
+# Hidden temporary files are named ".tmp-<hex>" beside their target (not after it: a name of 255
+# bytes leaves no room): no listing of images or parts takes them, and a later run recognises
+# (and removes) what a killed one left.
 TEMPORARY_MARK = ".tmp-"
 
 
@@ -70,7 +71,8 @@ def is_local(fs: Any) -> bool:
 
 
 def is_temporary(path: str) -> bool:
-    """Whether ``path`` names a temporary file of :func:`open_atomic`."""
+    """Whether ``path`` names a temporary file of :func:`open_atomic` (or of seglabel 0.1.0's,
+    ".<name>.tmp-<hex>")."""
     name = posixpath.basename(path.rstrip("/"))
     return name.startswith(".") and TEMPORARY_MARK in name
 
@@ -87,7 +89,7 @@ def open_atomic(fs: Any, path: str) -> Iterator[IO[bytes]]:
     if is_local(fs):
         parent, name = os.path.split(path)
         os.makedirs(parent or ".", exist_ok=True)
-        tmp = os.path.join(parent, f".{name}{TEMPORARY_MARK}{uuid.uuid4().hex}")
+        tmp = os.path.join(parent, f"{TEMPORARY_MARK}{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
                 yield f

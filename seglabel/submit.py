@@ -47,6 +47,8 @@ SECRET_MARKERS = (
     "accountkey=", "sharedaccesssignature=", "sig=", "x-amz-signature=", "x-amz-credential=",
     "x-goog-signature=", "x-goog-credential=",
 )
+# Names like secrets that are identifiers of keys, not keys (SSE-KMS: SSEKMSKeyId).
+NOT_SECRET_SUFFIXES = ("keyid", "key_id")
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".carry"]
 TOKEN_HELP = (
     "set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it, or copy the "
@@ -75,8 +77,9 @@ def find_token() -> tuple[str, str] | None:
 
 
 def _is_auth_error(exc: BaseException) -> bool:
-    text = str(exc)
-    return type(exc).__name__ == "AuthenticationError" or "401" in text or "Authentication required" in text
+    # Ray raises AuthenticationError for a 401 or 403 from the Jobs API (its messages quote the
+    # address, so a "401" in the text would prove nothing).
+    return type(exc).__name__ == "AuthenticationError" or "Authentication required" in str(exc)
 
 
 def client(address: str):
@@ -95,7 +98,7 @@ def client(address: str):
     try:
         return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
     except Exception as exc:
-        if _is_auth_error(exc) or "403" in str(exc) or "Authentication failed" in str(exc):
+        if _is_auth_error(exc) or "Authentication failed" in str(exc):
             raise ConfigError(
                 f"the Ray cluster at {address} refused the token from {source}: {TOKEN_HELP}"
             ) from exc
@@ -110,7 +113,9 @@ def _secret_fields(value: Any, path: str) -> Iterator[str]:
     if isinstance(value, Mapping):
         for name, inner in value.items():
             here = f"{path}.{name}"
-            if inner not in (None, "", False) and any(s in str(name).lower() for s in SECRET_NAMES):
+            field = str(name).lower()
+            secret = any(s in field for s in SECRET_NAMES) and not field.endswith(NOT_SECRET_SUFFIXES)
+            if inner not in (None, "", False) and secret:
                 yield here
             else:
                 yield from _secret_fields(inner, here)
@@ -121,7 +126,7 @@ def _secret_fields(value: Any, path: str) -> Iterator[str]:
         lowered = value.lower()
         if "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
             yield f"{path} (a URL with user information)"
-        elif any(marker in lowered for marker in SECRET_MARKERS):
+        elif any(marker in lowered for marker in SECRET_MARKERS) or lowered.startswith(("bearer ", "basic ")):
             yield f"{path} (a key or signature)"
 
 

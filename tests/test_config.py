@@ -98,6 +98,22 @@ def test_resume_check_reads_new_and_old_job_records():
         _check_same_settings(old, engine.replace(min_area=5), "instance", "resolved", "/out")
 
 
+def test_an_old_record_with_a_relative_checkpoint_path_still_resumes(tmp_path, monkeypatch):
+    """seglabel 0.1.0 recorded a local checkpoint as typed; the driver now makes it absolute."""
+    from seglabel.pipeline import _absolute_paths, _check_same_settings
+
+    (tmp_path / "ckpt-instance").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = _absolute_paths(
+        JobConfig.from_mapping({"input": "in", "output": "out", "model": "./ckpt-instance"})
+    )
+    old = {"task": "instance", "settings": {**config.engine.mask_settings(), "model": "./ckpt-instance"}}
+    _check_same_settings(old, config.engine, "instance", None, str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="model"):
+        _check_same_settings({**old, "settings": {**old["settings"], "model": "./other-instance"}},
+                             config.engine, "instance", None, str(tmp_path / "out"))
+
+
 def test_absolute_paths_in_the_driver(tmp_path, monkeypatch):
     from seglabel.pipeline import _absolute_paths
 

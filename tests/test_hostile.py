@@ -187,6 +187,8 @@ def test_resuming_from_another_input_is_refused(checkpoints, tmp_path, capsys):
     assert main(["run", "--input", str(second), *args]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the listing's log lines
     assert last.startswith("seglabel: error:") and "was labeled from" in last and str(first) in last
+    assert main(["run", "--input", str(second), *args, "--dry-run", "--overwrite"]) == 0
+    assert "1 images found, 0 already labeled, 1 to do" in capsys.readouterr().out  # as --overwrite will
     assert main(["run", "--input", str(second), *args, "--overwrite"]) == 0
 
 
@@ -199,3 +201,41 @@ def test_storage_options_go_to_the_inputs_host_only():
     assert options_for("https://elsewhere.example.net/a.jpg", base, secret) == {}
     assert options_for("http://images.example.com/a.jpg", base, secret) == {}
     assert options_for("s3://b/a.jpg", "s3://other/list.txt", {"anon": True}) == {"anon": True}
+
+
+def test_max_bytes_stops_reading_an_http_body_that_never_ends():
+    """fsspec's ranged read of an http URL reads the whole body; a server may ignore the range."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from seglabel.fetch import fetch
+
+    small = encode(drawn(20, 10, 1), "PNG")
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            if self.path == "/small.png":
+                self.send_header("Content-Length", str(len(small)))
+                self.end_headers()
+                self.wfile.write(small)
+                return
+            self.end_headers()
+            try:
+                while True:  # no Content-Length, no end, whatever Range asked for
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert fetch(f"{base}/endless.png", max_bytes=100_000).error == "read: over --max-bytes 100000"
+        fetched = fetch(f"{base}/small.png", max_bytes=100_000)
+        assert (fetched.error, fetched.width, fetched.height) == (None, 20, 10)
+    finally:
+        server.shutdown()

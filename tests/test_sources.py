@@ -22,8 +22,9 @@ from seglabel.sources import (
     iter_manifest,
 )
 
-LONG = "x" * 252 + ".jpg"  # 256 bytes: one over the limit
-LONG_OK = "x" * 251 + ".jpg"  # 255 bytes
+# A key's last segment becomes "<segment>.png": 251 bytes at most, so that it fits in 255.
+LONG = "x" * 248 + ".jpg"  # 252 bytes: one over the limit
+LONG_OK = "x" * 247 + ".jpg"  # 251 bytes
 
 
 def keys(refs):
@@ -34,7 +35,8 @@ def keys(refs):
 
 
 @pytest.mark.parametrize(
-    "key", ["a.jpg", "a/b/c.png", "sp ace/ü ñ.jpeg", "..a/b..c/...", LONG_OK, "é" * 127 + "x"]
+    "key",
+    ["a.jpg", "a/b/c.png", "sp ace/ü ñ.jpeg", "..a/b..c/...", LONG_OK, "é" * 125 + "x", "x" * 255 + "/a.jpg"],
 )
 def test_safe_keys(key):
     assert is_safe_key(key)
@@ -43,7 +45,7 @@ def test_safe_keys(key):
 @pytest.mark.parametrize(
     "key",
     ["", "/a.jpg", "a//b.jpg", "a/", "./a.jpg", "a/./b.jpg", "../a.jpg", "a/../b.jpg", "a/..",
-     "a\\b.jpg", "a\x00b.jpg", LONG, "é" * 128, "bad\udcff.jpg"],
+     "a\\b.jpg", "a\x00b.jpg", LONG, "é" * 126, "x" * 256 + "/a.jpg", "bad\udcff.jpg", "a.png?versionId=1"],
 )
 def test_unsafe_keys(key):
     assert not is_safe_key(key)
