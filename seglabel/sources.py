@@ -35,7 +35,7 @@ from fsspec.utils import infer_compression
 from .config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
 from .errors import SeglabelError, one_line
 from .keys import UNSAFE_KEY_ERROR, is_safe_key, printable
-from .storage import is_local, open_url
+from .storage import is_local, open_url, protocols
 
 logger = logging.getLogger(__name__)
 
@@ -302,9 +302,8 @@ def _local_kind(fs: Any, entry: dict) -> str:
 
 def _streams(fs: Any) -> bool:
     """Whether ``fs`` lists a directory page by page in key order (S3, not versioned)."""
-    return callable(getattr(fs, "_iterdir", None)) and not getattr(fs, "version_aware", False) and (
-        "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol))
-    )
+    versioned = getattr(fs, "version_aware", False)
+    return callable(getattr(fs, "_iterdir", None)) and not versioned and "s3" in protocols(fs)
 
 
 def _entries(fs: Any, directory: str, ordered: bool) -> Iterator[dict]:

@@ -64,10 +64,14 @@ def absolute_local(url: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def protocols(fs: Any) -> tuple[str, ...]:
+    """The protocols a filesystem answers to (fsspec gives a string or a tuple)."""
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
 def is_local(fs: Any) -> bool:
     """Whether ``fs`` is the local disk (where files are renamed into place)."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return "file" in protocols or "local" in protocols
+    return "file" in protocols(fs) or "local" in protocols(fs)
 
 
 def is_temporary(path: str) -> bool:
@@ -121,6 +125,7 @@ __all__ = [
     "is_temporary",
     "open_atomic",
     "open_url",
+    "protocols",
     "with_defaults",
     "write_atomic",
 ]

@@ -26,15 +26,15 @@ STEADY_MIN_SPAN_S = 0.5
 def _read_parts(fs: Any, output_root: str) -> dict[str, Any]:
     """Rows and segments from the committed metadata parts, and a steady-state rate from the
     times the parts appeared (the first part's rows are left out: they carry the start-up)."""
-    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    parts = fs.glob(f"{output_root.rstrip('/')}/metadata/*.parquet")
+    from ..sink import OutputStore
+
+    store = OutputStore(fs.unstrip_protocol(output_root))
+    parts = store.parts()
     timeline, ok, errors, segments = [], 0, 0, 0
     for path in parts:
-        # From bytes, not a Python file object: see OutputStore.read_parquet.
-        table = pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=["status", "segments"])
+        table = store.read_parquet(path, ["status", "segments"])
         status = table.column("status")
         is_ok = pc.equal(status, "ok")
         n_ok = int(pc.sum(is_ok).as_py() or 0)
