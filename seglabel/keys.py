@@ -244,16 +244,22 @@ class HashSet:
     def __len__(self) -> int:
         return sum(len(run) for run in self._runs)
 
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        """True where a hash is in the set."""
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        known = np.zeros(len(hashes), dtype=bool)
+        for run in self._runs:
+            index = np.searchsorted(run, hashes)
+            inside = index < len(run)
+            known[inside] |= run[index[inside]] == hashes[inside]
+        return known
+
     def add_new(self, hashes: np.ndarray) -> np.ndarray:
         """Add ``hashes``; returns True where a hash was not in the set before (its first
         occurrence in ``hashes`` counts as new, any later one does not)."""
         hashes = np.asarray(hashes, dtype=np.uint64)
         values, where = np.unique(hashes, return_index=True)
-        known = np.zeros(len(values), dtype=bool)
-        for run in self._runs:
-            index = np.searchsorted(run, values)
-            inside = index < len(run)
-            known[inside] |= run[index[inside]] == values[inside]
+        known = self.contains(values)
         new = np.zeros(len(hashes), dtype=bool)
         new[where[~known]] = True
         self._push(values[~known])

@@ -391,30 +391,95 @@ def _new_refs(
     appearance; with ``dedupe`` (a manifest may list an image twice; a listing never does) the
     other keys go into a growing hash set. Nothing is held per key beyond that: an output whose
     images are all done costs its done set and a bit a key.
+
+    A manifest's keys drop the scheme, so ``s3://b/x.jpg`` and ``gs://b/x.jpg`` share a key: the
+    later one is not a repeat but another image, and becomes an error row
+    (``key: collides with …``) keyed by its full URI (:class:`_Collisions`).
     """
     refs = iter(refs)  # islice on a list would start again at every batch
     seen = HashSet() if dedupe else None
+    collisions = _Collisions() if dedupe else None
     while True:
         batch = list(itertools.islice(refs, ENUMERATION_BATCH))
         if not batch:
             return
         hashes = key_hashes([r.key for r in batch])
-        keep = np.ones(len(batch), dtype=bool)
+        state = np.full(len(batch), _TODO, dtype=np.int8)
         if len(done):
             index = done.find(hashes)
             member = np.flatnonzero(index >= 0)
-            first = done.first_visits(index[member])
-            tally.already_done += int(first.sum())
-            tally.repeats += len(first) - int(first.sum())
-            keep[member] = False
+            state[member] = np.where(done.first_visits(index[member]), _DONE, _REPEAT)
         if seen is not None:
-            rest = np.flatnonzero(keep)
-            new = seen.add_new(hashes[rest])
-            tally.repeats += len(new) - int(new.sum())
-            keep[rest[~new]] = False
-        tally.found = tally.already_done + tally.todo + int(keep.sum())
-        tally.todo += int(keep.sum())
-        yield from itertools.compress(batch, keep.tolist())
+            rest = np.flatnonzero(state == _TODO)
+            state[rest[~seen.add_new(hashes[rest])]] = _REPEAT
+        if collisions is not None:
+            for i, ref in collisions.check(batch, hashes, state):
+                # Its own key now: done in an earlier run, repeated, or to do as an error row.
+                h = key_hashes([ref.key])
+                index = done.find(h)
+                if index[0] >= 0:
+                    state[i] = _DONE if done.first_visits(index)[0] else _REPEAT
+                else:
+                    state[i] = _TODO if seen.add_new(h)[0] else _REPEAT
+                batch[i] = ref
+        tally.already_done += int((state == _DONE).sum())
+        tally.repeats += int((state == _REPEAT).sum())
+        tally.todo += int((state == _TODO).sum())
+        tally.found = tally.already_done + tally.todo
+        yield from itertools.compress(batch, (state == _TODO).tolist())
+
+
+# What the enumeration makes of a ref.
+_TODO, _DONE, _REPEAT = 0, 1, 2
+
+
+class _Collisions:
+    """Tells a manifest's repeated entry from another URI with the same key (another scheme).
+
+    Costs nothing per key while every entry has the run's first scheme (the usual manifest):
+    a key's first entry with another scheme is remembered as two 64-bit hashes (its key's and
+    its URI's), so that a later entry with that key is a repeat only if its URI is the same.
+    """
+
+    def __init__(self) -> None:
+        self.usual: str | None = None  # the scheme part of the run's first URI ("s3://")
+        self.other_keys = HashSet()
+        self.other_uris = HashSet()
+        self.mixed = False  # whether any key was first met with another scheme
+
+    def check(self, batch: list[ImageRef], hashes: np.ndarray, state: np.ndarray):
+        """Yield (position, error ref) for each entry of ``batch`` that collides; ``state``
+        says which entries are first visits of their key and which repeat one."""
+        if self.usual is None and batch:
+            self.usual = _scheme_part(batch[0])
+        for i, ref in enumerate(batch):
+            usual = _scheme_part(ref) == self.usual
+            if usual and not self.mixed:
+                continue  # the fast path: nothing to tell apart
+            h, u = hashes[i : i + 1], key_hashes([ref.uri])
+            if state[i] != _REPEAT:
+                if not usual:
+                    self.mixed = True
+                    self.other_keys.add_new(h)
+                    self.other_uris.add_new(u)
+                continue
+            if usual:
+                if self.other_keys.contains(h)[0]:
+                    yield i, _collision(ref, "an earlier entry with another scheme")
+            elif not self.other_uris.contains(u)[0]:
+                earlier = self.usual + ref.key
+                if self.other_keys.contains(h)[0]:
+                    earlier = "an earlier entry with another scheme"
+                yield i, _collision(ref, earlier)
+
+
+def _scheme_part(ref: ImageRef) -> str:
+    """What a manifest URI adds to its key: "s3://", "file:///"."""
+    return ref.uri[: len(ref.uri) - len(ref.key)]
+
+
+def _collision(ref: ImageRef, earlier: str) -> ImageRef:
+    return ImageRef(ref.uri, ref.uri, f"key: collides with {earlier}")
 
 
 def _stage_todo(store: OutputStore, refs: Iterator[ImageRef], limit: int | None, run_id: str):

@@ -468,9 +468,9 @@ def iter_manifest(
       other protocols use their defaults (environment credentials).
 
     ``key`` = the URI without its scheme and root '/': ``s3://b/x/y.jpg`` -> ``b/x/y.jpg``,
-    ``file:///data/x.jpg`` -> ``data/x.jpg``. Keys from URIs that differ only in scheme
-    (``s3://b/x`` vs ``gs://b/x``) would collide; a warning is logged when a manifest mixes
-    protocols. An unsafe key (e.g. ``s3://b/a/../x.jpg``) yields a ref with
+    ``file:///data/x.jpg`` -> ``data/x.jpg``. URIs that differ only in scheme (``s3://b/x`` vs
+    ``gs://b/x``) give one key: the job turns the later one into an error row (a warning is
+    logged when a manifest mixes protocols). An unsafe key (e.g. ``s3://b/a/../x.jpg``) yields a ref with
     ``error="key: unsafe"``.
 
     Repeated entries are yielded as they come: the job counts each key once (it de-duplicates
@@ -500,8 +500,8 @@ def iter_manifest(
             kinds = {type(f) for f in filesystems.values()}
             if len(kinds) > 1:
                 logger.warning(
-                    "manifest %s mixes protocols (%s): keys are URIs without scheme, so the same "
-                    "path under two protocols would share one key",
+                    "manifest %s mixes protocols (%s): keys are URIs without scheme, so a path "
+                    "listed under two protocols is labeled once and its other URI is an error row",
                     manifest_url, ", ".join(sorted(filesystems)),
                 )
         return fs

@@ -132,6 +132,27 @@ def test_named_by_a_manifest_special_files_are_error_rows_and_stale_masks_go(
     assert not stale.exists()
 
 
+def test_two_uris_of_one_key_the_second_is_an_error_row(local_job, checkpoints, tmp_path):
+    """file:///r/real.jpg and memory:///r/real.jpg share the key r/real.jpg: the first is labeled,
+    the second is an error row keyed by its URI, and repeats of either stay repeats. A re-run
+    (and --retry-errors) keeps exactly one row per URI."""
+    root, _, _ = local_job
+    base = str(root).lstrip("/")
+    first, second = f"file://{root}/real.jpg", f"memory://{root}/real.jpg"
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join([first, second, first, second]))
+    out = tmp_path / "out"
+    expected = {f"{base}/real.jpg": (36, 24), second: f"key: collides with {first}"}
+    summary = label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]))
+    assert (summary.found, summary.ok, summary.error) == (2, 1, 1)
+    check_output(str(out), "instance", expected)
+    again = label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]))
+    assert (again.found, again.already_done, again.processed) == (2, 2, 0)
+    label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]), retry_errors=True)
+    rows = check_output(str(out), "instance", expected)
+    assert rows[second]["image_uri"] == second and rows[second]["mask_uri"] is None
+
+
 def test_on_s3_double_colons_and_max_bytes(checkpoints, s3_bucket):
     client = boto3.client("s3")
     objects = {"a": encode(drawn(30, 20, 1), "PNG"), "a::b.jpg": encode(drawn(50, 40, 2), "JPEG"),

@@ -33,6 +33,29 @@ def test_new_refs_count_done_todo_and_repeats(monkeypatch, batch):
     assert listed == ["x", "d3", "y"] and (tally.found, tally.already_done) == (3, 0)
 
 
+@pytest.mark.parametrize("batch", [1, 8192])
+def test_new_refs_tell_a_repeat_from_another_uri_with_the_same_key(monkeypatch, batch):
+    """Keys drop the scheme: gs://b/x and s3://b/x collide. The later of the two is an error
+    ref keyed by its URI; a repeat of either URI is a repeat, also of a key done earlier."""
+    monkeypatch.setattr(pipeline, "ENUMERATION_BATCH", batch)
+    uris = ["s3://b/a", "gs://b/a", "s3://b/a", "gs://b/a", "gs://b/c", "s3://b/c", "file:///b/c",
+            "gs://b/c", "s3://b/d", "file:///b/d", "gs://b/d"]
+    listed = [ImageRef(u.split("://", 1)[1].lstrip("/"), u) for u in uris]
+    done = SortedHashes(key_hashes(["b/d", "file:///b/d"]))
+    tally = pipeline._Tally()
+    out = [(r.key, r.error) for r in pipeline._new_refs(iter(listed), done, tally, dedupe=True)]
+    assert out == [
+        ("b/a", None),
+        ("gs://b/a", "key: collides with s3://b/a"),
+        ("b/c", None),  # gs://b/c, first met with another scheme than the run's first
+        ("s3://b/c", "key: collides with an earlier entry with another scheme"),
+        ("file:///b/c", "key: collides with an earlier entry with another scheme"),
+        ("gs://b/d", "key: collides with s3://b/d"),
+    ]
+    # s3://b/d and its collision file:///b/d have rows from an earlier run.
+    assert (tally.found, tally.already_done, tally.todo, tally.repeats) == (8, 2, 6, 3)
+
+
 def test_committed_rows_are_one_bit_each():
     committed = Bits(10)
     assert committed._bits.nbytes == 2
