@@ -9,7 +9,6 @@ remote code. A private checkpoint's token comes from Hugging Face's own environm
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import shutil
@@ -19,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import TASKS, ConfigError
-from .errors import SeglabelError
+from .errors import SeglabelError, get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _TASK_IN_NAME = re.compile(r"(?:^|[-_./])(instance|semantic|panoptic)(?:$|[-_./])")
 

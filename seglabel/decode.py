@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import struct
 import threading
 import zlib
@@ -39,9 +38,9 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from .config import DEFAULT_MAX_PIXELS
-from .errors import SeglabelError
+from .errors import SeglabelError, get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 # What Pillow raises for bad data (the set its own fuzz tests accept). TypeError, KeyError and

@@ -5,22 +5,93 @@ unwritable output, an impossible export) is a :class:`SeglabelError` whose messa
 readable line. The command line catches the base class in one place and exits with the
 error's ``exit_status``: 2 for a mistake in what was asked, 1 for a job that stopped while
 running. This module imports nothing from the package, so that every other module may use it.
+
+It is also the one place where text about URLs loses its secrets (:func:`redact`): error
+messages, error rows, log records (:func:`get_logger`) and recorded URLs go through it, so that
+a presigned URL's signature or a URL's password never lands in an output, a log or a terminal.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+
+# Query parameters of signed http(s) URLs whose values are credentials (AWS SigV4 and SigV2,
+# GCS V4, Azure SAS, CloudFront), compared lower-case.
+SIGNED_URL_PARAMS = frozenset({
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential",
+    "signature", "sig", "awsaccesskeyid", "key-pair-id", "policy", "token", "access_token",
+})
+REDACTED = "REDACTED"
+_URL = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*)://([^\s'\"<>]*)")
+
 
 class SeglabelError(Exception):
-    """Base of seglabel's errors; ``str(e)`` is one readable line meant for the user."""
+    """Base of seglabel's errors; ``str(e)`` is one readable line meant for the user, with any
+    URL in it redacted."""
 
     #: The command line's exit status for this error.
     exit_status = 2
+
+    def __init__(self, *args: object):
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its secrets: user information (``user:pw@``) becomes ``REDACTED@``; for
+    http(s), the values of signature and credential query parameters become ``REDACTED``. Object
+    names keep their '?' (on S3 or a disk it is part of the name, not a query)."""
+    if "@" not in url and "?" not in url:
+        return url  # the usual case, and cheap: one check per row
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = REDACTED + authority[authority.rindex("@"):]
+    if scheme.lower() in ("http", "https") and "?" in path:
+        path, _, query = path.partition("?")
+        query, hash_, fragment = query.partition("#")
+        params = []
+        for param in query.split("&"):
+            name, eq, _ = param.partition("=")
+            params.append(f"{name}={REDACTED}" if eq and name.lower() in SIGNED_URL_PARAMS else param)
+        path = f"{path}?{'&'.join(params)}{hash_}{fragment}"
+    return f"{scheme}://{authority}{slash}{path}"
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL in it passed through :func:`redact_url`."""
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+
+
+class _Redacting(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+_REDACTING = _Redacting()
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The module logger ``name``, whose records have every URL redacted (a filter on the
+    logger itself: it acts wherever the record is handled, in the driver or a Ray worker)."""
+    logger = logging.getLogger(name)
+    if _REDACTING not in logger.filters:
+        logger.addFilter(_REDACTING)
+    return logger
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message as one short line (botocore, pyarrow and Ray messages can span
     several lines and pages); the exception's type name when it has no message."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = redact(" ".join(str(exc).split())) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -29,4 +100,4 @@ def reason(stage: str, exc: BaseException, limit: int = 160) -> str:
     return f"{stage}: {type(exc).__name__}: {one_line(exc, limit)}"
 
 
-__all__ = ["SeglabelError", "one_line", "reason"]
+__all__ = ["SIGNED_URL_PARAMS", "SeglabelError", "get_logger", "one_line", "reason", "redact", "redact_url"]

@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import logging
 import posixpath
 import shutil
 import tempfile
@@ -64,13 +63,13 @@ from pycocotools import mask as mask_utils
 
 from . import __version__
 from .encode import decode_png, encode_png
-from .errors import SeglabelError, one_line
+from .errors import SeglabelError, get_logger, one_line
 from .keys import is_safe_key
 from .labels import resolve_labels, thing_ids
 from .sink import JOB_FILE, SUCCESS_FILE, OutputError, OutputStore
 from .storage import open_atomic, open_url, write_atomic
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 FORMATS = ("coco", "coco-panoptic", "label-studio", "cvat")
 

@@ -6,7 +6,6 @@ caller writes the reason into the image's ``error`` row and the job goes on.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ import numpy as np
 from fsspec.core import split_protocol
 
 from .decode import DecodeError, decode_image
-from .errors import one_line
+from .errors import get_logger, one_line
 from .storage import is_local, with_defaults
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

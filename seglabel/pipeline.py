@@ -12,7 +12,6 @@ rows at a time and commits them as one Parquet file.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import pickle
 import time
@@ -31,7 +30,7 @@ from .checkpoint import detect_task, read_label_config
 from .cluster import connect
 from .config import ConfigError, EngineConfig, JobConfig
 from .encode import build_segments, encode_png
-from .errors import SeglabelError, reason
+from .errors import SeglabelError, get_logger, reason, redact_url
 from .fetch import fetch, options_for
 from .keys import Bits, HashSet, SortedHashes, is_safe_key, key_hashes
 from .labels import resolve_labels, thing_ids
@@ -39,7 +38,7 @@ from .sink import JOB_FILE, SCHEMA, SCRATCH_DIR, SUCCESS_FILE, OutputStore
 from .sources import ImageRef, iter_listing, iter_manifest
 from .storage import absolute_local
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 TODO_ROWS_PER_FILE = 100_000
 # Refs hashed and classified at a time while enumerating (vectorised lookups, bounded memory).
@@ -254,8 +253,8 @@ def _encode_batch(
         batch["key"], batch["uri"], batch["width"], batch["height"], batch["error"], batch["raw"]
     ):
         error = _error(error)
-        row = {"key": key, "image_uri": uri, "task": task, "model": model, "status": "error", "error": error,
-               "width": None, "height": None, "mask_uri": None, "segments": None}
+        row = {"key": key, "image_uri": redact_url(uri), "task": task, "model": model, "status": "error",
+               "error": error, "width": None, "height": None, "mask_uri": None, "segments": None}
         if error is None:
             prediction = pickle.loads(raw)
             try:
@@ -267,7 +266,7 @@ def _encode_batch(
             else:
                 try:
                     # The PNG is written before the row that references it is returned.
-                    row["mask_uri"] = output.write_mask(key, png)
+                    row["mask_uri"] = redact_url(output.write_mask(key, png))
                 except Exception as exc:  # storage failures after the client's retries
                     log.warning("cannot write mask for %s: %s", key, exc)
                     row["error"] = reason("write", exc)
@@ -315,9 +314,10 @@ def _job_record(
     import transformers
 
     return {
-        "input": config.input,
-        "manifest": config.manifest,
-        "output": config.output,
+        # A presigned manifest URL's signature or a URL's password is not recorded.
+        "input": redact_url(config.input) if config.input else None,
+        "manifest": redact_url(config.manifest) if config.manifest else None,
+        "output": redact_url(config.output),
         **_mask_settings(config.engine, task, revision),
         "id2label": {str(k): v for k, v in sorted(id2label.items())},
         "versions": {
@@ -331,18 +331,26 @@ def _job_record(
 
 
 def _mask_settings(engine: EngineConfig, task: str, revision: str | None) -> dict[str, Any]:
-    return {**engine.mask_settings(), "task": task, "revision": revision}
+    settings = engine.mask_settings()
+    if isinstance(settings.get("model"), str):
+        settings["model"] = redact_url(settings["model"])  # a presigned checkpoint URL's signature
+    return {**settings, "task": task, "revision": revision}
 
 
 def _check_same_input(previous: dict[str, Any], config: JobConfig) -> None:
     """Refuse to resume an output labeled from another input: keys are relative to their input
     root (or manifest URIs), so two inputs' keys mixed in one output mean nothing."""
     def same_form(url: str | None) -> str | None:
-        return absolute_local(url).rstrip("/") if url else None
+        if not url:
+            return None
+        url = redact_url(absolute_local(url))  # as recorded
+        if url[:8].lower().startswith(("http://", "https://")):
+            url = url.partition("?")[0]  # a presigned URL signed anew names the same manifest
+        return url.rstrip("/")
 
     before = [same_form(previous.get(n)) for n in ("input", "manifest")]
     if before != [same_form(config.input), same_form(config.manifest)]:
-        was, now = before[0] or before[1], config.input or config.manifest
+        was, now = before[0] or before[1], redact_url(config.input or config.manifest)
         raise ConfigError(
             f"{config.output} was labeled from {was!r}, not {now!r}; use the same input to resume, "
             "or --overwrite to start again"
@@ -436,9 +444,10 @@ _TODO, _DONE, _REPEAT = 0, 1, 2
 class _Collisions:
     """Tells a manifest's repeated entry from another URI with the same key (another scheme).
 
-    Costs nothing per key while every entry has the run's first scheme (the usual manifest):
-    a key's first entry with another scheme is remembered as two 64-bit hashes (its key's and
-    its URI's), so that a later entry with that key is a repeat only if its URI is the same.
+    Costs nothing per key while every entry is the run's first scheme followed by its key (the
+    usual manifest): a key's first entry in another form (another scheme, an http query) is
+    remembered as two 64-bit hashes (its key's and its URI's), so that a later entry with that
+    key is a repeat only if its URI is the same.
     """
 
     def __init__(self) -> None:
@@ -451,12 +460,16 @@ class _Collisions:
         """Yield (position, error ref) for each entry of ``batch`` that collides; ``state``
         says which entries are first visits of their key and which repeat one."""
         if self.usual is None and batch:
-            self.usual = _scheme_part(batch[0])
+            first = batch[0]
+            # An http(s) URL with a query is longer than its scheme and key: never "usual".
+            self.usual = first.uri[: len(first.uri) - len(first.key)] if first.uri.endswith(first.key) else (
+                first.uri.partition("://")[0] + "://")
         for i, ref in enumerate(batch):
-            usual = _scheme_part(ref) == self.usual
+            usual = ref.uri == self.usual + ref.key
             if usual and not self.mixed:
                 continue  # the fast path: nothing to tell apart
-            h, u = hashes[i : i + 1], key_hashes([ref.uri])
+            # A URI as recorded: one image signed twice (two presigned URLs) is one image.
+            h, u = hashes[i : i + 1], key_hashes([redact_url(ref.uri)])
             if state[i] != _REPEAT:
                 if not usual:
                     self.mixed = True
@@ -465,21 +478,17 @@ class _Collisions:
                 continue
             if usual:
                 if self.other_keys.contains(h)[0]:
-                    yield i, _collision(ref, "an earlier entry with another scheme")
+                    yield i, _collision(ref, "an earlier entry")
             elif not self.other_uris.contains(u)[0]:
                 earlier = self.usual + ref.key
                 if self.other_keys.contains(h)[0]:
-                    earlier = "an earlier entry with another scheme"
+                    earlier = "an earlier entry"
                 yield i, _collision(ref, earlier)
 
 
-def _scheme_part(ref: ImageRef) -> str:
-    """What a manifest URI adds to its key: "s3://", "file:///"."""
-    return ref.uri[: len(ref.uri) - len(ref.key)]
-
-
 def _collision(ref: ImageRef, earlier: str) -> ImageRef:
-    return ImageRef(ref.uri, ref.uri, f"key: collides with {earlier}")
+    """The error ref of an entry whose key an earlier entry has: keyed by its URI, as recorded."""
+    return ImageRef(redact_url(ref.uri), ref.uri, f"key: collides with {earlier}")
 
 
 def _stage_todo(store: OutputStore, refs: Iterator[ImageRef], limit: int | None, run_id: str):
@@ -554,7 +563,7 @@ def run(config: JobConfig) -> Summary:
             resolve_labels(id2label, engine.labels)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    summary = Summary(output=config.output, task=task, model=engine.model, dry_run=config.dry_run)
+    summary = Summary(output=redact_url(config.output), task=task, model=engine.model, dry_run=config.dry_run)
 
     refs = _refs(config)
     first = next(refs, None)  # a missing input fails here, before anything is written
@@ -697,7 +706,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
             fn_kwargs={
                 "output": store,
                 "task": task,
-                "model": config.engine.model,
+                "model": redact_url(config.engine.model),
                 "id2label": id2label,
                 "things": things,
             },

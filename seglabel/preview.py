@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import io
-import logging
 from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
@@ -21,10 +20,11 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from .decode import DecodeError, decode_image
+from .errors import get_logger
 from .export import Destination, ExportError, Job, checked_key, iter_rows, open_job, palette_color
 from .fetch import options_for, read_bytes
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 OVERLAY_DIR = "overlays"
 INDEX_FILE = "index.html"

@@ -11,7 +11,6 @@ post-processed on the device in batches.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import defaultdict
 from typing import Any, Sequence
@@ -22,11 +21,12 @@ import torch
 from .checkpoint import detect_task, load_checkpoint
 from .config import ConfigError, EngineConfig
 from .encode import Prediction, build_segments
+from .errors import get_logger
 from .labels import resolve_labels, thing_ids
 from .postprocess import Postprocessor, PostprocessSpec, RawPrediction
 from .preprocess import PreprocessSpec, preprocess, to_device
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import posixpath
 import uuid
 from collections import Counter
@@ -27,11 +26,11 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from .errors import SeglabelError, one_line
+from .errors import SeglabelError, get_logger, one_line
 from .keys import HashSpool, SortedHashes, key_hashes, repeated
 from .storage import is_local, is_temporary, open_url, write_atomic
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SEGMENT_TYPE = pa.struct(
     [

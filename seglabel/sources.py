@@ -20,24 +20,24 @@ Plain Python, no Ray: the pipeline wires these iterators into Ray Data.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import posixpath
 import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import fsspec
 from fsspec.core import split_protocol
 from fsspec.utils import infer_compression
 
 from .config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
-from .errors import SeglabelError, one_line
+from .errors import SeglabelError, get_logger, one_line
 from .keys import UNSAFE_KEY_ERROR, is_safe_key, printable
 from .storage import is_local, open_url, protocols
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DEFAULT_EXTENSIONS: frozenset[str] = frozenset(_DEFAULT_EXTENSIONS)
 
@@ -374,7 +374,10 @@ def _s3_entries(fs: Any, directory: str) -> Iterator[dict]:
 
 
 def _manifest_format(path: str) -> tuple[str, str | None]:
-    """(format, compression) from the manifest's name: 'list.txt', 'x.csv.gz', 'p.parquet'."""
+    """(format, compression) from the manifest's name: 'list.txt', 'x.csv.gz', 'p.parquet'
+    (an http(s) URL's path, without its query: a presigned 'list.txt?X-Amz-Signature=…')."""
+    if _is_http(path):
+        path = urlsplit(path).path
     compression = infer_compression(path)
     stem = path.lower()
     if compression:
@@ -445,6 +448,22 @@ def _parquet_entries(fs: Any, path: str, compression: str | None) -> Iterator[tu
                     yield row, str(value).strip()
 
 
+def _is_http(url: str) -> bool:
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
+def _manifest_key(uri: str) -> str:
+    """A manifest URI's key: the URI without its scheme and root '/'. An http(s) URL's key is
+    its host and path: never its query (a presigned URL's signature, which changes with every
+    signing) nor user information."""
+    if _is_http(uri):
+        parts = urlsplit(uri)
+        host = parts.netloc.rpartition("@")[2]
+        return host + parts.path
+    key = uri.split("://", 1)[1] if "://" in uri else uri
+    return key[1:] if key.startswith("/") else key  # the root '/' of file:///x, memory:///x
+
+
 _READERS = {"txt": _txt_entries, "csv": _csv_entries, "parquet": _parquet_entries}
 
 
@@ -512,16 +531,16 @@ def iter_manifest(
         for row, entry in _READERS[fmt](manifest_fs, manifest_path, compression):
             counts["entries"] += 1
             protocol = split_protocol(entry)[0]
-            if protocol is None and not entry.startswith("/"):
+            if protocol is None and _is_http(manifest_path):
+                fs, path = manifest_fs, urljoin(manifest_path, entry)  # as a browser resolves it
+            elif protocol is None and not entry.startswith("/"):
                 fs = manifest_fs
                 path = fs._strip_protocol(posixpath.normpath(posixpath.join(folder, entry)))
             else:
                 fs = filesystem_for(protocol or "file")
                 path = fs._strip_protocol(entry)
             uri = full_uri(fs, path)
-            key = uri.split("://", 1)[1] if "://" in uri else uri
-            key = key[1:] if key.startswith("/") else key  # the root '/' of file:///x, memory:///x
-            ref = _ref(key, uri)
+            ref = _ref(_manifest_key(uri), uri)
             counts["unsafe"] += ref.error is not None
             yield ref
     except SourceError:

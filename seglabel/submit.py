@@ -19,7 +19,6 @@ provide it. A token is only ever sent to a head that asked for one.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 import time
@@ -29,9 +28,9 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from .config import ConfigError, JobConfig
-from .errors import one_line
+from .errors import SIGNED_URL_PARAMS, get_logger, one_line
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SPEC_ENV = "SEGLABEL_JOB_SPEC"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -43,10 +42,7 @@ SECRET_NAMES = (
     "signature", "cookie",
 )
 # Strings that carry a secret whatever their field's name (Azure connection strings, signed URLs).
-SECRET_MARKERS = (
-    "accountkey=", "sharedaccesssignature=", "sig=", "x-amz-signature=", "x-amz-credential=",
-    "x-goog-signature=", "x-goog-credential=",
-)
+SECRET_MARKERS = ("accountkey=", "sharedaccesssignature=") + tuple(sorted(f"{p}=" for p in SIGNED_URL_PARAMS))
 # Names like secrets that are identifiers of keys, not keys (SSE-KMS: SSEKMSKeyId).
 NOT_SECRET_SUFFIXES = ("keyid", "key_id")
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".carry"]

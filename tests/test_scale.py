@@ -48,8 +48,8 @@ def test_new_refs_tell_a_repeat_from_another_uri_with_the_same_key(monkeypatch, 
         ("b/a", None),
         ("gs://b/a", "key: collides with s3://b/a"),
         ("b/c", None),  # gs://b/c, first met with another scheme than the run's first
-        ("s3://b/c", "key: collides with an earlier entry with another scheme"),
-        ("file:///b/c", "key: collides with an earlier entry with another scheme"),
+        ("s3://b/c", "key: collides with an earlier entry"),
+        ("file:///b/c", "key: collides with an earlier entry"),
         ("gs://b/d", "key: collides with s3://b/d"),
     ]
     # s3://b/d and its collision file:///b/d have rows from an earlier run.

@@ -4,15 +4,15 @@ cycled, and the same images written as files for the pipeline phase."""
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..config import ConfigError
+from ..errors import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Photos shipped inside scikit-image (skimage.data, no download), cycled over the images. Only
 # everyday scenes: microscopy, retina or deep-sky images are not what a labeling job sees.

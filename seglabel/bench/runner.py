@@ -3,13 +3,13 @@ figures that compare them."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..errors import get_logger
 from .calibrate import build_checkpoint
 from .config import BenchConfig
 from .hf_loop import run_hf_loop
@@ -19,7 +19,7 @@ from .pipeline import run_pipeline
 from .report import busy_warning, goals, write_json
 from .segmenter import run_segmenter
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Images the random model is calibrated on (the first ones of the bench).
 CALIBRATION_IMAGES = 4

@@ -12,15 +12,14 @@ Nothing below this package imports it: it depends on the library, never the othe
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Sequence
 
-from ..errors import SeglabelError, one_line
+from ..errors import SeglabelError, get_logger, one_line
 from . import bench, export, inspect, preview, run, submit
 from .common import LOG_LEVELS, Parser, setup_logging
 
-log = logging.getLogger("seglabel")
+log = get_logger("seglabel")
 
 COMMANDS = (run, inspect, export, preview, submit, bench)
 
