@@ -77,33 +77,25 @@ CHECKPOINT_FILES = re.compile(
 )
 
 
-def fetch_checkpoint(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Copy a checkpoint directory from an fsspec URL to the local cache, once.
-
-    Only the directory's own files named in ``CHECKPOINT_FILES`` are copied, each to its plain
-    name in the copy; anything else there is left out (and logged). The copy lands in a
-    temporary directory and is renamed into place, so that several actors on one node starting
-    together never load a half-copied checkpoint.
-    """
+def _listed_files(url: str) -> tuple[Any, dict[str, dict]]:
+    """A URL checkpoint's filesystem and the listing entries of the files a copy takes (by plain
+    name, ``CHECKPOINT_FILES``); what else the directory holds is logged and left out."""
     import fsspec
 
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:20]
-    if (target / "config.json").exists():
-        return target
     fs, path = fsspec.core.url_to_fs(url)
     prefix = path.rstrip("/") + "/"
+    fs.invalidate_cache(path.rstrip("/"))  # a cached listing would hide weights replaced since
     try:
         entries = fs.ls(path.rstrip("/"), detail=True)  # this directory's entries: nothing below it
     except FileNotFoundError:
         entries = []
-    files: dict[str, str] = {}
+    files: dict[str, dict] = {}
     for entry in entries:
         name = entry["name"][len(prefix):] if entry["name"].startswith(prefix) else ""
         if entry["type"] == "file" and CHECKPOINT_FILES.fullmatch(name):
-            files[name] = entry["name"]
+            files[name] = entry
         elif entry["type"] == "file" or name:
-            log.info("checkpoint %s: not copying %r (not a config or safetensors file)", url, entry["name"])
+            log.debug("checkpoint %s: not copying %r (not a config or safetensors file)", url, entry["name"])
     if "config.json" not in files:
         raise CheckpointError(f"no checkpoint at {url} (expected a directory with config.json)")
     if not any(name.endswith(".safetensors") for name in files):
@@ -111,11 +103,55 @@ def fetch_checkpoint(url: str, cache_dir: str | os.PathLike | None = None) -> Pa
             f"no safetensors weights at {url}: checkpoints from a URL load only from safetensors files "
             "(pickled weights run code when loaded)"
         )
+    return fs, files
+
+
+def _fingerprint(files: dict[str, dict]) -> str:
+    """What identifies a URL checkpoint's contents, from its listing alone: each file's name,
+    size and the store's content tag (S3 and GCS: the ETag / MD5 the store computed from the
+    bytes; elsewhere the modification time). Weights replaced at the same URL change it."""
+    digest = hashlib.sha256()
+    for name, entry in sorted(files.items()):
+        tag = next((entry[k] for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified")
+                    if entry.get(k) is not None), "")
+        digest.update(f"{name}\0{entry.get('size')}\0{tag}\n".encode())
+    return "files-" + digest.hexdigest()[:16]
+
+
+def checkpoint_fingerprint(url: str) -> str:
+    """The fingerprint (:func:`_fingerprint`) of the checkpoint at ``url`` as it is now: one
+    listing, no download. The job records it as the checkpoint's revision."""
+    return _fingerprint(_listed_files(url)[1])
+
+
+def fetch_checkpoint(
+    url: str, cache_dir: str | os.PathLike | None = None, fingerprint: str | None = None
+) -> Path:
+    """Copy a checkpoint directory from an fsspec URL to the local cache, once per contents.
+
+    Only the directory's own files named in ``CHECKPOINT_FILES`` are copied, each to its plain
+    name in the copy. The copy is cached under the URL and the contents' fingerprint, so that
+    weights replaced at the same URL are copied again, never taken from a stale copy; with
+    ``fingerprint`` (the one the job recorded), a checkpoint that changed since is refused. The
+    copy lands in a temporary directory and is renamed into place, so that several actors on one
+    node starting together never load a half-copied checkpoint.
+    """
+    fs, files = _listed_files(url)
+    now = _fingerprint(files)
+    if fingerprint is not None and fingerprint != now:
+        raise CheckpointError(
+            f"the checkpoint at {url} changed since the job recorded it ({fingerprint}, now {now}); "
+            "use --overwrite to label with the new weights"
+        )
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / hashlib.sha256(f"{url.rstrip('/')}\0{now}".encode()).hexdigest()[:20]
+    if (target / "config.json").exists():
+        return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
     try:
-        for name, source in sorted(files.items()):
-            fs.get_file(source, str(tmp / name))
+        for name, entry in sorted(files.items()):
+            fs.get_file(entry["name"], str(tmp / name))
         try:
             tmp.rename(target)
         except OSError:
@@ -161,7 +197,8 @@ def load_checkpoint(
     if model.startswith("file://"):
         source = model[len("file://"):]
     elif _is_remote_url(model):
-        source = str(fetch_checkpoint(model, cache_dir))
+        # The revision of a URL checkpoint is its contents' fingerprint (read_label_config).
+        source = str(fetch_checkpoint(model, cache_dir, revision))
         weights["use_safetensors"] = True  # all the copy holds; never unpickle what a bucket serves
     is_local = os.path.isdir(source)
     if not is_local and not _looks_like_hub_id(source):
@@ -213,7 +250,14 @@ def read_label_config(model: str, revision: str | None = None) -> tuple[dict[int
             ) from exc
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read checkpoint config {url}: {exc}") from exc
-        return {int(k): str(v) for k, v in config.get("id2label", {}).items()}, revision
+        labels = {int(k): str(v) for k, v in config.get("id2label", {}).items()}
+        if _is_remote_url(model):
+            # Actors on other nodes copy it later: the job pins what it was now.
+            current = checkpoint_fingerprint(model)
+            if revision is not None and revision != current:
+                raise CheckpointError(f"the checkpoint at {model} is {current}, not revision {revision}")
+            return labels, current
+        return labels, revision
     # Only here: transformers imports torch (a quarter of a GB in the driver, for a config file).
     from transformers import AutoConfig
 

@@ -78,6 +78,11 @@ def _check_unit(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be between 0 and 1, got {value}")
 
 
+def default_dtype(device_type: str) -> str:
+    """The dtype a Segmenter uses when none is given: bf16 on a GPU ("cuda"), fp32 elsewhere."""
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the segmentation engine needs: which checkpoint, how to run it, how to

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from . import __version__
 from .checkpoint import detect_task, read_label_config
 from .cluster import connect
-from .config import ConfigError, EngineConfig, JobConfig
+from .config import ConfigError, EngineConfig, JobConfig, default_dtype
 from .encode import build_segments, encode_png
 from .errors import SeglabelError, get_logger, reason, redact_url
 from .fetch import fetch, options_for
@@ -369,7 +369,10 @@ def _check_same_settings(previous: dict[str, Any], engine: EngineConfig, task: s
             before["model"] = _absolute_model(before["model"])
     else:
         before, now = previous, _mask_settings(engine, task, revision)
-    changed = [k for k in now if k in before and before[k] != now[k]]
+    # A dtype not given is the device's default, checked once the device is known (settle).
+    changed = [
+        k for k in now if k in before and before[k] != now[k] and not (k == "dtype" and now[k] is None)
+    ]
     if changed:
         diff = "; ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise ConfigError(
@@ -600,10 +603,25 @@ def run(config: JobConfig) -> Summary:
     if tally.repeats:
         log.info("%d entries repeated an image already listed: each image counts once", tally.repeats)
     del done, new_refs  # the enumeration's memory, before the counts need theirs
-    if previous is None:
-        store.write_json(JOB_FILE, _job_record(config, task, revision, id2label))
+    record = _job_record(config, task, revision, id2label) if previous is None else None
+
+    def settle(dtype: str) -> None:
+        """Once the Segmenters' device is known: the dtype they will use is recorded, or checked
+        against the one recorded (fp32 on a CPU, then bf16 on a GPU, would mix two models)."""
+        if record is not None:
+            store.write_json(JOB_FILE, {**record, "dtype": dtype})
+        elif previous.get("dtype") not in (None, dtype):
+            raise ConfigError(
+                f"{config.output} was labeled with dtype {previous['dtype']}, and this run would use "
+                f"{dtype} (the default on this device); pass --dtype {previous['dtype']} to resume, "
+                "or --overwrite to start again"
+            )
+        store.remove(SUCCESS_FILE)  # stale until every new image has a row
+
     try:
         if todo == 0:
+            if record is not None:
+                store.write_json(JOB_FILE, record)
             if summary.found == 0:
                 log.warning("no images found under %s", config.input or config.manifest)
             if summary.held_back:
@@ -612,11 +630,10 @@ def run(config: JobConfig) -> Summary:
                 summary.totals = store.counts()
                 store.write_json(SUCCESS_FILE, summary.totals)
             return summary
-        store.remove(SUCCESS_FILE)  # stale until every new image has a row
         started = time.perf_counter()
         # Every Segmenter loads the commit the driver resolved (a Hub branch may move meanwhile).
         config = config.replace(engine=engine.replace(revision=revision))
-        _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary)
+        _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary, settle)
         summary.seconds = time.perf_counter() - started
         summary.totals = store.counts()
         if not summary.held_back:
@@ -654,7 +671,7 @@ def _chain(first: ImageRef, rest: Iterator[ImageRef]) -> Iterator[ImageRef]:
     yield from rest
 
 
-def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary) -> None:
+def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary, settle) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -663,6 +680,10 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
         context.enable_progress_bars = False
         context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         actors, resources = _actor_resources(config, connection.embedded)
+        on_gpu = "num_gpus" in resources and (config.engine.device or "cuda").startswith("cuda")
+        dtype = config.engine.dtype or default_dtype("cuda" if on_gpu else "cpu")
+        settle(dtype)
+        config = config.replace(engine=config.engine.replace(dtype=dtype))  # every actor the same
         base_url = config.manifest or config.input
         # Blocks of one batch each: a block goes to one task or actor, so a single big block
         # would serialise decoding and leave all but one Segmenter idle.

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import detect_task, load_checkpoint
-from .config import ConfigError, EngineConfig
+from .config import ConfigError, EngineConfig, default_dtype
 from .encode import Prediction, build_segments
 from .errors import get_logger
 from .labels import resolve_labels, thing_ids
@@ -59,7 +59,7 @@ class Segmenter:
         self.task = detect_task(config.model, config.task)
         cuda = torch.cuda.is_available()
         self.device = torch.device(config.device or ("cuda" if cuda else "cpu"))
-        self.dtype_name = config.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
+        self.dtype_name = config.dtype or default_dtype(self.device.type)
         self.dtype = _DTYPES[self.dtype_name]
         checkpoint = load_checkpoint(
             config.model,

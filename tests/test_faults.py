@@ -146,6 +146,68 @@ def test_changed_mask_settings_refuse_and_overwrite_starts_again(checkpoints, tm
     check_output(str(out), "instance", expected)
 
 
+def test_resume_compares_the_dtype_the_device_resolved(checkpoints, tmp_path, capsys):
+    """No --dtype: fp32 on a CPU, bf16 on a GPU. job.json records the one used, and a run that
+    would resolve another (here: an output a GPU run started, resumed on this CPU) refuses."""
+    root = tmp_path / "in"
+    expected = many_images(root, 2)
+    out = tmp_path / "out"
+    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"])]
+    assert main(args) == 0
+    record = json.loads((out / "job.json").read_text())
+    assert record["dtype"] == "fp32"
+    (out / "job.json").write_text(json.dumps({**record, "dtype": "bf16"}))  # as a GPU run writes it
+    expected.update(many_images(tmp_path / "more", 3))
+    (tmp_path / "more" / "img002.png").rename(root / "img002.png")
+    capsys.readouterr()
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "dtype bf16" in last and "would use fp32" in last and "--dtype bf16" in last, last
+    assert (out / "_SUCCESS").exists() and len(read_rows(str(out))) == 2  # nothing changed
+    assert main(args + ["--dtype", "fp32"]) == 2  # given, it is compared at once
+    assert main(args + ["--dtype", "bf16"]) == 0
+    check_output(str(out), "semantic", expected)
+
+
+def test_a_url_checkpoint_replaced_at_its_url_is_not_mixed_in(checkpoints, s3_bucket, tmp_path, capsys):
+    """A checkpoint URL is cached per node by URL: weights replaced there must neither resume the
+    job (its fingerprint is the revision job.json records) nor load from a stale copy."""
+    import boto3
+    from safetensors.torch import load_file, save_file
+
+    from seglabel.checkpoint import CheckpointError, fetch_checkpoint
+
+    client = boto3.client("s3")
+    url = f"s3://{s3_bucket}/ckpt-semantic"
+    for f in checkpoints["semantic"].iterdir():
+        client.put_object(Bucket=s3_bucket, Key=f"ckpt-semantic/{f.name}", Body=f.read_bytes())
+    root = tmp_path / "in"
+    many_images(root, 2)
+    out = tmp_path / "out"
+    args = ["run", "--input", str(root), "--output", str(out), "--model", url]
+    assert main(args) == 0
+    first = json.loads((out / "job.json").read_text())["revision"]
+    assert first.startswith("files-")
+    cache = tmp_path / "cache"
+    copy = fetch_checkpoint(url, cache, first)
+    assert fetch_checkpoint(url, cache) == copy  # unchanged: one copy
+
+    weights = load_file(checkpoints["semantic"] / "model.safetensors")
+    changed = tmp_path / "model.safetensors"
+    save_file({k: v * 1.5 for k, v in weights.items()}, changed, metadata={"format": "pt"})
+    client.put_object(Bucket=s3_bucket, Key="ckpt-semantic/model.safetensors", Body=changed.read_bytes())
+    many_images(tmp_path / "more", 3)
+    (tmp_path / "more" / "img002.png").rename(root / "img002.png")
+    capsys.readouterr()
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "revision" in last and first in last and "--overwrite" in last, last
+    with pytest.raises(CheckpointError, match="changed since the job recorded it"):
+        fetch_checkpoint(url, cache, first)
+    assert fetch_checkpoint(url, cache) != copy
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2  # a copy per contents
+
+
 def test_inspect_reports_progress_and_errors(checkpoints, tmp_path, capsys):
     root = tmp_path / "in"
     many_images(root, 3)
