@@ -78,6 +78,48 @@ def _check_unit(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be between 0 and 1, got {value}")
 
 
+@dataclass(frozen=True)
+class StandIn:
+    """What the stand-in returns: ``segments`` per image, each ``coverage`` of the image, and
+    the image size (width, height) on which it kills its process, if any."""
+
+    segments: int = 20
+    coverage: float = 0.05
+    kill: tuple[int, int] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "StandIn":
+        """``"segments=20,coverage=0.05,kill=13x7"``; every part optional ("default": none)."""
+        values: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if part == "default":
+                continue
+            name, eq, value = part.partition("=")
+            try:
+                if name == "segments" and eq:
+                    values["segments"] = int(value)
+                elif name == "coverage" and eq:
+                    values["coverage"] = float(value)
+                elif name == "kill" and eq:
+                    width, height = value.lower().split("x")
+                    values["kill"] = (int(width), int(height))
+                else:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(
+                    f"stand_in: cannot read {part!r}; expected segments=N, coverage=F (0..1], kill=WxH"
+                ) from None
+        spec = cls(**values)
+        if spec.segments < 0 or not 0 < spec.coverage <= 1:
+            raise ConfigError(f"stand_in: segments must be >= 0 and coverage in (0, 1], got {text!r}")
+        return spec
+
+    def __str__(self) -> str:
+        kill = f",kill={self.kill[0]}x{self.kill[1]}" if self.kill else ""
+        return f"segments={self.segments},coverage={self.coverage:g}{kill}"
+
+
+
 def default_dtype(device_type: str) -> str:
     """The dtype a Segmenter uses when none is given: bf16 on a GPU ("cuda"), fp32 elsewhere."""
     return "bf16" if device_type == "cuda" else "fp32"
@@ -106,10 +148,12 @@ class EngineConfig:
     min_area: int = 0
     max_instances: int | None = None
     cache_dir: str | None = None
+    # The model replaced by a stand-in (seglabel.standin): to measure the pipeline, or test it.
+    stand_in: StandIn | None = None
 
     MASK_FIELDS = (
         "model", "revision", "task", "dtype", "resolution", "score_threshold", "mask_threshold",
-        "overlap_threshold", "compat", "thing_labels", "labels", "min_area", "max_instances",
+        "overlap_threshold", "compat", "thing_labels", "labels", "min_area", "max_instances", "stand_in",
     )
 
     def __post_init__(self) -> None:
@@ -121,6 +165,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.resolution, (str, int)):
             object.__setattr__(self, "resolution", Resolution.parse(self.resolution))
+        if isinstance(self.stand_in, str):
+            object.__setattr__(self, "stand_in", StandIn.parse(self.stand_in))
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         _check_unit("score_threshold", self.score_threshold)
@@ -147,7 +193,7 @@ class EngineConfig:
         out = {}
         for name in self.MASK_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, Resolution):
+            if isinstance(value, (Resolution, StandIn)):
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)

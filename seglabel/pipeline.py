@@ -19,7 +19,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +55,9 @@ ENCODE_BATCH = 8
 # Start the model only once every Segmenter actor has loaded it (so that the first one does not
 # take all the early work), and fail with a clear error when the cluster cannot place them.
 ACTOR_START_TIMEOUT_S = 1800
+# Executions of one image that may end with its worker's death (an OOM kill, a segfault)
+# before the image gets an error row instead: Ray retries a dead worker's task forever.
+MAX_ATTEMPTS = 3
 # A fraction given as --max-errors is judged only once this many images have been seen, so
 # that one bad image among the first few does not stop a job.
 MAX_ERRORS_MIN_SEEN = 100
@@ -138,19 +141,80 @@ def _error(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+class AttemptLedger:
+    """A Ray actor that counts the executions of batches and images that have started and not
+    ended, so that a stage can tell a retry after its worker died from a first run.
+
+    Only work in flight is held (a finished batch's entries are dropped): a few thousand
+    integers, whatever the corpus.
+    """
+
+    def __init__(self) -> None:
+        self._started: Counter[tuple[str, int]] = Counter()
+
+    def begin(self, stage: str, indices: list[int]) -> list[int]:
+        """Count an execution of each todo row; returns how many had started before."""
+        before = [self._started[(stage, i)] for i in indices]
+        self._started.update((stage, i) for i in indices)
+        return before
+
+    def end(self, stage: str, indices: list[int]) -> None:
+        for i in indices:
+            self._started.pop((stage, i), None)
+
+
+def _bounded(ledger: Any, stage: str, indices: np.ndarray, run: Callable[[list[int]], list]) -> list:
+    """``run(positions)`` for a batch's rows, one result per row; an image that kills its worker
+    ``MAX_ATTEMPTS`` times gets ``"<stage>: worker died"`` instead of another execution.
+
+    A batch runs whole the first time. Run again (its worker died: Ray retries the task), it
+    goes one image at a time, each counted in the ledger, so that the image that kills the
+    worker is the only one whose count grows, and the others of its batch are labeled.
+    """
+    if ledger is None:
+        return run(list(range(len(indices))))
+    import ray
+
+    rows = [int(i) for i in indices]
+    if not any(ray.get(ledger.begin.remote(stage, rows))):
+        out = run(list(range(len(rows))))
+    else:
+        log.warning("%s: a worker died on a batch of %d images; running them one at a time", stage, len(rows))
+        out = []
+        for position, row in enumerate(rows):
+            if ray.get(ledger.begin.remote(f"{stage}/1", [row]))[0] >= MAX_ATTEMPTS - 1:
+                log.warning("%s: row %d killed its worker %d times: giving up", stage, row, MAX_ATTEMPTS)
+                out.append(f"{stage}: worker died")
+            else:
+                out.extend(run([position]))
+            ledger.end.remote(f"{stage}/1", [row])
+    ledger.end.remote(stage, rows)
+    return out
+
+
 def _decode_batch(
     batch: dict[str, np.ndarray],
     base_url: str,
     storage_options: dict,
     max_pixels: int | None,
     max_bytes: int | None,
+    ledger: Any = None,
 ):
+    def run(positions: list[int]) -> list:
+        uris, errors = batch["uri"], batch["error"]
+        return [
+            fetch(uris[p], options_for(uris[p], base_url, storage_options), max_pixels, max_bytes)
+            if _error(errors[p]) is None else None
+            for p in positions
+        ]
+
+    results = _bounded(ledger, "decode", batch["index"], run)
     images, widths, heights, errors = [], [], [], []
-    for uri, error in zip(batch["uri"], batch["error"]):
+    for result, error in zip(results, batch["error"]):
         error = _error(error)
-        result = None
-        if error is None:
-            result = fetch(uri, options_for(uri, base_url, storage_options), max_pixels, max_bytes)
+        if isinstance(result, str):
+            error, result = result, None
+        elif result is not None:
             error = result.error
         ok = result is not None and result.image is not None
         # Rows that failed carry a 1×1 placeholder so that the column stays one tensor type.
@@ -178,7 +242,7 @@ def _object_array(values: list) -> np.ndarray:
 class SegmentStage:
     """A Ray Data actor: one loaded Segmenter; runs the model on each batch's decodable images."""
 
-    def __init__(self, engine: EngineConfig, cpu_threads: int = 1):
+    def __init__(self, engine: EngineConfig, cpu_threads: int = 1, ledger: Any = None):
         import ray
         import torch
         from transformers.utils import logging as hf_logging
@@ -186,9 +250,15 @@ class SegmentStage:
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, cpu_threads))
         hf_logging.disable_progress_bar()  # one bar per actor start is noise in the job's log
-        from .segment import Segmenter
+        if engine.stand_in is not None:
+            from .standin import StandInSegmenter
 
-        self.segmenter = Segmenter(config=engine)
+            self.segmenter = StandInSegmenter(engine)
+        else:
+            from .segment import Segmenter
+
+            self.segmenter = Segmenter(config=engine)
+        self.ledger = ledger
         context = ray.get_runtime_context()
         self.name = f"{context.get_node_id()[:12]}/{os.getpid()}"
         log.info("Segmenter actor %s ready on %s", self.name, self.segmenter.device)
@@ -198,9 +268,13 @@ class SegmentStage:
         errors = [_error(e) or "" for e in batch["error"]]
         raws: list[bytes] = [b""] * n
         todo = [i for i in range(n) if not errors[i]]
-        for i, raw in zip(
-            todo, self._predict([batch["image"][i] for i in todo], [batch["key"][i] for i in todo])
-        ):
+
+        def run(positions: list[int]) -> list:
+            return self._predict([batch["image"][todo[p]] for p in positions],
+                                 [batch["key"][todo[p]] for p in positions])
+
+        indices = np.asarray(batch["index"])[todo]
+        for i, raw in zip(todo, _bounded(self.ledger, "segment", indices, run)):
             if isinstance(raw, str):
                 errors[i] = raw
             else:
@@ -685,6 +759,8 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
         settle(dtype)
         config = config.replace(engine=config.engine.replace(dtype=dtype))  # every actor the same
         base_url = config.manifest or config.input
+        # No CPU: it only counts, and must not wait for a core the stages hold.
+        ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
         # Blocks of one batch each: a block goes to one task or actor, so a single big block
         # would serialise decoding and leave all but one Segmenter idle.
         # The todo files are read through the store (fsspec with retries) rather than Ray's
@@ -707,6 +783,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
                 "storage_options": config.input_storage_options,
                 "max_pixels": config.max_pixels,
                 "max_bytes": config.max_bytes,
+                "ledger": ledger,
             },
             batch_size=DECODE_BATCH,
             batch_format="numpy",
@@ -714,7 +791,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
         )
         ds = ds.map_batches(
             SegmentStage,
-            fn_constructor_kwargs={"engine": config.engine},
+            fn_constructor_kwargs={"engine": config.engine, "ledger": ledger},
             batch_size=config.engine.batch_size,
             batch_format="numpy",
             # A Segmenter that dies (its process, its node) is replaced and its batches retried:
@@ -819,4 +896,4 @@ def label(input: str | None = None, output: str | None = None, **settings: Any) 
     return run(JobConfig.from_mapping(values))
 
 
-__all__ = ["SegmentStage", "Summary", "label", "run"]
+__all__ = ["AttemptLedger", "SegmentStage", "Summary", "label", "run"]

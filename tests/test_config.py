@@ -40,6 +40,9 @@ def test_defaults_and_normalisation():
     ({"output": "o", "input": "i", "task": "detection"}, "task"),
     ({"output": "o", "input": "i", "batchsize": 3}, "unknown setting(s) batchsize"),
     ({"output": "o", "input": "i", "input_storage_options": "anon"}, "mapping"),
+    ({"output": "o", "input": "i", "stand_in": "segments=x"}, "stand_in: cannot read 'segments=x'"),
+    ({"output": "o", "input": "i", "stand_in": "kill=13"}, "stand_in: cannot read 'kill=13'"),
+    ({"output": "o", "input": "i", "stand_in": "coverage=2"}, "coverage in (0, 1]"),
 ])
 def test_bad_settings_are_one_line_config_errors(values, message):
     with pytest.raises(ConfigError) as err:

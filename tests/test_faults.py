@@ -262,6 +262,57 @@ def kill_when(condition, pick, timeout: float = 120) -> dict:
     return record
 
 
+def test_an_image_that_kills_its_worker_is_given_up_after_three_tries(checkpoints, tmp_path):
+    """A stand-in Segmenter that SIGKILLs its own process on one image (as an OOM kill does):
+    Ray would retry that batch forever. The image gets an error row after MAX_ATTEMPTS deaths,
+    and the other images of its batch are labeled."""
+    from seglabel.pipeline import MAX_ATTEMPTS
+
+    root = tmp_path / "in"
+    expected = many_images(root, 7)
+    drawn(13, 7, 99).save(root / "img003-poison.png")  # sorted among the others: mid-batch
+    expected["img003-poison.png"] = "segment: worker died"
+    out = tmp_path / "out"
+    started = time.monotonic()
+    summary = label(str(root), str(out), model=str(checkpoints["instance"]), batch_size=4,
+                    stand_in="segments=3,kill=13x7")
+    assert time.monotonic() - started < 300
+    assert (summary.ok, summary.error) == (7, 1)
+    rows = check_output(str(out), "instance", expected)
+    assert all(len(r["segments"]) == 3 for k, r in rows.items() if r["status"] == "ok")
+    assert MAX_ATTEMPTS == 3
+
+
+def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
+    """The ledger's count, with a death simulated as an exception that skips the stage's end."""
+    import ray
+
+    from seglabel.pipeline import MAX_ATTEMPTS, AttemptLedger, _bounded
+
+    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    indices = np.array([10, 11, 12, 13])
+    executions = {i: 0 for i in indices.tolist()}
+
+    class Died(Exception):
+        pass
+
+    def run(positions):
+        for p in positions:
+            executions[int(indices[p])] += 1
+            if indices[p] == 12:
+                raise Died
+        return [f"ok{indices[p]}" for p in positions]
+
+    for _ in range(MAX_ATTEMPTS):
+        with pytest.raises(Died):
+            _bounded(ledger, "segment", indices, run)
+    assert _bounded(ledger, "segment", indices, run) == ["ok10", "ok11", "segment: worker died", "ok13"]
+    assert executions[12] == MAX_ATTEMPTS
+    # Done: the ledger forgot them, and another stage's count is its own.
+    assert _bounded(ledger, "segment", indices[:2], run) == ["ok10", "ok11"]
+    assert ray.get(ledger.begin.remote("decode", [12])) == [0]
+
+
 def test_segmenter_actor_killed_mid_run_is_replaced(checkpoints, tmp_path):
     root = tmp_path / "in"
     expected = many_images(root, 60)
