@@ -19,7 +19,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,9 @@ PART_MAX_BYTES = 64 << 20
 DECODE_CPUS = 0.25
 ENCODE_CPUS = 0.25
 DECODE_BATCH = 8
+# Decoded pixels a decode worker holds before it hands them on (one image may exceed it; its
+# own size is bounded by --max-pixels).
+DECODE_HELD_BYTES = 256 << 20
 ENCODE_BATCH = 8
 # Start the model only once every Segmenter actor has loaded it (so that the first one does not
 # take all the early work), and fail with a clear error when the cluster cannot place them.
@@ -163,33 +166,33 @@ class AttemptLedger:
             self._started.pop((stage, i), None)
 
 
-def _bounded(ledger: Any, stage: str, indices: np.ndarray, run: Callable[[list[int]], list]) -> list:
-    """``run(positions)`` for a batch's rows, one result per row; an image that kills its worker
-    ``MAX_ATTEMPTS`` times gets ``"<stage>: worker died"`` instead of another execution.
+def _bounded(ledger: Any, stage: str, indices: np.ndarray, run: Callable[[list[int]], Iterable]) -> Iterator:
+    """``run(positions)``'s results for a batch's rows, in order, as they come; an image that
+    kills its worker ``MAX_ATTEMPTS`` times gets ``"<stage>: worker died"`` instead of another
+    execution.
 
     A batch runs whole the first time. Run again (its worker died: Ray retries the task), it
     goes one image at a time, each counted in the ledger, so that the image that kills the
     worker is the only one whose count grows, and the others of its batch are labeled.
     """
     if ledger is None:
-        return run(list(range(len(indices))))
+        yield from run(list(range(len(indices))))
+        return
     import ray
 
     rows = [int(i) for i in indices]
     if not any(ray.get(ledger.begin.remote(stage, rows))):
-        out = run(list(range(len(rows))))
+        yield from run(list(range(len(rows))))
     else:
         log.warning("%s: a worker died on a batch of %d images; running them one at a time", stage, len(rows))
-        out = []
         for position, row in enumerate(rows):
             if ray.get(ledger.begin.remote(f"{stage}/1", [row]))[0] >= MAX_ATTEMPTS - 1:
                 log.warning("%s: row %d killed its worker %d times: giving up", stage, row, MAX_ATTEMPTS)
-                out.append(f"{stage}: worker died")
+                yield f"{stage}: worker died"
             else:
-                out.extend(run([position]))
+                yield from run([position])
             ledger.end.remote(f"{stage}/1", [row])
     ledger.end.remote(stage, rows)
-    return out
 
 
 def _decode_batch(
@@ -199,18 +202,34 @@ def _decode_batch(
     max_pixels: int | None,
     max_bytes: int | None,
     ledger: Any = None,
-):
-    def run(positions: list[int]) -> list:
-        uris, errors = batch["uri"], batch["error"]
-        return [
-            fetch(uris[p], options_for(uris[p], base_url, storage_options), max_pixels, max_bytes)
-            if _error(errors[p]) is None else None
-            for p in positions
-        ]
+    max_held_bytes: int = DECODE_HELD_BYTES,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read and decode a batch's images; yields it in blocks of at most ``max_held_bytes`` of
+    pixels (plus one image), so that a batch of large photos never sits whole in a worker."""
 
-    results = _bounded(ledger, "decode", batch["index"], run)
+    def run(positions: list[int]) -> Iterator:
+        uris, errors = batch["uri"], batch["error"]
+        for p in positions:  # lazily: an image is decoded when the one before is handed on
+            if _error(errors[p]) is not None:
+                yield None
+            else:
+                yield fetch(uris[p], options_for(uris[p], base_url, storage_options), max_pixels, max_bytes)
+
+    def block(start: int, stop: int) -> dict[str, np.ndarray]:
+        return {
+            "index": batch["index"][start:stop],
+            "key": batch["key"][start:stop],
+            "uri": batch["uri"][start:stop],
+            "image": _object_array(images),
+            "width": np.array(widths, dtype=np.int32),
+            "height": np.array(heights, dtype=np.int32),
+            "error": _object_array(errors),
+        }
+
     images, widths, heights, errors = [], [], [], []
-    for result, error in zip(results, batch["error"]):
+    start = held = 0
+    results = _bounded(ledger, "decode", batch["index"], run)
+    for position, (result, error) in enumerate(zip(results, batch["error"])):
         error = _error(error)
         if isinstance(result, str):
             error, result = result, None
@@ -222,15 +241,14 @@ def _decode_batch(
         widths.append(result.width if ok else -1)
         heights.append(result.height if ok else -1)
         errors.append(error or "")
-    return {
-        "index": batch["index"],
-        "key": batch["key"],
-        "uri": batch["uri"],
-        "image": _object_array(images),
-        "width": np.array(widths, dtype=np.int32),
-        "height": np.array(heights, dtype=np.int32),
-        "error": _object_array(errors),
-    }
+        held += images[-1].nbytes
+        if held >= max_held_bytes:
+            # Handed on now: a worker holds at most this much decoded pixels, plus one image.
+            yield block(start, position + 1)
+            images, widths, heights, errors = [], [], [], []
+            start, held = position + 1, 0
+    if images or start == 0:
+        yield block(start, len(batch["index"]))
 
 
 def _object_array(values: list) -> np.ndarray:

@@ -305,11 +305,11 @@ def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
 
     for _ in range(MAX_ATTEMPTS):
         with pytest.raises(Died):
-            _bounded(ledger, "segment", indices, run)
-    assert _bounded(ledger, "segment", indices, run) == ["ok10", "ok11", "segment: worker died", "ok13"]
+            list(_bounded(ledger, "segment", indices, run))
+    assert list(_bounded(ledger, "segment", indices, run)) == ["ok10", "ok11", "segment: worker died", "ok13"]
     assert executions[12] == MAX_ATTEMPTS
     # Done: the ledger forgot them, and another stage's count is its own.
-    assert _bounded(ledger, "segment", indices[:2], run) == ["ok10", "ok11"]
+    assert list(_bounded(ledger, "segment", indices[:2], run)) == ["ok10", "ok11"]
     assert ray.get(ledger.begin.remote("decode", [12])) == [0]
 
 

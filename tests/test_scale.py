@@ -95,3 +95,30 @@ def test_parts_are_committed_by_bytes_and_repeated_rows_dropped(ray_session, tmp
     assert len(rows_per_part) >= 3 and max(rows_per_part) <= 18, rows_per_part
     assert sorted(r["key"] for r in read_rows(str(tmp_path / "out"))) == sorted(f"{i}.jpg" for i in range(40))
     assert summary.processed == 40 and summary.ok == 40
+
+
+def test_a_decode_worker_hands_on_large_photos_before_it_holds_a_batch(tmp_path):
+    """A batch of large photos leaves the decode task in blocks of at most the budget plus one
+    image, in order, every row once (errors included)."""
+    from helpers import drawn
+
+    sizes = [(300, 200), (40, 30), (320, 240), (310, 220), (50, 20)]
+    uris = []
+    for i, (w, h) in enumerate(sizes):
+        drawn(w, h, i).save(tmp_path / f"{i}.png")
+        uris.append((tmp_path / f"{i}.png").as_uri())
+    uris.insert(2, (tmp_path / "missing.png").as_uri())
+    n = len(uris)
+    batch = {"index": np.arange(n), "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+             "uri": np.array(uris, dtype=object), "error": np.array([""] * n, dtype=object)}
+    budget = 300 * 200 * 3
+    blocks = list(pipeline._decode_batch(batch, str(tmp_path), {}, None, None, max_held_bytes=budget))
+    assert len(blocks) >= 3
+    for block in blocks:
+        held = [image.nbytes for image in block["image"]]
+        assert sum(held) - held[-1] < budget  # over the budget only by its last image
+        assert len(block["index"]) == len(block["image"]) == len(block["width"]) == len(block["error"])
+    assert np.concatenate([b["index"] for b in blocks]).tolist() == list(range(n))
+    widths = np.concatenate([b["width"] for b in blocks]).tolist()
+    assert widths == [300, 40, -1, 320, 310, 50]
+    assert np.concatenate([b["error"] for b in blocks]).tolist()[2] == "read: not found"
