@@ -104,6 +104,28 @@ def test_pipeline_on_a_handful_of_images(tmp_path):
     assert "(c) pipeline" in report(result)
 
 
+def test_stand_in_bench_measures_the_pipeline_without_the_model(tmp_path, capsys):
+    """(r) the CPU work in one loop and (p) seglabel run with the stand-in, on the same JPEG
+    files; the efficiency is p / (r x cores), and every stage's CPU is reported."""
+    path = tmp_path / "plumbing.json"
+    assert main(["bench", "--stand-in", "segments=5,coverage=0.04", "--images", "24", "--size", "96x128",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    written = json.loads(path.read_text())
+    raw, pipeline = written["raw"], written["pipeline"]
+    assert raw["images"] == pipeline["images"] == pipeline["ok"] == 24
+    assert pipeline["formats"] == {"jpg": 24, "png": 0}
+    assert raw["segments_per_image"] == pipeline["segments_per_image"] == 5
+    cores = written["cores"]
+    assert cores == written["pipeline"]["ray"]["resources"]["CPU"]
+    assert close(written["efficiency"], pipeline["images_per_s"] / (raw["images_per_s"] * cores))
+    assert set(raw["cpu_ms_per_image"]) == {"read+decode", "stand-in", "rle+png", "write"}
+    stages = pipeline["stage_cpu_ms_per_image"]
+    assert {"read+decode", "segment", "encode+write", "driver"} <= set(stages)
+    assert all(stages[k] > 0 for k in ("read+decode", "segment", "encode+write"))
+    assert written["cpu"] in out and "efficiency p / (r x" in out
+
+
 def test_cli_json(tmp_path, capsys):
     path = tmp_path / "cli.json"
     code = main(["bench", "--images", "2", "--batch-size", "2", "--skip-pipeline", "--skip-hf",

@@ -41,7 +41,7 @@ from .config import BenchConfig, parse_size
 from .images import bench_images
 from .memory import memory_report
 from .report import memory_text, report, write_json
-from .runner import run_bench
+from .runner import run_bench, run_plumbing_bench
 
 __all__ = [
     "BenchConfig",
@@ -53,5 +53,6 @@ __all__ = [
     "parse_size",
     "report",
     "run_bench",
+    "run_plumbing_bench",
     "write_json",
 ]

@@ -77,6 +77,8 @@ class BenchConfig:
     json: str | None = None
     memory: bool = False
     memory_entries: int = 1_200_000
+    # The plumbing bench: the model replaced by this stand-in (seglabel.standin's spec).
+    stand_in: str | None = None
 
     def __post_init__(self) -> None:
         if self.model and self.arch:
@@ -100,6 +102,8 @@ class BenchConfig:
             raise ConfigError(f"target_segments must be >= 0, got {self.target_segments}")
         if not 0 <= self.mask_coverage < 1:
             raise ConfigError(f"mask_coverage must be between 0 and 1, got {self.mask_coverage}")
+        if self.stand_in is not None:
+            self.engine.replace(stand_in=self.stand_in)  # its spec checked as the job checks it
 
     @property
     def image_size(self) -> tuple[int, int] | None:

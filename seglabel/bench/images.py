@@ -111,15 +111,17 @@ def bench_images(
     return out, info
 
 
-def write_images(fs: Any, root: str, images: Sequence[np.ndarray], repeat: int = 1) -> list[str]:
-    """The images as files (JPEG, every PNG_EVERY-th PNG), each encoded once and written
-    ``repeat`` times under different names."""
+def write_images(
+    fs: Any, root: str, images: Sequence[np.ndarray], repeat: int = 1, png_every: int | None = PNG_EVERY
+) -> list[str]:
+    """The images as files (JPEG, every ``png_every``-th PNG; None: all JPEG), each encoded once
+    and written ``repeat`` times under different names."""
     from PIL import Image
 
     paths = []
     fs.makedirs(root, exist_ok=True)
     for i, image in enumerate(images):
-        fmt = "png" if i % PNG_EVERY == PNG_EVERY - 1 else "jpg"
+        fmt = "png" if png_every and i % png_every == png_every - 1 else "jpg"
         buf = io.BytesIO()
         if fmt == "png":
             Image.fromarray(image).save(buf, format="PNG", compress_level=1)

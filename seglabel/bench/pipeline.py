@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..config import EngineConfig
-from .images import write_images
+from .images import PNG_EVERY, write_images
 from .measure import GpuSampler, rate, torch_device
 
 # The pipeline's steady-state rate comes from the times its Parquet parts appear: parts less
@@ -87,6 +87,7 @@ def run_pipeline(
     workdir: str | None = None,
     keep: bool = False,
     repeat: int = 1,
+    png_every: int | None = PNG_EVERY,
 ) -> dict[str, Any]:
     """``seglabel.pipeline.label`` with ``engine``'s settings, from image files to PNG masks
     and Parquet rows, on ``num_gpus`` Segmenter actors (none on a machine without GPUs, or
@@ -112,7 +113,7 @@ def run_pipeline(
     fs, root_path = fsspec.core.url_to_fs(root)
     input_root, output_root = f"{root_path}/input", f"{root_path}/output"
     try:
-        paths = write_images(fs, input_root, images, repeat)
+        paths = write_images(fs, input_root, images, repeat, png_every)
         if workdir is not None and os.path.isdir(engine.model):
             fs.put(engine.model.rstrip("/") + "/", f"{root_path}/checkpoint/", recursive=True)
             engine = engine.replace(model=fs.unstrip_protocol(f"{root_path}/checkpoint"))
@@ -155,6 +156,8 @@ def run_pipeline(
         "actor_device": "cuda" if actors_gpus else "cpu",
         "ray": {"init_s": ray_info.init_s, "embedded": ray_info.embedded, "resources": ray_info.resources},
         "decode_ms_per_image": decode_ms,
+        # Every stage's CPU (Ray Data's per-operator CPU time; the driver's own for the commit).
+        "stage_cpu_ms_per_image": {k: 1000.0 * v / n for k, v in summary.stage_cpu_s.items()} if n else {},
         "formats": {
             "jpg": sum(p.endswith(".jpg") for p in paths),
             "png": sum(p.endswith(".png") for p in paths),

@@ -124,4 +124,27 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     return result
 
 
-__all__ = ["run_bench"]
+def run_plumbing_bench(config: BenchConfig) -> dict[str, Any]:
+    """``--stand-in``: the pipeline without the model (``bench.plumbing``) on the bench's
+    images, with a tiny random checkpoint (or ``--model``) naming the task and labels."""
+    from ..synthetic import save_random_checkpoint
+    from .plumbing import run_plumbing
+
+    task = config.task
+    engine = config.engine.replace(task=task, stand_in=config.stand_in)
+    log.info("preparing %d images (%s)", config.images, config.size)
+    arrays, images = bench_images(config.images, config.image_size, config.photos)
+    tmp = tempfile.mkdtemp(prefix="seglabel-bench-ckpt-")
+    try:
+        model = config.model or str(save_random_checkpoint(Path(tmp) / f"stand-in-{task}", "tiny"))
+        result = run_plumbing(engine.replace(model=model), arrays, address=config.address, keep=config.keep)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["images"] = images
+    result["environment"] = environment(torch_device("cpu"))
+    if config.json:
+        write_json(result, config.json)
+    return result
+
+
+__all__ = ["run_bench", "run_plumbing_bench"]

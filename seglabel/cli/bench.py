@@ -81,6 +81,10 @@ def add_parsers(sub) -> None:
                    help="(c): where the image files and outputs go (on a cluster: shared storage)")
     r.add_argument("--keep", action="store_true", help="(c): keep the image files and outputs")
     r.add_argument("--json", metavar="PATH", help="write every figure and the environment as JSON")
+    r.add_argument("--stand-in", dest="stand_in", nargs="?", const="default", metavar="SPEC",
+                   help="measure the pipeline without the model instead: (r) its CPU work in one loop on "
+                   "one core, (p) seglabel run with the model replaced by a stand-in "
+                   "('segments=20,coverage=0.05'), and efficiency p / (r x cores)")
     r.add_argument("--memory", action="store_true",
                    help="measure the driver's memory per image (enumeration, resume, commit, totals) instead")
     r.add_argument("--memory-entries", dest="memory_entries", type=int, metavar="N",
@@ -90,7 +94,15 @@ def add_parsers(sub) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the bench the flags (and ``--config``) describe and print its report."""
-    from ..bench import BenchConfig, memory_report, memory_text, report, run_bench, write_json
+    from ..bench import (
+        BenchConfig,
+        memory_report,
+        memory_text,
+        report,
+        run_bench,
+        run_plumbing_bench,
+        write_json,
+    )
     from ..bench.measure import environment, torch_device
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
@@ -100,6 +112,13 @@ def main(args: argparse.Namespace) -> int:
         print(memory_text(mem))
         if config.json:
             write_json({"memory": mem, "environment": environment(torch_device("cpu"))}, config.json)
+        return 0
+    if config.stand_in is not None:
+        from ..bench.plumbing import report as plumbing_text
+
+        print(plumbing_text(run_plumbing_bench(config)))
+        if config.json:
+            print(f"figures written to {config.json}")
         return 0
     result = run_bench(config)
     print(report(result))

@@ -1,0 +1,149 @@
+"""``seglabel bench --stand-in``: the pipeline measured without the model.
+
+The model is replaced by the stand-in (``seglabel.standin``: the Segmenter's result types at no
+model cost), so that what is left is the job's own work, measured two ways on the same files:
+
+* (r) the CPU work per image in one plain loop on one core, as the pipeline does it: read the
+  file and decode it (``fetch``), the stand-in's prediction, RLE / area / bbox
+  (``build_segments``), the PNG (``encode_png``) and its write (``OutputStore.write_mask``);
+* (p) ``seglabel.pipeline.run`` with ``stand_in`` on all the cores Ray has, with its start-up
+  and in steady state (from the times its Parquet parts were committed).
+
+**efficiency = p / (r × cores)**: 1 when the pipeline costs nothing beyond the work itself. With
+it come each stage's CPU seconds per image, in the loop and in the pipeline (Ray Data's
+per-operator CPU time, and the driver's own for the commit), so that a low efficiency says where
+the time went.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..config import EngineConfig
+from ..errors import get_logger
+from .measure import cpu_name, rate
+
+log = get_logger(__name__)
+
+
+def raw_loop(paths: Sequence[str], engine: EngineConfig, workdir: str) -> dict[str, Any]:
+    """(r): the pipeline's per-image CPU work on ``paths`` (local files), one image at a time
+    on this one thread; CPU seconds per image by stage, and images per second."""
+    from ..encode import build_segments, encode_png
+    from ..fetch import fetch
+    from ..labels import thing_ids
+    from ..sink import OutputStore
+    from ..standin import StandInSegmenter
+
+    segmenter = StandInSegmenter(engine)
+    things = thing_ids(segmenter.id2label, engine.thing_labels)
+    store = OutputStore(workdir)
+    cpu: dict[str, float] = defaultdict(float)
+    segments = 0
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for n, path in enumerate(paths):
+        t0 = time.process_time()
+        fetched = fetch(path)
+        t1 = time.process_time()
+        (raw,) = segmenter.predict_raw([fetched.image])
+        t2 = time.process_time()
+        records = build_segments(raw, segmenter.task, segmenter.id2label, things)
+        png = encode_png(raw.id_map, segmenter.task)
+        t3 = time.process_time()
+        store.write_mask(f"img{n:06d}.jpg", png)
+        t4 = time.process_time()
+        cpu["read+decode"] += t1 - t0
+        cpu["stand-in"] += t2 - t1
+        cpu["rle+png"] += t3 - t2
+        cpu["write"] += t4 - t3
+        segments += len(records)
+    wall = time.perf_counter() - started
+    n = len(paths)
+    return {
+        "what": "one thread: fetch (read + decode), stand-in, build_segments + encode_png, write_mask",
+        "images": n,
+        "seconds": wall,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "images_per_s": rate(n, wall),
+        "cpu_ms_per_image": {k: 1000.0 * v / n for k, v in cpu.items()} if n else {},
+        "segments_per_image": segments / n if n else 0.0,
+    }
+
+
+def run_plumbing(
+    engine: EngineConfig,
+    images: Sequence[np.ndarray],
+    *,
+    address: str | None = None,
+    keep: bool = False,
+) -> dict[str, Any]:
+    """(r) and (p) on ``images`` written as JPEG files, and the efficiency p / (r × cores)."""
+    import fsspec
+
+    from .images import write_images
+    from .pipeline import run_pipeline
+
+    assert engine.stand_in is not None, "the plumbing bench runs the stand-in"
+    workdir = tempfile.mkdtemp(prefix="seglabel-plumbing-")
+    try:
+        fs = fsspec.filesystem("file")
+        paths = write_images(fs, f"{workdir}/raw-input", images, png_every=None)
+        log.info("(r) the CPU work of %d images in one loop on one core", len(paths))
+        raw = raw_loop(paths, engine, f"{workdir}/raw-output")
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    log.info("(p) seglabel run --stand-in on the same images, on every core Ray has")
+    pipeline = run_pipeline(engine, images, num_gpus=0, address=address, keep=keep, png_every=None)
+    cores = float(pipeline["ray"]["resources"].get("CPU", os.cpu_count() or 1))
+    r, p, steady = raw["images_per_s"], pipeline["images_per_s"], pipeline["steady_images_per_s"]
+
+    def efficiency(rate_p: float | None) -> float | None:
+        return rate_p / (r * cores) if rate_p and r else None
+
+    return {
+        "cpu": cpu_name(),
+        "cores": cores,
+        "stand_in": str(engine.stand_in),
+        "raw": raw,
+        "pipeline": pipeline,
+        "efficiency": efficiency(p),
+        "steady_efficiency": efficiency(steady),
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    """The plumbing bench for people: rates, efficiency, CPU per image by stage."""
+    raw, pipeline = result["raw"], result["pipeline"]
+
+    def fmt(value: float | None, spec: str = ".2f") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        f"plumbing bench on {result['cpu']}, {result['cores']:g} cores, stand-in {result['stand_in']}, "
+        f"{raw['images']} images, {raw['segments_per_image']:.1f} segments per image",
+        f"(r) one loop, one core:  {fmt(raw['images_per_s'], '.1f')} images/s",
+        f"(p) seglabel run:        {fmt(pipeline['images_per_s'], '.1f')} images/s with start-up, "
+        f"{fmt(pipeline['steady_images_per_s'], '.1f')} steady",
+        f"efficiency p / (r x {result['cores']:g} cores): {fmt(result['efficiency'])} with start-up, "
+        f"{fmt(result['steady_efficiency'])} steady (1.0: no cost beyond the work itself)",
+        "CPU ms per image, loop:     "
+        + ", ".join(f"{k} {v:.2f}" for k, v in raw["cpu_ms_per_image"].items()),
+    ]
+    stages = pipeline.get("stage_cpu_ms_per_image") or {}
+    if stages:
+        lines.append(
+            "CPU ms per image, pipeline: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+            + f" (total {sum(stages.values()):.2f}; the loop's {sum(raw['cpu_ms_per_image'].values()):.2f})"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["raw_loop", "report", "run_plumbing"]
