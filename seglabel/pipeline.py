@@ -11,6 +11,7 @@ rows at a time and commits them as one Parquet file.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import pickle
@@ -29,7 +30,7 @@ from . import __version__
 from .checkpoint import detect_task, read_label_config
 from .cluster import connect
 from .config import ConfigError, EngineConfig, JobConfig, default_dtype
-from .encode import build_segments, encode_png
+from .encode import PackedMasks, build_segments, encode_png
 from .errors import SeglabelError, get_logger, reason, redact_url
 from .fetch import fetch, options_for
 from .keys import Bits, HashSet, SortedHashes, is_safe_key, key_hashes
@@ -46,10 +47,14 @@ ENUMERATION_BATCH = 8192
 # A part is committed once it holds --rows-per-part rows or this many bytes of rows, whichever
 # comes first: rows of large photos with many instances carry megabytes of RLE each.
 PART_MAX_BYTES = 64 << 20
-# CPU shares of the light tasks: on a 2-core machine one Segmenter actor takes a core and the
-# decode and encode tasks share the other instead of waiting for whole cores.
-DECODE_CPUS = 0.25
-ENCODE_CPUS = 0.25
+# At most a whole core for a decode or encode task (_task_cpus): at a quarter core each, four
+# tasks shared a core and each spent 3x the CPU time per image on the same work (36.7 against
+# 11.7 ms an image to encode; bench/README.md, "Plumbing").
+DECODE_CPUS = 1
+ENCODE_CPUS = 1
+# The stand-in model (--stand-in) costs nothing but its actor's host work: a whole core
+# reserved for it would sit idle and hide the pipeline's own cost.
+STAND_IN_CPUS = 0.25
 DECODE_BATCH = 8
 # Decoded pixels a decode worker holds before it hands them on (one image may exceed it; its
 # own size is bounded by --max-pixels).
@@ -298,6 +303,9 @@ class SegmentStage:
             if isinstance(raw, str):
                 errors[i] = raw
             else:
+                if isinstance(raw.masks, np.ndarray):
+                    # Never the N × H × W array through the object store: boxes and bits.
+                    raw = dataclasses.replace(raw, masks=PackedMasks.pack(raw.masks))
                 raws[i] = pickle.dumps(raw, protocol=5)
         return {
             "index": batch["index"],
@@ -620,6 +628,17 @@ def _stage_todo(store: OutputStore, refs: Iterator[ImageRef], limit: int | None,
     return paths, todo
 
 
+def _task_cpus(spare: float) -> tuple[float, float]:
+    """CPUs of one decode and one encode task, given the CPUs the Segmenters leave: a whole core
+    each at most (more tasks, not bigger ones, use more cores), and small enough that a decode
+    and an encode task fit at once, encode (twice decode's work) the larger. Ray Data runs the
+    upstream stage first: were the two not to fit together, no mask would be encoded before
+    every image was decoded (measured: the first Parquet part after 38 s of 55)."""
+    if spare <= 0:  # a one-CPU node whose core a CPU Segmenter holds
+        return 0.25, 0.25
+    return min(DECODE_CPUS, spare / 3), min(ENCODE_CPUS, 2 * spare / 3)
+
+
 def _actor_resources(config: JobConfig, local: bool) -> tuple[int, dict[str, float]]:
     """How many Segmenter actors, and what each asks for: one GPU each, or a CPU fallback.
 
@@ -630,6 +649,8 @@ def _actor_resources(config: JobConfig, local: bool) -> tuple[int, dict[str, flo
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    if config.engine.stand_in is not None:  # as many as there would be Segmenters, on no GPU
+        return max(1, gpus if config.num_gpus is None else config.num_gpus), {"num_cpus": STAND_IN_CPUS}
     wanted = gpus if config.num_gpus is None else config.num_gpus
     if wanted > gpus:
         if local:
@@ -781,6 +802,8 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
         base_url = config.manifest or config.input
         # No CPU: it only counts, and must not wait for a core the stages hold.
         ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+        spare = ray.cluster_resources().get("CPU", 0) - actors * resources["num_cpus"]
+        decode_cpus, encode_cpus = _task_cpus(spare)
         # Blocks of one batch each: a block goes to one task or actor, so a single big block
         # would serialise decoding and leave all but one Segmenter idle.
         # The todo files are read through the store (fsspec with retries) rather than Ray's
@@ -792,7 +815,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
                 fn_kwargs={"store": store},
                 batch_size=1,
                 batch_format="pyarrow",
-                num_cpus=DECODE_CPUS,
+                num_cpus=decode_cpus,
             )
             .repartition(target_num_rows_per_block=config.engine.batch_size)
         )
@@ -807,7 +830,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
             },
             batch_size=DECODE_BATCH,
             batch_format="numpy",
-            num_cpus=DECODE_CPUS,
+            num_cpus=decode_cpus,
         )
         ds = ds.map_batches(
             SegmentStage,
@@ -830,7 +853,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
             },
             batch_size=ENCODE_BATCH,
             batch_format="numpy",
-            num_cpus=ENCODE_CPUS,
+            num_cpus=encode_cpus,
         )
         cpu = time.process_time()
         try:
@@ -897,10 +920,13 @@ def _commit(ds, store: OutputStore, config: JobConfig, todo: int, run_id: str, s
             if not fresh.all():
                 log.warning("dropping %d duplicate rows", len(fresh) - int(fresh.sum()))
                 batch = batch.filter(pa.array(fresh))
-            statuses = batch.column("status").to_pylist()
-            summary.ok += statuses.count("ok")
-            summary.error += len(statuses) - statuses.count("ok")
-            actors.update(a for a, s in zip(batch.column("actor").to_pylist(), statuses) if s == "ok")
+            # Columns, not rows: the driver's CPU is shared with the stages'.
+            ok = pa.compute.equal(batch.column("status"), "ok")
+            n_ok = int(pa.compute.sum(ok).as_py() or 0)
+            summary.ok += n_ok
+            summary.error += batch.num_rows - n_ok
+            counts = pa.compute.value_counts(batch.column("actor").filter(ok))
+            actors.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
             pending.append(batch)
             pending_rows += batch.num_rows
             pending_bytes += batch.nbytes

@@ -55,3 +55,25 @@ def test_stand_in_spec_round_trips():
     assert (spec.segments, spec.coverage, spec.kill) == (5, 0.1, (13, 7))
     assert StandIn.parse(str(spec)) == spec and StandIn.parse("default") == StandIn()
     assert EngineConfig(stand_in="segments=2").mask_settings()["stand_in"] == "segments=2,coverage=0.05"
+
+
+def test_packed_masks_give_the_same_rles_as_the_full_array():
+    """What the Segmenter ships (boxes and bits) decodes to exactly the masks, and pycocotools
+    gives the same RLEs from both: empty, full, one-pixel and ragged masks included."""
+    from seglabel.encode import PackedMasks, encode_rle
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((7, 37, 53)) > 0.7
+    masks[0] = False
+    masks[1] = True
+    masks[2] = False
+    masks[2, 36, 52] = True
+    masks[3] = False
+    masks[3, 5:9, 40:41] = True
+    packed = PackedMasks.pack(masks)
+    assert packed.bits.nbytes < masks.nbytes / 4
+    assert (packed.unpack() == masks).all()
+    assert packed.boxes[2].tolist() == [36, 52, 1, 1] and packed.boxes[0].tolist() == [0, 0, 0, 0]
+    assert encode_rle(packed) == encode_rle(masks) == mask_utils.encode(
+        np.asfortranarray(np.moveaxis(masks.astype(np.uint8), 0, -1)))
+    assert encode_rle(PackedMasks.pack(masks[:0])) == []
