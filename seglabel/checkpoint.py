@@ -152,6 +152,9 @@ def fetch_checkpoint(
     try:
         for name, entry in sorted(files.items()):
             fs.get_file(entry["name"], str(tmp / name))
+        if _fingerprint(_listed_files(url)[1]) != now:
+            # Replaced while being copied: this copy may mix two versions; never cache it.
+            raise CheckpointError(f"the checkpoint at {url} changed while it was being copied; try again")
         try:
             tmp.rename(target)
         except OSError:

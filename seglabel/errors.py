@@ -39,25 +39,64 @@ class SeglabelError(Exception):
 
 def redact_url(url: str) -> str:
     """``url`` without its secrets: user information (``user:pw@``) becomes ``REDACTED@``; for
-    http(s), the values of signature and credential query parameters become ``REDACTED``. Object
-    names keep their '?' (on S3 or a disk it is part of the name, not a query)."""
-    if "@" not in url and "?" not in url:
+    http(s), the values of query and fragment parameters that carry credentials (the signed-URL
+    ones, and any whose name holds sig, key, token, secret, pass, credential, auth or session)
+    become ``REDACTED``. Object names keep their '?' (on S3 or a disk it is part of the name)."""
+    if "@" not in url and "?" not in url and "#" not in url:
         return url  # the usual case, and cheap: one check per row
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    authority, slash, path = rest.partition("/")
+    http = scheme.lower() in ("http", "https")
+    # The authority ends at the path, or (http) at a query or fragment: "https://h?sig=s".
+    end = min((i for i in (rest.find(c) for c in ("/?#" if http else "/")) if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
     if "@" in authority:
         authority = REDACTED + authority[authority.rindex("@"):]
-    if scheme.lower() in ("http", "https") and "?" in path:
-        path, _, query = path.partition("?")
-        query, hash_, fragment = query.partition("#")
-        params = []
-        for param in query.split("&"):
-            name, eq, _ = param.partition("=")
-            params.append(f"{name}={REDACTED}" if eq and name.lower() in SIGNED_URL_PARAMS else param)
-        path = f"{path}?{'&'.join(params)}{hash_}{fragment}"
-    return f"{scheme}://{authority}{slash}{path}"
+    if http:
+        tail = _QUERY_OR_FRAGMENT.sub(_redact_params, tail)
+    return f"{scheme}://{authority}{tail}"
+
+
+# A query or fragment: "?a=1&b=2" or "#access_token=…".
+_QUERY_OR_FRAGMENT = re.compile(r"([?#])([^#]*)")
+_SECRET_PARTS = ("sig", "key", "token", "secret", "pass", "credential", "auth", "session")
+
+
+def _redact_params(match: re.Match) -> str:
+    params = []
+    for param in match.group(2).split("&"):
+        name, eq, _ = param.partition("=")
+        lowered = name.lower()
+        secret = lowered in SIGNED_URL_PARAMS or any(part in lowered for part in _SECRET_PARTS)
+        params.append(f"{name}={REDACTED}" if eq and secret else param)
+    return match.group(1) + "&".join(params)
+
+
+# Parameters of a signed URL that change with each signing (AWS, GCS, Azure SAS).
+_SIGNING_PARAMS = frozenset({
+    "expires", "se", "st", "sv", "sp", "sr", "spr", "signedheaders", "skoid", "sktid",
+})
+
+
+def url_identity(url: str) -> str:
+    """What an http(s) URL names, whoever signed it when: the URL without its user information
+    and without signing and credential parameters (two presigned URLs of one object, signed at
+    different times, give one identity). Other URLs as :func:`redact_url` gives them."""
+    url = redact_url(url)
+    if not url[:8].lower().startswith(("http://", "https://")) or ("?" not in url and "#" not in url):
+        return url
+
+    def keep(match: re.Match) -> str:
+        params = [p for p in match.group(2).split("&") if not _is_signing(p.partition("=")[0].lower())]
+        return (match.group(1) + "&".join(params)) if params else ""
+
+    return _QUERY_OR_FRAGMENT.sub(keep, url)
+
+
+def _is_signing(name: str) -> bool:
+    return (name in SIGNED_URL_PARAMS or name in _SIGNING_PARAMS or name.startswith(("x-amz-", "x-goog-"))
+            or any(part in name for part in _SECRET_PARTS))
 
 
 def redact(text: str) -> str:
@@ -69,10 +108,17 @@ def redact(text: str) -> str:
 
 class _Redacting(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # a bad format is logging's to report, as it does without this filter
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, ()
+        if record.exc_info:
+            # A traceback (--log-level debug) quotes the exceptions' messages: URLs included.
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = redact(text), None
         return True
 
 
@@ -100,4 +146,7 @@ def reason(stage: str, exc: BaseException, limit: int = 160) -> str:
     return f"{stage}: {type(exc).__name__}: {one_line(exc, limit)}"
 
 
-__all__ = ["SIGNED_URL_PARAMS", "SeglabelError", "get_logger", "one_line", "reason", "redact", "redact_url"]
+__all__ = [
+    "SIGNED_URL_PARAMS", "SeglabelError", "get_logger", "one_line", "reason", "redact", "redact_url",
+    "url_identity",
+]

@@ -31,7 +31,7 @@ from .checkpoint import detect_task, read_label_config
 from .cluster import connect
 from .config import ConfigError, EngineConfig, JobConfig, default_dtype
 from .encode import PackedMasks, build_segments, encode_png
-from .errors import SeglabelError, get_logger, reason, redact_url
+from .errors import SeglabelError, get_logger, reason, redact_url, url_identity
 from .fetch import fetch, options_for
 from .keys import Bits, HashSet, SortedHashes, is_safe_key, key_hashes
 from .labels import resolve_labels, thing_ids
@@ -172,6 +172,10 @@ class AttemptLedger:
         for i in indices:
             self._started.pop((stage, i), None)
 
+    def in_flight(self) -> int:
+        """How many (stage, row) executions have begun and not ended."""
+        return len(self._started)
+
 
 def _bounded(ledger: Any, stage: str, indices: np.ndarray, run: Callable[[list[int]], Iterable]) -> Iterator:
     """``run(positions)``'s results for a batch's rows, in order, as they come; an image that
@@ -185,21 +189,32 @@ def _bounded(ledger: Any, stage: str, indices: np.ndarray, run: Callable[[list[i
     if ledger is None:
         yield from run(list(range(len(indices))))
         return
-    import ray
-
     rows = [int(i) for i in indices]
-    if not any(ray.get(ledger.begin.remote(stage, rows))):
+    if not any(_ledger_call(ledger.begin, stage, rows)):
         yield from run(list(range(len(rows))))
     else:
         log.warning("%s: a worker died on a batch of %d images; running them one at a time", stage, len(rows))
         for position, row in enumerate(rows):
-            if ray.get(ledger.begin.remote(f"{stage}/1", [row]))[0] >= MAX_ATTEMPTS - 1:
+            if (_ledger_call(ledger.begin, f"{stage}/1", [row]) or [0])[0] >= MAX_ATTEMPTS - 1:
                 log.warning("%s: row %d killed its worker %d times: giving up", stage, row, MAX_ATTEMPTS)
                 yield f"{stage}: worker died"
             else:
                 yield from run([position])
-            ledger.end.remote(f"{stage}/1", [row])
-    ledger.end.remote(stage, rows)
+            _ledger_call(ledger.end, f"{stage}/1", [row], wait=False)
+    _ledger_call(ledger.end, stage, rows, wait=False)
+
+
+def _ledger_call(method: Any, stage: str, rows: list[int], wait: bool = True) -> list[int]:
+    """A call to the ledger; should the ledger itself be lost (its node, say), the work runs as
+    a first attempt rather than failing the job: the bound on retries is lost, no image is."""
+    import ray
+
+    try:
+        ref = method.remote(stage, rows)
+        return ray.get(ref) if wait else []
+    except Exception as exc:  # ActorDiedError, ActorUnavailableError, ...
+        log.warning("the attempt ledger is unavailable (%s): counting no deaths", type(exc).__name__)
+        return [0] * len(rows)
 
 
 def _decode_batch(
@@ -299,7 +314,8 @@ class SegmentStage:
                                  [batch["key"][todo[p]] for p in positions])
 
         indices = np.asarray(batch["index"])[todo]
-        for i, raw in zip(todo, _bounded(self.ledger, "segment", indices, run)):
+        # Consumed whole (list): the ledger forgets a batch only once its generator ends.
+        for i, raw in zip(todo, list(_bounded(self.ledger, "segment", indices, run))):
             if isinstance(raw, str):
                 errors[i] = raw
             else:
@@ -473,14 +489,26 @@ def _check_same_settings(previous: dict[str, Any], engine: EngineConfig, task: s
         before, now = previous, _mask_settings(engine, task, revision)
     # A dtype not given is the device's default, checked once the device is known (settle).
     changed = [
-        k for k in now if k in before and before[k] != now[k] and not (k == "dtype" and now[k] is None)
+        k for k in now if k in before and before[k] != now[k] and not _settled_later(k, before[k], now[k])
     ]
+    if now.get("stand_in") is not None and "stand_in" not in before:
+        changed.append("stand_in")  # an output made before stand-ins existed: a real model's
+        before = {**before, "stand_in": None}
     if changed:
         diff = "; ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise ConfigError(
             f"{output} was labeled with other mask settings ({diff}); use the same settings to resume, "
             "or --overwrite to start again"
         )
+
+
+def _settled_later(name: str, before: Any, now: Any) -> bool:
+    """Differences the early settings check lets pass: a dtype not given (the device's default,
+    checked in ``settle`` once the device is known), and a URL checkpoint recorded without a
+    revision by seglabel before its fingerprint was (it is recorded now)."""
+    if name == "dtype":
+        return now is None
+    return name == "revision" and before is None and isinstance(now, str) and now.startswith("files-")
 
 
 @dataclass
@@ -563,37 +591,44 @@ class _Collisions:
 
     def check(self, batch: list[ImageRef], hashes: np.ndarray, state: np.ndarray):
         """Yield (position, error ref) for each entry of ``batch`` that collides; ``state``
-        says which entries are first visits of their key and which repeat one."""
+        says which entries are first visits of their key and which repeat one. A batch's
+        lookups are one vectorised call per set; only this batch's additions are Python sets."""
         if self.usual is None and batch:
             first = batch[0]
             # An http(s) URL with a query is longer than its scheme and key: never "usual".
             self.usual = first.uri[: len(first.uri) - len(first.key)] if first.uri.endswith(first.key) else (
                 first.uri.partition("://")[0] + "://")
-        for i, ref in enumerate(batch):
-            usual = ref.uri == self.usual + ref.key
-            if usual and not self.mixed:
-                continue  # the fast path: nothing to tell apart
-            # A URI as recorded: one image signed twice (two presigned URLs) is one image.
-            h, u = hashes[i : i + 1], key_hashes([redact_url(ref.uri)])
-            if state[i] != _REPEAT:
-                if not usual:
-                    self.mixed = True
-                    self.other_keys.add_new(h)
-                    self.other_uris.add_new(u)
+        unusual = {i for i, ref in enumerate(batch) if ref.uri != self.usual + ref.key}
+        if not unusual and not self.mixed:
+            return  # the fast path: nothing to tell apart
+        self.mixed = True
+        look = sorted(unusual | set(np.flatnonzero(state == _REPEAT).tolist()))
+        key_h = hashes[look]
+        uri_h = key_hashes([url_identity(batch[i].uri) for i in look])
+        known_keys, known_uris = self.other_keys.contains(key_h), self.other_uris.contains(uri_h)
+        new_keys: set[int] = set()
+        new_uris: set[int] = set()
+        for j, i in enumerate(look):
+            h, u = int(key_h[j]), int(uri_h[j])
+            if state[i] != _REPEAT:  # a key's first entry: remembered if not in the usual form
+                if i in unusual:
+                    new_keys.add(h)
+                    new_uris.add(u)
                 continue
-            if usual:
-                if self.other_keys.contains(h)[0]:
-                    yield i, _collision(ref, "an earlier entry")
-            elif not self.other_uris.contains(u)[0]:
-                earlier = self.usual + ref.key
-                if self.other_keys.contains(h)[0]:
-                    earlier = "an earlier entry"
-                yield i, _collision(ref, earlier)
+            other_first = bool(known_keys[j]) or h in new_keys
+            if i not in unusual:
+                if other_first:
+                    yield i, _collision(batch[i], "an earlier entry")
+            elif not (known_uris[j] or u in new_uris):
+                earlier = "an earlier entry" if other_first else self.usual + batch[i].key
+                yield i, _collision(batch[i], earlier)
+        self.other_keys.add_new(np.fromiter(new_keys, dtype=np.uint64, count=len(new_keys)))
+        self.other_uris.add_new(np.fromiter(new_uris, dtype=np.uint64, count=len(new_uris)))
 
 
 def _collision(ref: ImageRef, earlier: str) -> ImageRef:
     """The error ref of an entry whose key an earlier entry has: keyed by its URI, as recorded."""
-    return ImageRef(redact_url(ref.uri), ref.uri, f"key: collides with {earlier}")
+    return ImageRef(redact_url(ref.uri), ref.uri, f"key: collides with {redact_url(earlier)}")
 
 
 def _stage_todo(store: OutputStore, refs: Iterator[ImageRef], limit: int | None, run_id: str):
@@ -662,7 +697,9 @@ def _actor_resources(config: JobConfig, local: bool) -> tuple[int, dict[str, flo
     if wanted > 0:
         return wanted, {"num_gpus": 1, "num_cpus": 1}
     log.warning("no GPUs in the Ray cluster: running one Segmenter on the CPU")
-    return 1, {"num_cpus": 1}
+    # A whole core, unless that is all there is: the decode and encode tasks need some too.
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return 1, {"num_cpus": 1 if cpus >= 2 else max(0.25, cpus / 2)}
 
 
 def run(config: JobConfig) -> Summary:
@@ -725,12 +762,17 @@ def run(config: JobConfig) -> Summary:
         against the one recorded (fp32 on a CPU, then bf16 on a GPU, would mix two models)."""
         if record is not None:
             store.write_json(JOB_FILE, {**record, "dtype": dtype})
-        elif previous.get("dtype") not in (None, dtype):
+            return store.remove(SUCCESS_FILE)  # stale until every new image has a row
+        if previous.get("dtype") not in (None, dtype):
             raise ConfigError(
                 f"{config.output} was labeled with dtype {previous['dtype']}, and this run would use "
                 f"{dtype} (the default on this device); pass --dtype {previous['dtype']} to resume, "
                 "or --overwrite to start again"
             )
+        if previous.get("dtype") is None or previous.get("revision") != revision:
+            # Recorded before they were known (a first run with nothing to do, an older
+            # seglabel): recorded now, so that the next run is checked against them.
+            store.write_json(JOB_FILE, {**previous, "dtype": dtype, "revision": revision})
         store.remove(SUCCESS_FILE)  # stale until every new image has a row
 
     try:
@@ -751,7 +793,11 @@ def run(config: JobConfig) -> Summary:
         _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary, settle)
         summary.seconds = time.perf_counter() - started
         summary.totals = store.counts()
-        if not summary.held_back:
+        if summary.processed < todo:
+            # Every row is committed or the job fails; should one be missing all the same,
+            # _SUCCESS would lie: the next run labels what is missing.
+            log.warning("%d of %d images got no row: not writing _SUCCESS", todo - summary.processed, todo)
+        elif not summary.held_back:
             store.write_json(SUCCESS_FILE, {**summary.totals, "actors": summary.actors})
     finally:
         store.remove(f"{SCRATCH_DIR}/todo-{run_id}")
@@ -800,8 +846,14 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
         settle(dtype)
         config = config.replace(engine=config.engine.replace(dtype=dtype))  # every actor the same
         base_url = config.manifest or config.input
-        # No CPU: it only counts, and must not wait for a core the stages hold.
-        ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+        # No CPU: it only counts, and must not wait for a core the stages hold. On the driver's
+        # node (a worker node may go); restarted, it starts again from zero.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        ledger = ray.remote(AttemptLedger).options(
+            num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here
+        ).remote()
         spare = ray.cluster_resources().get("CPU", 0) - actors * resources["num_cpus"]
         decode_cpus, encode_cpus = _task_cpus(spare)
         # Blocks of one batch each: a block goes to one task or actor, so a single big block

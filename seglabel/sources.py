@@ -33,7 +33,7 @@ from fsspec.core import split_protocol
 from fsspec.utils import infer_compression
 
 from .config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
-from .errors import SeglabelError, get_logger, one_line
+from .errors import SeglabelError, get_logger, one_line, redact_url
 from .keys import UNSAFE_KEY_ERROR, is_safe_key, printable
 from .storage import is_local, open_url, protocols
 
@@ -448,6 +448,23 @@ def _parquet_entries(fs: Any, path: str, compression: str | None) -> Iterator[tu
                     yield row, str(value).strip()
 
 
+def _manifest_ref(
+    entry: str, manifest_fs: Any, manifest_path: str, folder: str, filesystem_for: Any
+) -> ImageRef:
+    """The ref of one manifest entry: absolute, or relative to the manifest's folder (or URL)."""
+    protocol = split_protocol(entry)[0]
+    if protocol is None and _is_http(manifest_path):
+        fs, path = manifest_fs, urljoin(manifest_path, entry)  # as a browser resolves it
+    elif protocol is None and not entry.startswith("/"):
+        fs = manifest_fs
+        path = fs._strip_protocol(posixpath.normpath(posixpath.join(folder, entry)))
+    else:
+        fs = filesystem_for(protocol or "file")
+        path = fs._strip_protocol(entry)
+    uri = full_uri(fs, path)
+    return _ref(_manifest_key(uri), uri)
+
+
 def _is_http(url: str) -> bool:
     return url[:8].lower().startswith(("http://", "https://"))
 
@@ -530,17 +547,11 @@ def iter_manifest(
     try:
         for row, entry in _READERS[fmt](manifest_fs, manifest_path, compression):
             counts["entries"] += 1
-            protocol = split_protocol(entry)[0]
-            if protocol is None and _is_http(manifest_path):
-                fs, path = manifest_fs, urljoin(manifest_path, entry)  # as a browser resolves it
-            elif protocol is None and not entry.startswith("/"):
-                fs = manifest_fs
-                path = fs._strip_protocol(posixpath.normpath(posixpath.join(folder, entry)))
-            else:
-                fs = filesystem_for(protocol or "file")
-                path = fs._strip_protocol(entry)
-            uri = full_uri(fs, path)
-            ref = _ref(_manifest_key(uri), uri)
+            try:
+                ref = _manifest_ref(entry, manifest_fs, manifest_path, folder, filesystem_for)
+            except ValueError:  # "http://[/x.jpg": one bad line is an error row, not a stopped job
+                shown = printable(redact_url(entry))
+                ref = ImageRef(shown, shown, "key: not a valid URI")
             counts["unsafe"] += ref.error is not None
             yield ref
     except SourceError:

@@ -25,6 +25,9 @@ from .checkpoint import detect_task, read_label_config
 from .config import EngineConfig, StandIn
 from .postprocess import RawPrediction
 
+# What the made predictions may hold at once (instance masks are segments × H × W bytes).
+STAND_IN_CACHE_BYTES = 512 << 20
+
 
 class StandInSegmenter:
     """Drop-in for :class:`~seglabel.segment.Segmenter` in the pipeline (``predict_raw``)."""
@@ -48,7 +51,7 @@ class StandInSegmenter:
             if self.spec.kill == (width, height):
                 os.kill(os.getpid(), signal.SIGKILL)
             if (height, width) not in self._made:
-                if len(self._made) >= 64:
+                if len(self._made) * height * width * max(1, self.spec.segments) > STAND_IN_CACHE_BYTES:
                     self._made.clear()  # photos of many sizes: bounded memory
                 self._made[(height, width)] = self._predict(height, width)
             out.append(self._made[(height, width)])

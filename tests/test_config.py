@@ -184,3 +184,18 @@ def test_help_does_not_load_torch_or_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
     assert "usage: seglabel" in done.stdout
+
+
+def test_resume_accepts_an_old_url_checkpoint_record_and_refuses_a_stand_in_on_real_masks():
+    """seglabel recorded no revision for URL checkpoints before fingerprints: accepted (and
+    recorded by the run). A stand-in never adds fake rows to an output a real model made."""
+    from seglabel.pipeline import _check_same_settings, _mask_settings
+
+    engine = EngineConfig(model="s3://b/m-instance")
+    old = {**_mask_settings(engine, "instance", None)}
+    old.pop("stand_in")
+    _check_same_settings(old, engine, "instance", "files-0123456789abcdef", "out")
+    with pytest.raises(ConfigError, match="stand_in"):
+        _check_same_settings(old, engine.replace(stand_in="default"), "instance", None, "out")
+    with pytest.raises(ConfigError, match="revision"):
+        _check_same_settings({**old, "revision": "files-1"}, engine, "instance", "files-2", "out")

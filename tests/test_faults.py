@@ -169,6 +169,19 @@ def test_resume_compares_the_dtype_the_device_resolved(checkpoints, tmp_path, ca
     check_output(str(out), "semantic", expected)
 
 
+def test_a_dtype_unknown_at_the_first_run_is_recorded_by_the_next(checkpoints, tmp_path):
+    """A first run with nothing to do (--limit 0) records no dtype; the run that labels records
+    the one it used, so that a later run on another device is checked against it."""
+    root = tmp_path / "in"
+    many_images(root, 2)
+    out = tmp_path / "out"
+    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"])]
+    assert main(args + ["--limit", "0"]) == 0
+    assert json.loads((out / "job.json").read_text())["dtype"] is None
+    assert main(args) == 0
+    assert json.loads((out / "job.json").read_text())["dtype"] == "fp32"
+
+
 def test_a_url_checkpoint_replaced_at_its_url_is_not_mixed_in(checkpoints, s3_bucket, tmp_path, capsys):
     """A checkpoint URL is cached per node by URL: weights replaced there must neither resume the
     job (its fingerprint is the revision job.json records) nor load from a stale copy."""
@@ -310,7 +323,28 @@ def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
     assert executions[12] == MAX_ATTEMPTS
     # Done: the ledger forgot them, and another stage's count is its own.
     assert list(_bounded(ledger, "segment", indices[:2], run)) == ["ok10", "ok11"]
+    assert ray.get(ledger.in_flight.remote()) == 0
     assert ray.get(ledger.begin.remote("decode", [12])) == [0]
+
+
+def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints):
+    """The ledger holds work in flight only: after a batch, the Segmenter stage ended it."""
+    import ray
+
+    from seglabel.config import EngineConfig
+    from seglabel.pipeline import AttemptLedger, SegmentStage
+
+    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    engine = EngineConfig(model=str(checkpoints["instance"]), stand_in="segments=2")
+    stage = SegmentStage(engine, ledger=ledger)
+    n = 3
+    images = np.empty(n, dtype=object)
+    images[:] = [np.zeros((20, 30, 3), np.uint8)] * n
+    out = stage({"index": np.arange(n), "key": np.array(["a", "b", "c"], dtype=object),
+                 "uri": np.array(["u"] * n, dtype=object), "image": images, "width": np.full(n, 30),
+                 "height": np.full(n, 20), "error": np.array(["", "", ""], dtype=object)})
+    assert all(len(r) > 0 for r in out["raw"])
+    assert ray.get(ledger.in_flight.remote()) == 0
 
 
 def test_segmenter_actor_killed_mid_run_is_replaced(checkpoints, tmp_path):

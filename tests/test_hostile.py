@@ -274,6 +274,25 @@ def test_redact_url_hides_passwords_and_signatures_only():
         assert redact_url(name) == name
     message = "cannot read 'https://h/l.txt?Signature=zz': 403"
     assert redact(message) == "cannot read 'https://h/l.txt?Signature=REDACTED': 403"
+    # Fail closed on names that look like credentials, a query without a path, a fragment.
+    assert redact_url("https://h/x?key=AIza&api_key=q&client_secret=c&w=2") == (
+        "https://h/x?key=REDACTED&api_key=REDACTED&client_secret=REDACTED&w=2")
+    assert redact_url("https://h?sig=S") == "https://h?sig=REDACTED"
+    assert redact_url("https://h/x#access_token=S") == "https://h/x#access_token=REDACTED"
+
+
+def test_log_records_and_their_tracebacks_are_redacted(caplog):
+    from seglabel.errors import get_logger
+
+    log = get_logger("seglabel.test_redaction")
+    caplog.set_level("DEBUG", logger="seglabel.test_redaction")
+    try:
+        raise OSError("403 for url https://h/m.txt?X-Amz-Signature=TRACESECRET")
+    except OSError:
+        log.debug("cannot read %s", "https://u:PWSECRET@h/x", exc_info=True)
+    text = caplog.text
+    assert "https://REDACTED@h/x" in text and "X-Amz-Signature=REDACTED" in text
+    assert "TRACESECRET" not in text and "PWSECRET" not in text
 
 
 @pytest.fixture

@@ -56,6 +56,32 @@ def test_new_refs_tell_a_repeat_from_another_uri_with_the_same_key(monkeypatch, 
     assert (tally.found, tally.already_done, tally.todo, tally.repeats) == (8, 2, 6, 3)
 
 
+def test_http_entries_repeat_across_signings_and_collide_across_queries():
+    """A presigned URL signed again (another date, signature) is a repeat; another query on the
+    same path is another image with the same key (keys never hold a query): a collision row.
+    A password in the first URL never reaches the collision's message."""
+    def ref(uri):
+        from seglabel.sources import _manifest_key
+
+        return ImageRef(_manifest_key(uri), uri)
+
+    entries = [
+        "https://u:PW@h/a.jpg?X-Amz-Date=1&X-Amz-Signature=s1",
+        "https://u:PW@h/a.jpg?X-Amz-Date=2&X-Amz-Signature=s2",
+        "https://h/b.jpg", "https://h/b.jpg?id=2", "https://h/a.jpg",
+    ]
+    tally = pipeline._Tally()
+    refs = pipeline._new_refs(iter(map(ref, entries)), SortedHashes(), tally, dedupe=True)
+    out = [(r.key, r.error) for r in refs]
+    assert out == [
+        ("h/a.jpg", None),
+        ("h/b.jpg", None),
+        ("https://h/b.jpg?id=2", "key: collides with https://h/b.jpg"),
+        ("https://h/a.jpg", "key: collides with an earlier entry"),
+    ]
+    assert tally.repeats == 1 and "PW" not in repr(out)
+
+
 def test_committed_rows_are_one_bit_each():
     committed = Bits(10)
     assert committed._bits.nbytes == 2

@@ -411,3 +411,13 @@ def test_s3_flat_prefix_is_streamed_page_by_page(s3_bucket, monkeypatch):
     rest = list(refs)
     assert [first.key] + keys(rest) == [n.split("/", 1)[1] for n in names]
     assert calls == ["list_objects_v2"] * 2
+
+
+def test_a_malformed_manifest_line_is_an_error_row_not_a_stopped_job(tmp_path):
+    from seglabel.sources import iter_manifest
+
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"http://[/x.jpg\n{tmp_path}/a.jpg\n")
+    refs = list(iter_manifest(str(manifest)))
+    assert [(r.key, r.error) for r in refs] == [
+        ("http://[/x.jpg", "key: not a valid URI"), (f"{str(tmp_path).lstrip('/')}/a.jpg", None)]
