@@ -17,6 +17,8 @@
 #   pytest  pytest -m gpu for the repo (modules that need moto / scikit-image fail to import
 #           there and are reported as collection errors; the gpu-marked tests of the rest run)
 #   nan     the tiny model's outputs in fp32 / bf16 / fp16 at batch 1 and 2: NaN or finite
+#   plumb   seglabel bench --stand-in --images PLUMB_IMAGES --size 480x640: the pipeline without the
+#           model on every core (issue 10: >= 800 images/s on the 16-core machine) and its efficiency
 #   s384    seglabel bench --arch swin-s --task instance --images 512 --batch-size 32 --dtype bf16 (384x384)
 #   s800    the same at --size 800x1088 (the usual loop on the first HF_IMAGES_LARGE images only)
 #   l384    seglabel bench --arch swin-l --task panoptic ... (384x384)
@@ -25,7 +27,8 @@
 # REPEAT_LARGE, 1) so that the job's fixed start-up (Ray actor, model load: seconds) weighs less;
 # its steady-state rate, start-up left out, is reported beside it.
 # Knobs (environment): STEPS, BUDGET_S (440), IMAGES (512), BS (32), BS_LARGE (32), HF_IMAGES (all),
-# HF_IMAGES_LARGE (128), REPEAT (4), REPEAT_LARGE (1), ARCH_S (swin-s), ARCH_L (swin-l), PY (python3).
+# HF_IMAGES_LARGE (128), REPEAT (4), REPEAT_LARGE (1), ARCH_S (swin-s), ARCH_L (swin-l), PY (python3),
+# PLUMB_IMAGES (3000).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -60,7 +63,7 @@ fi
 OUT=${OUT:-$(mktemp -d /tmp/seglabel-gpu-check.XXXXXX)}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-STEPS=${STEPS:-"pytest nan s384 s800 l384"}
+STEPS=${STEPS:-"pytest nan s384 plumb s800 l384"}
 BUDGET_S=${BUDGET_S:-440}
 IMAGES=${IMAGES:-512}
 BS=${BS:-32}
@@ -69,6 +72,7 @@ HF_IMAGES=${HF_IMAGES:-}
 HF_IMAGES_LARGE=${HF_IMAGES_LARGE:-128}
 REPEAT=${REPEAT:-4}
 REPEAT_LARGE=${REPEAT_LARGE:-1}
+PLUMB_IMAGES=${PLUMB_IMAGES:-3000}
 ARCH_S=${ARCH_S:-swin-s}
 ARCH_L=${ARCH_L:-swin-l}
 START=$(date +%s)
@@ -182,10 +186,17 @@ for step in $STEPS; do
                 "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_L-panoptic-384.json" ;;
         nan)
             run_step nan 90 "$PY" "$OUT/nan_check.py" ;;
+        plumb)
+            if [[ ${#PIPELINE_FLAGS[@]} -gt 0 ]]; then
+                printf 'plumb\tskipped\t0\t(no ray)\n' >> "$OUT/steps.tsv"
+            else
+                run_step plumb 120 "${BENCH[@]}" --stand-in --images "$PLUMB_IMAGES" --size 480x640 \
+                    "${PHOTO_FLAGS[@]}" --json "$OUT/plumbing.json"
+            fi ;;
         mem)
             run_step mem 120 "${BENCH[@]}" --memory --json "$OUT/memory.json" ;;
         *)
-            echo "unknown step $step (pytest nan s384 s800 l384 mem)" ;;
+            echo "unknown step $step (pytest nan s384 plumb s800 l384 mem)" ;;
     esac
 done
 
@@ -215,6 +226,14 @@ for path in sorted(out.glob("*.json")):
         if "memory" in r:
             m = r["memory"]["measures"]
             print("memory, bytes per image: " + ", ".join(f"{k} {v['bytes_per_image']}" for k, v in m.items()))
+        if "raw" in r:  # the plumbing bench (stand-in model)
+            p = r["pipeline"]
+            print(f"plumbing on {r['cpu']}, {r['cores']:g} cores: (r) {f(r['raw']['images_per_s'])} img/s on one core, "
+                  f"(p) {f(p['images_per_s'])} img/s, {f(p['steady_images_per_s'])} steady; efficiency "
+                  f"{f(r['efficiency'], 2)} / {f(r['steady_efficiency'], 2)} steady")
+            met = (p.get("steady_images_per_s") or 0) >= 800
+            goals.append(f"  {'MET    ' if met else 'NOT MET'} plumbing: stand-in pipeline >= 800 images/s (steady): "
+                         f"{f(p.get('steady_images_per_s'))}")
         continue
     a, b, c = (r.get(k) or {} for k in ("hf_loop", "segmenter", "pipeline"))
     ra = r["ratios"]
