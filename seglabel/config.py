@@ -148,6 +148,10 @@ class EngineConfig:
     min_area: int = 0
     max_instances: int | None = None
     cache_dir: str | None = None
+    # torch.compile the model (a persistent cache under the seglabel cache dir; shapes repeat:
+    # a short last batch is padded). Not a mask setting: compiled outputs equal eager ones
+    # within floating-point tolerance (tested), as another batch size's do.
+    compile: bool = False
     # The model replaced by a stand-in (seglabel.standin): to measure the pipeline, or test it.
     stand_in: StandIn | None = None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -69,6 +70,8 @@ class Segmenter:
             cache_dir=config.cache_dir,
         )
         self.model = checkpoint.model
+        if config.compile:
+            self.model = _compiled(self.model, config.cache_dir)
         self.model_id = checkpoint.model_id
         self.revision = checkpoint.revision
         self.id2label = checkpoint.id2label
@@ -122,6 +125,10 @@ class Segmenter:
 
     def _run_batch(self, arrays: list[np.ndarray], size: tuple[int, int]) -> list[RawPrediction]:
         t0 = time.perf_counter()
+        n = len(arrays)
+        if self.config.compile and n < self.config.batch_size:
+            # A compiled graph per input shape: a short batch padded to the usual one reuses it.
+            arrays = arrays + [arrays[-1]] * (self.config.batch_size - n)
         pixels = preprocess(
             [to_device(a, self.device) for a in arrays], self.preprocess_spec, size, self.dtype
         )
@@ -129,7 +136,8 @@ class Segmenter:
         outputs = self.model(pixel_values=pixels)
         t2 = time.perf_counter()
         raws = self.postprocess(
-            outputs.class_queries_logits, outputs.masks_queries_logits, [a.shape[:2] for a in arrays], size
+            outputs.class_queries_logits[:n], outputs.masks_queries_logits[:n],
+            [a.shape[:2] for a in arrays[:n]], size,
         )
         t3 = time.perf_counter()
         self.timings["preprocess"] += t1 - t0
@@ -146,3 +154,26 @@ class Segmenter:
     def __call__(self, images: Sequence[Any]) -> list[Prediction]:
         """Segment a batch of (H, W, 3) uint8 RGB images of any sizes."""
         return [self.to_prediction(raw) for raw in self.predict_raw(images)]
+
+def _compiled(model: Any, cache_dir: str | None) -> Any:
+    """``torch.compile`` of the model, its compiled code cached on disk (Inductor's FX graph and
+    autotuning caches, under the seglabel cache dir unless TORCHINDUCTOR_CACHE_DIR says where):
+    a second actor or a second run loads it instead of compiling again."""
+    import os
+
+    from .checkpoint import default_cache_dir
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir().parent
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:  # torch writes its default into the environment once anything asked for the cache dir
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+        given = None if given and os.path.abspath(given) == os.path.abspath(torch_default()) else given
+    except ImportError:
+        pass
+    if not given:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return torch.compile(model, dynamic=False)
+

@@ -18,7 +18,7 @@ ARCHS = ("tiny", "swin-s", "swin-l")
 # The engine settings a bench takes by name (its checkpoint is ``model`` or one built here).
 ENGINE_KEYS = (
     "revision", "task", "batch_size", "dtype", "device", "resolution",
-    "score_threshold", "mask_threshold", "overlap_threshold",
+    "score_threshold", "mask_threshold", "overlap_threshold", "compile",
 )
 
 

@@ -63,6 +63,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--mask-threshold", dest="mask_threshold", type=float, metavar="S")
     e.add_argument("--overlap-threshold", dest="overlap_threshold", type=float, metavar="S")
     e.add_argument("--threads", type=int, metavar="N", help="torch CPU threads for (a) and (b)")
+    e.add_argument("--compile", action="store_true",
+                   help="(b) and (c): torch.compile the model (cached on disk; compiling falls in (b)'s "
+                   "timed warm-up)")
     r = p.add_argument_group("run")
     r.add_argument(
         "--hf-images", dest="hf_images", type=int, metavar="N", help="run (a) on the first N images only"

@@ -123,6 +123,8 @@ def add_job_flags(p: argparse.ArgumentParser, with_address: bool = True) -> None
     )
     model.add_argument("--max-instances", dest="max_instances", type=int, metavar="N",
                        help="keep at most N segments per image")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (cached on disk; pays on a GPU for long jobs)")
     model.add_argument("--stand-in", dest="stand_in", metavar="SPEC",
                        help="replace the model by a stand-in with no model cost, to measure the pipeline: "
                        "'segments=20,coverage=0.05' or 'default' (the checkpoint gives task and labels)")
