@@ -20,6 +20,7 @@
 #   plumb   seglabel bench --stand-in --images PLUMB_IMAGES --size 480x640: the pipeline without the
 #           model on every core (issue 10: >= 800 images/s on the 16-core machine) and its efficiency
 #   s384    seglabel bench --arch swin-s --task instance --images 512 --batch-size 32 --dtype bf16 (384x384)
+#   s384c   s384 with --compile, (a) left out (its first compile falls in (b)'s timed warm-up); not by default
 #   s800    the same at --size 800x1088 (the usual loop on the first HF_IMAGES_LARGE images only)
 #   l384    seglabel bench --arch swin-l --task panoptic ... (384x384)
 #   mem     seglabel bench --memory (driver bytes per image, 2e5 vs 1.2e6 images); not by default
@@ -176,6 +177,10 @@ for step in $STEPS; do
             run_step s384 200 "${BENCH[@]}" --arch "$ARCH_S" --task instance --images "$IMAGES" --batch-size "$BS" \
                 --dtype bf16 ${HF_IMAGES:+--hf-images "$HF_IMAGES"} --pipeline-repeat "$REPEAT" "${PHOTO_FLAGS[@]}" \
                 "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_S-instance-384.json" ;;
+        s384c)
+            run_step s384c 240 "${BENCH[@]}" --arch "$ARCH_S" --task instance --images "$IMAGES" --batch-size "$BS" \
+                --dtype bf16 --compile --skip-hf --pipeline-repeat "$REPEAT" "${PHOTO_FLAGS[@]}" \
+                "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_S-instance-384-compiled.json" ;;
         s800)
             run_step s800 240 "${BENCH[@]}" --arch "$ARCH_S" --task instance --images "$IMAGES" --batch-size "$BS_LARGE" \
                 --dtype bf16 --size 800x1088 --hf-images "$HF_IMAGES_LARGE" --pipeline-repeat "$REPEAT_LARGE" \
@@ -196,7 +201,7 @@ for step in $STEPS; do
         mem)
             run_step mem 120 "${BENCH[@]}" --memory --json "$OUT/memory.json" ;;
         *)
-            echo "unknown step $step (pytest nan s384 plumb s800 l384 mem)" ;;
+            echo "unknown step $step (pytest nan s384 s384c plumb s800 l384 mem)" ;;
     esac
 done
 
