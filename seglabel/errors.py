@@ -37,6 +37,11 @@ class SeglabelError(Exception):
         super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
+def is_http(url: str) -> bool:
+    """Whether ``url`` is an http(s) URL (whose '?' starts a query, not part of a name)."""
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
 def redact_url(url: str) -> str:
     """``url`` without its secrets: user information (``user:pw@``) becomes ``REDACTED@``; for
     http(s), the values of query and fragment parameters that carry credentials (the signed-URL
@@ -47,7 +52,7 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    http = scheme.lower() in ("http", "https")
+    http = is_http(url)
     # The authority ends at the path, or (http) at a query or fragment: "https://h?sig=s".
     end = min((i for i in (rest.find(c) for c in ("/?#" if http else "/")) if i >= 0), default=len(rest))
     authority, tail = rest[:end], rest[end:]
@@ -67,9 +72,7 @@ def _redact_params(match: re.Match) -> str:
     params = []
     for param in match.group(2).split("&"):
         name, eq, _ = param.partition("=")
-        lowered = name.lower()
-        secret = lowered in SIGNED_URL_PARAMS or any(part in lowered for part in _SECRET_PARTS)
-        params.append(f"{name}={REDACTED}" if eq and secret else param)
+        params.append(f"{name}={REDACTED}" if eq and _is_secret(name.lower()) else param)
     return match.group(1) + "&".join(params)
 
 
@@ -84,7 +87,7 @@ def url_identity(url: str) -> str:
     and without signing and credential parameters (two presigned URLs of one object, signed at
     different times, give one identity). Other URLs as :func:`redact_url` gives them."""
     url = redact_url(url)
-    if not url[:8].lower().startswith(("http://", "https://")) or ("?" not in url and "#" not in url):
+    if not is_http(url) or ("?" not in url and "#" not in url):
         return url
 
     def keep(match: re.Match) -> str:
@@ -94,9 +97,15 @@ def url_identity(url: str) -> str:
     return _QUERY_OR_FRAGMENT.sub(keep, url)
 
 
+def _is_secret(name: str) -> bool:
+    """Whether a (lower-case) parameter name carries a credential."""
+    return name in SIGNED_URL_PARAMS or any(part in name for part in _SECRET_PARTS)
+
+
 def _is_signing(name: str) -> bool:
-    return (name in SIGNED_URL_PARAMS or name in _SIGNING_PARAMS or name.startswith(("x-amz-", "x-goog-"))
-            or any(part in name for part in _SECRET_PARTS))
+    """Whether a (lower-case) parameter name is part of a signature: a credential, or what
+    changes with each signing (dates, expiries)."""
+    return _is_secret(name) or name in _SIGNING_PARAMS or name.startswith(("x-amz-", "x-goog-"))
 
 
 def redact(text: str) -> str:
@@ -147,6 +156,6 @@ def reason(stage: str, exc: BaseException, limit: int = 160) -> str:
 
 
 __all__ = [
-    "SIGNED_URL_PARAMS", "SeglabelError", "get_logger", "one_line", "reason", "redact", "redact_url",
-    "url_identity",
+    "SIGNED_URL_PARAMS", "SeglabelError", "get_logger", "is_http", "one_line", "reason", "redact",
+    "redact_url", "url_identity",
 ]

@@ -195,7 +195,7 @@ def _bounded(ledger: Any, stage: str, indices: np.ndarray, run: Callable[[list[i
     else:
         log.warning("%s: a worker died on a batch of %d images; running them one at a time", stage, len(rows))
         for position, row in enumerate(rows):
-            if (_ledger_call(ledger.begin, f"{stage}/1", [row]) or [0])[0] >= MAX_ATTEMPTS - 1:
+            if _ledger_call(ledger.begin, f"{stage}/1", [row])[0] >= MAX_ATTEMPTS - 1:
                 log.warning("%s: row %d killed its worker %d times: giving up", stage, row, MAX_ATTEMPTS)
                 yield f"{stage}: worker died"
             else:
@@ -459,12 +459,8 @@ def _check_same_input(previous: dict[str, Any], config: JobConfig) -> None:
     """Refuse to resume an output labeled from another input: keys are relative to their input
     root (or manifest URIs), so two inputs' keys mixed in one output mean nothing."""
     def same_form(url: str | None) -> str | None:
-        if not url:
-            return None
-        url = redact_url(absolute_local(url))  # as recorded
-        if url[:8].lower().startswith(("http://", "https://")):
-            url = url.partition("?")[0]  # a presigned URL signed anew names the same manifest
-        return url.rstrip("/")
+        # As recorded, and without signing parameters: a presigned manifest signed anew is the same.
+        return url_identity(absolute_local(url)).rstrip("/") if url else None
 
     before = [same_form(previous.get(n)) for n in ("input", "manifest")]
     if before != [same_form(config.input), same_form(config.manifest)]:
@@ -683,7 +679,8 @@ def _actor_resources(config: JobConfig, local: bool) -> tuple[int, dict[str, flo
     """
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
     if config.engine.stand_in is not None:  # as many as there would be Segmenters, on no GPU
         return max(1, gpus if config.num_gpus is None else config.num_gpus), {"num_cpus": STAND_IN_CPUS}
     wanted = gpus if config.num_gpus is None else config.num_gpus
@@ -698,7 +695,7 @@ def _actor_resources(config: JobConfig, local: bool) -> tuple[int, dict[str, flo
         return wanted, {"num_gpus": 1, "num_cpus": 1}
     log.warning("no GPUs in the Ray cluster: running one Segmenter on the CPU")
     # A whole core, unless that is all there is: the decode and encode tasks need some too.
-    cpus = ray.cluster_resources().get("CPU", 1)
+    cpus = resources.get("CPU", 1)
     return 1, {"num_cpus": 1 if cpus >= 2 else max(0.25, cpus / 2)}
 
 
@@ -762,14 +759,13 @@ def run(config: JobConfig) -> Summary:
         against the one recorded (fp32 on a CPU, then bf16 on a GPU, would mix two models)."""
         if record is not None:
             store.write_json(JOB_FILE, {**record, "dtype": dtype})
-            return store.remove(SUCCESS_FILE)  # stale until every new image has a row
-        if previous.get("dtype") not in (None, dtype):
+        elif previous.get("dtype") not in (None, dtype):
             raise ConfigError(
                 f"{config.output} was labeled with dtype {previous['dtype']}, and this run would use "
                 f"{dtype} (the default on this device); pass --dtype {previous['dtype']} to resume, "
                 "or --overwrite to start again"
             )
-        if previous.get("dtype") is None or previous.get("revision") != revision:
+        elif previous.get("dtype") is None or previous.get("revision") != revision:
             # Recorded before they were known (a first run with nothing to do, an older
             # seglabel): recorded now, so that the next run is checked against them.
             store.write_json(JOB_FILE, {**previous, "dtype": dtype, "revision": revision})

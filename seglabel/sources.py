@@ -33,7 +33,7 @@ from fsspec.core import split_protocol
 from fsspec.utils import infer_compression
 
 from .config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
-from .errors import SeglabelError, get_logger, one_line, redact_url
+from .errors import SeglabelError, get_logger, is_http, one_line, redact_url
 from .keys import UNSAFE_KEY_ERROR, is_safe_key, printable
 from .storage import is_local, open_url, protocols
 
@@ -376,7 +376,7 @@ def _s3_entries(fs: Any, directory: str) -> Iterator[dict]:
 def _manifest_format(path: str) -> tuple[str, str | None]:
     """(format, compression) from the manifest's name: 'list.txt', 'x.csv.gz', 'p.parquet'
     (an http(s) URL's path, without its query: a presigned 'list.txt?X-Amz-Signature=…')."""
-    if _is_http(path):
+    if is_http(path):
         path = urlsplit(path).path
     compression = infer_compression(path)
     stem = path.lower()
@@ -453,7 +453,7 @@ def _manifest_ref(
 ) -> ImageRef:
     """The ref of one manifest entry: absolute, or relative to the manifest's folder (or URL)."""
     protocol = split_protocol(entry)[0]
-    if protocol is None and _is_http(manifest_path):
+    if protocol is None and is_http(manifest_path):
         fs, path = manifest_fs, urljoin(manifest_path, entry)  # as a browser resolves it
     elif protocol is None and not entry.startswith("/"):
         fs = manifest_fs
@@ -465,15 +465,11 @@ def _manifest_ref(
     return _ref(_manifest_key(uri), uri)
 
 
-def _is_http(url: str) -> bool:
-    return url[:8].lower().startswith(("http://", "https://"))
-
-
 def _manifest_key(uri: str) -> str:
     """A manifest URI's key: the URI without its scheme and root '/'. An http(s) URL's key is
     its host and path: never its query (a presigned URL's signature, which changes with every
     signing) nor user information."""
-    if _is_http(uri):
+    if is_http(uri):
         parts = urlsplit(uri)
         host = parts.netloc.rpartition("@")[2]
         return host + parts.path
