@@ -194,10 +194,9 @@ class Postprocessor:
             if len(sel) == 0:
                 masks = torch.zeros((0, height, width), dtype=torch.bool, device=logits.device)
             elif spec.compat:
-                masks = (
-                    F.interpolate(binary[sel].float().unsqueeze(0), size=(height, width), mode="nearest")[0]
-                    > 0
-                )
+                # uint8, not float: a byte a pixel a mask, as the boolean result itself.
+                small = binary[sel].to(torch.uint8).unsqueeze(0)
+                masks = F.interpolate(small, size=(height, width), mode="nearest")[0] > 0
             else:
                 masks = torch.empty((len(sel), height, width), dtype=torch.bool, device=logits.device)
                 for r0, r1 in row_chunks(len(sel), height, width, spec.chunk_elements):
@@ -209,13 +208,13 @@ class Postprocessor:
                 masks, sel = masks[: spec.max_instances], sel[: spec.max_instances]
             n = len(sel)
             # The highest-scoring instance covering a pixel wins: rank N..1, keep the maximum.
+            # In row chunks: (N, H, W) int32 at once is 4 bytes a pixel a mask (100 masks on a
+            # 12 MP photo: 4.8 GB of device memory).
             rank = torch.arange(n, 0, -1, device=masks.device, dtype=torch.int32).view(-1, 1, 1)
-            best = (
-                (masks * rank).amax(0)
-                if n
-                else torch.zeros((height, width), dtype=torch.int32, device=masks.device)
-            )
-            id_map = torch.where(best > 0, n + 1 - best, 0)
+            id_map = torch.zeros((height, width), dtype=torch.int32, device=masks.device)
+            for r0, r1 in row_chunks(n, height, width, spec.chunk_elements) if n else ():
+                best = (masks[:, r0:r1] * rank).amax(0)
+                id_map[r0:r1] = torch.where(best > 0, n + 1 - best, 0)
             results.append(
                 RawPrediction(
                     id_map=id_map.cpu().numpy().astype(np.uint16),

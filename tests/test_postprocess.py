@@ -7,6 +7,7 @@ that HF's resize of the (padded) canvas is exercised.
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -158,6 +159,26 @@ def test_default_instance_numbering_and_overlaps():
         assert ((r.id_map > 0) == r.masks.any(0)).all() if n else (r.id_map == 0).all()
     assert sum(len(r.ids) for r in results) >= 8
     assert hidden_seen, "no fully hidden instance in the sample: the listing rule is untested"
+
+
+@pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
+def test_row_chunks_change_nothing(task):
+    """Full-resolution work in chunks of a few rows (bounded device memory for big photos with
+    many segments) gives exactly the maps and segments of one chunk."""
+    out = fake_outputs(5, broad=0 if task == "panoptic" else 6)
+    spec = PostprocessSpec(task, score_threshold=0.2, overlap_threshold=0.5)
+    whole, chunked = (
+        Postprocessor(dataclasses.replace(spec, chunk_elements=budget), NUM_LABELS)(
+            out.class_queries_logits, out.masks_queries_logits, SIZES, (48, 64)
+        )
+        for budget in (1 << 30, 500)
+    )
+    assert sum(len(r.ids) for r in whole) >= 8
+    for a, b in zip(whole, chunked):
+        assert a.id_map.dtype == b.id_map.dtype and np.array_equal(a.id_map, b.id_map)
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.label_ids, b.label_ids)
+        if task == "instance":
+            assert np.array_equal(a.masks, b.masks)
 
 
 def test_panoptic_fuses_stuff_only():
