@@ -659,6 +659,26 @@ def _stage_todo(store: OutputStore, refs: Iterator[ImageRef], limit: int | None,
     return paths, todo
 
 
+# Calls a Segmenter actor runs at once: while one batch is in the model, the other's images
+# are copied in, or its results post-processed, packed and handed to the object store.
+SEGMENT_CALLS = 2
+
+
+def _actor_pool(actors: int) -> Any:
+    """Ray Data's pool of ``actors`` Segmenters, each running ``SEGMENT_CALLS`` calls at once
+    (one at a time on an older Ray whose pool has no such settings)."""
+    import inspect
+
+    from ray.data import ActorPoolStrategy
+
+    settings = inspect.signature(ActorPoolStrategy).parameters
+    if not {"enable_true_multi_threading", "max_concurrent_calls_per_actor"} <= set(settings):
+        log.debug("this Ray runs one call per Segmenter at a time")
+        return ActorPoolStrategy(size=actors)
+    return ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=SEGMENT_CALLS,
+                             enable_true_multi_threading=True)
+
+
 def _task_cpus(spare: float) -> tuple[float, float]:
     """CPUs of one decode and one encode task, given the CPUs the Segmenters leave: a whole core
     each at most (more tasks, not bigger ones, use more cores), and small enough that a decode
@@ -830,7 +850,7 @@ def _chain(first: ImageRef, rest: Iterator[ImageRef]) -> Iterator[ImageRef]:
 
 def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary, settle) -> None:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     with connect(config.address) as connection:
         context = DataContext.get_current()
@@ -887,7 +907,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
             batch_format="numpy",
             # A Segmenter that dies (its process, its node) is replaced and its batches retried:
             # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1.
-            compute=ActorPoolStrategy(size=actors),
+            compute=_actor_pool(actors),
             **resources,
         )
         ds = ds.map_batches(

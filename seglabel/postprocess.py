@@ -124,21 +124,21 @@ class Postprocessor:
         ``sizes`` the original (H, W) of each image, ``input_size`` the model-input size (the
         canvas; by default the mask logits' own size).
         """
-        self.canvas_size = tuple(HF_CANVAS if self.spec.compat else input_size or mask_logits.shape[-2:])
+        # A local, not an attribute: two threads may post-process batches of two sizes at once.
+        canvas = tuple(HF_CANVAS if self.spec.compat else input_size or mask_logits.shape[-2:])
         run = getattr(self, f"_{self.spec.task}")
-        return run(class_logits.float(), mask_logits.float(), sizes)
+        return run(class_logits.float(), mask_logits.float(), sizes, canvas)
 
-    def _canvas(self, mask_logits: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _canvas(mask_logits: torch.Tensor, canvas: tuple[int, ...]) -> torch.Tensor:
         """(K, h, w) mask logits at the canvas resolution."""
-        if tuple(mask_logits.shape[-2:]) == self.canvas_size:
+        if tuple(mask_logits.shape[-2:]) == canvas:
             return mask_logits
-        return F.interpolate(
-            mask_logits.unsqueeze(0), size=self.canvas_size, mode="bilinear", align_corners=False
-        )[0]
+        return F.interpolate(mask_logits.unsqueeze(0), size=canvas, mode="bilinear", align_corners=False)[0]
 
     # -- semantic ---------------------------------------------------------------------------
 
-    def _semantic(self, class_logits, mask_logits, sizes):
+    def _semantic(self, class_logits, mask_logits, sizes, canvas):
         spec = self.spec
         probs = class_logits.softmax(-1)[..., :-1]
         num = self.num_labels
@@ -147,7 +147,7 @@ class Postprocessor:
         dtype = np.uint8 if num < 256 or (num == 256 and not filtering) else np.uint16
         results = []
         for b, (height, width) in enumerate(sizes):
-            scores = torch.einsum("qc,qhw->chw", probs[b], self._canvas(mask_logits[b]).sigmoid())
+            scores = torch.einsum("qc,qhw->chw", probs[b], self._canvas(mask_logits[b], canvas).sigmoid())
             label_map = torch.empty((height, width), dtype=torch.int32, device=scores.device)
             for r0, r1 in row_chunks(num, height, width, spec.chunk_elements):
                 label_map[r0:r1] = bilinear_rows(scores, height, width, r0, r1).argmax(0)
@@ -169,7 +169,7 @@ class Postprocessor:
 
     # -- instance ---------------------------------------------------------------------------
 
-    def _instance(self, class_logits, mask_logits, sizes):
+    def _instance(self, class_logits, mask_logits, sizes, canvas):
         spec = self.spec
         _, num_queries, _ = class_logits.shape
         num = self.num_labels
@@ -185,7 +185,7 @@ class Postprocessor:
         threshold = _logit(spec.mask_threshold)
         results = []
         for b, (height, width) in enumerate(sizes):
-            logits = self._canvas(mask_logits[b, top_queries[b]])
+            logits = self._canvas(mask_logits[b, top_queries[b]], canvas)
             binary = logits > threshold
             mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
             final = top_scores[b] * mask_scores
@@ -228,7 +228,7 @@ class Postprocessor:
 
     # -- panoptic ---------------------------------------------------------------------------
 
-    def _panoptic(self, class_logits, mask_logits, sizes):
+    def _panoptic(self, class_logits, mask_logits, sizes, canvas):
         spec = self.spec
         num = self.num_labels
         pred_scores, pred_labels = class_logits.softmax(-1).max(-1)
@@ -249,7 +249,7 @@ class Postprocessor:
                     )
                 )
                 continue
-            probs, scores = self._canvas(mask_logits[b, sel]).sigmoid(), pred_scores[b, sel]
+            probs, scores = self._canvas(mask_logits[b, sel], canvas).sigmoid(), pred_scores[b, sel]
             owner = torch.empty((height, width), dtype=torch.int64, device=probs.device)
             areas = torch.zeros(k, dtype=torch.int64, device=probs.device)
             original = torch.zeros(k, dtype=torch.int64, device=probs.device)

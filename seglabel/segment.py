@@ -7,12 +7,19 @@ label maps at their original resolution plus segment records.
 Images are grouped by their model-input size (never padded against each other), resized and
 normalised on the device, run through the model in bf16/fp16/fp32 under inference mode, and
 post-processed on the device in batches.
+
+A Segmenter may be called from several threads at once (the pipeline's actor runs two calls):
+the model runs one batch at a time, while on a GPU the other thread copies its batch in and
+post-processes and copies out its last one, each thread on a CUDA stream of its own, so that the
+device does not wait for the host between batches.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,6 +77,15 @@ class Segmenter:
             cache_dir=config.cache_dir,
         )
         self.model = checkpoint.model
+        # One batch in the model at a time; copies and post-processing of another overlap it.
+        self._model_lock = threading.Lock()
+        self._threads = threading.local()
+        self._timings_lock = threading.Lock()
+        # On a GPU only the forward pass holds the lock; on a CPU the threads would only share
+        # its cores, so the whole batch does. (Tests set it on a CPU to run the GPU's way.)
+        self._overlap = self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the weights are in place before other streams read them
         if config.compile:
             self.model = _compiled(self.model, config.cache_dir)
         self.model_id = checkpoint.model_id
@@ -129,21 +145,35 @@ class Segmenter:
         if self.config.compile and n < self.config.batch_size:
             # A compiled graph per input shape: a short batch padded to the usual one reuses it.
             arrays = arrays + [arrays[-1]] * (self.config.batch_size - n)
-        pixels = preprocess(
-            [to_device(a, self.device) for a in arrays], self.preprocess_spec, size, self.dtype
-        )
-        t1 = time.perf_counter()
-        outputs = self.model(pixel_values=pixels)
-        t2 = time.perf_counter()
-        raws = self.postprocess(
-            outputs.class_queries_logits[:n], outputs.masks_queries_logits[:n],
-            [a.shape[:2] for a in arrays[:n]], size,
-        )
+        overlap = self._overlap
+        with self._stream(), nullcontext() if overlap else self._model_lock:
+            pixels = preprocess(
+                [to_device(a, self.device) for a in arrays], self.preprocess_spec, size, self.dtype
+            )
+            with self._model_lock if overlap else nullcontext():
+                t1 = time.perf_counter()
+                outputs = self.model(pixel_values=pixels)
+                t2 = time.perf_counter()
+            raws = self.postprocess(
+                outputs.class_queries_logits[:n], outputs.masks_queries_logits[:n],
+                [a.shape[:2] for a in arrays[:n]], size,
+            )
         t3 = time.perf_counter()
-        self.timings["preprocess"] += t1 - t0
-        self.timings["forward"] += t2 - t1
-        self.timings["postprocess"] += t3 - t2
+        with self._timings_lock:
+            self.timings["preprocess"] += t1 - t0
+            self.timings["forward"] += t2 - t1
+            self.timings["postprocess"] += t3 - t2
         return raws
+
+    def _stream(self) -> Any:
+        """This thread's own CUDA stream (nothing on a CPU): its copies and post-processing do
+        not queue behind another thread's batch."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        stream = getattr(self._threads, "stream", None)
+        if stream is None:
+            stream = self._threads.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
 
     def to_prediction(self, raw: RawPrediction) -> Prediction:
         """Attach segment records (labels, RLE, area, bbox) to a raw prediction."""
@@ -154,6 +184,7 @@ class Segmenter:
     def __call__(self, images: Sequence[Any]) -> list[Prediction]:
         """Segment a batch of (H, W, 3) uint8 RGB images of any sizes."""
         return [self.to_prediction(raw) for raw in self.predict_raw(images)]
+
 
 def _compiled(model: Any, cache_dir: str | None) -> Any:
     """``torch.compile`` of the model, its compiled code cached on disk (Inductor's FX graph and

@@ -50,11 +50,13 @@ class StandInSegmenter:
             height, width = image.shape[:2]
             if self.spec.kill == (width, height):
                 os.kill(os.getpid(), signal.SIGKILL)
-            if (height, width) not in self._made:
+            # Read once: another thread (the actor runs two calls) may clear the cache meanwhile.
+            made = self._made.get((height, width))
+            if made is None:
                 if len(self._made) * height * width * max(1, self.spec.segments) > STAND_IN_CACHE_BYTES:
                     self._made.clear()  # photos of many sizes: bounded memory
-                self._made[(height, width)] = self._predict(height, width)
-            out.append(self._made[(height, width)])
+                made = self._made[(height, width)] = self._predict(height, width)
+            out.append(made)
         return out
 
     def _predict(self, height: int, width: int) -> RawPrediction:

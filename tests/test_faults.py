@@ -347,6 +347,41 @@ def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints
     assert ray.get(ledger.in_flight.remote()) == 0
 
 
+def test_the_segment_stage_runs_two_batches_at_once_and_loses_nothing(ray_session, checkpoints):
+    """Two calls at once on one actor (its overlap of host and model work): each returns its own
+    rows in order; an image the model refuses is an error row, and its batch-mates are labeled."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from seglabel.config import EngineConfig
+    from seglabel.pipeline import SegmentStage
+
+    stage = SegmentStage(EngineConfig(model=str(checkpoints["instance"]), score_threshold=0.3))
+    rng = np.random.default_rng(3)
+
+    def batch(first: int, n: int, bad: int | None = None) -> dict:
+        # Every image its own size: a result handed to the wrong row would show.
+        shapes = [(20 + i, 30 + 2 * i, 4 if i == bad else 3) for i in range(first, first + n)]
+        images = np.empty(n, dtype=object)
+        images[:] = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in shapes]
+        keys = np.array([f"k{i}" for i in range(first, first + n)], dtype=object)
+        return {"index": np.arange(first, first + n), "key": keys, "uri": keys, "image": images,
+                "width": np.array([s[1] for s in shapes]), "height": np.array([s[0] for s in shapes]),
+                "error": np.array([""] * n, dtype=object)}
+
+    batches = [batch(0, 4), batch(4, 3, bad=5), batch(7, 5), batch(12, 2)]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(stage, batches * 2))
+    for given, out in zip(batches * 2, outs):
+        assert list(out["key"]) == list(given["key"]) and list(out["index"]) == list(given["index"])
+        for key, height, width, error, raw in zip(out["key"], given["height"], given["width"],
+                                                  out["error"], out["raw"]):
+            if key == "k5":
+                assert error.startswith("segment: ") and "(H, W, 3)" in error and raw == b""
+                continue
+            assert error == "" and pickle.loads(raw).id_map.shape == (height, width)
+
+
 def test_segmenter_actor_killed_mid_run_is_replaced(checkpoints, tmp_path):
     root = tmp_path / "in"
     expected = many_images(root, 60)

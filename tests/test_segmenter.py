@@ -150,6 +150,29 @@ def test_result_does_not_depend_on_the_batch(segmenters, task):
             assert np.logical_and(ma, mb).sum() >= 0.999 * np.logical_or(ma, mb).sum()
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-lock", "gpu-lock"])
+def test_two_threads_at_once_get_their_own_results(checkpoints, overlap):
+    """The pipeline's actor calls its Segmenter from two threads at once: each call gets the
+    results of its own images, in its order, as if the calls had run one after the other
+    (also with a GPU's lock scope, the model alone locked, post-processing side by side)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seg = Segmenter(str(checkpoints["instance"]), score_threshold=0.3)
+    images = mixed_images()
+    batches = [[images[0], images[3]], [images[1]], [images[5], images[2], images[4]], [images[2]]]
+    alone = [seg.predict_raw(batch) for batch in batches]
+    seg._overlap = overlap
+    order = [0, 1, 2, 3, 2, 0, 3, 1]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda i: seg.predict_raw(batches[i]), order))
+    for i, result in zip(order, together):
+        assert [r.id_map.shape for r in result] == [b.shape[:2] for b in batches[i]]
+        for a, b in zip(alone[i], result):
+            assert np.array_equal(a.id_map, b.id_map) and np.array_equal(a.label_ids, b.label_ids)
+            assert np.array_equal(a.scores, b.scores) and np.array_equal(a.masks, b.masks)
+    assert sum(len(r.ids) for batch in alone for r in batch) >= 3
+
+
 def test_resolution_override_matches_hf_sizes(checkpoints):
     from transformers import Mask2FormerImageProcessorPil
 
