@@ -55,11 +55,14 @@ ENCODE_CPUS = 1
 # The stand-in model (--stand-in) costs nothing but its actor's host work: a whole core
 # reserved for it would sit idle and hide the pipeline's own cost.
 STAND_IN_CPUS = 0.25
-DECODE_BATCH = 8
+# Rows per block between the stages, at least a model batch: a decode or an encode task takes
+# one block in one call. Eight-row calls spent a third more CPU per image to decode and the
+# pipeline took 13% longer (bench/README.md, "Plumbing"); the Segmenter still gets its own
+# batch size, the actor cutting a block into model batches.
+BLOCK_ROWS = 32
 # Decoded pixels a decode worker holds before it hands them on (one image may exceed it; its
 # own size is bounded by --max-pixels).
 DECODE_HELD_BYTES = 256 << 20
-ENCODE_BATCH = 8
 # Start the model only once every Segmenter actor has loaded it (so that the first one does not
 # take all the early work), and fail with a clear error when the cluster cannot place them.
 ACTOR_START_TIMEOUT_S = 1800
@@ -872,8 +875,9 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
         ).remote()
         spare = ray.cluster_resources().get("CPU", 0) - actors * resources["num_cpus"]
         decode_cpus, encode_cpus = _task_cpus(spare)
-        # Blocks of one batch each: a block goes to one task or actor, so a single big block
-        # would serialise decoding and leave all but one Segmenter idle.
+        # Blocks of BLOCK_ROWS (or one model batch): a block goes to one task or actor, so a
+        # single big block would serialise decoding and leave all but one Segmenter idle.
+        block_rows = max(BLOCK_ROWS, config.engine.batch_size)
         # The todo files are read through the store (fsspec with retries) rather than Ray's
         # own Parquet reader, whose listing does not ride out a throttled object store.
         ds = (
@@ -885,7 +889,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
                 batch_format="pyarrow",
                 num_cpus=decode_cpus,
             )
-            .repartition(target_num_rows_per_block=config.engine.batch_size)
+            .repartition(target_num_rows_per_block=block_rows)
         )
         ds = ds.map_batches(
             _decode_batch,
@@ -896,7 +900,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
                 "max_bytes": config.max_bytes,
                 "ledger": ledger,
             },
-            batch_size=DECODE_BATCH,
+            batch_size=block_rows,
             batch_format="numpy",
             num_cpus=decode_cpus,
         )
@@ -919,7 +923,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
                 "id2label": id2label,
                 "things": things,
             },
-            batch_size=ENCODE_BATCH,
+            batch_size=block_rows,
             batch_format="numpy",
             num_cpus=encode_cpus,
         )
