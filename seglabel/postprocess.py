@@ -5,10 +5,11 @@ The semantics are those of Hugging Face's ``post_process_{semantic,instance,pano
 hard-coded 384×384 first, loops over queries with a host synchronisation each, and builds the
 canvas on the CPU. Here the work stays on the device, the per-query decisions are made on small
 vectors, and the full-resolution maps are produced in row chunks so that memory stays bounded for
-large photos. The host still waits on the device several times per image: at each selection of
-kept queries (``nonzero``, boolean indexing), twice per row chunk (``bilinear_rows`` reads its
-source rows' bounds) and once per array brought back (semantic about 3 waits, instance and
-panoptic about 6–8, plus 2 per chunk).
+large photos. The host waits for the device a few times a batch, not per image or per chunk:
+results come back through pinned memory without blocking and are waited for together, and what
+must be decided on the host (which queries an image keeps; the panoptic merge) is decided for the
+whole batch at once. Semantic: one wait a batch; instance: two; panoptic: three
+(``Postprocessor.syncs`` counts them).
 
 Masks are first brought to the model-input resolution (the "canvas"), as Mask2Former's own
 inference does, then to the original size. ``compat=True`` reproduces HF's results as they are:
@@ -81,7 +82,11 @@ def bilinear_rows(x: torch.Tensor, out_h: int, out_w: int, r0: int, r1: int) -> 
     y0 = src.floor().long().clamp_(max=h - 1)
     y1 = (y0 + 1).clamp_(max=h - 1)
     wy = (src - y0).view(1, -1, 1)
-    lo, hi = int(y0[0]), int(y1[-1])
+    # The source rows under the chunk, worked out on the host (reading y0 and y1 back would make
+    # the host wait for the device), a row wider on each side than float32 rounding could move
+    # them; rows to spare change nothing below, only offsets into ``sub``.
+    lo = min(h - 1, max(0, math.floor((r0 + 0.5) * scale - 0.5) - 1))
+    hi = min(h - 1, max(0, math.floor((r1 - 0.5) * scale - 0.5) + 2))
     sub = x[:, lo : hi + 1]
     if sub.shape[-1] != out_w:
         sub = F.interpolate(
@@ -102,12 +107,52 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+class _ToHost:
+    """Device-to-host copies queued without waiting (into pinned memory, on the current
+    stream); :meth:`wait` waits once for all of them. On a CPU the tensors are the copies."""
+
+    def __init__(self, device: torch.device, counter: "Postprocessor"):
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.current_stream(device) if self.cuda else None
+        self.counter = counter
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
+
+    def wait(self) -> None:
+        """The host's one wait for the device: every copy queued so far is complete after it."""
+        self.counter.syncs += 1
+        if self.cuda:
+            self.stream.synchronize()
+
+
+def _counts(values: torch.Tensor, size: int) -> torch.Tensor:
+    """``bincount(values, minlength=size)`` for values below ``size``, without reading their
+    maximum back to the host (CUDA's bincount does, to size its output). One path for every
+    device, so that the CPU tests run the GPU's."""
+    ones = torch.ones(1, dtype=torch.int64, device=values.device).expand(values.numel())
+    return torch.zeros(size, dtype=torch.int64, device=values.device).scatter_add_(0, values.long(), ones)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on ``device`` without waiting for the device (pinned, non-blocking)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 class Postprocessor:
     """Batched post-processing for one task; call it with a batch's outputs and original sizes."""
 
     def __init__(self, spec: PostprocessSpec, num_labels: int):
         self.spec = spec
         self.num_labels = num_labels
+        # The times the host waited for the device (a few a batch, whatever its size).
+        self.syncs = 0
         if spec.task not in ("semantic", "instance", "panoptic"):
             raise ValueError(f"unknown task {spec.task!r}")
 
@@ -129,6 +174,12 @@ class Postprocessor:
         run = getattr(self, f"_{self.spec.task}")
         return run(class_logits.float(), mask_logits.float(), sizes, canvas)
 
+    def _allowed(self, size: int, device: torch.device) -> torch.Tensor:
+        """(size,) booleans: True at the label ids --labels keeps."""
+        allowed = np.zeros(size, dtype=bool)
+        allowed[sorted(self.spec.keep_label_ids or ())] = True
+        return _to_device(allowed, device)
+
     @staticmethod
     def _canvas(mask_logits: torch.Tensor, canvas: tuple[int, ...]) -> torch.Tensor:
         """(K, h, w) mask logits at the canvas resolution."""
@@ -145,26 +196,30 @@ class Postprocessor:
         void = semantic_void(num)
         filtering = spec.keep_label_ids is not None or spec.min_area > 0
         dtype = np.uint8 if num < 256 or (num == 256 and not filtering) else np.uint16
-        results = []
+        to_host = _ToHost(mask_logits.device, self)
+        fetched = []
         for b, (height, width) in enumerate(sizes):
             scores = torch.einsum("qc,qhw->chw", probs[b], self._canvas(mask_logits[b], canvas).sigmoid())
             label_map = torch.empty((height, width), dtype=torch.int32, device=scores.device)
+            areas = torch.zeros(num, dtype=torch.int64, device=scores.device)
             for r0, r1 in row_chunks(num, height, width, spec.chunk_elements):
-                label_map[r0:r1] = bilinear_rows(scores, height, width, r0, r1).argmax(0)
-            areas = torch.bincount(label_map.flatten(), minlength=num)
-            present = areas > 0
-            kept = present.clone()
+                chunk = bilinear_rows(scores, height, width, r0, r1).argmax(0)
+                label_map[r0:r1] = chunk
+                areas += _counts(chunk.flatten(), num)
+            kept = areas > 0
             if spec.keep_label_ids is not None:
-                allowed = torch.zeros(num, dtype=torch.bool, device=kept.device)
-                allowed[list(spec.keep_label_ids)] = True
-                kept &= allowed
+                kept &= self._allowed(num, kept.device)
             if spec.min_area > 0:
                 kept &= areas >= spec.min_area
             if filtering:
                 lut = torch.where(kept, torch.arange(num, device=kept.device), torch.full_like(areas, void))
                 label_map = lut[label_map]
-            ids = torch.nonzero(kept).flatten().cpu().numpy().astype(np.int32)
-            results.append(RawPrediction(label_map.cpu().numpy().astype(dtype), ids, ids.copy(), None))
+            fetched.append((to_host(label_map), to_host(kept)))
+        to_host.wait()
+        results = []
+        for label_map, kept in fetched:
+            ids = np.flatnonzero(kept.numpy()).astype(np.int32)
+            results.append(RawPrediction(label_map.numpy().astype(dtype), ids, ids.copy(), None))
         return results
 
     # -- instance ---------------------------------------------------------------------------
@@ -173,55 +228,74 @@ class Postprocessor:
         spec = self.spec
         _, num_queries, _ = class_logits.shape
         num = self.num_labels
+        device = mask_logits.device
         scores = class_logits.softmax(-1)[..., :-1]
         if spec.keep_label_ids is not None:
-            allowed = torch.zeros(num, dtype=torch.bool, device=scores.device)
-            allowed[list(spec.keep_label_ids)] = True
-            scores = scores * allowed
+            scores = scores * self._allowed(num, scores.device)
         # Top-k over (query, label) pairs with k = number of queries, as Mask2Former does.
         top_scores, top_index = scores.flatten(1).topk(num_queries, dim=1)
         top_labels = top_index % num
         top_queries = top_index // num
         threshold = _logit(spec.mask_threshold)
-        results = []
-        for b, (height, width) in enumerate(sizes):
+        # First every image's query scores, then one wait for all of them: which queries are
+        # kept is the host's decision, made once a batch.
+        finals = []
+        for b in range(len(sizes)):
             logits = self._canvas(mask_logits[b, top_queries[b]], canvas)
             binary = logits > threshold
             mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-            final = top_scores[b] * mask_scores
-            sel = torch.nonzero(final >= spec.score_threshold).flatten()
-            sel = sel[torch.argsort(final[sel], descending=True, stable=True)]
-            if len(sel) == 0:
-                masks = torch.zeros((0, height, width), dtype=torch.bool, device=logits.device)
-            elif spec.compat:
-                # uint8, not float: a byte a pixel a mask, as the boolean result itself.
-                small = binary[sel].to(torch.uint8).unsqueeze(0)
-                masks = F.interpolate(small, size=(height, width), mode="nearest")[0] > 0
+            finals.append(top_scores[b] * mask_scores)
+        to_host = _ToHost(device, self)
+        final_host, labels_host, queries_host = (
+            to_host(t) for t in (torch.stack(finals), top_labels, top_queries)
+        )
+        to_host.wait()
+        final_host, labels_host, queries_host = final_host.numpy(), labels_host.numpy(), queries_host.numpy()
+        fetched = []
+        for b, (height, width) in enumerate(sizes):
+            sel = np.flatnonzero(final_host[b] >= spec.score_threshold)
+            sel = sel[np.argsort(-final_host[b, sel], kind="stable")]
+            k = len(sel)
+            if k == 0:
+                masks = torch.zeros((0, height, width), dtype=torch.bool, device=device)
             else:
-                masks = torch.empty((len(sel), height, width), dtype=torch.bool, device=logits.device)
-                for r0, r1 in row_chunks(len(sel), height, width, spec.chunk_elements):
-                    masks[:, r0:r1] = bilinear_rows(logits[sel], height, width, r0, r1) > threshold
-            areas = masks.flatten(1).sum(1)
-            ok = areas > max(0, spec.min_area - 1)
-            masks, sel = masks[ok], sel[ok]
+                # Only the kept queries' canvases: interpolation is per query.
+                logits = self._canvas(mask_logits[b, _to_device(queries_host[b, sel], device)], canvas)
+                if spec.compat:
+                    # uint8, not float: a byte a pixel a mask, as the boolean result itself.
+                    small = (logits > threshold).to(torch.uint8).unsqueeze(0)
+                    masks = F.interpolate(small, size=(height, width), mode="nearest")[0] > 0
+                else:
+                    masks = torch.empty((k, height, width), dtype=torch.bool, device=device)
+                    for r0, r1 in row_chunks(k, height, width, spec.chunk_elements):
+                        masks[:, r0:r1] = bilinear_rows(logits, height, width, r0, r1) > threshold
+            # Which masks stay (area, --max-instances) decided on the device, read back with the
+            # rest: no wait here.
+            ok = masks.flatten(1).sum(1) > max(0, spec.min_area - 1)
             if spec.max_instances is not None:
-                masks, sel = masks[: spec.max_instances], sel[: spec.max_instances]
-            n = len(sel)
-            # The highest-scoring instance covering a pixel wins: rank N..1, keep the maximum.
-            # In row chunks: (N, H, W) int32 at once is 4 bytes a pixel a mask (100 masks on a
-            # 12 MP photo: 4.8 GB of device memory).
-            rank = torch.arange(n, 0, -1, device=masks.device, dtype=torch.int32).view(-1, 1, 1)
-            id_map = torch.zeros((height, width), dtype=torch.int32, device=masks.device)
-            for r0, r1 in row_chunks(n, height, width, spec.chunk_elements) if n else ():
+                ok &= ok.cumsum(0) <= spec.max_instances
+            # The highest-scoring instance covering a pixel wins: rank N..1 among the kept
+            # masks (0 for the others), keep the maximum, in row chunks: (N, H, W) int32 at
+            # once is 4 bytes a pixel a mask (100 masks on a 12 MP photo: 4.8 GB).
+            rank = ((ok.sum() - ok.cumsum(0) + 1) * ok).to(torch.int32).view(-1, 1, 1)
+            count = ok.sum().to(torch.int32)
+            id_map = torch.zeros((height, width), dtype=torch.int32, device=device)
+            for r0, r1 in row_chunks(k, height, width, spec.chunk_elements) if k else ():
                 best = (masks[:, r0:r1] * rank).amax(0)
-                id_map[r0:r1] = torch.where(best > 0, n + 1 - best, 0)
+                id_map[r0:r1] = torch.where(best > 0, count + 1 - best, 0)
+            fetched.append((b, sel, to_host(id_map), to_host(masks), to_host(ok)))
+        to_host.wait()
+        results = []
+        for b, sel, id_map, masks, ok in fetched:
+            ok = ok.numpy()
+            sel = sel[ok]
             results.append(
                 RawPrediction(
-                    id_map=id_map.cpu().numpy().astype(np.uint16),
-                    ids=np.arange(1, n + 1, dtype=np.int32),
-                    label_ids=top_labels[b, sel].cpu().numpy().astype(np.int32),
-                    scores=final[sel].cpu().numpy().astype(np.float32),
-                    masks=masks.cpu().numpy(),
+                    id_map=id_map.numpy().astype(np.uint16),
+                    ids=np.arange(1, len(sel) + 1, dtype=np.int32),
+                    label_ids=labels_host[b, sel].astype(np.int32),
+                    scores=final_host[b, sel].astype(np.float32),
+                    masks=masks.numpy()[ok],
                 )
             )
         return results
@@ -231,17 +305,55 @@ class Postprocessor:
     def _panoptic(self, class_logits, mask_logits, sizes, canvas):
         spec = self.spec
         num = self.num_labels
+        device = mask_logits.device
         pred_scores, pred_labels = class_logits.softmax(-1).max(-1)
         keep = (pred_labels != num) & (pred_scores > spec.score_threshold)
         if spec.keep_label_ids is not None:
-            allowed = torch.zeros(num + 1, dtype=torch.bool, device=keep.device)
-            allowed[list(spec.keep_label_ids)] = True
-            keep &= allowed[pred_labels]
-        results = []
+            keep &= self._allowed(num + 1, keep.device)[pred_labels]
+        # Three waits a batch: the kept queries; each image's areas (Mask2Former's merge is
+        # decided on the host, on per-query vectors); the maps.
+        to_host = _ToHost(device, self)
+        keep_host, scores_host, labels_host = (to_host(t) for t in (keep, pred_scores, pred_labels))
+        to_host.wait()
+        keep_host, scores_host, labels_host = keep_host.numpy(), scores_host.numpy(), labels_host.numpy()
+        owners = []
         for b, (height, width) in enumerate(sizes):
-            sel = torch.nonzero(keep[b]).flatten()
+            sel = np.flatnonzero(keep_host[b])
             k = len(sel)
             if k == 0:
+                owners.append(None)
+                continue
+            sel_device = _to_device(sel, device)
+            probs = self._canvas(mask_logits[b, sel_device], canvas).sigmoid()
+            scores = pred_scores[b, sel_device]
+            # int16: query positions (k < 32768), a quarter of argmax's int64, held for the batch.
+            owner = torch.empty((height, width), dtype=torch.int16, device=device)
+            areas = torch.zeros(k, dtype=torch.int64, device=device)
+            original = torch.zeros(k, dtype=torch.int64, device=device)
+            for r0, r1 in row_chunks(k, height, width, spec.chunk_elements):
+                weighted = bilinear_rows(probs, height, width, r0, r1) * scores.view(-1, 1, 1)
+                chunk = weighted.argmax(0)
+                owner[r0:r1] = chunk
+                areas += _counts(chunk.flatten(), k)
+                # HF compares the score-weighted probabilities with the mask threshold.
+                original += (weighted >= spec.mask_threshold).flatten(1).sum(1)
+            owners.append((sel, owner, to_host(areas), to_host(original)))
+        to_host.wait()
+        fetched = []
+        for b, ((height, width), entry) in enumerate(zip(sizes, owners)):
+            if entry is None:
+                fetched.append(None)
+                continue
+            sel, owner, areas, original = entry
+            lut, ids, labels, seg_scores = self._merge(
+                areas.numpy(), original.numpy(), labels_host[b, sel], scores_host[b, sel]
+            )
+            id_map = _to_device(lut, device)[owner.long()]
+            fetched.append((to_host(id_map), ids, labels, seg_scores))
+        to_host.wait()
+        results = []
+        for (height, width), entry in zip(sizes, fetched):
+            if entry is None:
                 empty = np.zeros((height, width), dtype=np.int32)
                 results.append(
                     RawPrediction(
@@ -249,24 +361,8 @@ class Postprocessor:
                     )
                 )
                 continue
-            probs, scores = self._canvas(mask_logits[b, sel], canvas).sigmoid(), pred_scores[b, sel]
-            owner = torch.empty((height, width), dtype=torch.int64, device=probs.device)
-            areas = torch.zeros(k, dtype=torch.int64, device=probs.device)
-            original = torch.zeros(k, dtype=torch.int64, device=probs.device)
-            for r0, r1 in row_chunks(k, height, width, spec.chunk_elements):
-                weighted = bilinear_rows(probs, height, width, r0, r1) * scores.view(-1, 1, 1)
-                owner[r0:r1] = weighted.argmax(0)
-                areas += torch.bincount(owner[r0:r1].flatten(), minlength=k)
-                # HF compares the score-weighted probabilities with the mask threshold.
-                original += (weighted >= spec.mask_threshold).flatten(1).sum(1)
-            lut, ids, labels, seg_scores = self._merge(
-                areas.cpu().numpy(),
-                original.cpu().numpy(),
-                pred_labels[b, sel].cpu().numpy(),
-                scores.cpu().numpy(),
-            )
-            id_map = torch.from_numpy(lut).to(owner.device)[owner]
-            results.append(RawPrediction(id_map.cpu().numpy().astype(np.int32), ids, labels, seg_scores))
+            id_map, ids, labels, seg_scores = entry
+            results.append(RawPrediction(id_map.numpy().astype(np.int32), ids, labels, seg_scores))
         return results
 
     def _merge(self, areas, original, labels, scores):

@@ -181,6 +181,48 @@ def test_row_chunks_change_nothing(task):
             assert np.array_equal(a.masks, b.masks)
 
 
+@pytest.mark.parametrize("task, waits", [("semantic", 1), ("instance", 2), ("panoptic", 3)])
+def test_the_host_waits_a_few_times_a_batch_not_per_image(task, waits):
+    """The waits for the device are counted per batch: the same for one image as for four, and
+    for one row chunk as for many."""
+    out = fake_outputs(5, broad=0 if task == "panoptic" else 6)
+    for budget in (1 << 30, 500):
+        post = Postprocessor(PostprocessSpec(task, score_threshold=0.2, chunk_elements=budget), NUM_LABELS)
+        results = post(out.class_queries_logits, out.masks_queries_logits, SIZES, (48, 64))
+        assert post.syncs == waits and sum(len(r.ids) for r in results) >= 4
+        post(out.class_queries_logits[:1], out.masks_queries_logits[:1], SIZES[:1], (48, 64))
+        assert post.syncs == 2 * waits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
+def test_cuda_post_processing_waits_only_where_counted(task):
+    """On a GPU every synchronising call torch sees is one of the counted waits (no per-image
+    ``nonzero``, ``.cpu()`` or ``bincount``), and the maps agree with the CPU's."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = fake_outputs(5, broad=0 if task == "panoptic" else 6)
+    spec = PostprocessSpec(task, score_threshold=0.2, overlap_threshold=0.5, chunk_elements=2000)
+    cpu = Postprocessor(spec, NUM_LABELS)(out.class_queries_logits, out.masks_queries_logits, SIZES, (48, 64))
+    post = Postprocessor(spec, NUM_LABELS)
+    class_logits, mask_logits = out.class_queries_logits.cuda(), out.masks_queries_logits.cuda()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            gpu = post(class_logits, mask_logits, SIZES, (48, 64))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronising = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(synchronising) <= post.syncs, [str(w.message) for w in synchronising]
+    for a, b in zip(cpu, gpu):
+        assert a.id_map.shape == b.id_map.shape and a.id_map.dtype == b.id_map.dtype
+        assert (a.id_map == b.id_map).mean() >= 0.98
+
+
 def test_panoptic_fuses_stuff_only():
     out = fake_outputs(5, broad=0)
     stuff = frozenset({0, 1, 2})
