@@ -75,12 +75,16 @@ class Prediction:
 
 @dataclass
 class PackedMasks:
-    """(N, H, W) binary masks as each mask's bounding box and the bits inside it (``packbits``
-    of the crop): a few kB where the array is N × H × W bytes (6 MB for 20 masks of a 640×480
-    photo). What the Segmenter ships to the encode tasks, through pickling and the object store.
+    """(N, H, W) binary masks as each mask's box and the bits inside it: a few kB where the
+    array is N × H × W bytes (6 MB for 20 masks of a 640×480 photo). What the Segmenter ships to
+    the encode tasks, through pickling and the object store.
 
-    ``boxes`` rows are (top, left, height, width), zeros for an empty mask; ``bits`` holds the
-    crops' packed bits one after another, ``ends`` where each ends.
+    The bits are packed along rows (``numpy.packbits(axis=-1)``: 8 pixels a byte, each row of a
+    box its own bytes), and boxes are whole bytes wide: ``left`` a multiple of 8, ``width`` 8
+    pixels a byte up to the image's right edge. So a box is cut from the row-packed mask by
+    slicing bytes, on the host or straight from what a GPU packed (``from_rows``), never from
+    the N × H × W array. ``boxes`` rows are (top, left, height, width), zeros for an empty mask;
+    ``bits`` holds the boxes' bytes one after another, ``ends`` where each ends.
     """
 
     height: int
@@ -92,19 +96,25 @@ class PackedMasks:
     @classmethod
     def pack(cls, masks: np.ndarray) -> "PackedMasks":
         """Pack (N, H, W) boolean masks."""
-        n, height, width = masks.shape
-        rows, cols = masks.any(axis=2), masks.any(axis=1)
+        return cls.from_rows(np.packbits(masks, axis=-1), masks.shape[2])
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray, width: int, extents: np.ndarray | None = None) -> "PackedMasks":
+        """Masks from their row-packed bits, (N, H, ceil(W / 8)) uint8; ``extents`` (N, 4):
+        each mask's (top, bottom, first byte, last byte), -1 rows for an empty mask, when
+        already known (made on the device with the bits); found here otherwise."""
+        n, height, _ = rows.shape
+        if extents is None:
+            extents = _extents(rows)
         boxes = np.zeros((n, 4), dtype=np.int32)
         chunks = []
-        for i in range(n):
-            ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
-            if len(ys):
-                top, left = ys[0], xs[0]
-                h, w = ys[-1] - top + 1, xs[-1] - left + 1
-                boxes[i] = (top, left, h, w)
-                chunks.append(np.packbits(masks[i, top : top + h, left : left + w]))
-            else:
+        for i, (top, bottom, first, last) in enumerate(extents.tolist()):
+            if top < 0:
                 chunks.append(np.zeros(0, dtype=np.uint8))
+                continue
+            left = 8 * first
+            boxes[i] = (top, left, bottom - top + 1, min(8 * (last - first + 1), width - left))
+            chunks.append(rows[i, top : bottom + 1, first : last + 1].ravel())
         ends = np.cumsum([len(c) for c in chunks], dtype=np.int64)
         bits = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
         return cls(height, width, boxes, bits, ends)
@@ -119,7 +129,7 @@ class PackedMasks:
         for i, (top, left, h, w) in enumerate(self.boxes.tolist()):
             end = int(self.ends[i])
             if h:
-                crop = np.unpackbits(self.bits[start:end], count=h * w).reshape(h, w)
+                crop = np.unpackbits(self.bits[start:end].reshape(h, -1), axis=1, count=w)
                 out[top : top + h, left : left + w, i] = crop
             start = end
         return out
@@ -127,6 +137,23 @@ class PackedMasks:
     def unpack(self) -> np.ndarray:
         """The (N, H, W) boolean masks."""
         return np.moveaxis(self.fortran(), -1, 0).astype(bool)
+
+
+def _extents(rows: np.ndarray) -> np.ndarray:
+    """(top, bottom, first byte, last byte) of each row-packed mask; -1s for an empty one."""
+    n, height, nbytes = rows.shape
+    out = np.full((n, 4), -1, dtype=np.int64)
+    if n == 0 or height == 0 or nbytes == 0:
+        return out
+    # Reductions over the short byte axis are slow in numpy; over the rows they are not.
+    filled_rows = np.bitwise_or.reduce(rows, axis=2) != 0
+    filled_bytes = np.bitwise_or.reduce(rows, axis=1) != 0
+    some = filled_rows.any(axis=1)
+    out[some, 0] = filled_rows[some].argmax(axis=1)
+    out[some, 1] = height - 1 - filled_rows[some, ::-1].argmax(axis=1)
+    out[some, 2] = filled_bytes[some].argmax(axis=1)
+    out[some, 3] = nbytes - 1 - filled_bytes[some, ::-1].argmax(axis=1)
+    return out
 
 
 def encode_rle(masks: "np.ndarray | PackedMasks") -> list[dict]:

@@ -11,7 +11,6 @@ rows at a time and commits them as one Parquet file.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import pickle
@@ -30,7 +29,7 @@ from . import __version__
 from .checkpoint import detect_task, read_label_config
 from .cluster import connect
 from .config import ConfigError, EngineConfig, JobConfig, default_dtype
-from .encode import PackedMasks, build_segments, encode_png
+from .encode import build_segments, encode_png
 from .errors import SeglabelError, get_logger, reason, redact_url, url_identity
 from .fetch import fetch, options_for
 from .keys import Bits, HashSet, SortedHashes, is_safe_key, key_hashes
@@ -322,9 +321,7 @@ class SegmentStage:
             if isinstance(raw, str):
                 errors[i] = raw
             else:
-                if isinstance(raw.masks, np.ndarray):
-                    # Never the N × H × W array through the object store: boxes and bits.
-                    raw = dataclasses.replace(raw, masks=PackedMasks.pack(raw.masks))
+                # Instance masks come packed (boxes and bits), never N × H × W arrays.
                 raws[i] = pickle.dumps(raw, protocol=5)
         return {
             "index": batch["index"],

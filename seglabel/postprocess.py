@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .encode import PackedMasks
+
 # HF's post-processing resizes mask logits to this canvas whatever the model input was.
 HF_CANVAS = (384, 384)
 # Elements per chunk of full-resolution work (float32: 128 MiB).
@@ -55,14 +57,15 @@ class RawPrediction:
 
     ``id_map`` holds segment ids (semantic: label ids) at the original resolution; ``ids``,
     ``label_ids`` and ``scores`` describe the segments; ``masks`` holds the exact, possibly
-    overlapping, instance masks (instance task only).
+    overlapping, instance masks (instance task only), packed on the device
+    (:class:`~seglabel.encode.PackedMasks`; an (N, H, W) boolean array is accepted too).
     """
 
     id_map: np.ndarray
     ids: np.ndarray
     label_ids: np.ndarray
     scores: np.ndarray | None
-    masks: np.ndarray | None = None
+    masks: PackedMasks | np.ndarray | None = None
 
 
 def semantic_void(num_labels: int) -> int:
@@ -135,6 +138,35 @@ def _counts(values: torch.Tensor, size: int) -> torch.Tensor:
     device, so that the CPU tests run the GPU's."""
     ones = torch.ones(1, dtype=torch.int64, device=values.device).expand(values.numel())
     return torch.zeros(size, dtype=torch.int64, device=values.device).scatter_add_(0, values.long(), ones)
+
+
+def pack_rows(masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N, R, W) booleans as (N, R, ceil(W / 8)) uint8, 8 pixels a byte, first pixel in the
+    high bit: ``numpy.packbits(axis=-1)``, on the device. ``weights``: 128, 64, ..., 1."""
+    n, r, w = masks.shape
+    m = masks.to(torch.uint8)
+    if w % 8:
+        m = F.pad(m, (0, 8 - w % 8))
+    return (m.view(n, r, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def row_extents(rows: torch.Tensor) -> torch.Tensor:
+    """(top, bottom, first byte, last byte) of each row-packed mask, -1s for an empty one
+    (what ``PackedMasks.from_rows`` would find on the host), on the device."""
+    filled_rows = rows.amax(2) > 0
+    filled_bytes = rows.amax(1) > 0
+    height, nbytes = filled_rows.shape[1], filled_bytes.shape[1]
+    # argmax gives the first maximum: the first filled row (byte), and from the end the last.
+    extents = torch.stack(
+        [
+            filled_rows.to(torch.uint8).argmax(1),
+            height - 1 - filled_rows.flip(1).to(torch.uint8).argmax(1),
+            filled_bytes.to(torch.uint8).argmax(1),
+            nbytes - 1 - filled_bytes.flip(1).to(torch.uint8).argmax(1),
+        ],
+        dim=1,
+    )
+    return torch.where(filled_rows.any(1, keepdim=True), extents, -1)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -251,6 +283,7 @@ class Postprocessor:
         )
         to_host.wait()
         final_host, labels_host, queries_host = final_host.numpy(), labels_host.numpy(), queries_host.numpy()
+        weights = _to_device(np.array([128, 64, 32, 16, 8, 4, 2, 1], dtype=np.uint8), device)
         fetched = []
         for b, (height, width) in enumerate(sizes):
             sel = np.flatnonzero(final_host[b] >= spec.score_threshold)
@@ -280,22 +313,28 @@ class Postprocessor:
             rank = ((ok.sum() - ok.cumsum(0) + 1) * ok).to(torch.int32).view(-1, 1, 1)
             count = ok.sum().to(torch.int32)
             id_map = torch.zeros((height, width), dtype=torch.int32, device=device)
+            # The masks leave the device packed, an eighth of their size, with their extents,
+            # so that the host only cuts out their boxes.
+            packed = torch.empty((k, height, (width + 7) // 8), dtype=torch.uint8, device=device)
             for r0, r1 in row_chunks(k, height, width, spec.chunk_elements) if k else ():
                 best = (masks[:, r0:r1] * rank).amax(0)
                 id_map[r0:r1] = torch.where(best > 0, count + 1 - best, 0)
-            fetched.append((b, sel, to_host(id_map), to_host(masks), to_host(ok)))
+                packed[:, r0:r1] = pack_rows(masks[:, r0:r1], weights)
+            extents = row_extents(packed)
+            fetched.append((b, sel, to_host(id_map), to_host(packed), to_host(extents), to_host(ok)))
         to_host.wait()
         results = []
-        for b, sel, id_map, masks, ok in fetched:
+        for b, sel, id_map, packed, extents, ok in fetched:
             ok = ok.numpy()
             sel = sel[ok]
+            width = sizes[b][1]
             results.append(
                 RawPrediction(
                     id_map=id_map.numpy().astype(np.uint16),
                     ids=np.arange(1, len(sel) + 1, dtype=np.int32),
                     label_ids=labels_host[b, sel].astype(np.int32),
                     scores=final_host[b, sel].astype(np.float32),
-                    masks=masks.numpy()[ok],
+                    masks=PackedMasks.from_rows(packed.numpy()[ok], width, extents.numpy()[ok]),
                 )
             )
         return results

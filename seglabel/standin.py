@@ -3,7 +3,7 @@
 ``--stand-in "segments=20,coverage=0.05"`` replaces the network by a function that returns, per
 image and at the image's own size, ``segments`` segments each covering ``coverage`` of it,
 through the same :class:`~seglabel.postprocess.RawPrediction` the real Segmenter returns
-(instance: N exact, overlapping masks and a 16-bit id map; semantic: a label map; panoptic:
+(instance: N exact, overlapping masks, packed, and a 16-bit id map; semantic: a label map; panoptic:
 segment ids with labels and scores). Everything around the model (reading, decoding, moving
 results between processes, encoding, writing, committing) then runs as in a real job, so that
 the pipeline's own cost can be measured on any machine, and a fault can be injected:
@@ -23,9 +23,11 @@ import numpy as np
 
 from .checkpoint import detect_task, read_label_config
 from .config import EngineConfig, StandIn
+from .encode import PackedMasks
 from .postprocess import RawPrediction
 
-# What the made predictions may hold at once (instance masks are segments × H × W bytes).
+# What the made predictions may hold at once (counted as segments × H × W bytes a size: what
+# making one takes, more than a packed prediction keeps).
 STAND_IN_CACHE_BYTES = 512 << 20
 
 
@@ -75,7 +77,9 @@ class StandInSegmenter:
             id_map = np.zeros((height, width), dtype=np.uint16)
             for i in range(n - 1, -1, -1):  # the highest score (lowest id) painted last wins
                 id_map[masks[i]] = i + 1
-            return RawPrediction(id_map, np.arange(1, n + 1, dtype=np.int32), labels, scores, masks)
+            # Packed, as the Segmenter's come off the device.
+            packed = PackedMasks.pack(masks)
+            return RawPrediction(id_map, np.arange(1, n + 1, dtype=np.int32), labels, scores, packed)
         id_map = np.zeros((height, width), dtype=np.int32)
         for i, (top, left) in enumerate(zip(tops, lefts)):
             id_map[top : top + box_h, left : left + box_w] = i + 1

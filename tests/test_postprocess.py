@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Mask2FormerImageProcessorPil
 
-from seglabel.postprocess import Postprocessor, PostprocessSpec, bilinear_rows
+from seglabel.encode import PackedMasks
+from seglabel.postprocess import Postprocessor, PostprocessSpec, bilinear_rows, pack_rows, row_extents
 
 NUM_LABELS = 6
 SIZES = [(120, 180), (37, 200), (1, 40), (300, 7)]
@@ -96,7 +97,7 @@ def test_compat_instance_matches_hf(hf, threshold):
             match = [
                 i for i in unmatched
                 if o.label_ids[i] == seg["label_id"] and abs(o.scores[i] - seg["score"]) < 1e-4
-                and iou(o.masks[i], hf_mask) >= 0.99
+                and iou(o.masks.unpack()[i], hf_mask) >= 0.99
             ]
             assert match, f"HF segment {seg} has no counterpart"
             unmatched.remove(match[0])
@@ -144,6 +145,8 @@ def test_default_instance_numbering_and_overlaps():
     hidden_seen = False
     for r in results:
         n = len(r.ids)
+        masks = r.masks.unpack()  # as the Segmenter ships them: packed
+        assert masks.shape == (n, *r.id_map.shape)
         assert list(r.ids) == list(range(1, n + 1))
         assert all(np.diff(r.scores) <= 0), "ids must be numbered by descending score"
         assert r.id_map.dtype == np.uint16
@@ -151,12 +154,12 @@ def test_default_instance_numbering_and_overlaps():
             # Every pixel of segment i+1 lies inside its exact mask, and no higher-scoring mask
             # covers it; every pixel of its mask not owned by it belongs to a better segment.
             owned = r.id_map == i + 1
-            assert not (owned & ~r.masks[i]).any()
-            assert not (owned & r.masks[:i].any(0)).any()
-            lost = r.masks[i] & ~owned
+            assert not (owned & ~masks[i]).any()
+            assert not (owned & masks[:i].any(0)).any()
+            lost = masks[i] & ~owned
             assert (r.id_map[lost] < i + 1).all() and (r.id_map[lost] > 0).all()
-            hidden_seen |= r.masks[i].any() and not owned.any()
-        assert ((r.id_map > 0) == r.masks.any(0)).all() if n else (r.id_map == 0).all()
+            hidden_seen |= masks[i].any() and not owned.any()
+        assert ((r.id_map > 0) == masks.any(0)).all() if n else (r.id_map == 0).all()
     assert sum(len(r.ids) for r in results) >= 8
     assert hidden_seen, "no fully hidden instance in the sample: the listing rule is untested"
 
@@ -178,7 +181,7 @@ def test_row_chunks_change_nothing(task):
         assert a.id_map.dtype == b.id_map.dtype and np.array_equal(a.id_map, b.id_map)
         assert np.array_equal(a.ids, b.ids) and np.array_equal(a.label_ids, b.label_ids)
         if task == "instance":
-            assert np.array_equal(a.masks, b.masks)
+            assert np.array_equal(a.masks.unpack(), b.masks.unpack())
 
 
 @pytest.mark.parametrize("task, waits", [("semantic", 1), ("instance", 2), ("panoptic", 3)])
@@ -223,6 +226,30 @@ def test_cuda_post_processing_waits_only_where_counted(task):
         assert (a.id_map == b.id_map).mean() >= 0.98
 
 
+@pytest.mark.parametrize("width", [1, 7, 8, 53, 64])
+def test_masks_packed_on_the_device_are_numpys_packbits(width):
+    """The device's row packing is numpy's ``packbits(axis=-1)`` bit for bit, its extents those
+    the host finds, and the masks cut from it are the masks: empty, full, one-pixel, ragged."""
+    rng = np.random.default_rng(width)
+    masks = rng.random((6, 23, width)) > 0.6
+    masks[0] = False
+    masks[1] = True
+    masks[2] = False
+    masks[2, 22, width - 1] = True
+    masks[3] = False
+    masks[3, 4:9, width // 2 :] = True
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    rows = pack_rows(torch.from_numpy(masks), weights).numpy()
+    assert rows.dtype == np.uint8 and np.array_equal(rows, np.packbits(masks, axis=-1))
+    extents = row_extents(torch.from_numpy(rows)).numpy()
+    last_byte = (width - 1) // 8
+    assert extents[0].tolist() == [-1] * 4 and extents[2].tolist() == [22, 22, last_byte, last_byte]
+    on_device = PackedMasks.from_rows(rows, width, extents)
+    on_host = PackedMasks.pack(masks)
+    assert np.array_equal(on_device.boxes, on_host.boxes) and np.array_equal(on_device.bits, on_host.bits)
+    assert np.array_equal(on_device.unpack(), masks)
+
+
 def test_panoptic_fuses_stuff_only():
     out = fake_outputs(5, broad=0)
     stuff = frozenset({0, 1, 2})
@@ -255,14 +282,14 @@ def test_filters_labels_min_area_max_instances():
         out.class_queries_logits, out.masks_queries_logits, SIZES[:1], (48, 64)
     )[0]
     assert len(capped.ids) == 2 and np.allclose(capped.scores, base.scores[:2])
-    areas = base.masks.reshape(len(base.ids), -1).sum(1)
+    areas = base.masks.unpack().reshape(len(base.ids), -1).sum(1)
     cut = int(np.median(areas)) + 1
     big = Postprocessor(PostprocessSpec("instance", score_threshold=0.2, min_area=cut), NUM_LABELS)(
         out.class_queries_logits, out.masks_queries_logits, SIZES[:1], (48, 64)
     )[0]
     assert (
         len(big.ids) == int((areas >= cut).sum())
-        and (big.masks.reshape(len(big.ids), -1).sum(1) >= cut).all()
+        and (big.masks.unpack().reshape(len(big.ids), -1).sum(1) >= cut).all()
     )
     sem = Postprocessor(PostprocessSpec("semantic", keep_label_ids=frozenset({1})), NUM_LABELS)(
         out.class_queries_logits, out.masks_queries_logits, SIZES[:1], (48, 64)

@@ -169,7 +169,7 @@ def test_two_threads_at_once_get_their_own_results(checkpoints, overlap):
         assert [r.id_map.shape for r in result] == [b.shape[:2] for b in batches[i]]
         for a, b in zip(alone[i], result):
             assert np.array_equal(a.id_map, b.id_map) and np.array_equal(a.label_ids, b.label_ids)
-            assert np.array_equal(a.scores, b.scores) and np.array_equal(a.masks, b.masks)
+            assert np.array_equal(a.scores, b.scores) and np.array_equal(a.masks.unpack(), b.masks.unpack())
     assert sum(len(r.ids) for batch in alone for r in batch) >= 3
 
 

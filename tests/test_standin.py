@@ -73,7 +73,10 @@ def test_packed_masks_give_the_same_rles_as_the_full_array():
     packed = PackedMasks.pack(masks)
     assert packed.bits.nbytes < masks.nbytes / 4
     assert (packed.unpack() == masks).all()
-    assert packed.boxes[2].tolist() == [36, 52, 1, 1] and packed.boxes[0].tolist() == [0, 0, 0, 0]
+    # Boxes are whole bytes wide: the pixel at column 52 of 53 is in byte 6 (columns 48-55),
+    # cut at the image's edge; an empty mask has no box.
+    assert packed.boxes[2].tolist() == [36, 48, 1, 5] and packed.boxes[0].tolist() == [0, 0, 0, 0]
+    assert packed.boxes[3].tolist() == [5, 40, 4, 8]
     assert encode_rle(packed) == encode_rle(masks) == mask_utils.encode(
         np.asfortranarray(np.moveaxis(masks.astype(np.uint8), 0, -1)))
     assert encode_rle(PackedMasks.pack(masks[:0])) == []
