@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
-
-if TYPE_CHECKING:  # postprocess imports torch; encoding runs in CPU tasks that need none
-    from .postprocess import RawPrediction
 
 # zlib level 1: a 16-bit 640×480 map encodes in about 3 ms instead of 5 ms at level 6, and
 # label maps compress well at any level.
@@ -137,6 +134,24 @@ class PackedMasks:
     def unpack(self) -> np.ndarray:
         """The (N, H, W) boolean masks."""
         return np.moveaxis(self.fortran(), -1, 0).astype(bool)
+
+
+@dataclass
+class RawPrediction:
+    """One image's result before encoding (here, not beside the torch code that makes it:
+    encode tasks unpickle it and need no torch).
+
+    ``id_map`` holds segment ids (semantic: label ids) at the original resolution; ``ids``,
+    ``label_ids`` and ``scores`` describe the segments; ``masks`` holds the exact, possibly
+    overlapping, instance masks (instance task only), packed on the device
+    (:class:`PackedMasks`; an (N, H, W) boolean array is accepted too).
+    """
+
+    id_map: np.ndarray
+    ids: np.ndarray
+    label_ids: np.ndarray
+    scores: np.ndarray | None
+    masks: PackedMasks | np.ndarray | None = None
 
 
 def _extents(rows: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .encode import PackedMasks
+from .encode import PackedMasks, RawPrediction
 
 # HF's post-processing resizes mask logits to this canvas whatever the model input was.
 HF_CANVAS = (384, 384)
@@ -49,23 +49,6 @@ class PostprocessSpec:
     min_area: int = 0
     max_instances: int | None = None
     chunk_elements: int = CHUNK_ELEMENTS
-
-
-@dataclass
-class RawPrediction:
-    """One image's result before encoding.
-
-    ``id_map`` holds segment ids (semantic: label ids) at the original resolution; ``ids``,
-    ``label_ids`` and ``scores`` describe the segments; ``masks`` holds the exact, possibly
-    overlapping, instance masks (instance task only), packed on the device
-    (:class:`~seglabel.encode.PackedMasks`; an (N, H, W) boolean array is accepted too).
-    """
-
-    id_map: np.ndarray
-    ids: np.ndarray
-    label_ids: np.ndarray
-    scores: np.ndarray | None
-    masks: PackedMasks | np.ndarray | None = None
 
 
 def semantic_void(num_labels: int) -> int:

@@ -28,10 +28,10 @@ import torch
 
 from .checkpoint import detect_task, load_checkpoint
 from .config import ConfigError, EngineConfig, default_dtype
-from .encode import Prediction, build_segments
+from .encode import Prediction, RawPrediction, build_segments
 from .errors import get_logger
 from .labels import resolve_labels, thing_ids
-from .postprocess import Postprocessor, PostprocessSpec, RawPrediction
+from .postprocess import Postprocessor, PostprocessSpec
 from .preprocess import PreprocessSpec, preprocess, to_device
 
 log = get_logger(__name__)

@@ -2,7 +2,7 @@
 
 ``--stand-in "segments=20,coverage=0.05"`` replaces the network by a function that returns, per
 image and at the image's own size, ``segments`` segments each covering ``coverage`` of it,
-through the same :class:`~seglabel.postprocess.RawPrediction` the real Segmenter returns
+through the same :class:`~seglabel.encode.RawPrediction` the real Segmenter returns
 (instance: N exact, overlapping masks, packed, and a 16-bit id map; semantic: a label map; panoptic:
 segment ids with labels and scores). Everything around the model (reading, decoding, moving
 results between processes, encoding, writing, committing) then runs as in a real job, so that
@@ -23,8 +23,7 @@ import numpy as np
 
 from .checkpoint import detect_task, read_label_config
 from .config import EngineConfig, StandIn
-from .encode import PackedMasks
-from .postprocess import RawPrediction
+from .encode import PackedMasks, RawPrediction
 
 # What the made predictions may hold at once (counted as segments × H × W bytes a size: what
 # making one takes, more than a packed prediction keeps).

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from seglabel.encode import RawPrediction
 from seglabel.errors import SeglabelError
 from seglabel.keys import HashSet, HashSpool, SortedHashes, hash64, key_hashes, repeated
-from seglabel.postprocess import RawPrediction
 from seglabel.sink import SCHEMA, OutputError, OutputStore
 from seglabel.storage import absolute_local, is_temporary, open_atomic, write_atomic
 

@@ -80,3 +80,23 @@ def test_packed_masks_give_the_same_rles_as_the_full_array():
     assert encode_rle(packed) == encode_rle(masks) == mask_utils.encode(
         np.asfortranarray(np.moveaxis(masks.astype(np.uint8), 0, -1)))
     assert encode_rle(PackedMasks.pack(masks[:0])) == []
+
+
+def test_an_encode_task_needs_no_torch(checkpoints, tmp_path):
+    """A prediction, as pickled by the Segmenter's actor, is unpickled and encoded in a process
+    that never imports torch: encode workers start without its second of imports."""
+    import pickle
+    import subprocess
+    import sys
+
+    engine = EngineConfig(model=str(checkpoints["instance"]), stand_in="segments=3")
+    (raw,) = StandInSegmenter(engine).predict_raw([np.zeros((30, 40, 3), np.uint8)])
+    (tmp_path / "raw.pickle").write_bytes(pickle.dumps(raw, protocol=5))
+    code = (
+        "import pickle, sys; import seglabel.pipeline; from seglabel import encode; "
+        f"raw = pickle.loads(open({str(tmp_path / 'raw.pickle')!r}, 'rb').read()); "
+        "segments = encode.build_segments(raw, 'instance', {0: 'a', 1: 'b'}, None); "
+        "encode.encode_png(raw.id_map, 'instance'); print(len(segments), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["3", "False"]
