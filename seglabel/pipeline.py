@@ -1,7 +1,8 @@
 """The labeling job: the stages wired together with Ray Data.
 
     enumerate (driver) → todo list in the output's scratch space
-    → read + decode (CPU tasks) → Segmenter (one actor per GPU, one model load each)
+    → read + decode (CPU tasks) → Segmenter (one actor per GPU, one model load each, two
+      batches in it at once)
     → encode + write PNGs (CPU tasks) → metadata parts committed by the driver → _SUCCESS
 
 Ray appears only in this module. Ray Data streams blocks between the stages with backpressure,
@@ -282,7 +283,9 @@ def _object_array(values: list) -> np.ndarray:
 
 
 class SegmentStage:
-    """A Ray Data actor: one loaded Segmenter; runs the model on each batch's decodable images."""
+    """A Ray Data actor: one loaded Segmenter; runs the model on each batch's decodable images.
+    Ray Data calls it from ``SEGMENT_CALLS`` threads at once: it keeps no state of its own
+    between calls, and the Segmenter locks what must run one at a time."""
 
     def __init__(self, engine: EngineConfig, cpu_threads: int = 1, ledger: Any = None):
         import ray
@@ -679,6 +682,14 @@ def _actor_pool(actors: int) -> Any:
                              enable_true_multi_threading=True)
 
 
+def _block_rows(todo: int, actors: int, batch_size: int) -> int:
+    """Rows per block: BLOCK_ROWS, fewer when the job has too few images to give every call of
+    every Segmenter a block (a block goes to one task or actor call: 30 images in one block would
+    leave a second GPU idle), never less than a model batch."""
+    share = -(-todo // max(1, actors * SEGMENT_CALLS))
+    return max(batch_size, min(BLOCK_ROWS, share))
+
+
 def _task_cpus(spare: float) -> tuple[float, float]:
     """CPUs of one decode and one encode task, given the CPUs the Segmenters leave: a whole core
     each at most (more tasks, not bigger ones, use more cores), and small enough that a decode
@@ -872,9 +883,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
         ).remote()
         spare = ray.cluster_resources().get("CPU", 0) - actors * resources["num_cpus"]
         decode_cpus, encode_cpus = _task_cpus(spare)
-        # Blocks of BLOCK_ROWS (or one model batch): a block goes to one task or actor, so a
-        # single big block would serialise decoding and leave all but one Segmenter idle.
-        block_rows = max(BLOCK_ROWS, config.engine.batch_size)
+        block_rows = _block_rows(todo, actors, config.engine.batch_size)
         # The todo files are read through the store (fsspec with retries) rather than Ray's
         # own Parquet reader, whose listing does not ride out a throttled object store.
         ds = (

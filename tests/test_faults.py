@@ -382,7 +382,11 @@ def test_the_segment_stage_runs_two_batches_at_once_and_loses_nothing(ray_sessio
             assert error == "" and pickle.loads(raw).id_map.shape == (height, width)
 
 
-def test_segmenter_actor_killed_mid_run_is_replaced(checkpoints, tmp_path):
+def test_segmenter_actor_killed_mid_run_is_replaced(checkpoints, tmp_path, monkeypatch):
+    import seglabel.pipeline
+
+    # Blocks of a few rows, so that 60 images make enough of them for a kill to land mid-run.
+    monkeypatch.setattr(seglabel.pipeline, "BLOCK_ROWS", 4)
     root = tmp_path / "in"
     expected = many_images(root, 60)
     out = tmp_path / "out"
@@ -395,9 +399,13 @@ def test_segmenter_actor_killed_mid_run_is_replaced(checkpoints, tmp_path):
     assert len(summary.actors) >= 2, summary.actors  # a second Segmenter process did the rest
 
 
-def test_worker_node_lost_from_cluster(checkpoints, tmp_path):
+def test_worker_node_lost_from_cluster(checkpoints, tmp_path, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
+
+    import seglabel.pipeline
+
+    monkeypatch.setattr(seglabel.pipeline, "BLOCK_ROWS", 4)  # enough blocks for two Segmenters
 
     root = tmp_path / "in"
     expected = many_images(root, 60)

@@ -133,6 +133,9 @@ def test_two_node_cluster_spreads_work(checkpoints, corpus, tmp_path):
             num_gpus=2,
             batch_size=2,
             score_threshold=0.3,
+            # The "GPUs" are CPUs: bf16 (a GPU's default) gives NaN there at batch 1, and the
+            # two runs batch the images differently (blocks are sized by the Segmenters).
+            dtype="fp32",
         )
         one = label(
             str(corpus),
@@ -141,6 +144,7 @@ def test_two_node_cluster_spreads_work(checkpoints, corpus, tmp_path):
             num_gpus=1,
             batch_size=2,
             score_threshold=0.3,
+            dtype="fp32",
         )
     finally:
         ray.shutdown()
