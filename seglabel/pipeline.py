@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import threading
 import time
 import uuid
 from collections import Counter
@@ -55,10 +56,10 @@ ENCODE_CPUS = 1
 # The stand-in model (--stand-in) costs nothing but its actor's host work: a whole core
 # reserved for it would sit idle and hide the pipeline's own cost.
 STAND_IN_CPUS = 0.25
-# Rows per block between the stages, at least a model batch: a decode or an encode task takes
-# one block in one call. Eight-row calls spent a third more CPU per image to decode and the
-# pipeline took 13% longer (bench/README.md, "Plumbing"); the Segmenter still gets its own
-# batch size, the actor cutting a block into model batches.
+# Rows per block between the stages (fewer on a small job, never less than a model batch; see
+# _block_rows): a decode or an encode task takes one block in one call. Eight-row calls spent a
+# third more CPU per image to decode and the pipeline took 13% longer (bench/README.md,
+# "Plumbing"); Ray Data still hands the Segmenter calls of a model batch.
 BLOCK_ROWS = 32
 # Decoded pixels a decode worker holds before it hands them on (one image may exceed it; its
 # own size is bounded by --max-pixels).
@@ -180,6 +181,9 @@ class AttemptLedger:
         return len(self._started)
 
 
+_ONE_AT_A_TIME = threading.Lock()
+
+
 def _bounded(ledger: Any, stage: str, indices: np.ndarray, run: Callable[[list[int]], Iterable]) -> Iterator:
     """``run(positions)``'s results for a batch's rows, in order, as they come; an image that
     kills its worker ``MAX_ATTEMPTS`` times gets ``"<stage>: worker died"`` instead of another
@@ -198,12 +202,16 @@ def _bounded(ledger: Any, stage: str, indices: np.ndarray, run: Callable[[list[i
     else:
         log.warning("%s: a worker died on a batch of %d images; running them one at a time", stage, len(rows))
         for position, row in enumerate(rows):
-            if _ledger_call(ledger.begin, f"{stage}/1", [row])[0] >= MAX_ATTEMPTS - 1:
-                log.warning("%s: row %d killed its worker %d times: giving up", stage, row, MAX_ATTEMPTS)
-                yield f"{stage}: worker died"
-            else:
-                yield from run([position])
-            _ledger_call(ledger.end, f"{stage}/1", [row], wait=False)
+            # One image at a time in this process, whichever thread runs it (the Segmenter actor
+            # runs two calls): a death is charged to the image that was running, no other.
+            with _ONE_AT_A_TIME:
+                if _ledger_call(ledger.begin, f"{stage}/1", [row])[0] >= MAX_ATTEMPTS - 1:
+                    log.warning("%s: row %d killed its worker %d times: giving up", stage, row, MAX_ATTEMPTS)
+                    result = [f"{stage}: worker died"]
+                else:
+                    result = list(run([position]))
+                _ledger_call(ledger.end, f"{stage}/1", [row], wait=False)
+            yield from result
     _ledger_call(ledger.end, stage, rows, wait=False)
 
 

@@ -229,7 +229,9 @@ class Postprocessor:
             if filtering:
                 lut = torch.where(kept, torch.arange(num, device=kept.device), torch.full_like(areas, void))
                 label_map = lut[label_map]
-            fetched.append((to_host(label_map), to_host(kept)))
+            # Brought back in the smallest type that holds it (pinned host memory is kept).
+            small = label_map.to(torch.uint8) if dtype == np.uint8 else label_map
+            fetched.append((to_host(small), to_host(kept)))
         to_host.wait()
         results = []
         for label_map, kept in fetched:
@@ -304,6 +306,8 @@ class Postprocessor:
                 id_map[r0:r1] = torch.where(best > 0, count + 1 - best, 0)
                 packed[:, r0:r1] = pack_rows(masks[:, r0:r1], weights)
             extents = row_extents(packed)
+            # int16 holds the ids (at most one a query) in half the pinned memory of int32.
+            id_map = id_map.to(torch.int16)
             fetched.append((b, sel, to_host(id_map), to_host(packed), to_host(extents), to_host(ok)))
         to_host.wait()
         results = []
@@ -370,7 +374,8 @@ class Postprocessor:
             lut, ids, labels, seg_scores = self._merge(
                 areas.numpy(), original.numpy(), labels_host[b, sel], scores_host[b, sel]
             )
-            id_map = _to_device(lut, device)[owner.long()]
+            # int16: ids, one a query at most, in half the pinned memory of int32.
+            id_map = _to_device(lut.astype(np.int16), device)[owner.long()]
             fetched.append((to_host(id_map), ids, labels, seg_scores))
         to_host.wait()
         results = []

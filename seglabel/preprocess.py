@@ -13,7 +13,6 @@ never depends on its batch.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -85,14 +84,16 @@ def to_device(image: np.ndarray, device: torch.device) -> torch.Tensor:
     On CUDA the copy goes through pinned memory without blocking, so that it overlaps with
     whatever the device is doing.
     """
-    with warnings.catch_warnings():
-        # Arrays from Ray's object store (and the decoder) are read-only; torch only warns that
-        # writing through the tensor would be undefined, and nothing here writes to it.
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+        # Straight into pinned memory: one copy, whether or not the array is writable.
+        pinned = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
+        pinned.numpy()[...] = image
+        return pinned.permute(2, 0, 1).to(device, non_blocking=True)
+    # Arrays from Ray's object store (and the decoder) are read-only, and torch warns about
+    # tensors over them; a copy instead of a warnings filter, which two threads (the actor's two
+    # calls) would each install and remove around the other's.
+    array = image if image.flags.writeable else image.copy()
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

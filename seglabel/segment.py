@@ -11,7 +11,8 @@ post-processed on the device in batches.
 A Segmenter may be called from several threads at once (the pipeline's actor runs two calls):
 the model runs one batch at a time, while on a GPU the other thread copies its batch in and
 post-processes and copies out its last one, each thread on a CUDA stream of its own, so that the
-device does not wait for the host between batches.
+device does not wait for the host between batches. Device memory is then one forward pass's
+plus one batch's post-processing (and each stream keeps its own cached blocks).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class Segmenter:
             cache_dir=config.cache_dir,
         )
         self.model = checkpoint.model
-        # One batch in the model at a time; copies and post-processing of another overlap it.
+        # One batch in the model at a time (on a GPU, until the device has run it); copies and
+        # post-processing of another overlap it.
         self._model_lock = threading.Lock()
         self._threads = threading.local()
         self._timings_lock = threading.Lock()
@@ -150,9 +152,15 @@ class Segmenter:
             pixels = preprocess(
                 [to_device(a, self.device) for a in arrays], self.preprocess_spec, size, self.dtype
             )
+            t1 = time.perf_counter()
             with self._model_lock if overlap else nullcontext():
-                t1 = time.perf_counter()
+                t_in = time.perf_counter()
                 outputs = self.model(pixel_values=pixels)
+                if overlap and self.device.type == "cuda":
+                    # Held until the device has run it, not only until the host queued it (the
+                    # forward pass never waits): one forward pass on the device at a time, so
+                    # its memory is one batch's, beside at most one batch's post-processing.
+                    torch.cuda.current_stream(self.device).synchronize()
                 t2 = time.perf_counter()
             raws = self.postprocess(
                 outputs.class_queries_logits[:n], outputs.masks_queries_logits[:n],
@@ -161,7 +169,8 @@ class Segmenter:
         t3 = time.perf_counter()
         with self._timings_lock:
             self.timings["preprocess"] += t1 - t0
-            self.timings["forward"] += t2 - t1
+            self.timings["wait"] += t_in - t1  # for the other thread's forward pass
+            self.timings["forward"] += t2 - t_in
             self.timings["postprocess"] += t3 - t2
         return raws
 

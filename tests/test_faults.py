@@ -327,6 +327,45 @@ def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
     assert ray.get(ledger.begin.remote("decode", [12])) == [0]
 
 
+def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session):
+    """After a death, the Segmenter's two calls retry their batches image by image, and never
+    two images at once: a second death is charged to the one image that was running, not to an
+    innocent one in the other call."""
+    import ray
+
+    from seglabel.pipeline import AttemptLedger, _bounded
+
+    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    batches = [np.array([20, 21, 22]), np.array([30, 31, 32])]
+    for batch in batches:  # both were in flight when the worker died
+        ray.get(ledger.begin.remote("segment", batch.tolist()))
+    running, most = [], [0]
+    guard = threading.Lock()
+
+    def runner(batch):
+        def run(positions):
+            with guard:
+                running.append(1)
+                most[0] = max(most[0], len(running))
+            time.sleep(0.05)
+            with guard:
+                running.pop()
+            return [f"ok{batch[p]}" for p in positions]
+
+        return run
+
+    results = {}
+    threads = [threading.Thread(target=lambda b=b: results.update({int(b[0]): list(_bounded(
+        ledger, "segment", b, runner(b)))})) for b in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == {20: ["ok20", "ok21", "ok22"], 30: ["ok30", "ok31", "ok32"]}
+    assert most[0] == 1, "two retried images ran at once"
+    assert ray.get(ledger.in_flight.remote()) == 0
+
+
 def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints):
     """The ledger holds work in flight only: after a batch, the Segmenter stage ended it."""
     import ray
