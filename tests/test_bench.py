@@ -123,7 +123,11 @@ def test_stand_in_bench_measures_the_pipeline_without_the_model(tmp_path, capsys
     stages = pipeline["stage_cpu_ms_per_image"]
     assert {"read+decode", "segment", "encode+write", "driver"} <= set(stages)
     assert all(stages[k] > 0 for k in ("read+decode", "segment", "encode+write"))
-    assert written["cpu"] in out and "efficiency p / (r x" in out
+    # The cores' share the pipeline's processes kept busy: its CPU seconds over wall × cores.
+    cpu_s = sum(stages.values()) * 24 / 1000
+    assert close(written["cores_busy"], cpu_s / (pipeline["seconds"] * cores))
+    assert 0 < written["cores_busy"] < 1.5
+    assert written["cpu"] in out and "efficiency p / (r x" in out and "cores busy" in out
 
 
 def test_cli_json(tmp_path, capsys):

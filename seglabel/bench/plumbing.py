@@ -108,6 +108,10 @@ def run_plumbing(
     def efficiency(rate_p: float | None) -> float | None:
         return rate_p / (r * cores) if rate_p and r else None
 
+    # How much of the cores' time the pipeline's own processes spent on their CPUs (Ray's
+    # daemons left out): below 1 with a low efficiency, the pipeline waits rather than works.
+    cpu_s = sum(pipeline["stage_cpu_ms_per_image"].values()) * pipeline["images"] / 1000.0
+    busy = cpu_s / (pipeline["seconds"] * cores) if pipeline["seconds"] and cpu_s else None
     return {
         "cpu": cpu_name(),
         "cores": cores,
@@ -116,6 +120,7 @@ def run_plumbing(
         "pipeline": pipeline,
         "efficiency": efficiency(p),
         "steady_efficiency": efficiency(steady),
+        "cores_busy": busy,
     }
 
 
@@ -143,6 +148,8 @@ def report(result: dict[str, Any]) -> str:
             "CPU ms per image, pipeline: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
             + f" (total {sum(stages.values()):.2f}; the loop's {sum(raw['cpu_ms_per_image'].values()):.2f})"
         )
+    if result.get("cores_busy") is not None:
+        lines.append(f"cores busy with the pipeline's CPU work: {result['cores_busy']:.0%} of the run")
     return "\n".join(lines)
 
 
