@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .encode import PackedMasks, RawPrediction
+from .preprocess import host_to_device
 
 # HF's post-processing resizes mask logits to this canvas whatever the model input was.
 HF_CANVAS = (384, 384)
@@ -123,13 +124,15 @@ def _counts(values: torch.Tensor, size: int) -> torch.Tensor:
     return torch.zeros(size, dtype=torch.int64, device=values.device).scatter_add_(0, values.long(), ones)
 
 
-def pack_rows(masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def pack_rows(masks: torch.Tensor) -> torch.Tensor:
     """(N, R, W) booleans as (N, R, ceil(W / 8)) uint8, 8 pixels a byte, first pixel in the
-    high bit: ``numpy.packbits(axis=-1)``, on the device. ``weights``: 128, 64, ..., 1."""
+    high bit: ``numpy.packbits(axis=-1)``, on the device."""
     n, r, w = masks.shape
     m = masks.to(torch.uint8)
     if w % 8:
         m = F.pad(m, (0, 8 - w % 8))
+    # 128, 64, ..., 1, made on the device (no copy from the host).
+    weights = (1 << torch.arange(7, -1, -1, device=masks.device)).to(torch.uint8)
     return (m.view(n, r, -1, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
@@ -150,14 +153,6 @@ def row_extents(rows: torch.Tensor) -> torch.Tensor:
         dim=1,
     )
     return torch.where(filled_rows.any(1, keepdim=True), extents, -1)
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A small host array on ``device`` without waiting for the device (pinned, non-blocking)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
 
 
 class Postprocessor:
@@ -193,7 +188,7 @@ class Postprocessor:
         """(size,) booleans: True at the label ids --labels keeps."""
         allowed = np.zeros(size, dtype=bool)
         allowed[sorted(self.spec.keep_label_ids or ())] = True
-        return _to_device(allowed, device)
+        return host_to_device(allowed, device)
 
     @staticmethod
     def _canvas(mask_logits: torch.Tensor, canvas: tuple[int, ...]) -> torch.Tensor:
@@ -268,7 +263,6 @@ class Postprocessor:
         )
         to_host.wait()
         final_host, labels_host, queries_host = final_host.numpy(), labels_host.numpy(), queries_host.numpy()
-        weights = _to_device(np.array([128, 64, 32, 16, 8, 4, 2, 1], dtype=np.uint8), device)
         fetched = []
         for b, (height, width) in enumerate(sizes):
             sel = np.flatnonzero(final_host[b] >= spec.score_threshold)
@@ -278,7 +272,7 @@ class Postprocessor:
                 masks = torch.zeros((0, height, width), dtype=torch.bool, device=device)
             else:
                 # Only the kept queries' canvases: interpolation is per query.
-                logits = self._canvas(mask_logits[b, _to_device(queries_host[b, sel], device)], canvas)
+                logits = self._canvas(mask_logits[b, host_to_device(queries_host[b, sel], device)], canvas)
                 if spec.compat:
                     # uint8, not float: a byte a pixel a mask, as the boolean result itself.
                     small = (logits > threshold).to(torch.uint8).unsqueeze(0)
@@ -304,7 +298,7 @@ class Postprocessor:
             for r0, r1 in row_chunks(k, height, width, spec.chunk_elements) if k else ():
                 best = (masks[:, r0:r1] * rank).amax(0)
                 id_map[r0:r1] = torch.where(best > 0, count + 1 - best, 0)
-                packed[:, r0:r1] = pack_rows(masks[:, r0:r1], weights)
+                packed[:, r0:r1] = pack_rows(masks[:, r0:r1])
             extents = row_extents(packed)
             # int16 holds the ids (at most one a query) in half the pinned memory of int32.
             id_map = id_map.to(torch.int16)
@@ -349,7 +343,7 @@ class Postprocessor:
             if k == 0:
                 owners.append(None)
                 continue
-            sel_device = _to_device(sel, device)
+            sel_device = host_to_device(sel, device)
             probs = self._canvas(mask_logits[b, sel_device], canvas).sigmoid()
             scores = pred_scores[b, sel_device]
             # int16: query positions (k < 32768), a quarter of argmax's int64, held for the batch.
@@ -375,7 +369,7 @@ class Postprocessor:
                 areas.numpy(), original.numpy(), labels_host[b, sel], scores_host[b, sel]
             )
             # int16: ids, one a query at most, in half the pinned memory of int32.
-            id_map = _to_device(lut.astype(np.int16), device)[owner.long()]
+            id_map = host_to_device(lut.astype(np.int16), device)[owner.long()]
             fetched.append((to_host(id_map), ids, labels, seg_scores))
         to_host.wait()
         results = []

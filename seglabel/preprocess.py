@@ -78,22 +78,26 @@ class PreprocessSpec:
         return max(new_h, 1), max(new_w, 1)
 
 
-def to_device(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """An (H, W, 3) uint8 array as a (3, H, W) uint8 tensor on ``device``.
+def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on ``device``, without waiting for the device: on CUDA one copy
+    into pinned memory, then a non-blocking transfer; on a CPU the array itself.
 
-    On CUDA the copy goes through pinned memory without blocking, so that it overlaps with
-    whatever the device is doing.
+    Arrays from Ray's object store (and the decoder) are read-only, and torch warns about
+    tensors over them: on a CPU such an array is copied (rather than a warnings filter, which
+    two threads, the actor's two calls, would each install and remove around the other's).
     """
     if device.type == "cuda":
-        # Straight into pinned memory: one copy, whether or not the array is writable.
-        pinned = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
-        pinned.numpy()[...] = image
-        return pinned.permute(2, 0, 1).to(device, non_blocking=True)
-    # Arrays from Ray's object store (and the decoder) are read-only, and torch warns about
-    # tensors over them; a copy instead of a warnings filter, which two threads (the actor's two
-    # calls) would each install and remove around the other's.
-    array = image if image.flags.writeable else image.copy()
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+        dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+        pinned = torch.empty(array.shape, dtype=dtype, pin_memory=True)
+        pinned.numpy()[...] = array
+        return pinned.to(device, non_blocking=True)
+    return torch.from_numpy(np.ascontiguousarray(array if array.flags.writeable else array.copy()))
+
+
+def to_device(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An (H, W, 3) uint8 array as a (3, H, W) uint8 tensor on ``device`` (``host_to_device``:
+    on CUDA the copy overlaps with whatever the device is doing)."""
+    return host_to_device(image, device).permute(2, 0, 1)
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

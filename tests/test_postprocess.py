@@ -238,8 +238,7 @@ def test_masks_packed_on_the_device_are_numpys_packbits(width):
     masks[2, 22, width - 1] = True
     masks[3] = False
     masks[3, 4:9, width // 2 :] = True
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-    rows = pack_rows(torch.from_numpy(masks), weights).numpy()
+    rows = pack_rows(torch.from_numpy(masks)).numpy()
     assert rows.dtype == np.uint8 and np.array_equal(rows, np.packbits(masks, axis=-1))
     extents = row_extents(torch.from_numpy(rows)).numpy()
     last_byte = (width - 1) // 8
