@@ -57,10 +57,13 @@ ENCODE_CPUS = 1
 # reserved for it would sit idle and hide the pipeline's own cost.
 STAND_IN_CPUS = 0.25
 # Rows per block between the stages (fewer on a small job, never less than a model batch; see
-# _block_rows): a decode or an encode task takes one block in one call. Eight-row calls spent a
-# third more CPU per image to decode and the pipeline took 13% longer (bench/README.md,
-# "Plumbing"); Ray Data still hands the Segmenter calls of a model batch.
-BLOCK_ROWS = 32
+# _block_rows): a decode or an encode task takes one block in one call. Each task pays a fixed
+# hand-over of ~0.1 s (Ray Data's executor looks for finished tasks every 0.1 s), which a
+# 32-row encode task (0.17 s of work on the 2-core bench machine) could not hide: 128 rows ran
+# 1.3x faster steady there, and the driver spent half the CPU (bench/README.md, "Plumbing").
+# Ray Data still hands the Segmenter calls of a model batch; the decode stage cuts its blocks
+# at DECODE_HELD_BYTES of pixels, and the encode stage reads its block where it lies.
+BLOCK_ROWS = 128
 # Decoded pixels a decode worker holds before it hands them on (one image may exceed it; its
 # own size is bounded by --max-pixels).
 DECODE_HELD_BYTES = 256 << 20
@@ -370,22 +373,28 @@ class SegmentStage:
 
 
 def _encode_batch(
-    batch: dict[str, np.ndarray],
+    batch: pa.Table,
     output: OutputStore,
     task: str,
     model: str,
     id2label: dict[int, str],
     things: frozenset[int] | None,
 ) -> pa.Table:
+    """Encode and write a block's masks; returns its output rows.
+
+    The block comes as Arrow, read where it lies in the object store: each prediction is
+    unpickled from its own slice of the block when its turn comes, so that a worker holds one
+    prediction at a time, not a Python copy of the whole block's.
+    """
     rows = []
-    for key, uri, width, height, error, raw in zip(
-        batch["key"], batch["uri"], batch["width"], batch["height"], batch["error"], batch["raw"]
-    ):
+    columns = [batch.column(name).to_pylist() for name in ("key", "uri", "width", "height", "error")]
+    raws = (value for chunk in batch.column("raw").iterchunks() for value in chunk)
+    for key, uri, width, height, error, raw in zip(*columns, raws):
         error = _error(error)
         row = {"key": key, "image_uri": redact_url(uri), "task": task, "model": model, "status": "error",
                "error": error, "width": None, "height": None, "mask_uri": None, "segments": None}
         if error is None:
-            prediction = pickle.loads(raw)
+            prediction = pickle.loads(raw.as_buffer())
             try:
                 segments = build_segments(prediction, task, id2label, things)
                 png = encode_png(prediction.id_map, task)
@@ -413,8 +422,8 @@ def _encode_batch(
                 log.warning("cannot remove an earlier mask of %s: %s", key, exc)
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    table = table.append_column("actor", pa.array(list(batch["actor"]), pa.string()))
-    return table.append_column("index", pa.array(np.asarray(batch["index"], dtype=np.int64)))
+    table = table.append_column("actor", batch.column("actor").cast(pa.string()))
+    return table.append_column("index", batch.column("index").cast(pa.int64()))
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -938,7 +947,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
                 "things": things,
             },
             batch_size=block_rows,
-            batch_format="numpy",
+            batch_format="pyarrow",
             num_cpus=encode_cpus,
         )
         cpu = time.process_time()

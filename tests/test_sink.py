@@ -190,21 +190,64 @@ def test_absolute_local_paths(tmp_path, monkeypatch):
         assert absolute_local(url) == url
 
 
+def encoder_block(raw: RawPrediction, key: str = "k.jpg", index: int = 0, error: str = "") -> pa.Table:
+    """One row of the block the encode stage gets from the Segmenter, as Ray Data hands it over."""
+    return pa.table({
+        "index": pa.array([index], pa.int64()),
+        "key": [key],
+        "uri": [f"file:///{key}"],
+        "width": pa.array([raw.id_map.shape[1]], pa.int32()),
+        "height": pa.array([raw.id_map.shape[0]], pa.int32()),
+        "error": [error],
+        "raw": pa.array([b"" if error else pickle.dumps(raw)], pa.binary()),
+        "actor": ["a"],
+    })
+
+
 def encode_batch(tmp_path, raw: RawPrediction):
     from seglabel.pipeline import _encode_batch
 
     store = OutputStore(str(tmp_path / "out"))
-    batch = {
-        "index": np.array([0], np.int64),
-        "key": np.array(["k.jpg"], dtype=object),
-        "uri": np.array(["file:///k.jpg"], dtype=object),
-        "width": np.array([4], np.int32),
-        "height": np.array([3], np.int32),
-        "error": np.array([""], dtype=object),
-        "raw": np.array([pickle.dumps(raw)], dtype=object),
-        "actor": np.array(["a"], dtype=object),
-    }
-    return store, _encode_batch(batch, store, "instance", "m", {0: "label0"}, None).to_pylist()[0]
+    block = encoder_block(raw)
+    return store, _encode_batch(block, store, "instance", "m", {0: "label0"}, None).to_pylist()[0]
+
+
+def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
+    """Ray Data joins blocks into one batch as a table of several chunks: each row is encoded
+    from its own chunk's prediction, in order, and an error row keeps its place."""
+    from pycocotools import mask as mask_utils
+
+    from outputs import id_map, read_png
+    from seglabel.pipeline import _encode_batch
+
+    def instance(seed: int) -> RawPrediction:
+        rng = np.random.default_rng(seed)
+        masks = rng.random((2, 6, 9)) < 0.4
+        id_map = np.zeros((6, 9), np.uint16)
+        for n, mask in enumerate(masks, start=1):
+            id_map[mask & (id_map == 0)] = n
+        ids = np.array([1, 2], np.int32)
+        return RawPrediction(id_map, ids, np.zeros(2, np.int32), np.array([0.9, 0.8], np.float32), masks)
+
+    first, second = instance(1), instance(2)
+    block = pa.concat_tables([
+        encoder_block(first, "a.jpg", 7),
+        encoder_block(first, "gone.jpg", 8, "decode: bad"),
+        encoder_block(second, "b.jpg", 9),
+    ])
+    assert block.column("raw").num_chunks == 3
+    store = OutputStore(str(tmp_path / "out"))
+    table = _encode_batch(block, store, "instance", "m", {0: "label0"}, None)
+    rows = table.to_pylist()
+    assert [r["key"] for r in rows] == ["a.jpg", "gone.jpg", "b.jpg"]
+    assert [r["index"] for r in rows] == [7, 8, 9]
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"] and rows[1]["error"] == "decode: bad"
+    for row, raw in ((rows[0], first), (rows[2], second)):
+        assert np.array_equal(id_map(read_png(row["mask_uri"]), "instance"), raw.id_map)
+        assert len(row["segments"]) == len(raw.masks)
+        for segment, mask in zip(row["segments"], raw.masks):
+            rle = {"size": [row["height"], row["width"]], "counts": segment["rle"].encode()}
+            assert np.array_equal(mask_utils.decode(rle).astype(bool), mask)
 
 
 def test_encode_failure_is_an_encode_error_row_without_a_mask(tmp_path):
