@@ -60,7 +60,8 @@ STAND_IN_CPUS = 0.25
 # _block_rows): a decode or an encode task takes one block in one call. Each task pays a fixed
 # hand-over of ~0.1 s (Ray Data's executor looks for finished tasks every 0.1 s), which a
 # 32-row encode task (0.17 s of work on the 2-core bench machine) could not hide: 128 rows ran
-# 1.3x faster steady there, and the driver spent half the CPU (bench/README.md, "Plumbing").
+# 1.2-1.5x faster steady there, and the driver spent a third less CPU (bench/README.md,
+# "Plumbing").
 # Ray Data still hands the Segmenter calls of a model batch; the decode stage cuts its blocks
 # at DECODE_HELD_BYTES of pixels, and the encode stage reads its block where it lies.
 BLOCK_ROWS = 128
