@@ -389,13 +389,13 @@ def _encode_batch(
     """
     rows = []
     columns = [batch.column(name).to_pylist() for name in ("key", "uri", "width", "height", "error")]
-    raws = (value for chunk in batch.column("raw").iterchunks() for value in chunk)
+    raws = _pickled_cells(batch.column("raw"))
     for key, uri, width, height, error, raw in zip(*columns, raws):
         error = _error(error)
         row = {"key": key, "image_uri": redact_url(uri), "task": task, "model": model, "status": "error",
                "error": error, "width": None, "height": None, "mask_uri": None, "segments": None}
         if error is None:
-            prediction = pickle.loads(raw.as_buffer())
+            prediction = pickle.loads(raw)
             try:
                 segments = build_segments(prediction, task, id2label, things)
                 png = encode_png(prediction.id_map, task)
@@ -425,6 +425,17 @@ def _encode_batch(
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     table = table.append_column("actor", batch.column("actor").cast(pa.string()))
     return table.append_column("index", batch.column("index").cast(pa.int64()))
+
+
+def _pickled_cells(column: pa.ChunkedArray) -> Iterator[Any]:
+    """Each row's pickled prediction: a buffer over the block where Arrow holds the column as
+    binary; Python bytes where Ray fell back to pickling the column's objects (it does so for a
+    column Arrow cannot hold as binary)."""
+    for chunk in column.iterchunks():
+        if pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
+            yield from (value.as_buffer() for value in chunk)
+        else:
+            yield from chunk.to_pylist()
 
 
 # -- the driver ---------------------------------------------------------------------------------
