@@ -60,8 +60,8 @@ STAND_IN_CPUS = 0.25
 # _block_rows): a decode or an encode task takes one block in one call. Each task pays a fixed
 # hand-over of ~0.1 s (Ray Data's executor looks for finished tasks every 0.1 s), which a
 # 32-row encode task (0.17 s of work on the 2-core bench machine) could not hide: 128 rows ran
-# 1.2-1.5x faster steady there, and the driver spent a third less CPU (bench/README.md,
-# "Plumbing").
+# 1.2-1.5x faster steady there, and the driver spent a third to a half less CPU
+# (bench/README.md, "Plumbing").
 # Ray Data still hands the Segmenter calls of a model batch; the decode stage cuts its blocks
 # at DECODE_HELD_BYTES of pixels, and the encode stage reads its block where it lies.
 BLOCK_ROWS = 128
@@ -384,8 +384,8 @@ def _encode_batch(
     """Encode and write a block's masks; returns its output rows.
 
     The block comes as Arrow, read where it lies in the object store: each prediction is
-    unpickled from its own slice of the block when its turn comes, so that a worker holds one
-    prediction at a time, not a Python copy of the whole block's.
+    unpickled from its own slice of the block when its turn comes (``_pickled_cells``), so that
+    a worker holds one unpickled prediction at a time, not a Python copy of the whole block's.
     """
     rows = []
     columns = [batch.column(name).to_pylist() for name in ("key", "uri", "width", "height", "error")]
@@ -428,14 +428,21 @@ def _encode_batch(
 
 
 def _pickled_cells(column: pa.ChunkedArray) -> Iterator[Any]:
-    """Each row's pickled prediction: a buffer over the block where Arrow holds the column as
-    binary; Python bytes where Ray fell back to pickling the column's objects (it does so for a
-    column Arrow cannot hold as binary)."""
+    """Each row's pickled prediction: a slice of the block's own data buffer where Arrow holds
+    the column as binary (cut by its offsets: an Arrow scalar would copy the value); Python
+    bytes where Ray fell back to pickling the column's objects (it does so for a column Arrow
+    cannot hold as binary)."""
     for chunk in column.iterchunks():
-        if pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
-            yield from (value.as_buffer() for value in chunk)
-        else:
+        if not (pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):
             yield from chunk.to_pylist()
+            continue
+        _, offsets, data = chunk.buffers()
+        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        # A slice of a block (Ray cuts batches out of blocks) keeps the whole buffers: its
+        # offsets start at chunk.offset.
+        bounds = np.frombuffer(offsets, dtype=width)[chunk.offset:chunk.offset + len(chunk) + 1]
+        for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            yield data.slice(start, stop - start) if data is not None else b""
 
 
 # -- the driver ---------------------------------------------------------------------------------

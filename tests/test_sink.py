@@ -196,8 +196,9 @@ def encoder_block(raw: RawPrediction, key: str = "k.jpg", index: int = 0, error:
         "index": pa.array([index], pa.int64()),
         "key": [key],
         "uri": [f"file:///{key}"],
-        "width": pa.array([raw.id_map.shape[1]], pa.int32()),
-        "height": pa.array([raw.id_map.shape[0]], pa.int32()),
+        # An image that failed before the model has no size (as _decode_batch gives it).
+        "width": pa.array([-1 if error else raw.id_map.shape[1]], pa.int32()),
+        "height": pa.array([-1 if error else raw.id_map.shape[0]], pa.int32()),
         "error": [error],
         "raw": pa.array([b"" if error else pickle.dumps(raw)], pa.binary()),
         "actor": ["a"],
@@ -242,6 +243,19 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     assert [r["key"] for r in rows] == ["a.jpg", "gone.jpg", "b.jpg"]
     assert [r["index"] for r in rows] == [7, 8, 9]
     assert [r["status"] for r in rows] == ["ok", "error", "ok"] and rows[1]["error"] == "decode: bad"
+    # Each prediction is read where it lies in the block (no copy of it, let alone of the
+    # block), also from a slice of a block, as Ray cuts batches out of blocks.
+    from seglabel.pipeline import _pickled_cells
+
+    for column in (block.column("raw"), block.combine_chunks().slice(1).column("raw"),
+                   block.column("raw").cast(pa.large_binary())):
+        cells = list(_pickled_cells(column))
+        assert len(cells) == len(column)
+        data = [chunk.buffers()[2] for chunk in column.iterchunks()]
+        for cell, value in zip(cells, column.to_pylist()):
+            assert bytes(cell) == value
+            if value:
+                assert any(d.address <= cell.address < d.address + d.size for d in data)
     # The same rows where Ray could not make the column binary and pickled its objects instead
     # (here, because the error row's cell is not bytes): the same output.
     from ray.data.block import BlockAccessor
