@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 import zlib
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,9 +31,18 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` different TCP ports on 127.0.0.1 that nothing listens on right now: held open
+    together while chosen, since the OS may hand a port just released out again (one head got
+    the same port for its GCS and its dashboard, and did not start)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -124,7 +133,7 @@ def ray_head(home: Path, env: dict[str, str] | None = None) -> Iterator[Head]:
     every process it started) at the end.
     """
     temp = Path(f"/tmp/sgl-{uuid.uuid4().hex[:8]}")  # Ray's socket paths must stay short
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent, agent_grpc, runtime_env, client = free_ports(6)
     head_env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HOME=str(home), **(env or {}))
     # The test process may have turned token auth on for itself (a local ray.init does): the
     # head decides for itself from its own HOME, as a freshly started one would.
@@ -144,10 +153,10 @@ def ray_head(home: Path, env: dict[str, str] | None = None) -> Iterator[Head]:
             "--include-dashboard=true",
             "--disable-usage-stats",
             # Ports of our own, so that nothing else on the machine can be in the way.
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--ray-client-server-port={client}",
         ],
         env=head_env,
         check=True,
