@@ -217,9 +217,10 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     """Ray Data joins blocks into one batch as a table of several chunks: each row is encoded
     from its own chunk's prediction, in order, and an error row keeps its place."""
     from pycocotools import mask as mask_utils
+    from ray.data.block import BlockAccessor
 
     from outputs import id_map, read_png
-    from seglabel.pipeline import _encode_batch
+    from seglabel.pipeline import _encode_batch, _pickled_cells
 
     def instance(seed: int) -> RawPrediction:
         rng = np.random.default_rng(seed)
@@ -245,8 +246,6 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "error", "ok"] and rows[1]["error"] == "decode: bad"
     # Each prediction is read where it lies in the block (no copy of it, let alone of the
     # block), also from a slice of a block, as Ray cuts batches out of blocks.
-    from seglabel.pipeline import _pickled_cells
-
     for column in (block.column("raw"), block.combine_chunks().slice(1).column("raw"),
                    block.column("raw").cast(pa.large_binary())):
         cells = list(_pickled_cells(column))
@@ -258,8 +257,6 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
                 assert any(d.address <= cell.address < d.address + d.size for d in data)
     # The same rows where Ray could not make the column binary and pickled its objects instead
     # (here, because the error row's cell is not bytes): the same output.
-    from ray.data.block import BlockAccessor
-
     fallback = block.to_pydict()
     fallback["raw"][1] = 0
     fallback = BlockAccessor.batch_to_block({k: np.array(v, dtype=object) for k, v in fallback.items()})
