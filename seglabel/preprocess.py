@@ -80,7 +80,8 @@ class PreprocessSpec:
 
 def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array as a tensor on ``device``, without waiting for the device: on CUDA one copy
-    into pinned memory, then a non-blocking transfer; on a CPU the array itself.
+    into pinned memory, then a non-blocking transfer; on a CPU the array itself; elsewhere
+    (``--device`` names any torch device) torch's own copy.
 
     Arrays from Ray's object store (and the decoder) are read-only, and torch warns about
     tensors over them: on a CPU such an array is copied (rather than a warnings filter, which
@@ -91,7 +92,8 @@ def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
         pinned = torch.empty(array.shape, dtype=dtype, pin_memory=True)
         pinned.numpy()[...] = array
         return pinned.to(device, non_blocking=True)
-    return torch.from_numpy(np.ascontiguousarray(array if array.flags.writeable else array.copy()))
+    tensor = torch.from_numpy(np.ascontiguousarray(array if array.flags.writeable else array.copy()))
+    return tensor.to(device)  # the tensor itself on a CPU
 
 
 def to_device(image: np.ndarray, device: torch.device) -> torch.Tensor:
