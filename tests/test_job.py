@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -35,6 +38,29 @@ def test_local_run(checkpoints, corpus, tmp_path, task):
     assert rows["astronaut.jpg"]["image_uri"] == (corpus / "astronaut.jpg").as_uri().replace("%20", " ")
     assert len(list((out / "metadata").glob("*.parquet"))) == 2  # 6 rows in parts of 4
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # no temporary file left
+
+
+def test_driver_loads_no_model_library_for_a_local_checkpoint(checkpoints, corpus, tmp_path):
+    """The driver reads a local checkpoint's labels and the libraries' versions without importing
+    torch or transformers (2 s of a small machine's start, before any actor could begin); the
+    versions it records are those the libraries report."""
+    import ray
+    import torch
+    import transformers
+
+    out = tmp_path / "out"
+    code = ("import sys; from seglabel.cli import main; code = main(sys.argv[1:])\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); sys.exit(code)")
+    command = [sys.executable, "-c", code, "run", "--input", str(corpus), "--output", str(out),
+               "--model", str(checkpoints["instance"])]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+    check_output(str(out), "instance", EXPECTED)
+    versions = json.loads((out / "job.json").read_text())["versions"]
+    assert versions == {"seglabel": versions["seglabel"], "torch": torch.__version__,
+                        "transformers": transformers.__version__, "ray": ray.__version__}
 
 
 @pytest.mark.parametrize("task", TASKS)
