@@ -296,6 +296,28 @@ def _object_array(values: list) -> np.ndarray:
     return out
 
 
+def load_segmenter(engine: EngineConfig, cpu_threads: int = 1) -> Any:
+    """The engine's Segmenter, loaded; its stand-in where it names one.
+
+    The stand-in runs no model, so it loads neither torch nor transformers: a stand-in actor's
+    start is the pipeline's own (their imports took 1.5 s of it on the 2-core machine, which
+    the plumbing bench reports apart).
+    """
+    if engine.stand_in is not None:
+        from .standin import StandInSegmenter
+
+        return StandInSegmenter(engine)
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .segment import Segmenter
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, cpu_threads))
+    hf_logging.disable_progress_bar()  # one bar per actor start is noise in the job's log
+    return Segmenter(config=engine)
+
+
 class SegmentStage:
     """A Ray Data actor: one loaded Segmenter; runs the model on each batch's decodable images.
     Ray Data calls it from ``SEGMENT_CALLS`` threads at once: it keeps no state of its own
@@ -303,20 +325,8 @@ class SegmentStage:
 
     def __init__(self, engine: EngineConfig, cpu_threads: int = 1, ledger: Any = None):
         import ray
-        import torch
-        from transformers.utils import logging as hf_logging
 
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, cpu_threads))
-        hf_logging.disable_progress_bar()  # one bar per actor start is noise in the job's log
-        if engine.stand_in is not None:
-            from .standin import StandInSegmenter
-
-            self.segmenter = StandInSegmenter(engine)
-        else:
-            from .segment import Segmenter
-
-            self.segmenter = Segmenter(config=engine)
+        self.segmenter = load_segmenter(engine, cpu_threads)
         self.ledger = ledger
         context = ray.get_runtime_context()
         self.name = f"{context.get_node_id()[:12]}/{os.getpid()}"

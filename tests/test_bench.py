@@ -128,6 +128,8 @@ def test_stand_in_bench_measures_the_pipeline_without_the_model(tmp_path, capsys
     assert close(written["cores_busy"], cpu_s / (pipeline["seconds"] * cores))
     assert 0 < written["cores_busy"] < 1.5
     assert written["cpu"] in out and "efficiency p / (r x" in out and "cores busy" in out
+    # What the stand-in's actor does not load, timed apart: a real actor's start adds it.
+    assert written["model_imports_s"] > 0 and f"imports, {written['model_imports_s']:.1f} s" in out
 
 
 def test_cli_json(tmp_path, capsys):

@@ -100,3 +100,21 @@ def test_an_encode_task_needs_no_torch(checkpoints, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["3", "False"]
+
+
+def test_a_stand_in_actor_loads_no_torch(checkpoints):
+    """The stand-in Segmenter, loaded as a Segmenter actor loads it, imports neither torch nor
+    transformers (their imports are a model's cost, not the pipeline's); the real one does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from seglabel.config import EngineConfig; from seglabel.pipeline import load_segmenter; "
+        "s = load_segmenter(EngineConfig(model=sys.argv[1], stand_in=sys.argv[2] or None)); "
+        "print(type(s).__name__, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    for stand_in, expected in (("segments=3", "StandInSegmenter []"),
+                               ("", "Segmenter ['torch', 'transformers']")):
+        command = [sys.executable, "-c", code, str(checkpoints["instance"]), stand_in]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == expected, out.stderr[-2000:]

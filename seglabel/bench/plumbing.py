@@ -13,12 +13,18 @@ model cost), so that what is left is the job's own work, measured two ways on th
 it come each stage's CPU seconds per image, in the loop and in the pipeline (Ray Data's
 per-operator CPU time, and the driver's own for the commit), so that a low efficiency says where
 the time went.
+
+The stand-in's actor loads no torch or transformers: their imports are a model's cost. The bench
+times them apart, in a fresh process (``model_imports_s``), since a real Segmenter actor's start
+adds them (and its weights) to the start-up that (p) includes.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -77,6 +83,24 @@ def raw_loop(paths: Sequence[str], engine: EngineConfig, workdir: str) -> dict[s
     }
 
 
+_TIME_IMPORTS = (
+    "import time; t = time.perf_counter(); import torch; from transformers.utils import logging; "
+    "print(time.perf_counter() - t)"
+)
+
+
+def model_imports_s() -> float | None:
+    """Seconds a fresh Python process takes to import torch and transformers (a real Segmenter
+    actor's start pays them; the stand-in's does not); None should that process fail."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _TIME_IMPORTS], capture_output=True, text=True,
+                              timeout=300, check=True)
+        return float(done.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        log.warning("cannot time the model libraries' imports: %s", exc)
+        return None
+
+
 def run_plumbing(
     engine: EngineConfig,
     images: Sequence[np.ndarray],
@@ -121,6 +145,7 @@ def run_plumbing(
         "efficiency": efficiency(p),
         "steady_efficiency": efficiency(steady),
         "cores_busy": busy,
+        "model_imports_s": model_imports_s(),
     }
 
 
@@ -150,6 +175,9 @@ def report(result: dict[str, Any]) -> str:
         )
     if result.get("cores_busy") is not None:
         lines.append(f"cores busy with the pipeline's CPU work: {result['cores_busy']:.0%} of the run")
+    if result.get("model_imports_s") is not None:
+        lines.append(f"not in (p): a real Segmenter actor's start adds torch + transformers imports, "
+                     f"{result['model_imports_s']:.1f} s here, and its weights")
     return "\n".join(lines)
 
 
