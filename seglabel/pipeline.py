@@ -53,8 +53,7 @@ PART_MAX_BYTES = 64 << 20
 # At most a whole core for a decode or encode task (_task_cpus): at a quarter core each, four
 # tasks shared a core and each spent 3x the CPU time per image on the same work (36.7 against
 # 11.7 ms an image to encode; bench/README.md, "Plumbing").
-DECODE_CPUS = 1
-ENCODE_CPUS = 1
+TASK_CPUS = 1
 # The stand-in model (--stand-in) costs nothing but its actor's host work: a whole core
 # reserved for it would sit idle and hide the pipeline's own cost.
 STAND_IN_CPUS = 0.25
@@ -259,14 +258,15 @@ def _decode_batch(
             "index": batch["index"][start:stop],
             "key": batch["key"][start:stop],
             "uri": batch["uri"][start:stop],
-            "image": _object_array(images),
+            "image": images.column(),
             "width": np.array(widths, dtype=np.int32),
             "height": np.array(heights, dtype=np.int32),
             "error": _object_array(errors),
         }
 
-    images, widths, heights, errors = [], [], [], []
-    start = held = 0
+    n = len(batch["index"])
+    images, widths, heights, errors = _Images(n, max_held_bytes), [], [], []
+    start = 0
     results = _bounded(ledger, "decode", batch["index"], run)
     for position, (result, error) in enumerate(zip(results, batch["error"])):
         error = _error(error)
@@ -275,19 +275,62 @@ def _decode_batch(
         elif result is not None:
             error = result.error
         ok = result is not None and result.image is not None
-        # Rows that failed carry a 1×1 placeholder so that the column stays one tensor type.
-        images.append(result.image if ok else np.zeros((1, 1, 3), np.uint8))
+        images.add(result.image if ok else None)
         widths.append(result.width if ok else -1)
         heights.append(result.height if ok else -1)
         errors.append(error or "")
-        held += images[-1].nbytes
-        if held >= max_held_bytes:
+        if images.full():
             # Handed on now: a worker holds at most this much decoded pixels, plus one image.
             yield block(start, position + 1)
-            images, widths, heights, errors = [], [], [], []
-            start, held = position + 1, 0
-    if images or start == 0:
-        yield block(start, len(batch["index"]))
+            start = position + 1
+            images, widths, heights, errors = _Images(n - start, max_held_bytes), [], [], []
+    if widths or start == 0:
+        yield block(start, n)
+
+
+class _Images:
+    """A decode block's images, in the form Ray takes cheapest: written into one (rows, H, W, 3)
+    array while they share a size, which Ray puts in the object store as it is (given a list of
+    arrays, it copies them into one: 17% of the decode stage's time, measured with py-spy);
+    one array a row once they do not (Ray's variable-shaped tensors). A row that failed holds
+    zeros in the shared array, a 1×1 placeholder in the list, so that the column stays one
+    tensor type. Full once its pixels reach ``max_bytes`` (or it has ``rows`` rows)."""
+
+    def __init__(self, rows: int, max_bytes: int):
+        self.rows, self.max_bytes = rows, max_bytes
+        self.shared: np.ndarray | None = None
+        self.listed: list[np.ndarray] | None = None
+        self.count = self.held = 0
+
+    def add(self, image: np.ndarray | None) -> None:
+        """The next row's image; None for a row that failed."""
+        if self.shared is None and self.listed is None:
+            if image is None:  # before any image: its size is unknown, so rows of their own
+                self.listed = []
+            else:
+                # As many rows as reach the budget: the block is handed on when it is full.
+                rows = min(self.rows, max(1, -(-self.max_bytes // max(1, image.nbytes))))
+                self.shared = np.empty((rows, *image.shape), image.dtype)
+        if self.shared is not None and (image is None or image.shape == self.shared.shape[1:]):
+            self.shared[self.count] = 0 if image is None else image
+            self.held += self.shared[0].nbytes
+        else:
+            if self.listed is None:  # a second size: every row its own array from here on
+                self.listed = list(self.shared[: self.count]) if self.shared is not None else []
+                self.shared = None
+            self.listed.append(np.zeros((1, 1, 3), np.uint8) if image is None else image)
+            self.held += self.listed[-1].nbytes
+        self.count += 1
+
+    def full(self) -> bool:
+        """Whether the block is to be handed on now."""
+        return self.held >= self.max_bytes or (self.shared is not None and self.count == len(self.shared))
+
+    def column(self) -> np.ndarray:
+        """The rows' images, as one array or an object array of arrays."""
+        if self.shared is not None:
+            return self.shared[: self.count]
+        return _object_array(self.listed or [])
 
 
 def _object_array(values: list) -> np.ndarray:
@@ -742,15 +785,21 @@ def _block_rows(todo: int, actors: int, batch_size: int) -> int:
     return max(batch_size, min(BLOCK_ROWS, share))
 
 
-def _task_cpus(spare: float) -> tuple[float, float]:
-    """CPUs of one decode and one encode task, given the CPUs the Segmenters leave: a whole core
-    each at most (more tasks, not bigger ones, use more cores), and small enough that a decode
-    and an encode task fit at once, encode (twice decode's work) the larger. Ray Data runs the
-    upstream stage first: were the two not to fit together, no mask would be encoded before
-    every image was decoded (measured: the first Parquet part after 38 s of 55)."""
+def _task_cpus(spare: float) -> float:
+    """CPUs of one decode or encode task, given the CPUs the Segmenters leave: a whole core at
+    most (more tasks, not bigger ones, use more cores), and a third of the spare CPUs, so that
+    three tasks of either stage fit at once.
+
+    A decode and an encode task must fit together: Ray Data runs the upstream stage first, and
+    otherwise no mask would be encoded before every image was decoded (measured: the first
+    Parquet part after 38 s of 55). One size for both lets encode (twice decode's work) run two
+    tasks while decode waits: with encode the larger (⅔ of the spare CPUs, decode ⅓), one
+    encode task at a time set the pace on 2 cores (3,000 photos in 22.7–23.9 s against
+    20.0–21.3 s in alternating runs; bench/README.md, "Plumbing").
+    """
     if spare <= 0:  # a one-CPU node whose core a CPU Segmenter holds
-        return 0.25, 0.25
-    return min(DECODE_CPUS, spare / 3), min(ENCODE_CPUS, 2 * spare / 3)
+        return 0.25
+    return min(TASK_CPUS, spare / 3)
 
 
 def _actor_resources(config: JobConfig, local: bool) -> tuple[int, dict[str, float]]:
@@ -934,7 +983,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
             num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here
         ).remote()
         spare = ray.cluster_resources().get("CPU", 0) - actors * resources["num_cpus"]
-        decode_cpus, encode_cpus = _task_cpus(spare)
+        task_cpus = _task_cpus(spare)
         block_rows = _block_rows(todo, actors, config.engine.batch_size)
         # The todo files are read through the store (fsspec with retries) rather than Ray's
         # own Parquet reader, whose listing does not ride out a throttled object store.
@@ -945,7 +994,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
                 fn_kwargs={"store": store},
                 batch_size=1,
                 batch_format="pyarrow",
-                num_cpus=decode_cpus,
+                num_cpus=task_cpus,
             )
             .repartition(target_num_rows_per_block=block_rows)
         )
@@ -960,7 +1009,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
             },
             batch_size=block_rows,
             batch_format="numpy",
-            num_cpus=decode_cpus,
+            num_cpus=task_cpus,
         )
         ds = ds.map_batches(
             SegmentStage,
@@ -983,7 +1032,7 @@ def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, su
             },
             batch_size=block_rows,
             batch_format="pyarrow",
-            num_cpus=encode_cpus,
+            num_cpus=task_cpus,
         )
         cpu = time.process_time()
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from outputs import read_rows
 from seglabel import pipeline
@@ -148,3 +149,58 @@ def test_a_decode_worker_hands_on_large_photos_before_it_holds_a_batch(tmp_path)
     widths = np.concatenate([b["width"] for b in blocks]).tolist()
     assert widths == [300, 40, -1, 320, 310, 50]
     assert np.concatenate([b["error"] for b in blocks]).tolist()[2] == "read: not found"
+
+
+def _decoded_blocks(tmp_path, names, budget):
+    from ray.data.block import BlockAccessor
+
+    batch = {"index": np.arange(len(names)), "key": np.array(names, dtype=object),
+             "uri": np.array([(tmp_path / n).as_uri() for n in names], dtype=object),
+             "error": np.array([""] * len(names), dtype=object)}
+    blocks = list(pipeline._decode_batch(batch, str(tmp_path), {}, None, None, max_held_bytes=budget))
+    # Ray Data takes each block as a table and hands the next stage numpy batches of it.
+    return blocks, [BlockAccessor.for_block(BlockAccessor.batch_to_block(b)).to_batch_format("numpy")
+                    for b in blocks]
+
+
+def test_decoded_images_of_one_size_leave_as_one_array_with_every_pixel(tmp_path):
+    """Images of one size are written into one (rows, H, W, 3) array per block (Ray stores it
+    as it is, where it copies a list of arrays into one); a failed row holds zeros there. What
+    the Segmenter reads back through Ray's tables is each image as Pillow decodes it."""
+    from helpers import drawn
+
+    names = []
+    for i in range(7):
+        drawn(64, 48, i).save(tmp_path / f"{i}.png")
+        names.append(f"{i}.png")
+    names.insert(4, "missing.png")  # in the middle of the second block
+    budget = 64 * 48 * 3 * 3  # three images a block
+    blocks, read_back = _decoded_blocks(tmp_path, names, budget)
+    assert [len(b["index"]) for b in blocks] == [3, 3, 2]
+    assert all(isinstance(b["image"], np.ndarray) and b["image"].shape[1:] == (48, 64, 3) for b in blocks)
+    images = np.concatenate([b["image"] for b in read_back])
+    errors = np.concatenate([b["error"] for b in read_back]).tolist()
+    assert errors[4] == "read: not found" and not (images[4].any())
+    for row, name in enumerate(names):
+        if name != "missing.png":
+            assert (images[row] == np.asarray(Image.open(tmp_path / name).convert("RGB"))).all(), name
+    assert np.concatenate([b["width"] for b in read_back]).tolist() == [64, 64, 64, 64, -1, 64, 64, 64]
+
+
+def test_decoded_images_of_several_sizes_or_after_a_failure_leave_one_array_a_row(tmp_path):
+    """A second size in a block, or a failed first row (no size yet), gives one array a row;
+    every image still comes back whole and in order, and the block stays within its budget."""
+    from helpers import drawn
+
+    sizes = {"a.png": (64, 48), "b.png": (64, 48), "c.png": (30, 20), "d.png": (64, 48)}
+    for i, (name, (w, h)) in enumerate(sizes.items()):
+        drawn(w, h, i).save(tmp_path / name)
+    for names in (["a.png", "b.png", "c.png", "d.png"], ["missing.png", "a.png", "b.png", "d.png"]):
+        blocks, read_back = _decoded_blocks(tmp_path, names, budget=1 << 20)
+        (block,) = blocks
+        assert block["image"].dtype == object
+        for image, name in zip(read_back[0]["image"], names):
+            if name == "missing.png":
+                assert image.shape == (1, 1, 3)
+            else:
+                assert (image == np.asarray(Image.open(tmp_path / name).convert("RGB"))).all(), name
