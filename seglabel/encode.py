@@ -6,8 +6,10 @@ This is CPU work, kept off the GPU actor: in the job it runs in CPU tasks after 
 from __future__ import annotations
 
 import io
+import pickle
+import struct
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
@@ -152,6 +154,50 @@ class RawPrediction:
     label_ids: np.ndarray
     scores: np.ndarray | None
     masks: PackedMasks | np.ndarray | None = None
+
+    def dumps(self) -> bytes:
+        """The prediction as one value for a block's column: a pickle (protocol 5) with its
+        arrays after it, out of band, each at a multiple of 64 bytes from the value's start.
+
+        ``loads`` then makes the arrays views of the block, where an in-band pickle copies each
+        one out (its id map is most of the 650 kB of a 640×480 prediction: 0.43 of the encode
+        stage's CPU ms an image, measured).
+        """
+        buffers: list[pickle.PickleBuffer] = []
+        head = pickle.dumps(self, protocol=5, buffer_callback=buffers.append)
+        parts = [head, *(b.raw() for b in buffers)]
+        sizes = [memoryview(part).nbytes for part in parts]
+        header = struct.pack(f"<I{len(sizes)}Q", len(sizes), *sizes)
+        out = [header]
+        position = len(header)
+        for part, size in zip(parts, sizes):
+            pad = -position % _ALIGN
+            out += [b"\0" * pad, part]
+            position += pad + size
+        return b"".join(out)
+
+    @staticmethod
+    def loads(value: "bytes | memoryview | Any") -> "RawPrediction":
+        """A prediction from ``dumps``' value (any buffer: a slice of a block); its arrays are
+        read-only views of that buffer."""
+        view = memoryview(value).cast("B")
+        (count,) = struct.unpack_from("<I", view)
+        sizes = struct.unpack_from(f"<{count}Q", view, 4)
+        position, parts = 4 + 8 * count, []
+        for size in sizes:
+            position += -position % _ALIGN
+            if position + size > len(view):
+                raise ValueError("a truncated prediction")
+            parts.append(view[position : position + size])
+            position += size
+        prediction = pickle.loads(parts[0], buffers=parts[1:])
+        if not isinstance(prediction, RawPrediction):
+            raise TypeError(f"not a prediction: {type(prediction).__name__}")
+        return prediction
+
+
+# Out-of-band arrays start at this alignment within a dumped prediction (a cache line).
+_ALIGN = 64
 
 
 def _extents(rows: np.ndarray) -> np.ndarray:

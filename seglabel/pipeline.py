@@ -16,7 +16,6 @@ import importlib
 import importlib.metadata
 import itertools
 import os
-import pickle
 import threading
 import time
 import uuid
@@ -33,7 +32,7 @@ from . import __version__
 from .checkpoint import detect_task, read_label_config
 from .cluster import connect
 from .config import ConfigError, EngineConfig, JobConfig, default_dtype
-from .encode import build_segments, encode_png
+from .encode import RawPrediction, build_segments, encode_png
 from .errors import SeglabelError, get_logger, reason, redact_url, url_identity
 from .fetch import fetch, options_for
 from .keys import Bits, HashSet, SortedHashes, is_safe_key, key_hashes
@@ -392,7 +391,7 @@ class SegmentStage:
                 errors[i] = raw
             else:
                 # Instance masks come packed (boxes and bits), never N × H × W arrays.
-                raws[i] = pickle.dumps(raw, protocol=5)
+                raws[i] = raw.dumps()
         return {
             "index": batch["index"],
             "key": batch["key"],
@@ -439,8 +438,9 @@ def _encode_batch(
     """Encode and write a block's masks; returns its output rows.
 
     The block comes as Arrow, read where it lies in the object store: each prediction is
-    unpickled from its own slice of the block when its turn comes (``_pickled_cells``), so that
-    a worker holds one unpickled prediction at a time, not a Python copy of the whole block's.
+    loaded from its own slice of the block when its turn comes (``_pickled_cells``), its arrays
+    views of that slice (``RawPrediction.loads``), so that a worker copies no prediction out
+    of the block, let alone the whole block's.
     """
     rows = []
     columns = [batch.column(name).to_pylist() for name in ("key", "uri", "width", "height", "error")]
@@ -450,7 +450,7 @@ def _encode_batch(
         row = {"key": key, "image_uri": redact_url(uri), "task": task, "model": model, "status": "error",
                "error": error, "width": None, "height": None, "mask_uri": None, "segments": None}
         if error is None:
-            prediction = pickle.loads(raw)
+            prediction = RawPrediction.loads(raw)
             try:
                 segments = build_segments(prediction, task, id2label, things)
                 png = encode_png(prediction.id_map, task)

@@ -389,10 +389,10 @@ def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints
 def test_the_segment_stage_runs_two_batches_at_once_and_loses_nothing(ray_session, checkpoints):
     """Two calls at once on one actor (its overlap of host and model work): each returns its own
     rows in order; an image the model refuses is an error row, and its batch-mates are labeled."""
-    import pickle
     from concurrent.futures import ThreadPoolExecutor
 
     from seglabel.config import EngineConfig
+    from seglabel.encode import RawPrediction
     from seglabel.pipeline import SegmentStage
 
     stage = SegmentStage(EngineConfig(model=str(checkpoints["instance"]), score_threshold=0.3))
@@ -418,7 +418,7 @@ def test_the_segment_stage_runs_two_batches_at_once_and_loses_nothing(ray_sessio
             if key == "k5":
                 assert error.startswith("segment: ") and "(H, W, 3)" in error and raw == b""
                 continue
-            assert error == "" and pickle.loads(raw).id_map.shape == (height, width)
+            assert error == "" and RawPrediction.loads(raw).id_map.shape == (height, width)
 
 
 def test_segmenter_actor_killed_mid_run_is_replaced(checkpoints, tmp_path, monkeypatch):

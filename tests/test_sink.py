@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -200,7 +199,7 @@ def encoder_block(raw: RawPrediction, key: str = "k.jpg", index: int = 0, error:
         "width": pa.array([-1 if error else raw.id_map.shape[1]], pa.int32()),
         "height": pa.array([-1 if error else raw.id_map.shape[0]], pa.int32()),
         "error": [error],
-        "raw": pa.array([b"" if error else pickle.dumps(raw)], pa.binary()),
+        "raw": pa.array([b"" if error else raw.dumps()], pa.binary()),
         "actor": ["a"],
     })
 
@@ -255,6 +254,10 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
             assert bytes(cell) == value
             if value:
                 assert any(d.address <= cell.address < d.address + d.size for d in data)
+                # ... and so are its arrays: views of the block, not copies out of it.
+                prediction = RawPrediction.loads(cell)
+                assert not prediction.id_map.flags.writeable
+                assert any(d.address <= prediction.id_map.ctypes.data < d.address + d.size for d in data)
     # The same rows where Ray could not make the column binary and pickled its objects instead
     # (here, because the error row's cell is not bytes): the same output.
     fallback = block.to_pydict()

@@ -4,6 +4,7 @@ and read back with independent readers exactly as a real prediction is."""
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -85,16 +86,15 @@ def test_packed_masks_give_the_same_rles_as_the_full_array():
 def test_an_encode_task_needs_no_torch(checkpoints, tmp_path):
     """A prediction, as pickled by the Segmenter's actor, is unpickled and encoded in a process
     that never imports torch: encode workers start without its second of imports."""
-    import pickle
     import subprocess
     import sys
 
     engine = EngineConfig(model=str(checkpoints["instance"]), stand_in="segments=3")
     (raw,) = StandInSegmenter(engine).predict_raw([np.zeros((30, 40, 3), np.uint8)])
-    (tmp_path / "raw.pickle").write_bytes(pickle.dumps(raw, protocol=5))
+    (tmp_path / "raw.pickle").write_bytes(raw.dumps())
     code = (
-        "import pickle, sys; import seglabel.pipeline; from seglabel import encode; "
-        f"raw = pickle.loads(open({str(tmp_path / 'raw.pickle')!r}, 'rb').read()); "
+        "import sys; import seglabel.pipeline; from seglabel import encode; "
+        f"raw = encode.RawPrediction.loads(open({str(tmp_path / 'raw.pickle')!r}, 'rb').read()); "
         "segments = encode.build_segments(raw, 'instance', {0: 'a', 1: 'b'}, None); "
         "encode.encode_png(raw.id_map, 'instance'); print(len(segments), 'torch' in sys.modules)"
     )
@@ -118,3 +118,41 @@ def test_a_stand_in_actor_loads_no_torch(checkpoints):
         command = [sys.executable, "-c", code, str(checkpoints["instance"]), stand_in]
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         assert out.stdout.strip().splitlines()[-1] == expected, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("masks", ["packed", "array", "none"])
+def test_a_dumped_prediction_loads_as_views_of_its_buffer(masks):
+    """What the Segmenter hands on (one bytes value a prediction) loads back equal, its arrays
+    views of the buffer it is read from (64-byte aligned within it) rather than copies; a
+    truncated value or some other pickle is refused."""
+    import pickle
+
+    from seglabel.encode import PackedMasks, RawPrediction
+
+    rng = np.random.default_rng(1)
+    bits = rng.random((3, 17, 29)) > 0.6
+    mask = {"packed": PackedMasks.pack(bits), "array": bits, "none": None}[masks]
+    scores = None if masks == "none" else np.ones(3, np.float32)
+    raw = RawPrediction(rng.integers(0, 4, (17, 29)).astype(np.uint16), np.arange(1, 4, dtype=np.int32),
+                        np.array([5, 0, 2], np.int32), scores, mask)
+    value = raw.dumps()
+    buffer = np.frombuffer(b"\0" * 7 + value, np.uint8)[7:]  # a slice of a larger buffer, as a cell is
+    back = RawPrediction.loads(buffer)
+    for name in ("id_map", "ids", "label_ids", "scores"):
+        got, want = getattr(back, name), getattr(raw, name)
+        assert (got is None and want is None) or (np.array_equal(got, want) and got.dtype == want.dtype)
+    assert np.array_equal(back.id_map, raw.id_map) and not back.id_map.flags.writeable
+    start = buffer.ctypes.data
+    assert start <= back.id_map.ctypes.data < start + len(buffer)
+    assert (back.id_map.ctypes.data - start) % 64 == 0
+    if masks == "packed":
+        assert np.array_equal(back.masks.unpack(), bits)
+    elif masks == "array":
+        assert np.array_equal(back.masks, bits)
+    else:
+        assert back.masks is None
+    with pytest.raises(ValueError, match="truncated"):
+        RawPrediction.loads(value[:-1])
+    other = pickle.dumps({"not": "a prediction"}, protocol=5)
+    with pytest.raises(TypeError, match="not a prediction"):
+        RawPrediction.loads(struct.pack("<IQ", 1, len(other)) + b"\0" * (-12 % 64) + other)
