@@ -181,7 +181,9 @@ class RawPrediction:
         """A prediction from ``dumps``' value (any buffer: a slice of a block); its arrays are
         read-only views of that buffer."""
         view = memoryview(value).cast("B")
-        (count,) = struct.unpack_from("<I", view)
+        count = struct.unpack_from("<I", view)[0] if len(view) >= 4 else 0
+        if count < 1 or 4 + 8 * count > len(view):
+            raise ValueError("a truncated prediction")
         sizes = struct.unpack_from(f"<{count}Q", view, 4)
         position, parts = 4 + 8 * count, []
         for size in sizes:
@@ -196,7 +198,8 @@ class RawPrediction:
         return prediction
 
 
-# Out-of-band arrays start at this alignment within a dumped prediction (a cache line).
+# Out-of-band arrays start at multiples of this from the dumped value's start (a cache line);
+# in memory they are as aligned as the value is: a block's binary cells lie end to end.
 _ALIGN = 64
 
 

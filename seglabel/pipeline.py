@@ -292,8 +292,10 @@ class _Images:
     array while they share a size, which Ray puts in the object store as it is (given a list of
     arrays, it copies them into one: 17% of the decode stage's time, measured with py-spy);
     one array a row once they do not (Ray's variable-shaped tensors). A row that failed holds
-    zeros in the shared array, a 1×1 placeholder in the list, so that the column stays one
-    tensor type. Full once its pixels reach ``max_bytes`` (or it has ``rows`` rows)."""
+    zeros in the shared array (an image's worth, counted against the budget), a 1×1 placeholder
+    in the list, so that the column stays one tensor type; a failed first row, whose size no
+    image gives, starts the list. Full once its pixels reach ``max_bytes`` (or it has ``rows``
+    rows)."""
 
     def __init__(self, rows: int, max_bytes: int):
         self.rows, self.max_bytes = rows, max_bytes
@@ -310,12 +312,15 @@ class _Images:
                 # As many rows as reach the budget: the block is handed on when it is full.
                 rows = min(self.rows, max(1, -(-self.max_bytes // max(1, image.nbytes))))
                 self.shared = np.empty((rows, *image.shape), image.dtype)
-        if self.shared is not None and (image is None or image.shape == self.shared.shape[1:]):
-            self.shared[self.count] = 0 if image is None else image
-            self.held += self.shared[0].nbytes
+        shared = self.shared
+        if shared is not None and (image is None or _same_kind(image, shared[0])):
+            shared[self.count] = 0 if image is None else image
+            self.held += shared[0].nbytes
         else:
-            if self.listed is None:  # a second size: every row its own array from here on
-                self.listed = list(self.shared[: self.count]) if self.shared is not None else []
+            if self.listed is None:
+                # A second size: every row its own array from here on. The rows so far are
+                # copied out, so that the shared array, larger than they are, is let go.
+                self.listed = [row.copy() for row in shared[: self.count]] if shared is not None else []
                 self.shared = None
             self.listed.append(np.zeros((1, 1, 3), np.uint8) if image is None else image)
             self.held += self.listed[-1].nbytes
@@ -330,6 +335,10 @@ class _Images:
         if self.shared is not None:
             return self.shared[: self.count]
         return _object_array(self.listed or [])
+
+
+def _same_kind(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype
 
 
 def _object_array(values: list) -> np.ndarray:
@@ -450,8 +459,8 @@ def _encode_batch(
         row = {"key": key, "image_uri": redact_url(uri), "task": task, "model": model, "status": "error",
                "error": error, "width": None, "height": None, "mask_uri": None, "segments": None}
         if error is None:
-            prediction = RawPrediction.loads(raw)
             try:
+                prediction = RawPrediction.loads(raw)
                 segments = build_segments(prediction, task, id2label, things)
                 png = encode_png(prediction.id_map, task)
             except Exception as exc:  # a prediction pycocotools or Pillow cannot encode

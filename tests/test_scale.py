@@ -204,3 +204,18 @@ def test_decoded_images_of_several_sizes_or_after_a_failure_leave_one_array_a_ro
                 assert image.shape == (1, 1, 3)
             else:
                 assert (image == np.asarray(Image.open(tmp_path / name).convert("RGB"))).all(), name
+
+
+def test_a_block_of_images_changes_form_without_changing_a_pixel():
+    """Another dtype at the same size is another kind of image (no silent cast); the rows the
+    shared array held are copied out when the form changes, so that it is let go."""
+    first = np.full((4, 5, 3), 7, np.uint8)
+    wide = np.full((4, 5, 3), 1000, np.uint16)
+    images = pipeline._Images(rows=5, max_bytes=1 << 20)
+    for image in (first, None, wide, first):
+        images.add(image)
+    column = images.column()
+    assert column.dtype == object and len(column) == 4 and not images.full()
+    assert column[0].dtype == np.uint8 and (column[0] == 7).all() and not column[1].any()
+    assert column[2].dtype == np.uint16 and (column[2] == 1000).all()
+    assert column[0].base is None and column[1].base is None  # copies, not views of the shared array

@@ -276,6 +276,21 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
             assert np.array_equal(mask_utils.decode(rle).astype(bool), mask)
 
 
+def test_an_unreadable_prediction_is_an_encode_error_row(tmp_path):
+    """A prediction cell that does not load (cut short, say) fails its row, not the block."""
+    from seglabel.pipeline import _encode_batch
+
+    ids = np.zeros(0, np.int32)
+    good = RawPrediction(np.zeros((3, 4), np.uint16), ids, ids, np.zeros(0, np.float32), None)
+    block = pa.concat_tables([encoder_block(good, "a.jpg", 0), encoder_block(good, "b.jpg", 1)])
+    raw = block.column("raw").to_pylist()
+    block = block.set_column(block.schema.get_field_index("raw"), "raw", pa.array([raw[0][:-3], raw[1]]))
+    store = OutputStore(str(tmp_path / "out"))
+    rows = _encode_batch(block, store, "semantic", "m", {0: "a"}, None).to_pylist()
+    assert [r["status"] for r in rows] == ["error", "ok"]
+    assert rows[0]["error"].startswith("encode: ") and rows[0]["mask_uri"] is None
+
+
 def test_encode_failure_is_an_encode_error_row_without_a_mask(tmp_path):
     ids = np.zeros(0, np.int32)
     # A label map no PNG mode holds (two channels of 16 bits): Pillow refuses to encode it.

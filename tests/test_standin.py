@@ -151,8 +151,9 @@ def test_a_dumped_prediction_loads_as_views_of_its_buffer(masks):
         assert np.array_equal(back.masks, bits)
     else:
         assert back.masks is None
-    with pytest.raises(ValueError, match="truncated"):
-        RawPrediction.loads(value[:-1])
+    for broken in (value[:-1], b"", b"\0" * 16, struct.pack("<I", 1 << 30)):
+        with pytest.raises(ValueError, match="truncated"):
+            RawPrediction.loads(broken)
     other = pickle.dumps({"not": "a prediction"}, protocol=5)
     with pytest.raises(TypeError, match="not a prediction"):
         RawPrediction.loads(struct.pack("<IQ", 1, len(other)) + b"\0" * (-12 % 64) + other)
