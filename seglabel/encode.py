@@ -163,18 +163,23 @@ class RawPrediction:
         one out (its id map is most of the 650 kB of a 640×480 prediction: 0.43 of the encode
         stage's CPU ms an image, measured).
         """
+        return b"".join(self.parts())
+
+    def parts(self) -> list[bytes | memoryview]:
+        """``dumps``' value as the pieces it is joined from, the arrays not copied (views of
+        them), so that a column of predictions is written with one copy of each."""
         buffers: list[pickle.PickleBuffer] = []
         head = pickle.dumps(self, protocol=5, buffer_callback=buffers.append)
         parts = [head, *(b.raw() for b in buffers)]
         sizes = [memoryview(part).nbytes for part in parts]
         header = struct.pack(f"<I{len(sizes)}Q", len(sizes), *sizes)
-        out = [header]
+        out: list[bytes | memoryview] = [header]
         position = len(header)
         for part, size in zip(parts, sizes):
-            pad = -position % _ALIGN
+            pad = -position % ALIGN
             out += [b"\0" * pad, part]
             position += pad + size
-        return b"".join(out)
+        return out
 
     @staticmethod
     def loads(value: "bytes | memoryview | Any") -> "RawPrediction":
@@ -187,7 +192,7 @@ class RawPrediction:
         sizes = struct.unpack_from(f"<{count}Q", view, 4)
         position, parts = 4 + 8 * count, []
         for size in sizes:
-            position += -position % _ALIGN
+            position += -position % ALIGN
             if position + size > len(view):
                 raise ValueError("a truncated prediction")
             parts.append(view[position : position + size])
@@ -200,7 +205,7 @@ class RawPrediction:
 
 # Out-of-band arrays start at multiples of this from the dumped value's start (a cache line);
 # in memory they are as aligned as the value is: a block's binary cells lie end to end.
-_ALIGN = 64
+ALIGN = 64
 
 
 def _extents(rows: np.ndarray) -> np.ndarray:

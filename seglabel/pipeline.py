@@ -32,7 +32,7 @@ from . import __version__
 from .checkpoint import detect_task, read_label_config
 from .cluster import connect
 from .config import ConfigError, EngineConfig, JobConfig, default_dtype
-from .encode import RawPrediction, build_segments, encode_png
+from .encode import ALIGN, RawPrediction, build_segments, encode_png
 from .errors import SeglabelError, get_logger, reason, redact_url, url_identity
 from .fetch import fetch, options_for
 from .keys import Bits, HashSet, SortedHashes, is_safe_key, key_hashes
@@ -386,7 +386,7 @@ class SegmentStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         errors = [_error(e) or "" for e in batch["error"]]
-        raws: list[bytes] = [b""] * n
+        raws: list[list[Any]] = [[] for _ in range(n)]
         todo = [i for i in range(n) if not errors[i]]
 
         def run(positions: list[int]) -> list:
@@ -400,7 +400,7 @@ class SegmentStage:
                 errors[i] = raw
             else:
                 # Instance masks come packed (boxes and bits), never N × H × W arrays.
-                raws[i] = raw.dumps()
+                raws[i] = raw.parts()
         return {
             "index": batch["index"],
             "key": batch["key"],
@@ -408,7 +408,7 @@ class SegmentStage:
             "width": batch["width"],
             "height": batch["height"],
             "error": _object_array(errors),
-            "raw": _object_array(raws),
+            "raw": _binary_column(raws),
             "actor": _object_array([self.name] * n),
         }
 
@@ -489,6 +489,31 @@ def _encode_batch(
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     table = table.append_column("actor", batch.column("actor").cast(pa.string()))
     return table.append_column("index", batch.column("index").cast(pa.int64()))
+
+
+# Arrow's binary type has int32 offsets; past this a column of predictions is large_binary.
+BINARY_MAX_BYTES = 2**31 - 1
+
+
+def _binary_column(values: list[list[Any]]) -> pa.Array:
+    """A binary column of ``values``, each given in parts (``RawPrediction.parts``), written once
+    into one Arrow buffer that Ray takes as it is (Ray's own conversion of a column of bytes
+    copies each value again, after ``dumps`` had joined them). Each value starts at a multiple
+    of ``ALIGN`` bytes of the buffer, its arrays aligned in the block (it ends in padding)."""
+    sizes = [sum(memoryview(part).nbytes for part in parts) for parts in values]
+    bounds = np.zeros(len(values) + 1, np.int64)
+    np.cumsum([size + -size % ALIGN for size in sizes], out=bounds[1:])
+    data = pa.allocate_buffer(int(bounds[-1]))  # Arrow's allocations are 64-byte aligned
+    out = np.frombuffer(data, np.uint8)
+    for parts, start, stop in zip(values, bounds[:-1].tolist(), bounds[1:].tolist()):
+        for part in parts:
+            view = np.frombuffer(part, np.uint8)
+            out[start : start + len(view)] = view
+            start += len(view)
+        out[start:stop] = 0
+    large = bounds[-1] > BINARY_MAX_BYTES
+    kind, offsets = (pa.large_binary(), bounds) if large else (pa.binary(), bounds.astype(np.int32))
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(offsets), data])
 
 
 def _pickled_cells(column: pa.ChunkedArray) -> Iterator[Any]:

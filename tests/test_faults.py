@@ -382,7 +382,7 @@ def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints
     out = stage({"index": np.arange(n), "key": np.array(["a", "b", "c"], dtype=object),
                  "uri": np.array(["u"] * n, dtype=object), "image": images, "width": np.full(n, 30),
                  "height": np.full(n, 20), "error": np.array(["", "", ""], dtype=object)})
-    assert all(len(r) > 0 for r in out["raw"])
+    assert all(len(r) > 0 for r in out["raw"].to_pylist())
     assert ray.get(ledger.in_flight.remote()) == 0
 
 
@@ -414,7 +414,7 @@ def test_the_segment_stage_runs_two_batches_at_once_and_loses_nothing(ray_sessio
     for given, out in zip(batches * 2, outs):
         assert list(out["key"]) == list(given["key"]) and list(out["index"]) == list(given["index"])
         for key, height, width, error, raw in zip(out["key"], given["height"], given["width"],
-                                                  out["error"], out["raw"]):
+                                                  out["error"], out["raw"].to_pylist()):
             if key == "k5":
                 assert error.startswith("segment: ") and "(H, W, 3)" in error and raw == b""
                 continue

@@ -276,6 +276,36 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
             assert np.array_equal(mask_utils.decode(rle).astype(bool), mask)
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_the_segment_stage_writes_its_predictions_into_one_buffer(monkeypatch, large):
+    """The predictions column is one Arrow buffer, each value written once at a multiple of 64
+    bytes (its arrays aligned in the block); a failed row's value is empty; past int32 offsets
+    it is large_binary; every value loads back to its prediction."""
+    from seglabel import pipeline
+
+    if large:
+        monkeypatch.setattr(pipeline, "BINARY_MAX_BYTES", 100)
+    rng = np.random.default_rng(5)
+    raws = []
+    for i in range(4):
+        shape = (7 + i, 5 + 2 * i)
+        ids = np.arange(i, dtype=np.int32)
+        raws.append(RawPrediction(rng.integers(0, 9, shape).astype(np.uint16), ids, np.zeros(i, np.int32),
+                                  np.ones(i, np.float32), rng.random((i, *shape)) > 0.5))
+    parts = [raws[0].parts(), [], raws[1].parts(), raws[2].parts(), [], raws[3].parts()]
+    column = pipeline._binary_column(parts)
+    assert column.type == (pa.large_binary() if large else pa.binary()) and len(column) == 6
+    data = column.buffers()[2]
+    cells = list(pipeline._pickled_cells(pa.chunked_array([column])))
+    assert [len(c) for c in cells][1::3] == [0, 0]
+    for cell, raw in zip([cells[0], cells[2], cells[3], cells[5]], raws):
+        assert (cell.address - data.address) % 64 == 0
+        back = RawPrediction.loads(cell)
+        assert np.array_equal(back.id_map, raw.id_map) and np.array_equal(back.masks, raw.masks)
+        assert np.array_equal(back.scores, raw.scores) and np.array_equal(back.ids, raw.ids)
+        assert bytes(cell)[: len(raw.dumps())] == raw.dumps()  # the same value, padded to 64
+
+
 def test_an_unreadable_prediction_is_an_encode_error_row(tmp_path):
     """A prediction cell that does not load (cut short, say) fails its row, not the block."""
     from seglabel.pipeline import _encode_batch
