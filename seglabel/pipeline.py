@@ -318,7 +318,7 @@ class _Images:
             self.held += shared[0].nbytes
         else:
             if self.listed is None:
-                # A second size: every row its own array from here on. The rows so far are
+                # A second size (or dtype): every row its own array from here on. The rows so far are
                 # copied out, so that the shared array, larger than they are, is let go.
                 self.listed = [row.copy() for row in shared[: self.count]] if shared is not None else []
                 self.shared = None
@@ -383,7 +383,7 @@ class SegmentStage:
         self.name = f"{context.get_node_id()[:12]}/{os.getpid()}"
         log.info("Segmenter actor %s ready on %s", self.name, self.segmenter.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["key"])
         errors = [_error(e) or "" for e in batch["error"]]
         raws: list[list[Any]] = [[] for _ in range(n)]
@@ -502,7 +502,7 @@ def _binary_column(values: list[list[Any]]) -> pa.Array:
     of ``ALIGN`` bytes of the buffer, its arrays aligned in the block (it ends in padding)."""
     sizes = [sum(memoryview(part).nbytes for part in parts) for parts in values]
     bounds = np.zeros(len(values) + 1, np.int64)
-    np.cumsum([size + -size % ALIGN for size in sizes], out=bounds[1:])
+    np.cumsum(np.array([size + -size % ALIGN for size in sizes], np.int64), out=bounds[1:])
     data = pa.allocate_buffer(int(bounds[-1]))  # Arrow's allocations are 64-byte aligned
     out = np.frombuffer(data, np.uint8)
     for parts, start, stop in zip(values, bounds[:-1].tolist(), bounds[1:].tolist()):

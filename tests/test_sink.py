@@ -295,6 +295,7 @@ def test_the_segment_stage_writes_its_predictions_into_one_buffer(monkeypatch, l
     parts = [raws[0].parts(), [], raws[1].parts(), raws[2].parts(), [], raws[3].parts()]
     column = pipeline._binary_column(parts)
     assert column.type == (pa.large_binary() if large else pa.binary()) and len(column) == 6
+    assert len(pipeline._binary_column([])) == 0  # a batch with no rows
     data = column.buffers()[2]
     cells = list(pipeline._pickled_cells(pa.chunked_array([column])))
     assert [len(c) for c in cells][1::3] == [0, 0]
