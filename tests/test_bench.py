@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 
 import pytest
 import yaml
@@ -130,6 +131,7 @@ def test_stand_in_bench_measures_the_pipeline_without_the_model(tmp_path, capsys
     assert written["cpu"] in out and "efficiency p / (r x" in out and "cores busy" in out
     # What the stand-in's actor does not load, timed apart: a real actor's start adds it.
     assert written["model_imports_s"] > 0 and f"imports, {written['model_imports_s']:.1f} s" in out
+    assert written["tempdir"] == tempfile.gettempdir()
 
 
 def test_cli_json(tmp_path, capsys):

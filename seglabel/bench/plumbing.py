@@ -146,6 +146,9 @@ def run_plumbing(
         "steady_efficiency": efficiency(steady),
         "cores_busy": busy,
         "model_imports_s": model_imports_s(),
+        # Where both wrote their files: a file write's kernel time differs by filesystem and by
+        # the minute (measured 0.06 to 0.8 CPU ms on this machine), and is in both (r) and (p).
+        "tempdir": tempfile.gettempdir(),
     }
 
 
