@@ -138,6 +138,11 @@ class PackedMasks:
         return np.moveaxis(self.fortran(), -1, 0).astype(bool)
 
 
+# Out-of-band arrays start at multiples of this from the dumped value's start (a cache line);
+# in memory they are as aligned as the value is: a block's binary cells lie end to end.
+ALIGN = 64
+
+
 @dataclass
 class RawPrediction:
     """One image's result before encoding (here, not beside the torch code that makes it:
@@ -201,11 +206,6 @@ class RawPrediction:
         if not isinstance(prediction, RawPrediction):
             raise TypeError(f"not a prediction: {type(prediction).__name__}")
         return prediction
-
-
-# Out-of-band arrays start at multiples of this from the dumped value's start (a cache line);
-# in memory they are as aligned as the value is: a block's binary cells lie end to end.
-ALIGN = 64
 
 
 def _extents(rows: np.ndarray) -> np.ndarray:

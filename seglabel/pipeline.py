@@ -517,10 +517,11 @@ def _binary_column(values: list[list[Any]]) -> pa.Array:
 
 
 def _pickled_cells(column: pa.ChunkedArray) -> Iterator[Any]:
-    """Each row's pickled prediction: a slice of the block's own data buffer where Arrow holds
-    the column as binary (cut by its offsets: an Arrow scalar would copy the value); Python
-    bytes where Ray fell back to pickling the column's objects (it does so for a column Arrow
-    cannot hold as binary)."""
+    """Each row's dumped prediction (``RawPrediction.parts``): a slice of the block's own data
+    buffer where Arrow holds the column as binary (cut by its offsets: an Arrow scalar would
+    copy the value), as the Segment stage builds it (``_binary_column``); Python bytes should
+    the column reach encode as Ray's pickled Python objects, which Ray makes of a column of
+    bytes objects Arrow cannot hold (no stage of this pipeline hands it one any more)."""
     for chunk in column.iterchunks():
         if not (pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):
             yield from chunk.to_pylist()
