@@ -94,7 +94,7 @@ def test_pipeline_on_a_handful_of_images(tmp_path):
         {"arch": "tiny", "task": "instance", "images": 6, "batch_size": 2, "json": str(path)}))
     written = json.loads(path.read_text())
     c = written["pipeline"]
-    assert c["images"] == 6 and c["ok"] == 6 and c["errors"] == 0
+    assert c["images"] == 6 and c["ok"] == 6 and c["errors"] == 0 and c["warm_up"] is None
     assert c["formats"] == {"jpg": 5, "png": 1}
     assert c["images_per_s"] > 0 and c["segments_per_image"] > 0
     assert c["decode_ms_per_image"] > 0 and c["ray"]["init_s"] >= 0
@@ -110,11 +110,14 @@ def test_stand_in_bench_measures_the_pipeline_without_the_model(tmp_path, capsys
     files; the efficiency is p / (r x cores), and every stage's CPU is reported."""
     path = tmp_path / "plumbing.json"
     assert main(["bench", "--stand-in", "segments=5,coverage=0.04", "--images", "24", "--size", "96x128",
-                 "--json", str(path)]) == 0
+                 "--pipeline-warm-up", "5", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     written = json.loads(path.read_text())
     raw, pipeline = written["raw"], written["pipeline"]
     assert raw["images"] == pipeline["images"] == pipeline["ok"] == 24
+    # The untimed job ran first, on images of its own: none of its rows is in the timed job's.
+    assert pipeline["warm_up"]["images"] == pipeline["warm_up"]["ok"] == 5
+    assert "after an untimed job of 5 images" in out
     assert pipeline["formats"] == {"jpg": 24, "png": 0}
     assert raw["segments_per_image"] == pipeline["segments_per_image"] == 5
     cores = written["cores"]
@@ -175,6 +178,8 @@ def test_bench_config_is_validated_and_shares_the_engine_defaults():
         ({"score_threshold": 2}, "score_threshold"),
         ({"batchsize": 2}, "unknown bench setting(s) batchsize"),
         ({"arch": "swin-xl"}, "arch"),
+        ({"pipeline_warm_up": -1}, "pipeline_warm_up"),
+        ({"pipeline_warm_up": True}, "pipeline_warm_up"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             BenchConfig.from_mapping(bad)

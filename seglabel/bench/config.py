@@ -66,6 +66,8 @@ class BenchConfig:
     mask_coverage: float = 0.04
     hf_images: int | None = None
     pipeline_repeat: int = 1
+    # (c) and the plumbing bench: an untimed job of this many images first, in the same Ray.
+    pipeline_warm_up: int = 0
     warmup: int = 1
     threads: int | None = None
     skip_hf: bool = False
@@ -94,8 +96,10 @@ class BenchConfig:
         _positive("pipeline_repeat", self.pipeline_repeat)
         _positive("threads", self.threads, allow_none=True)
         _positive("memory_entries", self.memory_entries)
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ConfigError(f"warmup must be a whole number >= 0, got {self.warmup!r}")
+        for name in ("warmup", "pipeline_warm_up"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a whole number >= 0, got {value!r}")
         if self.num_gpus is not None and (not isinstance(self.num_gpus, int) or self.num_gpus < 0):
             raise ConfigError(f"num_gpus must be a whole number >= 0, got {self.num_gpus!r}")
         if self.target_segments < 0:

@@ -107,8 +107,10 @@ def run_plumbing(
     *,
     address: str | None = None,
     keep: bool = False,
+    warm_up: int = 0,
 ) -> dict[str, Any]:
-    """(r) and (p) on ``images`` written as JPEG files, and the efficiency p / (r × cores)."""
+    """(r) and (p) on ``images`` written as JPEG files, and the efficiency p / (r × cores);
+    ``warm_up``: see ``run_pipeline``."""
     import fsspec
 
     from .images import write_images
@@ -125,7 +127,8 @@ def run_plumbing(
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     log.info("(p) seglabel run --stand-in on the same images, on every core Ray has")
-    pipeline = run_pipeline(engine, images, num_gpus=0, address=address, keep=keep, png_every=None)
+    pipeline = run_pipeline(engine, images, num_gpus=0, address=address, keep=keep, png_every=None,
+                            warm_up=warm_up)
     cores = float(pipeline["ray"]["resources"].get("CPU", os.cpu_count() or 1))
     r, p, steady = raw["images_per_s"], pipeline["images_per_s"], pipeline["steady_images_per_s"]
 
@@ -178,6 +181,10 @@ def report(result: dict[str, Any]) -> str:
         )
     if result.get("cores_busy") is not None:
         lines.append(f"cores busy with the pipeline's CPU work: {result['cores_busy']:.0%} of the run")
+    if warm := pipeline.get("warm_up"):
+        lines.append(f"(p) ran after an untimed job of {warm['images']} images in the same Ray "
+                     f"({warm['seconds']:.1f} s): its start-up is a long-lived cluster's, with Ray Data's "
+                     "own actors up")
     if result.get("model_imports_s") is not None:
         lines.append(f"not in (p): a real Segmenter actor's start adds torch + transformers imports, "
                      f"{result['model_imports_s']:.1f} s here, and its weights")

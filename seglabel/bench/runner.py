@@ -95,7 +95,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             log.info("(c) the pipeline on %d image files", len(arrays) * config.pipeline_repeat)
             result["pipeline"] = run_pipeline(
                 engine, arrays, num_gpus=config.num_gpus, address=config.address, workdir=config.workdir,
-                keep=config.keep, repeat=config.pipeline_repeat,
+                keep=config.keep, repeat=config.pipeline_repeat, warm_up=config.pipeline_warm_up,
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,7 +137,8 @@ def run_plumbing_bench(config: BenchConfig) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="seglabel-bench-ckpt-")
     try:
         model = config.model or str(save_random_checkpoint(Path(tmp) / f"stand-in-{task}", "tiny"))
-        result = run_plumbing(engine.replace(model=model), arrays, address=config.address, keep=config.keep)
+        result = run_plumbing(engine.replace(model=model), arrays, address=config.address, keep=config.keep,
+                              warm_up=config.pipeline_warm_up)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["images"] = images
