@@ -953,7 +953,8 @@ def run(config: JobConfig) -> Summary:
         started = time.perf_counter()
         # Every Segmenter loads the commit the driver resolved (a Hub branch may move meanwhile).
         config = config.replace(engine=engine.replace(revision=revision))
-        _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary, settle)
+        _execute(config, store, task=task, id2label=id2label, things=things, todo_paths=todo_paths, todo=todo,
+                 run_id=run_id, summary=summary, settle=settle)
         summary.seconds = time.perf_counter() - started
         summary.totals = store.counts()
         if summary.processed < todo:
@@ -995,7 +996,22 @@ def _chain(first: ImageRef, rest: Iterator[ImageRef]) -> Iterator[ImageRef]:
     yield from rest
 
 
-def _execute(config, store, task, id2label, things, todo_paths, todo, run_id, summary, settle) -> None:
+def _execute(
+    config: JobConfig,
+    store: OutputStore,
+    *,
+    task: str,
+    id2label: dict[int, str],
+    things: frozenset[int] | None,
+    todo_paths: list[str],
+    todo: int,
+    run_id: str,
+    summary: Summary,
+    settle: Callable[[str], None],
+) -> None:
+    """Build the Ray Data pipeline (todo files -> decode -> Segmenters -> encode) and commit its
+    rows: the part of ``run`` that needs Ray. ``settle`` is called with the Segmenters' dtype
+    once their device is known, before any image is read."""
     import ray
     from ray.data import DataContext
 
