@@ -37,6 +37,7 @@ from .errors import SeglabelError, get_logger, reason, redact_url, url_identity
 from .fetch import fetch, options_for
 from .keys import Bits, HashSet, SortedHashes, is_safe_key, key_hashes
 from .labels import resolve_labels, thing_ids
+from .ledger import MAX_ATTEMPTS, AttemptLedger
 from .sink import JOB_FILE, SCHEMA, SCRATCH_DIR, SUCCESS_FILE, OutputStore
 from .sources import ImageRef, iter_listing, iter_manifest
 from .storage import absolute_local
@@ -71,9 +72,6 @@ DECODE_HELD_BYTES = 256 << 20
 # Start the model only once every Segmenter actor has loaded it (so that the first one does not
 # take all the early work), and fail with a clear error when the cluster cannot place them.
 ACTOR_START_TIMEOUT_S = 1800
-# Executions of one image that may end with its worker's death (an OOM kill, a segfault)
-# before the image gets an error row instead: Ray retries a dead worker's task forever.
-MAX_ATTEMPTS = 3
 # A fraction given as --max-errors is judged only once this many images have been seen, so
 # that one bad image among the first few does not stop a job.
 MAX_ERRORS_MIN_SEEN = 100
@@ -157,32 +155,6 @@ def _error(value: Any) -> str | None:
     """An error cell as it travels between stages: "" (not None, which Ray may turn into a
     float NaN when a whole column is empty) means no error."""
     return value if isinstance(value, str) and value else None
-
-
-class AttemptLedger:
-    """A Ray actor that counts the executions of batches and images that have started and not
-    ended, so that a stage can tell a retry after its worker died from a first run.
-
-    Only work in flight is held (a finished batch's entries are dropped): a few thousand
-    integers, whatever the corpus.
-    """
-
-    def __init__(self) -> None:
-        self._started: Counter[tuple[str, int]] = Counter()
-
-    def begin(self, stage: str, indices: list[int]) -> list[int]:
-        """Count an execution of each todo row; returns how many had started before."""
-        before = [self._started[(stage, i)] for i in indices]
-        self._started.update((stage, i) for i in indices)
-        return before
-
-    def end(self, stage: str, indices: list[int]) -> None:
-        for i in indices:
-            self._started.pop((stage, i), None)
-
-    def in_flight(self) -> int:
-        """How many (stage, row) executions have begun and not ended."""
-        return len(self._started)
 
 
 _ONE_AT_A_TIME = threading.Lock()

@@ -6,6 +6,7 @@ every input appears exactly once, with its PNG, or as an error row with the expe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -279,7 +280,7 @@ def test_an_image_that_kills_its_worker_is_given_up_after_three_tries(checkpoint
     """A stand-in Segmenter that SIGKILLs its own process on one image (as an OOM kill does):
     Ray would retry that batch forever. The image gets an error row after MAX_ATTEMPTS deaths,
     and the other images of its batch are labeled."""
-    from seglabel.pipeline import MAX_ATTEMPTS
+    from seglabel.ledger import MAX_ATTEMPTS
 
     root = tmp_path / "in"
     expected = many_images(root, 7)
@@ -296,11 +297,37 @@ def test_an_image_that_kills_its_worker_is_given_up_after_three_tries(checkpoint
     assert MAX_ATTEMPTS == 3
 
 
+def test_the_ledger_actor_process_loads_no_pipeline(ray_session):
+    """The ledger is an actor with a process of its own, started with every job: that process
+    imports the ledger's module, not the pipeline with Pillow and pycocotools (seen in the
+    shared libraries it maps; numpy and pyarrow come with Ray's own serialization)."""
+    import ray
+
+    from seglabel import pipeline
+    from seglabel.ledger import AttemptLedger
+
+    assert pipeline.AttemptLedger is AttemptLedger and AttemptLedger.__module__ == "seglabel.ledger"
+    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    assert ray.get(ledger.begin.remote("decode", [1, 2])) == [0, 0]
+    assert ray.get(ledger.in_flight.remote()) == 2
+    maps = []
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] == "ray::AttemptLedger":
+            with contextlib.suppress(psutil.Error):
+                maps.append([m.path for m in process.memory_maps()])
+    assert maps, "no ledger actor process found"
+    for paths in maps:
+        assert any("/ray/" in p for p in paths)  # the maps are read: Ray's own library is there
+        assert not [p for p in paths if "/PIL/" in p or "/pycocotools/" in p], "it loaded the pipeline"
+    ray.kill(ledger)
+
+
 def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
     """The ledger's count, with a death simulated as an exception that skips the stage's end."""
     import ray
 
-    from seglabel.pipeline import MAX_ATTEMPTS, AttemptLedger, _bounded
+    from seglabel.ledger import MAX_ATTEMPTS, AttemptLedger
+    from seglabel.pipeline import _bounded
 
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     indices = np.array([10, 11, 12, 13])
@@ -333,7 +360,8 @@ def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session
     innocent one in the other call."""
     import ray
 
-    from seglabel.pipeline import AttemptLedger, _bounded
+    from seglabel.ledger import AttemptLedger
+    from seglabel.pipeline import _bounded
 
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     batches = [np.array([20, 21, 22]), np.array([30, 31, 32])]
@@ -371,7 +399,8 @@ def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints
     import ray
 
     from seglabel.config import EngineConfig
-    from seglabel.pipeline import AttemptLedger, SegmentStage
+    from seglabel.ledger import AttemptLedger
+    from seglabel.pipeline import SegmentStage
 
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     engine = EngineConfig(model=str(checkpoints["instance"]), stand_in="segments=2")
