@@ -17,7 +17,8 @@
 #   pytest  pytest -m gpu for the repo (modules that need moto / scikit-image fail to import
 #           there and are reported as collection errors; the gpu-marked tests of the rest run)
 #   nan     the tiny model's outputs in fp32 / bf16 / fp16 at batch 1 and 2: NaN or finite
-#   plumb   seglabel bench --stand-in --images PLUMB_IMAGES --size 480x640: the pipeline without the
+#   plumb   seglabel bench --stand-in --images PLUMB_IMAGES --size 480x640 --batch-size BS (as the
+#           2-core figures in bench/README.md): the pipeline without the
 #           model on every core (issue 10: >= 800 images/s on the 16-core machine) and its efficiency
 #   s384    seglabel bench --arch swin-s --task instance --images 512 --batch-size 32 --dtype bf16 (384x384)
 #   s384c   s384 with --compile, (a) left out (its first compile falls in (b)'s timed warm-up); not by default
@@ -196,7 +197,7 @@ for step in $STEPS; do
                 printf 'plumb\tskipped\t0\t(no ray)\n' >> "$OUT/steps.tsv"
             else
                 run_step plumb 120 "${BENCH[@]}" --stand-in --images "$PLUMB_IMAGES" --size 480x640 \
-                    "${PHOTO_FLAGS[@]}" --json "$OUT/plumbing.json"
+                    --batch-size "$BS" "${PHOTO_FLAGS[@]}" --json "$OUT/plumbing.json"
             fi ;;
         mem)
             run_step mem 120 "${BENCH[@]}" --memory --json "$OUT/memory.json" ;;
