@@ -91,10 +91,16 @@ def test_environment_checkpoint_and_report(without_pipeline):
 def test_pipeline_on_a_handful_of_images(tmp_path):
     path = tmp_path / "bench.json"
     result = run_bench(BenchConfig.from_mapping(
-        {"arch": "tiny", "task": "instance", "images": 6, "batch_size": 2, "json": str(path)}))
+        {"arch": "tiny", "task": "instance", "images": 6, "batch_size": 2, "json": str(path),
+         "pipeline_warm_up": 2}))
     written = json.loads(path.read_text())
     c = written["pipeline"]
-    assert c["images"] == 6 and c["ok"] == 6 and c["errors"] == 0 and c["warm_up"] is None
+    assert c["images"] == 6 and c["ok"] == 6 and c["errors"] == 0
+    # An untimed job ran first, into its own output: the timed one still labeled all six, and
+    # the goals judged on the rate with start-up say that it came after one.
+    assert written["settings"]["pipeline_warm_up"] == 2 and c["warm_up"]["ok"] == 2
+    assert any(g["goal"].endswith("(after a warm-up job)") for g in written["goals"])
+    assert "after an untimed 2-image job" in report(result)
     assert c["formats"] == {"jpg": 5, "png": 1}
     assert c["images_per_s"] > 0 and c["segments_per_image"] > 0
     assert c["decode_ms_per_image"] > 0 and c["ray"]["init_s"] >= 0
@@ -110,14 +116,16 @@ def test_stand_in_bench_measures_the_pipeline_without_the_model(tmp_path, capsys
     files; the efficiency is p / (r x cores), and every stage's CPU is reported."""
     path = tmp_path / "plumbing.json"
     assert main(["bench", "--stand-in", "segments=5,coverage=0.04", "--images", "24", "--size", "96x128",
-                 "--pipeline-warm-up", "5", "--json", str(path)]) == 0
+                 "--batch-size", "4", "--pipeline-warm-up", "30", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     written = json.loads(path.read_text())
     raw, pipeline = written["raw"], written["pipeline"]
     assert raw["images"] == pipeline["images"] == pipeline["ok"] == 24
-    # The untimed job ran first, on images of its own: none of its rows is in the timed job's.
-    assert pipeline["warm_up"]["images"] == pipeline["warm_up"]["ok"] == 5
-    assert "after an untimed job of 5 images" in out
+    # The untimed job ran first, on 30 images (the 24 cycled) in an output of its own: the timed
+    # job still labeled all 24 (sharing an output, it would have resumed past them).
+    assert pipeline["warm_up"]["images"] == pipeline["warm_up"]["ok"] == 30
+    assert "after an untimed job of 30 images (30 ok" in out
+    assert written["batch_size"] == 4
     assert pipeline["formats"] == {"jpg": 24, "png": 0}
     assert raw["segments_per_image"] == pipeline["segments_per_image"] == 5
     cores = written["cores"]

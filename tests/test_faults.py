@@ -307,19 +307,24 @@ def test_the_ledger_actor_process_loads_no_pipeline(ray_session):
     from seglabel.ledger import AttemptLedger
 
     assert pipeline.AttemptLedger is AttemptLedger and AttemptLedger.__module__ == "seglabel.ledger"
+    created = time.time() - 1  # process start times are rounded to the clock tick
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
-    assert ray.get(ledger.begin.remote("decode", [1, 2])) == [0, 0]
-    assert ray.get(ledger.in_flight.remote()) == 2
-    maps = []
-    for process in psutil.process_iter(["name"]):
-        if process.info["name"] == "ray::AttemptLedger":
-            with contextlib.suppress(psutil.Error):
-                maps.append([m.path for m in process.memory_maps()])
-    assert maps, "no ledger actor process found"
-    for paths in maps:
-        assert any("/ray/" in p for p in paths)  # the maps are read: Ray's own library is there
-        assert not [p for p in paths if "/PIL/" in p or "/pycocotools/" in p], "it loaded the pipeline"
-    ray.kill(ledger)
+    try:
+        assert ray.get(ledger.begin.remote("decode", [1, 2])) == [0, 0]
+        assert ray.get(ledger.in_flight.remote()) == 2
+        maps = []
+        # This session's ledger: started just now (an older one, or another Ray's, is not).
+        for process in psutil.process_iter(["name", "create_time"]):
+            if process.info["name"] == "ray::AttemptLedger" and process.info["create_time"] >= created:
+                with contextlib.suppress(psutil.Error):
+                    maps.append([m.path for m in process.memory_maps()])
+        maps = [paths for paths in maps if paths]  # one that has exited maps nothing
+        assert maps, "no ledger actor process found"
+        for paths in maps:
+            assert any("/ray/" in p for p in paths)  # the maps are read: Ray's own library is there
+            assert not [p for p in paths if "/PIL/" in p or "/pycocotools/" in p], "it loaded the pipeline"
+    finally:
+        ray.kill(ledger)
 
 
 def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):

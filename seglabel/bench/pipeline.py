@@ -14,8 +14,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..config import EngineConfig
+from ..errors import get_logger
 from .images import PNG_EVERY, write_images
 from .measure import GpuSampler, rate, torch_device
+
+log = get_logger(__name__)
 
 # The pipeline's steady-state rate comes from the times its Parquet parts appear: parts less
 # than STEADY_MIN_GAP_S apart are one moment; it needs 3 moments over STEADY_MIN_SPAN_S.
@@ -99,10 +102,13 @@ def run_pipeline(
     checkpoint built here travels there too, so that every node can load it. ``repeat`` writes
     each image that many times, so that the job's fixed start-up weighs less in its rate.
 
-    ``warm_up`` images (the first ones, cycled) are labeled first, untimed, by a job of their
-    own in the same Ray, so that the timed job starts as a job on a long-lived cluster does: Ray
-    Data's own actors (detached, one per cluster) already started, idle workers at hand. With
-    0, the timed job is a fresh Ray's first, as ``seglabel run`` with an embedded Ray is.
+    ``warm_up`` images (the first ones, cycled when there are fewer) are labeled first, untimed,
+    into an output of their own, by this same process: the timed job then finds Ray Data's own
+    actors up (detached, one per cluster, as a job on a long-lived cluster finds them) and, beyond
+    what such a job would find, this Ray job's idle task workers with the pipeline already
+    imported (Ray hands idle workers only to the job that started them). So its start-up is a
+    best case, a bound for a later job on a long-lived cluster. With 0, the timed job is a fresh
+    Ray's first, as ``seglabel run`` with an embedded Ray is.
     """
     import fsspec
 
@@ -141,6 +147,8 @@ def run_pipeline(
                 warm_summary = run(config.replace(input=fs.unstrip_protocol(f"{root_path}/warm-input"),
                                                   output=fs.unstrip_protocol(f"{root_path}/warm-output")))
                 warmed = {"images": warm_up, "ok": warm_summary.ok, "seconds": time.perf_counter() - started}
+                if warm_summary.ok != warm_up:
+                    log.warning("the warm-up job labeled %d of its %d images", warm_summary.ok, warm_up)
             with GpuSampler(torch_device("cuda" if actors_gpus else "cpu")) as gpu:
                 started = time.perf_counter()
                 summary = run(config)

@@ -143,6 +143,7 @@ def run_plumbing(
         "cpu": cpu_name(),
         "cores": cores,
         "stand_in": str(engine.stand_in),
+        "batch_size": engine.batch_size,
         "raw": raw,
         "pipeline": pipeline,
         "efficiency": efficiency(p),
@@ -182,9 +183,9 @@ def report(result: dict[str, Any]) -> str:
     if result.get("cores_busy") is not None:
         lines.append(f"cores busy with the pipeline's CPU work: {result['cores_busy']:.0%} of the run")
     if warm := pipeline.get("warm_up"):
-        lines.append(f"(p) ran after an untimed job of {warm['images']} images in the same Ray "
-                     f"({warm['seconds']:.1f} s): its start-up is a long-lived cluster's, with Ray Data's "
-                     "own actors up")
+        lines.append(f"(p) ran after an untimed job of {warm['images']} images ({warm['ok']} ok, "
+                     f"{warm['seconds']:.1f} s) in the same Ray: its start-up is a best case, Ray Data's "
+                     "actors and this job's workers up")
     if result.get("model_imports_s") is not None:
         lines.append(f"not in (p): a real Segmenter actor's start adds torch + transformers imports, "
                      f"{result['model_imports_s']:.1f} s here, and its weights")

@@ -37,7 +37,8 @@ def _settings(config: BenchConfig, task: str, device: Any, threads: int) -> dict
         "overlap_threshold": engine.overlap_threshold,
         "target_segments": config.target_segments if config.arch else None,
         "mask_coverage": config.mask_coverage if config.arch else None,
-        "hf_images": config.hf_images, "pipeline_repeat": config.pipeline_repeat, "warmup": config.warmup,
+        "hf_images": config.hf_images, "pipeline_repeat": config.pipeline_repeat,
+        "pipeline_warm_up": config.pipeline_warm_up, "warmup": config.warmup,
         "threads": threads, "num_gpus": config.num_gpus, "address": config.address,
     }
 

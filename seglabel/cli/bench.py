@@ -73,8 +73,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--pipeline-repeat", dest="pipeline_repeat", type=int, metavar="K",
                    help="(c): write each image K times, so that the job's start-up weighs less (default 1)")
     r.add_argument("--pipeline-warm-up", dest="pipeline_warm_up", type=int, metavar="N",
-                   help="(c) and --stand-in: an untimed job of N images first, in the same Ray, so that the "
-                   "timed one starts as on a long-lived cluster, Ray Data's actors up (default 0)")
+                   help="(c) and --stand-in: an untimed job of N images first (cycled), in the same Ray, so "
+                   "that the timed one finds Ray Data's actors and its own workers up: a best case for a "
+                   "later job on a long-lived cluster (default 0)")
     r.add_argument(
         "--warmup", type=int, metavar="N", help="untimed warm-up calls before (a) and (b) (default 1)"
     )
