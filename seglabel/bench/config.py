@@ -39,11 +39,12 @@ def parse_size(text: str | int | None) -> tuple[int, int] | None:
     return values[0], values[1]
 
 
-def _positive(name: str, value: Any, allow_none: bool = False) -> None:
+def _positive(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        kind = "a whole number >= 0" if allow_zero else "a positive whole number"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,8 @@ class BenchConfig:
         _positive("pipeline_repeat", self.pipeline_repeat)
         _positive("threads", self.threads, allow_none=True)
         _positive("memory_entries", self.memory_entries)
-        for name in ("warmup", "pipeline_warm_up"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be a whole number >= 0, got {value!r}")
+        _positive("warmup", self.warmup, allow_zero=True)
+        _positive("pipeline_warm_up", self.pipeline_warm_up, allow_zero=True)
         if self.num_gpus is not None and (not isinstance(self.num_gpus, int) or self.num_gpus < 0):
             raise ConfigError(f"num_gpus must be a whole number >= 0, got {self.num_gpus!r}")
         if self.target_segments < 0:
