@@ -273,7 +273,8 @@ class _Images:
         self.rows, self.max_bytes = rows, max_bytes
         self.shared: np.ndarray | None = None
         self.listed: list[np.ndarray] | None = None
-        self.count = self.held = 0
+        self.count = 0
+        self.held = 0  # bytes of the listed rows (the shared array's are its rows × a row's)
 
     def add(self, image: np.ndarray | None) -> None:
         """The next row's image; None for a row that failed."""
@@ -287,20 +288,23 @@ class _Images:
         shared = self.shared
         if shared is not None and (image is None or _same_kind(image, shared[0])):
             shared[self.count] = 0 if image is None else image
-            self.held += shared[0].nbytes
         else:
             if self.listed is None:
                 # A second size (or dtype): every row its own array from here on. The rows so far are
                 # copied out, so that the shared array, larger than they are, is let go.
                 self.listed = [row.copy() for row in shared[: self.count]] if shared is not None else []
+                self.held = sum(row.nbytes for row in self.listed)
                 self.shared = None
             self.listed.append(np.zeros((1, 1, 3), np.uint8) if image is None else image)
             self.held += self.listed[-1].nbytes
         self.count += 1
 
     def full(self) -> bool:
-        """Whether the block is to be handed on now."""
-        return self.held >= self.max_bytes or (self.shared is not None and self.count == len(self.shared))
+        """Whether the block is to be handed on now: the shared array has as many rows as reach
+        the budget, so it is full when every row is written; listed rows count their bytes."""
+        if self.shared is not None:
+            return self.count == len(self.shared)
+        return self.held >= self.max_bytes
 
     def column(self) -> np.ndarray:
         """The rows' images, as one array or an object array of arrays."""
