@@ -1,4 +1,9 @@
-"""Load a Mask2Former checkpoint and decide which task it does.
+"""Load a Mask2Former or EoMT checkpoint and decide which task it does.
+
+Two model families share one mask-classification output (``class_queries_logits``,
+``masks_queries_logits``): Mask2Former (``model_type`` ``mask2former``) and EoMT (``eomt``,
+and ``eomt_dinov3`` on a DINOv3 backbone). The family is read from the checkpoint's
+``config.json`` before any weights are loaded; any other model type is refused in one line.
 
 A checkpoint is a Hub id (optionally pinned to a revision), a local directory, or an fsspec URL
 of a directory written by ``save_pretrained`` (copied to a local cache once). Loading never runs
@@ -29,6 +34,20 @@ class CheckpointError(SeglabelError, RuntimeError):
     """The checkpoint cannot be found or loaded; the message is one readable line."""
 
 
+# The model types seglabel runs, by family name as users know it.
+FAMILIES = {"mask2former": "Mask2Former", "eomt": "EoMT", "eomt_dinov3": "EoMT (DINOv3 backbone)"}
+
+
+def family_of(model_type: Any, model: str) -> str:
+    """The checkpoint's family (its ``model_type``), or one line naming the supported ones."""
+    if model_type in FAMILIES:
+        return str(model_type)
+    supported = ", ".join(f"{name} ({kind})" for kind, name in FAMILIES.items())
+    known = isinstance(model_type, str) and model_type
+    what = f"a {model_type!r} model" if known else "not a model seglabel knows"
+    raise CheckpointError(f"checkpoint {model} is {what}; seglabel runs {supported} checkpoints")
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A loaded checkpoint: the model, its preprocessor, and where it came from."""
@@ -38,6 +57,16 @@ class Checkpoint:
     model_id: str
     revision: str | None
     id2label: dict[int, str]
+    family: str = "mask2former"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the driver learns of a checkpoint from its config alone (no weights)."""
+
+    id2label: dict[int, str]
+    revision: str | None
+    family: str
 
 
 def detect_task(model_id: str, task: str | None = None) -> str:
@@ -167,15 +196,33 @@ def fetch_checkpoint(
     return target
 
 
-def processor_class():
-    """The Mask2Former image processor class that needs no torchvision."""
+def processor_class(family: str = "mask2former"):
+    """The family's image processor class that needs no torchvision."""
     # transformers 5 falls back to the PIL processor (with a warning) when torchvision is missing
     # or broken; asking for it directly keeps the CPU path free of torchvision. seglabel only
     # reads the processor's configuration; the pixels are prepared on the model's device.
-    try:
-        from transformers import Mask2FormerImageProcessorPil as cls
-    except ImportError:  # older transformers 5.x releases
-        from transformers import Mask2FormerImageProcessor as cls
+    import transformers
+
+    base = "Eomt" if family.startswith("eomt") else "Mask2Former"
+    # Older transformers 5.x releases have only the one class.
+    pil = getattr(transformers, f"{base}ImageProcessorPil", None)
+    return pil or getattr(transformers, f"{base}ImageProcessor")
+
+
+def model_class(family: str):
+    """The transformers class that runs a family's checkpoints for universal segmentation."""
+    import transformers
+
+    names = {
+        "mask2former": "Mask2FormerForUniversalSegmentation",
+        "eomt": "EomtForUniversalSegmentation",
+        "eomt_dinov3": "EomtDinov3ForUniversalSegmentation",
+    }
+    cls = getattr(transformers, names[family], None)
+    if cls is None:
+        raise CheckpointError(
+            f"this transformers ({transformers.__version__}) has no {names[family]}; upgrade transformers"
+        )
     return cls
 
 
@@ -187,12 +234,13 @@ def load_checkpoint(
     dtype: Any = None,
     cache_dir: str | None = None,
 ) -> Checkpoint:
-    """Load a Mask2Former checkpoint for inference.
+    """Load a Mask2Former or EoMT checkpoint for inference.
 
     ``model`` is a Hub id, a local directory, or an fsspec URL of a saved checkpoint. Safetensors
-    files are preferred when present; ``trust_remote_code`` is never enabled.
+    files are preferred when present; ``trust_remote_code`` is never enabled. The family comes
+    from the checkpoint's own config, read again here: a worker's copy is what it loads.
     """
-    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers import AutoConfig
 
     source: str = model
     kwargs: dict[str, Any] = {"trust_remote_code": False}
@@ -200,7 +248,7 @@ def load_checkpoint(
     if model.startswith("file://"):
         source = model[len("file://"):]
     elif _is_remote_url(model):
-        # The revision of a URL checkpoint is its contents' fingerprint (read_label_config).
+        # The revision of a URL checkpoint is its contents' fingerprint (inspect_checkpoint).
         source = str(fetch_checkpoint(model, cache_dir, revision))
         weights["use_safetensors"] = True  # all the copy holds; never unpickle what a bucket serves
     is_local = os.path.isdir(source)
@@ -209,15 +257,21 @@ def load_checkpoint(
     if revision and not is_local:
         kwargs["revision"] = revision
     try:
-        net = Mask2FormerForUniversalSegmentation.from_pretrained(source, dtype=dtype, **kwargs, **weights)
-        processor = processor_class().from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load checkpoint {model!r}: {first}") from exc
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        family = family_of(getattr(config, "model_type", None), model)
+        net = model_class(family).from_pretrained(source, config=config, dtype=dtype, **kwargs, **weights)
+        processor = processor_class(family).from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot load checkpoint {model!r}: {_first_line(exc)}") from exc
     net.eval().to(device)
     resolved = getattr(net.config, "_commit_hash", None) if not is_local else None
     id2label = {int(k): str(v) for k, v in net.config.id2label.items()}
-    return Checkpoint(net, processor, model, resolved or revision, id2label)
+    return Checkpoint(net, processor, model, resolved or revision, id2label, family)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -227,11 +281,11 @@ def _looks_like_hub_id(model: str) -> bool:
     return bool(re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", model))
 
 
-def read_label_config(model: str, revision: str | None = None) -> tuple[dict[int, str], str | None]:
-    """A checkpoint's ``id2label`` and resolved revision, reading only its config.
+def inspect_checkpoint(model: str, revision: str | None = None) -> CheckpointInfo:
+    """A checkpoint's labels, resolved revision and family, reading only its config.
 
-    The driver uses this to fail fast on a bad model and to describe the job, without loading
-    weights (those are loaded once per Segmenter actor).
+    The driver uses this to fail fast on a bad model (a missing one, another architecture) and
+    to describe the job, without loading weights (those are loaded once per Segmenter actor).
     """
     import json
 
@@ -253,21 +307,34 @@ def read_label_config(model: str, revision: str | None = None) -> tuple[dict[int
             ) from exc
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read checkpoint config {url}: {exc}") from exc
-        labels = {int(k): str(v) for k, v in config.get("id2label", {}).items()}
+        if not isinstance(config, dict):
+            raise CheckpointError(f"cannot read checkpoint config {url}: not a JSON object")
+        family = family_of(config.get("model_type"), model)
+        labels = _labels(config.get("id2label"), model)
         if _is_remote_url(model):
             # Actors on other nodes copy it later: the job pins what it was now.
             current = checkpoint_fingerprint(model)
             if revision is not None and revision != current:
                 raise CheckpointError(f"the checkpoint at {model} is {current}, not revision {revision}")
-            return labels, current
-        return labels, revision
+            return CheckpointInfo(labels, current, family)
+        return CheckpointInfo(labels, revision, family)
     # Only here: transformers imports torch (a quarter of a GB in the driver, for a config file).
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load checkpoint {model!r}: {first}") from exc
-    labels = {int(k): str(v) for k, v in config.id2label.items()}
-    return labels, getattr(config, "_commit_hash", None) or revision
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot load checkpoint {model!r}: {_first_line(exc)}") from exc
+    family = family_of(getattr(config, "model_type", None), model)
+    labels = _labels(config.id2label, model)
+    return CheckpointInfo(labels, getattr(config, "_commit_hash", None) or revision, family)
+
+
+def _labels(id2label: Any, model: str) -> dict[int, str]:
+    """A config's ``id2label`` with integer ids, or one line saying it is unusable."""
+    try:
+        return {int(k): str(v) for k, v in dict(id2label or {}).items()}
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {model}: its config's id2label is not a map of ids to names"
+        ) from exc

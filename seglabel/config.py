@@ -241,8 +241,13 @@ class JobConfig:
     overwrite: bool = False
     retry_errors: bool = False
     max_errors: float | None = None
+    # Licence ids (lower-case SPDX, as Hub cards write them) a checkpoint must declare to run.
+    require_license: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        from .license import parse_allowed
+
+        object.__setattr__(self, "require_license", parse_allowed(self.require_license))
         if not self.output or not str(self.output).strip():
             raise ConfigError("an output URL is required (--output)")
         if bool(self.input) == bool(self.manifest):

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
-from .checkpoint import detect_task, read_label_config
+from .checkpoint import FAMILIES, detect_task, inspect_checkpoint
 from .cluster import connect
 from .config import ConfigError, EngineConfig, JobConfig, default_dtype
 from .encode import ALIGN, RawPrediction, build_segments, encode_png
@@ -38,6 +38,7 @@ from .fetch import fetch, options_for
 from .keys import Bits, HashSet, SortedHashes, is_safe_key, key_hashes
 from .labels import resolve_labels, thing_ids
 from .ledger import MAX_ATTEMPTS, AttemptLedger
+from .license import License, check_allowed, checkpoint_license
 from .sink import JOB_FILE, SCHEMA, SCRATCH_DIR, SUCCESS_FILE, OutputStore
 from .sources import ImageRef, iter_listing, iter_manifest
 from .storage import absolute_local
@@ -102,6 +103,8 @@ class Summary:
     totals: dict[str, Any] = field(default_factory=dict)
     # CPU seconds by stage over the run (Ray Data's per-operator CPU; the driver's own).
     stage_cpu_s: dict[str, float] = field(default_factory=dict)
+    # The checkpoint's licence, as read before the run (None: the summary of another tool).
+    license: License | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -141,6 +144,8 @@ class Summary:
         lines.append(
             f"masks: {self.output.rstrip('/')}/masks/  metadata: {self.output.rstrip('/')}/metadata/"
         )
+        if self.license is not None:
+            lines.append(f"checkpoint licence: {self.license}")
         return "\n".join(lines)
 
 
@@ -526,18 +531,24 @@ def _refs(config: JobConfig) -> Iterator[ImageRef]:
 
 
 def _job_record(
-    config: JobConfig, task: str, revision: str | None, id2label: dict[int, str]
+    config: JobConfig,
+    task: str,
+    revision: str | None,
+    id2label: dict[int, str],
+    family: str,
+    license: License,
 ) -> dict[str, Any]:
-    """job.json: the run's spec and versions, each setting once. ``task`` and ``revision`` are
-    the ones the run settled on (the checkpoint's task, the Hub commit); the other mask
-    settings as given (``dtype`` null: the device's default). No storage options: they may
-    hold credentials."""
+    """job.json: the run's spec and versions, each setting once. ``task``, ``revision`` and
+    ``family`` are the ones the run settled on (the checkpoint's task, the Hub commit, its model
+    type); the other mask settings as given (``dtype`` null: the device's default). No storage
+    options: they may hold credentials."""
     return {
         # A presigned manifest URL's signature or a URL's password is not recorded.
         "input": redact_url(config.input) if config.input else None,
         "manifest": redact_url(config.manifest) if config.manifest else None,
         "output": redact_url(config.output),
-        **_mask_settings(config.engine, task, revision),
+        **_mask_settings(config.engine, task, revision, family),
+        "model_license": license.record(),
         "id2label": {str(k): v for k, v in sorted(id2label.items())},
         "versions": {
             "seglabel": __version__,
@@ -557,11 +568,13 @@ def _version(package: str) -> str:
         return importlib.import_module(package).__version__
 
 
-def _mask_settings(engine: EngineConfig, task: str, revision: str | None) -> dict[str, Any]:
+def _mask_settings(
+    engine: EngineConfig, task: str, revision: str | None, family: str = "mask2former"
+) -> dict[str, Any]:
     settings = engine.mask_settings()
     if isinstance(settings.get("model"), str):
         settings["model"] = redact_url(settings["model"])  # a presigned checkpoint URL's signature
-    return {**settings, "task": task, "revision": revision}
+    return {**settings, "task": task, "revision": revision, "family": family}
 
 
 def _check_same_input(previous: dict[str, Any], config: JobConfig) -> None:
@@ -581,8 +594,10 @@ def _check_same_input(previous: dict[str, Any], config: JobConfig) -> None:
 
 
 def _check_same_settings(previous: dict[str, Any], engine: EngineConfig, task: str, revision: str | None,
-                         output: str) -> None:
-    """Refuse to resume an output labeled with settings that change masks."""
+                         output: str, family: str = "mask2former") -> None:
+    """Refuse to resume an output labeled with settings that change masks (a checkpoint of
+    another family at the same place included; outputs from before families were recorded
+    were Mask2Former's)."""
     if isinstance(previous.get("settings"), dict):
         # job.json of seglabel 0.1.0 before settings were recorded once: the mask settings as
         # given sat in "settings" (task and revision as asked, not as resolved), and a local
@@ -591,7 +606,9 @@ def _check_same_settings(previous: dict[str, Any], engine: EngineConfig, task: s
         if isinstance(before.get("model"), str):
             before["model"] = _absolute_model(before["model"])
     else:
-        before, now = previous, _mask_settings(engine, task, revision)
+        before, now = previous, _mask_settings(engine, task, revision, family)
+    before = {**before, "family": before.get("family", "mask2former")}
+    now.setdefault("family", family)
     # A dtype not given is the device's default, checked once the device is known (settle).
     changed = [
         k for k in now if k in before and before[k] != now[k] and not _settled_later(k, before[k], now[k])
@@ -851,14 +868,22 @@ def run(config: JobConfig) -> Summary:
     config = _absolute_paths(config)
     engine = config.engine
     task = detect_task(engine.model, engine.task)
-    id2label, revision = read_label_config(engine.model, engine.revision)
+    info = inspect_checkpoint(engine.model, engine.revision)
+    id2label, revision = info.id2label, info.revision
+    license = checkpoint_license(engine.model, revision, info.family)
+    log.info("checkpoint %s: %s, licence %s", engine.model, FAMILIES[info.family], license)
+    if license.noncommercial:
+        log.warning("checkpoint %s is licensed %s: its weights may not be used commercially", engine.model,
+                    license.id)
+    check_allowed(license, config.require_license, engine.model)
     try:
         things = thing_ids(id2label, engine.thing_labels)
         if engine.labels is not None:
             resolve_labels(id2label, engine.labels)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    summary = Summary(output=redact_url(config.output), task=task, model=engine.model, dry_run=config.dry_run)
+    summary = Summary(output=redact_url(config.output), task=task, model=engine.model, dry_run=config.dry_run,
+                      license=license)
 
     refs = _refs(config)
     first = next(refs, None)  # a missing input fails here, before anything is written
@@ -871,7 +896,7 @@ def run(config: JobConfig) -> Summary:
         previous = None  # a dry run of --overwrite counts as the real one would: from scratch
     elif previous is not None:
         _check_same_input(previous, config)
-        _check_same_settings(previous, engine, task, revision, config.output)
+        _check_same_settings(previous, engine, task, revision, config.output, info.family)
     if not config.dry_run:
         store.check_writable()
         store.clean_temporary()
@@ -895,7 +920,7 @@ def run(config: JobConfig) -> Summary:
     if tally.repeats:
         log.info("%d entries repeated an image already listed: each image counts once", tally.repeats)
     del done, new_refs  # the enumeration's memory, before the counts need theirs
-    record = _job_record(config, task, revision, id2label) if previous is None else None
+    record = _job_record(config, task, revision, id2label, info.family, license) if previous is None else None
 
     def settle(dtype: str) -> None:
         """Once the Segmenters' device is known: the dtype they will use is recorded, or checked

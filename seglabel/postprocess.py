@@ -15,6 +15,15 @@ Masks are first brought to the model-input resolution (the "canvas"), as Mask2Fo
 inference does, then to the original size. ``compat=True`` reproduces HF's results as they are:
 its canvas is a fixed 384×384 whatever the input was (padding included), its instance masks are
 thresholded there and enlarged with nearest-neighbour, and its panoptic numbering is kept.
+
+EoMT (``family`` ``eomt``/``eomt_dinov3``) follows HF's EoMT post-processing: the canvas is the
+padded square input, whose padding is cropped off before masks go to the original size; mask
+logits (not probabilities) are resized, then the sigmoid taken; instance scores are each query's
+arg-max class probability times its mean mask probability; a panoptic pixel whose winning
+query's probability is under the mask threshold is void. Semantic images cut into crops get
+their crops' class scores averaged back together. ``compat`` adds what HF's EoMT code does that
+the default does not: instance mask scores taken at the original resolution, and a semantic
+canvas resized whole, its padding included, to the image.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .encode import PackedMasks, RawPrediction
-from .preprocess import host_to_device
+from .preprocess import Layout, host_to_device
 
 # HF's post-processing resizes mask logits to this canvas whatever the model input was.
 HF_CANVAS = (384, 384)
@@ -50,6 +59,12 @@ class PostprocessSpec:
     min_area: int = 0
     max_instances: int | None = None
     chunk_elements: int = CHUNK_ELEMENTS
+    family: str = "mask2former"
+
+    @property
+    def eomt(self) -> bool:
+        """Whether the model is EoMT's (HF's EoMT post-processing semantics)."""
+        return self.family.startswith("eomt")
 
 
 def semantic_void(num_labels: int) -> int:
@@ -172,17 +187,34 @@ class Postprocessor:
         mask_logits: torch.Tensor,
         sizes: list[tuple[int, int]],
         input_size: tuple[int, int] | None = None,
+        layouts: list[Layout] | None = None,
     ) -> list[RawPrediction]:
         """Post-process one batch.
 
         ``class_logits`` (B, Q, C+1) and ``mask_logits`` (B, Q, h, w) are the model's outputs,
         ``sizes`` the original (H, W) of each image, ``input_size`` the model-input size (the
-        canvas; by default the mask logits' own size).
+        canvas; by default the mask logits' own size), ``layouts`` where each image lies in the
+        batch (by default image b is row b and fills its canvas).
         """
         # A local, not an attribute: two threads may post-process batches of two sizes at once.
-        canvas = tuple(HF_CANVAS if self.spec.compat else input_size or mask_logits.shape[-2:])
+        hf_canvas = self.spec.compat and not self.spec.eomt  # HF's EoMT code uses the input size
+        canvas = tuple(HF_CANVAS if hf_canvas else input_size or mask_logits.shape[-2:])
+        layouts = layouts or [Layout((b,)) for b in range(len(sizes))]
+        if self.spec.task != "semantic" and any(layout.starts for layout in layouts):
+            raise ValueError("images cut into crops are merged back for semantic segmentation only")
         run = getattr(self, f"_{self.spec.task}")
-        return run(class_logits.float(), mask_logits.float(), sizes, canvas)
+        return run(class_logits.float(), mask_logits.float(), sizes, canvas, layouts)
+
+    @staticmethod
+    def _region(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """A (K, h, w) canvas tensor cut to the part the image fills (its padding cropped off)."""
+        if layout.resized is None:
+            return tensor
+        return tensor[:, : layout.resized[0], : layout.resized[1]]
+
+    def _image_logits(self, mask_logits: torch.Tensor, layout: Layout, queries, canvas) -> torch.Tensor:
+        """(K, h, w) mask logits of an image's ``queries`` on its region of the canvas."""
+        return self._region(self._canvas(mask_logits[layout.rows[0], queries], canvas), layout)
 
     def _allowed(self, size: int, device: torch.device) -> torch.Tensor:
         """(size,) booleans: True at the label ids --labels keeps."""
@@ -199,7 +231,33 @@ class Postprocessor:
 
     # -- semantic ---------------------------------------------------------------------------
 
-    def _semantic(self, class_logits, mask_logits, sizes, canvas):
+    def _semantic_scores(self, probs, mask_logits, layout: Layout, canvas) -> torch.Tensor:
+        """(C, h, w) class scores of one image at model scale: its canvas (EoMT: its padding
+        cropped off, except in compat, as HF's EoMT code resizes the padded canvas whole), or
+        its crops' scores averaged where they overlap (``merge_image_patches``)."""
+
+        def scores(row: int) -> torch.Tensor:
+            return torch.einsum("qc,qhw->chw", probs[row], self._canvas(mask_logits[row], canvas).sigmoid())
+
+        if not layout.starts:
+            whole = scores(layout.rows[0])
+            return whole if self.spec.compat else self._region(whole, layout)
+        height, width = layout.resized
+        tall = height > width
+        total = torch.zeros((probs.shape[-1], height, width), device=mask_logits.device)
+        count = torch.zeros((1, height, width), device=mask_logits.device)
+        for row, start in zip(layout.rows, layout.starts):
+            crop = scores(row)
+            end = start + (crop.shape[1] if tall else crop.shape[2])
+            if tall:
+                total[:, start:end] += crop
+                count[:, start:end] += 1
+            else:
+                total[:, :, start:end] += crop
+                count[:, :, start:end] += 1
+        return total / count.clamp(min=1)
+
+    def _semantic(self, class_logits, mask_logits, sizes, canvas, layouts):
         spec = self.spec
         probs = class_logits.softmax(-1)[..., :-1]
         num = self.num_labels
@@ -208,8 +266,8 @@ class Postprocessor:
         dtype = np.uint8 if num < 256 or (num == 256 and not filtering) else np.uint16
         to_host = _ToHost(mask_logits.device, self)
         fetched = []
-        for b, (height, width) in enumerate(sizes):
-            scores = torch.einsum("qc,qhw->chw", probs[b], self._canvas(mask_logits[b], canvas).sigmoid())
+        for (height, width), layout in zip(sizes, layouts):
+            scores = self._semantic_scores(probs, mask_logits, layout, canvas)
             label_map = torch.empty((height, width), dtype=torch.int32, device=scores.device)
             areas = torch.zeros(num, dtype=torch.int64, device=scores.device)
             for r0, r1 in row_chunks(num, height, width, spec.chunk_elements):
@@ -236,26 +294,34 @@ class Postprocessor:
 
     # -- instance ---------------------------------------------------------------------------
 
-    def _instance(self, class_logits, mask_logits, sizes, canvas):
+    def _instance(self, class_logits, mask_logits, sizes, canvas, layouts):
         spec = self.spec
-        _, num_queries, _ = class_logits.shape
         num = self.num_labels
         device = mask_logits.device
         scores = class_logits.softmax(-1)[..., :-1]
         if spec.keep_label_ids is not None:
             scores = scores * self._allowed(num, scores.device)
-        # Top-k over (query, label) pairs with k = number of queries, as Mask2Former does.
-        top_scores, top_index = scores.flatten(1).topk(num_queries, dim=1)
-        top_labels = top_index % num
-        top_queries = top_index // num
-        threshold = _logit(spec.mask_threshold)
+        threshold = self._mask_logit_threshold()
+        if spec.eomt:
+            # HF's EoMT: each query with its arg-max class.
+            top_scores, top_labels = scores.max(-1)
+            top_queries = torch.arange(scores.shape[1], device=device).expand_as(top_labels)
+        else:
+            # Top-k over (query, label) pairs with k = number of queries, as Mask2Former does.
+            top_scores, top_index = scores.flatten(1).topk(scores.shape[1], dim=1)
+            top_labels = top_index % num
+            top_queries = top_index // num
         # First every image's query scores, then one wait for all of them: which queries are
         # kept is the host's decision, made once a batch.
         finals = []
-        for b in range(len(sizes)):
-            logits = self._canvas(mask_logits[b, top_queries[b]], canvas)
-            binary = logits > threshold
-            mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+        for b, ((height, width), layout) in enumerate(zip(sizes, layouts)):
+            logits = self._image_logits(mask_logits, layout, top_queries[b], canvas)
+            if spec.eomt and spec.compat:
+                mask_scores = self._full_size_mask_scores(logits, height, width, threshold)
+            else:
+                binary = logits > threshold
+                mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1)
+                mask_scores = mask_scores / (binary.flatten(1).sum(1) + 1e-6)
             finals.append(top_scores[b] * mask_scores)
         to_host = _ToHost(device, self)
         final_host, labels_host, queries_host = (
@@ -264,7 +330,7 @@ class Postprocessor:
         to_host.wait()
         final_host, labels_host, queries_host = final_host.numpy(), labels_host.numpy(), queries_host.numpy()
         fetched = []
-        for b, (height, width) in enumerate(sizes):
+        for b, ((height, width), layout) in enumerate(zip(sizes, layouts)):
             sel = np.flatnonzero(final_host[b] >= spec.score_threshold)
             sel = sel[np.argsort(-final_host[b, sel], kind="stable")]
             k = len(sel)
@@ -272,8 +338,9 @@ class Postprocessor:
                 masks = torch.zeros((0, height, width), dtype=torch.bool, device=device)
             else:
                 # Only the kept queries' canvases: interpolation is per query.
-                logits = self._canvas(mask_logits[b, host_to_device(queries_host[b, sel], device)], canvas)
-                if spec.compat:
+                queries = host_to_device(queries_host[b, sel], device)
+                logits = self._image_logits(mask_logits, layout, queries, canvas)
+                if spec.compat and not spec.eomt:
                     # uint8, not float: a byte a pixel a mask, as the boolean result itself.
                     small = (logits > threshold).to(torch.uint8).unsqueeze(0)
                     masks = F.interpolate(small, size=(height, width), mode="nearest")[0] > 0
@@ -320,9 +387,26 @@ class Postprocessor:
             )
         return results
 
+    def _mask_logit_threshold(self) -> float:
+        """The mask threshold as a logit (HF's EoMT code thresholds logits at 0, whatever the
+        mask threshold: compat does too)."""
+        return 0.0 if self.spec.eomt and self.spec.compat else _logit(self.spec.mask_threshold)
+
+    def _full_size_mask_scores(self, logits, height, width, threshold) -> torch.Tensor:
+        """(K,) mean mask probabilities over each mask at the original size, in row chunks (HF's
+        EoMT instance scores; the default takes them at model scale)."""
+        total = torch.zeros(logits.shape[0], device=logits.device)
+        count = torch.zeros(logits.shape[0], device=logits.device)
+        for r0, r1 in row_chunks(logits.shape[0], height, width, self.spec.chunk_elements):
+            chunk = bilinear_rows(logits, height, width, r0, r1)
+            binary = chunk > threshold
+            total += (chunk.sigmoid() * binary).flatten(1).sum(1)
+            count += binary.flatten(1).sum(1)
+        return total / (count + 1e-6)
+
     # -- panoptic ---------------------------------------------------------------------------
 
-    def _panoptic(self, class_logits, mask_logits, sizes, canvas):
+    def _panoptic(self, class_logits, mask_logits, sizes, canvas, layouts):
         spec = self.spec
         num = self.num_labels
         device = mask_logits.device
@@ -337,39 +421,58 @@ class Postprocessor:
         to_host.wait()
         keep_host, scores_host, labels_host = keep_host.numpy(), scores_host.numpy(), labels_host.numpy()
         owners = []
-        for b, (height, width) in enumerate(sizes):
+        for b, ((height, width), layout) in enumerate(zip(sizes, layouts)):
             sel = np.flatnonzero(keep_host[b])
             k = len(sel)
             if k == 0:
                 owners.append(None)
                 continue
             sel_device = host_to_device(sel, device)
-            probs = self._canvas(mask_logits[b, sel_device], canvas).sigmoid()
+            logits = self._image_logits(mask_logits, layout, sel_device, canvas)
+            # Mask2Former resizes probabilities; HF's EoMT code resizes logits, then the sigmoid.
+            maps = logits if spec.eomt else logits.sigmoid()
             scores = pred_scores[b, sel_device]
             # int16: query positions (k < 32768), a quarter of argmax's int64, held for the batch.
             owner = torch.empty((height, width), dtype=torch.int16, device=device)
+            # EoMT: whether the winning query's own probability reaches the mask threshold.
+            inside = torch.ones((height, width), dtype=torch.bool, device=device) if spec.eomt else None
             areas = torch.zeros(k, dtype=torch.int64, device=device)
             original = torch.zeros(k, dtype=torch.int64, device=device)
+            final = torch.zeros(k, dtype=torch.int64, device=device)
             for r0, r1 in row_chunks(k, height, width, spec.chunk_elements):
-                weighted = bilinear_rows(probs, height, width, r0, r1) * scores.view(-1, 1, 1)
+                probs = bilinear_rows(maps, height, width, r0, r1)
+                if spec.eomt:
+                    probs = probs.sigmoid_()
+                weighted = probs * scores.view(-1, 1, 1)
                 chunk = weighted.argmax(0)
                 owner[r0:r1] = chunk
                 areas += _counts(chunk.flatten(), k)
-                # HF compares the score-weighted probabilities with the mask threshold.
-                original += (weighted >= spec.mask_threshold).flatten(1).sum(1)
-            owners.append((sel, owner, to_host(areas), to_host(original)))
+                if spec.eomt:
+                    # HF's EoMT code compares each query's own probability with the threshold,
+                    # and keeps only the pixels of a query's area that pass it.
+                    original += (probs >= spec.mask_threshold).flatten(1).sum(1)
+                    passed = probs.gather(0, chunk.unsqueeze(0))[0] >= spec.mask_threshold
+                    inside[r0:r1] = passed
+                    final += _counts(torch.where(passed, chunk, k).flatten(), k + 1)[:k]
+                else:
+                    # HF compares the score-weighted probabilities with the mask threshold.
+                    original += (weighted >= spec.mask_threshold).flatten(1).sum(1)
+            owners.append((sel, owner, inside, to_host(areas), to_host(original), to_host(final)))
         to_host.wait()
         fetched = []
         for b, ((height, width), entry) in enumerate(zip(sizes, owners)):
             if entry is None:
                 fetched.append(None)
                 continue
-            sel, owner, areas, original = entry
+            sel, owner, inside, areas, original, final = entry
             lut, ids, labels, seg_scores = self._merge(
-                areas.numpy(), original.numpy(), labels_host[b, sel], scores_host[b, sel]
+                areas.numpy(), original.numpy(), labels_host[b, sel], scores_host[b, sel],
+                final.numpy() if spec.eomt else None,
             )
             # int16: ids, one a query at most, in half the pinned memory of int32.
             id_map = host_to_device(lut.astype(np.int16), device)[owner.long()]
+            if inside is not None:
+                id_map = torch.where(inside, id_map, 0)
             fetched.append((to_host(id_map), ids, labels, seg_scores))
         to_host.wait()
         results = []
@@ -386,8 +489,10 @@ class Postprocessor:
             results.append(RawPrediction(id_map.numpy().astype(np.int32), ids, labels, seg_scores))
         return results
 
-    def _merge(self, areas, original, labels, scores):
-        """Mask2Former's panoptic merge on per-query vectors: which query becomes which segment."""
+    def _merge(self, areas, original, labels, scores, final=None):
+        """Mask2Former's panoptic merge on per-query vectors: which query becomes which segment.
+        ``final`` (EoMT): each query's area where its probability passes the threshold, which
+        must not be empty; a segment's score is then its first query's, as HF's EoMT code has it."""
         spec = self.spec
         lut = np.zeros(len(areas), dtype=np.int32)
         fused: dict[int, int] = {}
@@ -395,8 +500,10 @@ class Postprocessor:
         for q in range(len(areas)):
             if not (areas[q] > 0 and original[q] > 0 and areas[q] / original[q] > spec.overlap_threshold):
                 continue
+            if final is not None and final[q] <= 0:
+                continue
             label = int(labels[q])
-            if spec.compat:
+            if spec.compat and not spec.eomt:
                 # HF's numbering as it is: after reusing a fused id it counts on from that id.
                 current = fused[label] if label in fused else current + 1
                 seg_id = current
@@ -426,5 +533,6 @@ class Postprocessor:
         seg_ids = sorted(set(lut[lut > 0].tolist()))
         ids = np.array(seg_ids, dtype=np.int32)
         seg_labels = np.array([int(labels[np.flatnonzero(lut == s)[0]]) for s in seg_ids], dtype=np.int32)
-        seg_scores = np.array([float(scores[lut == s].max()) for s in seg_ids], dtype=np.float32)
+        pick = (lambda v: v[0]) if final is not None else np.max
+        seg_scores = np.array([float(pick(scores[lut == s])) for s in seg_ids], dtype=np.float32)
         return lut, ids, seg_labels, seg_scores

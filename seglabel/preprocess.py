@@ -1,5 +1,12 @@
 """Resize and normalise images on the model's device, as the checkpoint's preprocessor says.
 
+Mask2Former checkpoints resize each image to its own input size. EoMT checkpoints (whose
+position embeddings fix one square input) fit the image into that square keeping its aspect
+ratio and pad it bottom and right (``EomtImageProcessor``'s ``do_pad``), so every image of a job
+has one input size; semantic EoMT checkpoints may instead resize to a shortest edge and cut the
+image into overlapping square crops along its long side (``do_split_image``), whose results
+the post-processing averages back together.
+
 Hugging Face's processor resizes on the CPU one image at a time; here the uint8 pixels go to the
 device once and every step runs there. The resize matches the processor's Pillow bilinear
 filter, which antialiases when shrinking: on the CPU torch's uint8 antialiased kernel uses
@@ -20,7 +27,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Resolution
+from .config import ConfigError, Resolution
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one image lies in the batch the model saw: ``rows``, the batch rows holding it (one,
+    or its crops); ``resized``, its size at model scale when that is not the whole canvas (EoMT:
+    the rest is padding, or the crops tile it); ``starts``, each crop's offset along its long side."""
+
+    rows: tuple[int, ...]
+    resized: tuple[int, int] | None = None
+    starts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -32,22 +50,44 @@ class PreprocessSpec:
     rescale_factor: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # EoMT: the (height, width) every image is padded to (bottom, right), or the side of the
+    # square crops an image is cut into (semantic checkpoints that split images).
+    pad_to: tuple[int, int] | None = None
+    split: int = 0
 
     @classmethod
-    def from_processor(cls, processor: Any, override: Resolution | None = None) -> "PreprocessSpec":
-        """Read a Mask2Former image processor's settings; ``override`` replaces its size."""
+    def from_processor(
+        cls, processor: Any, override: Resolution | None = None, family: str = "mask2former"
+    ) -> "PreprocessSpec":
+        """Read an image processor's settings; ``override`` replaces its size (Mask2Former only:
+        an EoMT model takes the one input size its position embeddings were trained at)."""
         resolution = override
+        size = processor.size
+        get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+        eomt = family.startswith("eomt")
+        if eomt and override is not None:
+            raise ConfigError(
+                "--resolution applies to Mask2Former checkpoints only: an EoMT model takes the one "
+                "input size its preprocessor config gives"
+            )
         if resolution is None and getattr(processor, "do_resize", True):
-            size = processor.size
-            get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
             if get("height") and get("width"):
                 resolution = Resolution("fixed", height=int(get("height")), width=int(get("width")))
             elif get("shortest_edge"):
                 shortest = int(get("shortest_edge"))
-                longest = int(get("longest_edge") or max(shortest, 1333))
+                # EoMT without a longest edge: none (0); Mask2Former: detectron2's 1333.
+                longest = int(get("longest_edge") or (0 if eomt else max(shortest, 1333)))
                 resolution = Resolution("shortest", shortest=shortest, longest=longest)
             else:
                 raise ValueError(f"unsupported preprocessor size {size!r}")
+        pad_to, split = None, 0
+        if eomt and getattr(processor, "do_split_image", False):
+            if not get("shortest_edge"):
+                raise ValueError(f"cannot split images with preprocessor size {size!r}")
+            split = int(get("shortest_edge"))
+        elif eomt and getattr(processor, "do_pad", False) and get("shortest_edge"):
+            # EomtImageProcessor.get_target_size: (shortest_edge, longest_edge or shortest_edge).
+            pad_to = (int(get("shortest_edge")), int(get("longest_edge") or get("shortest_edge")))
         do_rescale = getattr(processor, "do_rescale", True)
         do_normalize = getattr(processor, "do_normalize", True)
         mean = tuple(float(v) for v in processor.image_mean) if do_normalize else (0.0, 0.0, 0.0)
@@ -58,10 +98,21 @@ class PreprocessSpec:
             rescale_factor=float(processor.rescale_factor) if do_rescale else 1.0,
             mean=mean,  # type: ignore[arg-type]
             std=std,  # type: ignore[arg-type]
+            pad_to=pad_to,
+            split=split,
         )
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
-        """The model-input (height, width) of an image of the given size, as HF computes it."""
+        """The model-input (height, width) of an image of the given size, as HF computes it:
+        the padded square or the crop for EoMT (one size for every image), else the resized size."""
+        if self.split:
+            return self.split, self.split
+        if self.pad_to is not None:
+            return self.pad_to
+        return self.resized_size(height, width)
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of the given size is resized to, before any padding."""
         from transformers.image_transforms import get_size_with_aspect_ratio
 
         res = self.resolution
@@ -70,7 +121,7 @@ class PreprocessSpec:
         elif res.mode == "fixed":
             new_h, new_w = res.height, res.width
         else:
-            new_h, new_w = get_size_with_aspect_ratio((height, width), res.shortest, res.longest)
+            new_h, new_w = get_size_with_aspect_ratio((height, width), res.shortest, res.longest or None)
         # HF rounds the resized size up to the divisor (stretching slightly) instead of padding.
         if self.size_divisor > 0:
             new_h = int(math.ceil(new_h / self.size_divisor) * self.size_divisor)
@@ -119,11 +170,57 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x
 
 
+# The most crops one image is cut into: a 1 x 100,000-pixel strip (within --max-pixels) would
+# otherwise become a 100,000-crop batch at model scale.
+MAX_CROPS = 32
+
+
+def crop_starts(long_side: int, crop: int) -> list[int]:
+    """Where the overlapping square crops of an image's long side start, as
+    ``EomtImageProcessor._split_image`` cuts them: as few as cover it, overlapping evenly."""
+    count = math.ceil(long_side / crop)
+    if count > MAX_CROPS:
+        raise ValueError(
+            f"image too elongated to split into crops ({count} crops of {crop} px; at most {MAX_CROPS})"
+        )
+    overlap = (count * crop - long_side) / (count - 1) if count > 1 else 0
+    return [int(i * (crop - overlap)) for i in range(count)]
+
+
 def preprocess(
     images: Sequence[torch.Tensor], spec: PreprocessSpec, size: tuple[int, int], dtype: torch.dtype
-) -> torch.Tensor:
-    """Resize (3, H, W) uint8 device tensors to ``size`` and normalise: a (B, 3, h, w) batch."""
-    batch = torch.cat([resize(image.unsqueeze(0), size) for image in images]).float()
+) -> tuple[torch.Tensor, list[Layout]]:
+    """Resize (3, H, W) uint8 device tensors for the model (to ``size``; EoMT: into it, then
+    padded, or cut into crops of it) and normalise: a (B, 3, h, w) batch, and where each image
+    lies in it."""
+    rows: list[torch.Tensor] = []
+    layouts: list[Layout] = []
+    for image in images:
+        height, width = image.shape[-2:]
+        if not (spec.split or spec.pad_to):
+            layouts.append(Layout((len(rows),)))
+            rows.append(resize(image.unsqueeze(0), size))
+            continue
+        resized_hw = spec.resized_size(height, width)
+        # Counted before resizing: an image too elongated is refused before its pixels grow.
+        starts = crop_starts(max(resized_hw), spec.split) if spec.split else []
+        resized = resize(image.unsqueeze(0), resized_hw)
+        if spec.split:
+            tall = resized_hw[0] > resized_hw[1]
+            first = len(rows)
+            for start in starts:
+                end = start + spec.split
+                rows.append(resized[:, :, start:end, :] if tall else resized[:, :, :, start:end])
+            layouts.append(Layout(tuple(range(first, len(rows))), resized_hw, tuple(starts)))
+        else:
+            # Zeros at pixel level, before normalisation, as the processor pads.
+            pad_h, pad_w = max(0, size[0] - resized_hw[0]), max(0, size[1] - resized_hw[1])
+            layouts.append(Layout((len(rows),), resized_hw))
+            rows.append(F.pad(resized, (0, pad_w, 0, pad_h)))
+    return _normalise(torch.cat([r.float() for r in rows]), spec, dtype), layouts
+
+
+def _normalise(batch: torch.Tensor, spec: PreprocessSpec, dtype: torch.dtype) -> torch.Tensor:
     device = batch.device
     scale = torch.tensor([spec.rescale_factor / s for s in spec.std], device=device).view(1, 3, 1, 1)
     shift = torch.tensor([m / s for m, s in zip(spec.mean, spec.std)], device=device).view(1, 3, 1, 1)

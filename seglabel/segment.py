@@ -1,5 +1,5 @@
-"""The segmentation engine: one loaded Mask2Former that turns batches of RGB images into
-label maps at their original resolution plus segment records.
+"""The segmentation engine: one loaded Mask2Former or EoMT checkpoint that turns batches of RGB
+images into label maps at their original resolution plus segment records.
 
     seg = Segmenter("facebook/mask2former-swin-small-coco-instance")
     predictions = seg([image1, image2])   # (H, W, 3) uint8 arrays of any sizes
@@ -55,7 +55,7 @@ def as_rgb(image: Any) -> np.ndarray:
 
 
 class Segmenter:
-    """A loaded Mask2Former checkpoint for one task; call it with a list of RGB images."""
+    """A loaded Mask2Former or EoMT checkpoint for one task; call it with a list of RGB images."""
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **settings: Any):
         config = config or EngineConfig()
@@ -91,6 +91,7 @@ class Segmenter:
         if config.compile:
             self.model = _compiled(self.model, config.cache_dir)
         self.model_id = checkpoint.model_id
+        self.family = checkpoint.family
         self.revision = checkpoint.revision
         self.id2label = checkpoint.id2label
         self.num_labels = len(self.id2label)
@@ -99,7 +100,14 @@ class Segmenter:
             keep = resolve_labels(self.id2label, config.labels) if config.labels is not None else None
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        self.preprocess_spec = PreprocessSpec.from_processor(checkpoint.processor, config.resolution)
+        self.preprocess_spec = PreprocessSpec.from_processor(
+            checkpoint.processor, config.resolution, self.family
+        )
+        if self.preprocess_spec.split and self.task != "semantic":
+            raise ConfigError(
+                f"{config.model} cuts images into crops (do_split_image), which only semantic "
+                f"segmentation merges back; it cannot run as {self.task}"
+            )
         fuse = frozenset()
         if self.task == "panoptic" and self.thing_ids is not None:
             # Stuff labels are fused into one segment per image; unknown thing/stuff fuses nothing.
@@ -115,14 +123,15 @@ class Segmenter:
                 keep_label_ids=keep,
                 min_area=config.min_area,
                 max_instances=config.max_instances,
+                family=self.family,
             ),
             self.num_labels,
         )
         # Seconds spent per stage (host-side wall time; on CUDA the device runs ahead).
         self.timings: dict[str, float] = defaultdict(float)
         log.info(
-            "loaded %s (revision %s) for %s on %s in %s",
-            self.model_id, self.revision or "-", self.task, self.device, self.dtype_name,
+            "loaded %s %s (revision %s) for %s on %s in %s",
+            self.family, self.model_id, self.revision or "-", self.task, self.device, self.dtype_name,
         )
 
     def predict_raw(self, images: Sequence[Any]) -> list[RawPrediction]:
@@ -144,12 +153,12 @@ class Segmenter:
     def _run_batch(self, arrays: list[np.ndarray], size: tuple[int, int]) -> list[RawPrediction]:
         t0 = time.perf_counter()
         n = len(arrays)
-        if self.config.compile and n < self.config.batch_size:
+        if self.config.compile and n < self.config.batch_size and not self.preprocess_spec.split:
             # A compiled graph per input shape: a short batch padded to the usual one reuses it.
             arrays = arrays + [arrays[-1]] * (self.config.batch_size - n)
         overlap = self._overlap
         with self._stream(), nullcontext() if overlap else self._model_lock:
-            pixels = preprocess(
+            pixels, layouts = preprocess(
                 [to_device(a, self.device) for a in arrays], self.preprocess_spec, size, self.dtype
             )
             t1 = time.perf_counter()
@@ -162,9 +171,10 @@ class Segmenter:
                     # its memory is one batch's, beside at most one batch's post-processing.
                     torch.cuda.current_stream(self.device).synchronize()
                 t2 = time.perf_counter()
+            # Layouts name the rows of the first n images: padded rows are never read.
             raws = self.postprocess(
-                outputs.class_queries_logits[:n], outputs.masks_queries_logits[:n],
-                [a.shape[:2] for a in arrays[:n]], size,
+                outputs.class_queries_logits, outputs.masks_queries_logits,
+                [a.shape[:2] for a in arrays[:n]], size, layouts[:n],
             )
         t3 = time.perf_counter()
         with self._timings_lock:

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .checkpoint import detect_task, read_label_config
+from .checkpoint import detect_task, inspect_checkpoint
 from .config import EngineConfig, StandIn
 from .encode import PackedMasks, RawPrediction
 
@@ -37,7 +37,8 @@ class StandInSegmenter:
         self.config = config
         self.spec = config.stand_in or StandIn()
         self.task = detect_task(config.model, config.task)
-        self.id2label, self.revision = read_label_config(config.model, config.revision)
+        info = inspect_checkpoint(config.model, config.revision)
+        self.id2label, self.revision = info.id2label, info.revision
         self.labels = np.array(sorted(self.id2label) or [0], dtype=np.int32)
         self.device = "stand-in"
         self.timings: dict[str, float] = {}

@@ -197,7 +197,8 @@ def test_preprocessing_matches_hf_pixels(segmenters):
     for image in mixed_images():
         hf = processor(images=[image], return_tensors="pt", input_data_format="channels_last")["pixel_values"]
         size = seg.preprocess_spec.input_size(*image.shape[:2])
-        ours = preprocess([to_device(image, torch.device("cpu"))], seg.preprocess_spec, size, torch.float32)
+        image_tensor = to_device(image, torch.device("cpu"))
+        ours, _ = preprocess([image_tensor], seg.preprocess_spec, size, torch.float32)
         diff = (hf - ours).abs()
         assert diff.max() <= one_level
         assert (diff > 1e-4).float().mean() < 0.01

@@ -109,7 +109,7 @@ def calibrate_random_model(
     for image in images:
         size = spec.input_size(*image.shape[:2])
         batches.append(
-            (preprocess([to_device(image, dev)], spec, size, torch.float32), image.shape[:2], size)
+            (preprocess([to_device(image, dev)], spec, size, torch.float32)[0], image.shape[:2], size)
         )
 
     def forward() -> list:

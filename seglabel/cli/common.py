@@ -98,6 +98,9 @@ def add_job_flags(p: argparse.ArgumentParser, with_address: bool = True) -> None
     model.add_argument("--model", metavar="ID_OR_PATH", help="Hub id, local directory or checkpoint URL "
                        "(default facebook/mask2former-swin-small-coco-instance)")
     model.add_argument("--revision", help="pin a Hub revision (branch, tag or commit)")
+    model.add_argument("--require-license", dest="require_license", metavar="IDS",
+                       help="refuse a checkpoint whose declared licence is not one of these "
+                       "(comma-separated SPDX ids, e.g. mit,apache-2.0; 'unknown' is always refused)")
     model.add_argument(
         "--task", choices=("instance", "semantic", "panoptic"), help="default: from the checkpoint's name"
     )

@@ -1,0 +1,148 @@
+"""The licence a checkpoint's weights come under, and a job's rule for which ones it accepts.
+
+Users label commercially, and a model family's code licence says nothing of its weights:
+Mask2Former's code is MIT, but its authors release every trained model under CC BY-NC 4.0, while
+the Hub conversions' cards say "other". So seglabel reads what a checkpoint declares (the
+``license:`` field of its model card's front matter, ``README.md`` beside ``config.json``), and a
+short table of what the authors state otherwise, with its source, takes precedence. Nothing is
+guessed: a checkpoint without a readable card is ``unknown``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ConfigError
+from .errors import get_logger, one_line
+
+log = get_logger(__name__)
+
+UNKNOWN = "unknown"
+# A model card larger than this is not read (a README is a few kB; a hostile one could be GBs).
+MAX_CARD_BYTES = 1 << 20
+
+# What the authors state where a Hub card says otherwise or nothing: (pattern over the Hub id,
+# licence id, source). Checked before the card.
+AUTHORS_STATE = (
+    (
+        re.compile(r"facebook/(mask2former|maskformer)-.*", re.IGNORECASE),
+        "cc-by-nc-4.0",
+        "the authors' MODEL_ZOO.md (facebookresearch/Mask2Former, facebookresearch/MaskFormer): "
+        "all released models are CC BY-NC 4.0; the Hub card says 'other'",
+    ),
+)
+# A family whose backbone carries a licence of its own, whatever the checkpoint's card says.
+BACKBONE_LICENSES = {
+    "eomt_dinov3": (
+        "dinov3-license",
+        "EoMT on a DINOv3 backbone: the backbone's weights are under Meta's DINOv3 License, "
+        "not the card's {card!r}",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class License:
+    """A checkpoint's licence: its id (a lower-case SPDX id as Hub cards write them, or
+    ``other`` / ``unknown`` / a named licence), where that came from, and what the card said."""
+
+    id: str
+    source: str
+    card: str | None = None
+
+    @property
+    def noncommercial(self) -> bool:
+        """Whether the licence forbids commercial use (the Creative Commons NC family)."""
+        return bool(re.search(r"(^|-)nc(-|$)", self.id))
+
+    def record(self) -> dict[str, Any]:
+        """As job.json records it."""
+        return {"license": self.id, "source": self.source, "card": self.card}
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.source})"
+
+
+def parse_allowed(value: Any) -> tuple[str, ...] | None:
+    """``require_license`` as given (``"mit,apache-2.0"`` or a list) as lower-case ids."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"require_license must be licence ids (e.g. mit,apache-2.0), got {value!r}")
+    allowed = tuple(dict.fromkeys(v.strip().lower() for v in items if v.strip()))
+    if not allowed:
+        raise ConfigError("require_license must name at least one licence id (e.g. mit,apache-2.0)")
+    return allowed
+
+
+def card_license(text: str) -> str | None:
+    """The ``license:`` of a model card's YAML front matter, lower-case; None without one."""
+    from huggingface_hub import RepoCard
+
+    try:
+        value = RepoCard(text, ignore_metadata_errors=True).data.to_dict().get("license")
+    except Exception as exc:  # a card is user data: any parse failure means "no licence read"
+        log.debug("model card front matter not readable: %s", one_line(exc))
+        return None
+    return value.strip().lower() if isinstance(value, str) and value.strip() else None
+
+
+def checkpoint_license(model: str, revision: str | None, family: str) -> License:
+    """The licence of the checkpoint ``model`` (a Hub id, a local folder or a folder URL)."""
+    stated = next(((lic, src) for pattern, lic, src in AUTHORS_STATE if pattern.fullmatch(model)), None)
+    if stated is not None and family not in BACKBONE_LICENSES:
+        return License(stated[0], stated[1], None)  # the card is not what counts: not fetched
+    text, where = _read_card(model, revision)
+    card = card_license(text) if text is not None else None
+    if family in BACKBONE_LICENSES:
+        lic, source = BACKBONE_LICENSES[family]
+        return License(lic, source.format(card=card or UNKNOWN), card)
+    if card is None:
+        why = "its model card has no license field" if text is not None else where
+        return License(UNKNOWN, why, None)
+    return License(card, f"the model card's license field ({where})", card)
+
+
+def _read_card(model: str, revision: str | None) -> tuple[str | None, str]:
+    """The model card's text and where it was read, or None and why there is none."""
+    from .checkpoint import _is_remote_url, _looks_like_hub_id
+
+    local = model[len("file://"):] if model.startswith("file://") else model
+    if _is_remote_url(model) or os.path.isdir(local) or not _looks_like_hub_id(model):
+        import fsspec
+
+        url = (model if _is_remote_url(model) else local).rstrip("/") + "/README.md"
+        try:
+            with fsspec.open(url, "rb") as f:
+                data = f.read(MAX_CARD_BYTES + 1)
+        except FileNotFoundError:
+            return None, "no model card (README.md) beside the checkpoint"
+        except (OSError, ValueError) as exc:
+            return None, f"the model card could not be read: {one_line(exc)}"
+        if len(data) > MAX_CARD_BYTES:
+            return None, f"the model card is over {MAX_CARD_BYTES} bytes: not read"
+        return data.decode("utf-8", "replace"), "README.md"
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model, "README.md", revision=revision)
+        if os.path.getsize(path) > MAX_CARD_BYTES:
+            return None, f"the model card is over {MAX_CARD_BYTES} bytes: not read"
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace"), "the Hub's README.md"
+    except Exception as exc:  # offline, gated, missing: the licence is then unknown, never guessed
+        return None, f"the Hub model card could not be read: {one_line(exc)}"
+
+
+def check_allowed(license: License, allowed: tuple[str, ...] | None, model: str) -> None:
+    """Refuse a checkpoint whose licence is not among ``allowed`` (``unknown`` never is)."""
+    if allowed is None or (license.id != UNKNOWN and license.id in allowed):
+        return
+    raise ConfigError(
+        f"checkpoint {model} is licensed {license.id} ({license.source}); "
+        f"--require-license allows only {','.join(allowed)}"
+    )
