@@ -48,6 +48,16 @@ def family_of(model_type: Any, model: str) -> str:
     raise CheckpointError(f"checkpoint {model} is {what}; seglabel runs {supported} checkpoints")
 
 
+def check_family_settings(family: str, resolution: Any) -> None:
+    """Refuse settings a family cannot take: an EoMT model's position embeddings fix its input
+    size, so it runs at its preprocessor's size only."""
+    if family.startswith("eomt") and resolution is not None:
+        raise ConfigError(
+            "--resolution applies to Mask2Former checkpoints only: an EoMT model takes the one "
+            "input size its preprocessor config gives"
+        )
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A loaded checkpoint: the model, its preprocessor, and where it came from."""
@@ -240,7 +250,7 @@ def load_checkpoint(
     files are preferred when present; ``trust_remote_code`` is never enabled. The family comes
     from the checkpoint's own config, read again here: a worker's copy is what it loads.
     """
-    from transformers import AutoConfig
+    from transformers import PreTrainedConfig
 
     source: str = model
     kwargs: dict[str, Any] = {"trust_remote_code": False}
@@ -257,11 +267,13 @@ def load_checkpoint(
     if revision and not is_local:
         kwargs["revision"] = revision
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-        family = family_of(getattr(config, "model_type", None), model)
-        net = model_class(family).from_pretrained(source, config=config, dtype=dtype, **kwargs, **weights)
+        # The config as a plain mapping first: a model type of another library is refused by
+        # name before transformers builds (and validates) a config class for it.
+        config, _ = PreTrainedConfig.get_config_dict(source, **kwargs)
+        family = family_of(config.get("model_type") if isinstance(config, dict) else None, model)
+        net = model_class(family).from_pretrained(source, dtype=dtype, **kwargs, **weights)
         processor = processor_class(family).from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"cannot load checkpoint {model!r}: {_first_line(exc)}") from exc
     net.eval().to(device)
     resolved = getattr(net.config, "_commit_hash", None) if not is_local else None
@@ -319,15 +331,19 @@ def inspect_checkpoint(model: str, revision: str | None = None) -> CheckpointInf
             return CheckpointInfo(labels, current, family)
         return CheckpointInfo(labels, revision, family)
     # Only here: transformers imports torch (a quarter of a GB in the driver, for a config file).
-    from transformers import AutoConfig
+    from transformers.utils.hub import cached_file, extract_commit_hash
 
     try:
-        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
+        path = cached_file(model, "config.json", revision=revision)
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"cannot load checkpoint {model!r}: {_first_line(exc)}") from exc
-    family = family_of(getattr(config, "model_type", None), model)
-    labels = _labels(config.id2label, model)
-    return CheckpointInfo(labels, getattr(config, "_commit_hash", None) or revision, family)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"cannot read checkpoint config of {model}: not a JSON object")
+    family = family_of(config.get("model_type"), model)
+    labels = _labels(config.get("id2label"), model)
+    return CheckpointInfo(labels, extract_commit_hash(path, None) or revision, family)
 
 
 def _labels(id2label: Any, model: str) -> dict[int, str]:

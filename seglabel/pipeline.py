@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
-from .checkpoint import FAMILIES, detect_task, inspect_checkpoint
+from .checkpoint import FAMILIES, check_family_settings, detect_task, inspect_checkpoint
 from .cluster import connect
 from .config import ConfigError, EngineConfig, JobConfig, default_dtype
 from .encode import ALIGN, RawPrediction, build_segments, encode_png
@@ -876,6 +876,7 @@ def run(config: JobConfig) -> Summary:
         log.warning("checkpoint %s is licensed %s: its weights may not be used commercially", engine.model,
                     license.id)
     check_allowed(license, config.require_license, engine.model)
+    check_family_settings(info.family, engine.resolution)
     try:
         things = thing_ids(id2label, engine.thing_labels)
         if engine.labels is not None:

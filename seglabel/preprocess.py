@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, Resolution
+from .checkpoint import check_family_settings
+from .config import Resolution
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,7 @@ class PreprocessSpec:
         size = processor.size
         get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
         eomt = family.startswith("eomt")
-        if eomt and override is not None:
-            raise ConfigError(
-                "--resolution applies to Mask2Former checkpoints only: an EoMT model takes the one "
-                "input size its preprocessor config gives"
-            )
+        check_family_settings(family, override)
         if resolution is None and getattr(processor, "do_resize", True):
             if get("height") and get("width"):
                 resolution = Resolution("fixed", height=int(get("height")), width=int(get("width")))

@@ -145,8 +145,16 @@ def submit(
     submission_id: str | None = None,
 ) -> str:
     """Submit a job with these settings (as in a YAML spec); returns the submission id."""
-    JobConfig.from_mapping(values)  # the same validation as `seglabel run`, before anything is sent
+    config = JobConfig.from_mapping(values)  # the same validation as `seglabel run`, before sending
     _check_no_secrets(values)
+    if config.require_license is not None:
+        # Checked here too, so that a refused checkpoint never reaches the cluster's queue.
+        from .checkpoint import inspect_checkpoint
+        from .license import check_allowed, checkpoint_license
+
+        info = inspect_checkpoint(config.engine.model, config.engine.revision)
+        license = checkpoint_license(config.engine.model, info.revision, info.family)
+        check_allowed(license, config.require_license, config.engine.model)
     spec = yaml.safe_dump(values, sort_keys=True)
     runtime_env: dict[str, Any] = {"env_vars": {SPEC_ENV: spec}}
     if working_dir:

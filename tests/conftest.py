@@ -144,3 +144,21 @@ def checkpoints(tmp_path_factory):
         task: save_random_checkpoint(root / f"tiny-mask2former-{task}", "tiny", TINY_LABELS)
         for task in ("instance", "semantic", "panoptic")
     }
+
+
+@pytest.fixture(scope="session")
+def eomt_checkpoints(tmp_path_factory):
+    """Tiny random-weight EoMT checkpoints, one per task, named as the Hub names EoMT's
+    (``coco_panoptic_eomt_large_640``): panoptic and instance pad images to the model's square;
+    semantic cuts them into overlapping crops, as the Hub's semantic preprocessor configs do.
+    Their model cards declare MIT, as the Hub's DINOv2-based EoMT cards do."""
+    from seglabel.synthetic import save_random_checkpoint
+
+    root = tmp_path_factory.mktemp("eomt-checkpoints")
+    return {
+        task: save_random_checkpoint(
+            root / f"tiny_{'ade20k' if task == 'semantic' else 'coco'}_{task}_eomt", "eomt-tiny", TINY_LABELS,
+            split=task == "semantic", license="mit",
+        )
+        for task in ("instance", "semantic", "panoptic")
+    }
