@@ -245,9 +245,7 @@ class JobConfig:
     require_license: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        from .license import parse_allowed
-
-        object.__setattr__(self, "require_license", parse_allowed(self.require_license))
+        object.__setattr__(self, "require_license", license_ids(self.require_license))
         if not self.output or not str(self.output).strip():
             raise ConfigError("an output URL is required (--output)")
         if bool(self.input) == bool(self.manifest):
@@ -301,6 +299,19 @@ class JobConfig:
     def replace(self, **changes: Any) -> "JobConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def license_ids(value: Any) -> tuple[str, ...] | None:
+    """``require_license`` as given (``"mit,apache-2.0"`` or a list) as lower-case ids."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"require_license must be licence ids (e.g. mit,apache-2.0), got {value!r}")
+    allowed = tuple(dict.fromkeys(v.strip().lower() for v in items if v.strip()))
+    if not allowed:
+        raise ConfigError("require_license must name at least one licence id (e.g. mit,apache-2.0)")
+    return allowed
 
 
 def _same_place(a: str | None, b: str | None) -> bool:

@@ -66,19 +66,6 @@ class License:
         return f"{self.id} ({self.source})"
 
 
-def parse_allowed(value: Any) -> tuple[str, ...] | None:
-    """``require_license`` as given (``"mit,apache-2.0"`` or a list) as lower-case ids."""
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
-        raise ConfigError(f"require_license must be licence ids (e.g. mit,apache-2.0), got {value!r}")
-    allowed = tuple(dict.fromkeys(v.strip().lower() for v in items if v.strip()))
-    if not allowed:
-        raise ConfigError("require_license must name at least one licence id (e.g. mit,apache-2.0)")
-    return allowed
-
-
 def card_license(text: str) -> str | None:
     """The ``license:`` of a model card's YAML front matter, lower-case; None without one."""
     from huggingface_hub import RepoCard

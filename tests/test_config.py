@@ -70,8 +70,12 @@ def test_job_record_holds_each_setting_once():
 
     config = JobConfig.from_mapping({"input": "/in", "output": "/out", "model": "/ckpt/m-instance",
                                      "score_threshold": 0.3, "resolution": "384x384", "labels": "a,b"})
-    record = _job_record(config, "instance", "abc123", {0: "a", 1: "b"})
+    from seglabel.license import License
+
+    record = _job_record(config, "instance", "abc123", {0: "a", 1: "b"}, "eomt", License("mit", "its card"))
     assert "settings" not in record
+    assert record["family"] == "eomt"
+    assert record["model_license"] == {"license": "mit", "source": "its card", "card": None}
     flat = json.dumps(record)
     assert flat.count('"score_threshold"') == 1 and flat.count('"resolution"') == 1
     assert (
@@ -88,8 +92,12 @@ def test_resume_check_reads_new_and_old_job_records():
 
     engine = EngineConfig(model="/ckpt/m-instance", score_threshold=0.3)
     config = JobConfig(output="/out", input="/in", engine=engine)
-    record = _job_record(config, "instance", None, {})
+    from seglabel.license import License
+
+    record = _job_record(config, "instance", None, {}, "mask2former", License("unknown", "no card"))
     _check_same_settings(record, engine, "instance", None, "/out")  # same: nothing raised
+    with pytest.raises(ConfigError, match="family: 'mask2former' -> 'eomt'"):
+        _check_same_settings(record, engine, "instance", None, "/out", "eomt")
     with pytest.raises(ConfigError, match="score_threshold: 0.3 -> 0.5"):
         _check_same_settings(record, engine.replace(score_threshold=0.5), "instance", None, "/out")
     with pytest.raises(ConfigError, match="revision"):
