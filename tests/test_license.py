@@ -1,0 +1,108 @@
+"""Reading a checkpoint's licence: its model card's front matter, the authors' statements that
+override a card, and what a hostile or careless card does."""
+
+from __future__ import annotations
+
+import time
+
+import fsspec
+import pytest
+
+from seglabel.config import ConfigError, JobConfig
+from seglabel.license import MAX_CARD_BYTES, UNKNOWN, License, card_license, check_allowed, checkpoint_license
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("---\nlicense: MIT\n---\n# model", "mit"),
+        ("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n", "apache-2.0"),
+        ("---\nlicense: other\nlicense_name: dinov3-license\n---\n", "other"),
+        ("# a card without front matter\nlicense: mit\n", None),
+        ("---\nlicense: [mit\n---\n", None),  # YAML that does not parse
+        ("---\nlicense:\n- mit\n- apache-2.0\n---\n", None),  # not one licence
+        ("---\nlicense: 7\n---\n", None),
+        ("---\n- just\n- a list\n---\n", None),
+        ("", None),
+    ],
+)
+def test_card_license(text, expected):
+    assert card_license(text) == expected
+
+
+def folder(tmp_path, card: str | bytes | None):
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    if card is not None:
+        (path / "README.md").write_bytes(card.encode() if isinstance(card, str) else card)
+    return str(path)
+
+
+def test_local_card_and_its_absence(tmp_path):
+    lic = checkpoint_license(folder(tmp_path, "---\nlicense: Apache-2.0\n---\n"), None, "eomt")
+    assert (lic.id, lic.card, lic.noncommercial) == ("apache-2.0", "apache-2.0", False)
+    none = checkpoint_license(str(tmp_path / "nowhere"), None, "eomt")
+    assert none.id == UNKNOWN and "no model card" in none.source
+
+
+def test_an_oversized_card_is_not_read(tmp_path):
+    huge = "---\nlicense: mit\n---\n" + "x" * (MAX_CARD_BYTES + 10)
+    lic = checkpoint_license(folder(tmp_path, huge), None, "mask2former")
+    assert lic.id == UNKNOWN and "over" in lic.source
+
+
+def test_card_that_is_not_utf8_or_not_text(tmp_path):
+    lic = checkpoint_license(folder(tmp_path, b"---\nlicense: mit\n---\n\xff\xfe\x00junk"), None, "eomt")
+    assert lic.id == "mit"
+    (tmp_path / "b").mkdir()
+    lic = checkpoint_license(folder(tmp_path / "b", b"\x00\x01\x02" * 100), None, "eomt")
+    assert lic.id == UNKNOWN
+
+
+def test_url_checkpoint_card():
+    fs = fsspec.filesystem("memory")
+    fs.pipe("memory://models/m/config.json", b"{}")
+    fs.pipe("memory://models/m/README.md", b"---\nlicense: cc-by-nc-sa-4.0\n---\n")
+    lic = checkpoint_license("memory://models/m", None, "eomt")
+    assert lic.id == "cc-by-nc-sa-4.0" and lic.noncommercial
+
+
+def test_the_authors_statement_overrides_the_hub_card_without_asking_the_hub():
+    started = time.perf_counter()
+    lic = checkpoint_license("facebook/mask2former-swin-large-coco-panoptic", None, "mask2former")
+    assert lic.id == "cc-by-nc-4.0" and lic.noncommercial and "MODEL_ZOO" in lic.source
+    assert time.perf_counter() - started < 5  # no Hub round trips (the tests run offline)
+
+
+def test_an_unreachable_hub_card_is_unknown_never_guessed():
+    lic = checkpoint_license("tue-mps/coco_panoptic_eomt_large_640", None, "eomt")  # offline here
+    assert lic.id == UNKNOWN and "Hub model card could not be read" in lic.source
+
+
+@pytest.mark.parametrize(
+    ("given", "allowed"),
+    [
+        ("mit", ("mit",)),
+        ("MIT, Apache-2.0,mit", ("mit", "apache-2.0")),
+        (["BSD-3-Clause"], ("bsd-3-clause",)),
+    ],
+)
+def test_require_license_values(given, allowed):
+    assert JobConfig(output="/o", input="/i", require_license=given).require_license == allowed
+
+
+@pytest.mark.parametrize("given", ["", " , ", 5, [1], {"mit": True}])
+def test_require_license_refuses_what_is_not_a_list_of_ids(given):
+    with pytest.raises(ConfigError, match="require_license"):
+        JobConfig(output="/o", input="/i", require_license=given)
+
+
+def test_check_allowed():
+    check_allowed(License("mit", "card"), ("mit",), "m")
+    check_allowed(License("cc-by-nc-4.0", "card"), None, "m")  # no rule: anything runs
+    for refused in (License("cc-by-nc-4.0", "card"), License(UNKNOWN, "no card")):
+        with pytest.raises(ConfigError, match="--require-license allows only mit"):
+            check_allowed(refused, ("mit",), "m")
+    with pytest.raises(ConfigError):  # "unknown" cannot be allowed by naming it
+        check_allowed(License(UNKNOWN, "no card"), ("unknown",), "m")
