@@ -1,5 +1,6 @@
 """`seglabel export` and `seglabel preview`, on the outputs of real jobs (a local Ray cluster,
-tiny random-weight checkpoints, photos from scikit-image).
+tiny random-weight checkpoints, photos from scikit-image). Every test on a job's output runs
+for both model families, Mask2Former and EoMT.
 
 Everything an export writes is read back with the tools' own readers or independent ones:
 pycocotools' COCO API, Pillow, zipfile, and a Label Studio brush RLE decoder written here from
@@ -73,24 +74,30 @@ def run_job(tmp_path_factory, corpus, checkpoint, task: str, **settings) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="module", params=["mask2former", "eomt"])
+def job_checkpoints(request, checkpoints, eomt_checkpoints) -> dict:
+    """The tiny checkpoints of one family, by task: each test on outputs runs for both."""
+    return checkpoints if request.param == "mask2former" else eomt_checkpoints
+
+
 @pytest.fixture(scope="module")
-def instance_out(ray_session, tmp_path_factory, corpus, checkpoints) -> str:
+def instance_out(ray_session, tmp_path_factory, corpus, job_checkpoints) -> str:
     # Parts of 2 rows: the export must stream across several parts.
-    return run_job(tmp_path_factory, corpus, checkpoints["instance"], "instance", rows_per_part=2)
+    return run_job(tmp_path_factory, corpus, job_checkpoints["instance"], "instance", rows_per_part=2)
 
 
 @pytest.fixture(scope="module")
-def panoptic_out(ray_session, tmp_path_factory, corpus, checkpoints) -> str:
+def panoptic_out(ray_session, tmp_path_factory, corpus, job_checkpoints) -> str:
     # With label0/label1 as things and no overlap filter, the tiny model gives thing segments
     # next to a fused stuff segment in each image.
-    return run_job(tmp_path_factory, corpus, checkpoints["panoptic"], "panoptic",
+    return run_job(tmp_path_factory, corpus, job_checkpoints["panoptic"], "panoptic",
                    thing_labels="label0,label1", overlap_threshold=0.0)
 
 
 @pytest.fixture(scope="module")
-def semantic_out(ray_session, tmp_path_factory, corpus, checkpoints) -> str:
+def semantic_out(ray_session, tmp_path_factory, corpus, job_checkpoints) -> str:
     # Only label3 kept: sparse masks, so a preview has pixels far from any segment.
-    return run_job(tmp_path_factory, corpus, checkpoints["semantic"], "semantic", labels="label3")
+    return run_job(tmp_path_factory, corpus, job_checkpoints["semantic"], "semantic", labels="label3")
 
 
 def ok_rows(output: str) -> dict[str, dict]:

@@ -243,7 +243,13 @@ def build_checkpoint(
     to ``input_size``), calibrated on ``calibration_images`` to carry about ``target_segments``
     per image with masks covering about ``coverage`` of the image each (0: as built)."""
     from ..checkpoint import processor_class
-    from ..synthetic import ARCHITECTURES, build_random_model, preprocessor_config
+    from ..synthetic import (
+        ARCHITECTURES,
+        build_random_model,
+        eomt_preprocessor_config,
+        family,
+        preprocessor_config,
+    )
 
     if arch not in ARCHITECTURES:
         raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
@@ -252,8 +258,14 @@ def build_checkpoint(
     id2label = bench_labels(task)
     started = time.perf_counter()
     model = build_random_model(arch, id2label, confident=True, seed=seed)
-    size = {"height": input_size[0], "width": input_size[1]} if input_size else None
-    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(size), indent=2))
+    eomt = family(arch) != "mask2former"
+    if eomt:
+        # EoMT's input is its model's square (the Hub's configs: padded; semantic: crops).
+        processor_config = eomt_preprocessor_config(int(model.config.image_size), split=task == "semantic")
+    else:
+        size = {"height": input_size[0], "width": input_size[1]} if input_size else None
+        processor_config = preprocessor_config(size)
+    (path / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2))
     info: dict[str, Any] = {
         "arch": arch,
         "task": task,
@@ -261,7 +273,11 @@ def build_checkpoint(
         "num_labels": len(id2label),
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
-    if (target_segments or coverage) and calibration_images:
+    if eomt:
+        # The Mask2Former calibration below edits that architecture's decoder; an EoMT model is
+        # made confident when built (synthetic._eomt: sure labels, masks a tenth of an image).
+        info["calibration"] = "built in: confident class head, mask offset for ~10% coverage"
+    elif (target_segments or coverage) and calibration_images:
         processor = processor_class().from_pretrained(path)
         info["calibration"] = calibrate_random_model(
             model, processor, calibration_images, task, id2label, target=target_segments, coverage=coverage,

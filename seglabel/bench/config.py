@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from ..config import ConfigError, EngineConfig, load_spec
 
-ARCHS = ("tiny", "swin-s", "swin-l")
+ARCHS = ("tiny", "swin-s", "swin-l", "eomt-tiny", "eomt-s", "eomt-l")
 # The engine settings a bench takes by name (its checkpoint is ``model`` or one built here).
 ENGINE_KEYS = (
     "revision", "task", "batch_size", "dtype", "device", "resolution",

@@ -28,25 +28,28 @@ def run_hf_loop(
     processor, the model in fp32 at batch 1, HF post-processing per image at the original size,
     the label map brought to the host (as one would save it). ``engine.task`` must be set."""
     import torch
-    from transformers import Mask2FormerForUniversalSegmentation
 
-    from ..checkpoint import processor_class
+    from ..checkpoint import inspect_checkpoint, model_class, processor_class
     from ..labels import thing_ids
 
     task = engine.task
     score_threshold, mask_threshold, overlap_threshold = (
         engine.score_threshold, engine.mask_threshold, engine.overlap_threshold)
     kwargs = {"revision": engine.revision} if engine.revision else {}
-    processor = processor_class().from_pretrained(
+    family = inspect_checkpoint(engine.model, engine.revision).family
+    eomt = family != "mask2former"
+    processor = processor_class(family).from_pretrained(
         engine.model, **kwargs, **_hf_processor_kwargs(engine.resolution)
     )
-    model = Mask2FormerForUniversalSegmentation.from_pretrained(engine.model, dtype=torch.float32, **kwargs)
+    model = model_class(family).from_pretrained(engine.model, dtype=torch.float32, **kwargs)
     model.eval().to(device)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     things = thing_ids(id2label)
     fuse = set(id2label) - set(things) if task == "panoptic" and things is not None else set()
 
     def post(outputs, size):
+        if eomt:
+            return eomt_post(outputs, size)
         if task == "instance":
             r = processor.post_process_instance_segmentation(
                 outputs, threshold=score_threshold, mask_threshold=mask_threshold,
@@ -60,10 +63,28 @@ def run_hf_loop(
         seg = processor.post_process_semantic_segmentation(outputs, target_sizes=[size])[0].cpu().numpy()
         return seg, len(np.unique(seg))
 
+    def eomt_post(outputs, size):
+        # HF's EoMT post-processing takes no overlap or fuse settings for instance; stuff
+        # classes fuse in panoptic as the Segmenter fuses them.
+        if task == "instance":
+            r = processor.post_process_instance_segmentation(outputs, threshold=score_threshold,
+                                                             target_sizes=[size])[0]
+            return r["segmentation"].cpu().numpy(), len(r["segments_info"])
+        if task == "panoptic":
+            r = processor.post_process_panoptic_segmentation(
+                outputs, threshold=score_threshold, mask_threshold=mask_threshold,
+                overlap_mask_area_threshold=overlap_threshold, stuff_classes=sorted(fuse),
+                target_sizes=[size])[0]
+            return r["segmentation"].cpu().numpy(), len(r["segments_info"])
+        seg = processor.post_process_semantic_segmentation(outputs, target_sizes=[size])[0].cpu().numpy()
+        return seg, len(np.unique(seg))
+
     def one(image: np.ndarray, stages: dict[str, float]) -> int:
         t0 = time.perf_counter()
         inputs = processor(images=[image], return_tensors="pt")
-        inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        # EoMT's crop offsets travel as a list, to the model and on to the post-processing.
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
+                  if isinstance(v, torch.Tensor) or (k == "patch_offsets" and v)}
         sync(device)
         t1 = time.perf_counter()
         outputs = model(**inputs)
@@ -91,7 +112,7 @@ def run_hf_loop(
     free(device)
     n = len(images)
     return {
-        "what": "HF Mask2FormerImageProcessorPil (CPU) + model fp32, batch 1 + HF post_process per image",
+        "what": f"HF {type(processor).__name__} (CPU) + model fp32, batch 1 + HF post_process per image",
         "images": n,
         "seconds": seconds,
         "images_per_s": rate(n, seconds),
