@@ -24,13 +24,16 @@
 #   s384c   s384 with --compile, (a) left out (its first compile falls in (b)'s timed warm-up); not by default
 #   s800    the same at --size 800x1088 (the usual loop on the first HF_IMAGES_LARGE images only)
 #   l384    seglabel bench --arch swin-l --task panoptic ... (384x384)
+#   e640    seglabel bench --arch eomt-l --task panoptic --size 480x640 --batch-size 32 --dtype bf16: EoMT-L at
+#           its 640x640 input (goal: end to end >= 256 images/s and >= 90% of the Segmenter alone)
+#   e640c   e640 with --compile, (a) left out; not by default
 #   mem     seglabel bench --memory (driver bytes per image, 2e5 vs 1.2e6 images); not by default
 # (c), the whole pipeline, runs on each image written REPEAT times (384²: 4, so 2048 files; 800x1088:
 # REPEAT_LARGE, 1) so that the job's fixed start-up (Ray actor, model load: seconds) weighs less;
 # its steady-state rate, start-up left out, is reported beside it.
 # Knobs (environment): STEPS, BUDGET_S (440), IMAGES (512), BS (32), BS_LARGE (32), HF_IMAGES (all),
-# HF_IMAGES_LARGE (128), REPEAT (4), REPEAT_LARGE (1), ARCH_S (swin-s), ARCH_L (swin-l), PY (python3),
-# PLUMB_IMAGES (3000).
+# HF_IMAGES_LARGE (128), REPEAT (4), REPEAT_LARGE (1), ARCH_S (swin-s), ARCH_L (swin-l), ARCH_E (eomt-l),
+# PY (python3), PLUMB_IMAGES (3000). A CPU dry run: STEPS="e640" ARCH_E=eomt-tiny IMAGES=16 BS=8 REPEAT=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -65,7 +68,7 @@ fi
 OUT=${OUT:-$(mktemp -d /tmp/seglabel-gpu-check.XXXXXX)}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-STEPS=${STEPS:-"pytest nan s384 plumb s800 l384"}
+STEPS=${STEPS:-"pytest nan s384 plumb s800 l384 e640"}
 BUDGET_S=${BUDGET_S:-440}
 IMAGES=${IMAGES:-512}
 BS=${BS:-32}
@@ -77,6 +80,7 @@ REPEAT_LARGE=${REPEAT_LARGE:-1}
 PLUMB_IMAGES=${PLUMB_IMAGES:-3000}
 ARCH_S=${ARCH_S:-swin-s}
 ARCH_L=${ARCH_L:-swin-l}
+ARCH_E=${ARCH_E:-eomt-l}
 START=$(date +%s)
 
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_VERBOSITY=error
@@ -153,19 +157,20 @@ import tempfile, numpy as np, torch
 from seglabel.preprocess import preprocess, to_device
 from seglabel.segment import Segmenter
 from seglabel.synthetic import save_random_checkpoint
-checkpoint = save_random_checkpoint(tempfile.mkdtemp() + "/tiny-instance", "tiny")
 images = [np.random.default_rng(i).integers(0, 255, (384, 384, 3), dtype=np.uint8) for i in range(2)]
 device = "cuda" if torch.cuda.is_available() else "cpu"
-for dtype in ("fp32", "bf16", "fp16"):
+for arch in ("tiny", "eomt-tiny"):
+  checkpoint = save_random_checkpoint(tempfile.mkdtemp() + "/tiny-instance", arch)
+  for dtype in ("fp32", "bf16", "fp16"):
     seg = Segmenter(str(checkpoint), dtype=dtype, device=device)
     for n in (1, 2):
         size = seg.preprocess_spec.input_size(384, 384)
         with torch.inference_mode():
-            pixels = preprocess([to_device(a, seg.device) for a in images[:n]], seg.preprocess_spec, size, seg.dtype)
+            pixels, _ = preprocess([to_device(a, seg.device) for a in images[:n]], seg.preprocess_spec, size, seg.dtype)
             out = seg.model(pixel_values=pixels)
         nan = bool(torch.isnan(out.masks_queries_logits).any() or torch.isnan(out.class_queries_logits).any())
         state = "NaN" if nan else "finite"
-        print(f"{device} {dtype} batch {n}: {state}")
+        print(f"{arch} {device} {dtype} batch {n}: {state}")
 '
 printf '%s\n' "$NAN_CHECK" > "$OUT/nan_check.py"  # a file: steps.tsv keeps one line per step
 
@@ -190,6 +195,14 @@ for step in $STEPS; do
             run_step l384 200 "${BENCH[@]}" --arch "$ARCH_L" --task panoptic --images "$IMAGES" --batch-size "$BS" \
                 --dtype bf16 ${HF_IMAGES:+--hf-images "$HF_IMAGES"} --pipeline-repeat "$REPEAT" "${PHOTO_FLAGS[@]}" \
                 "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_L-panoptic-384.json" ;;
+        e640)
+            run_step e640 200 "${BENCH[@]}" --arch "$ARCH_E" --task panoptic --images "$IMAGES" --batch-size "$BS" \
+                --dtype bf16 --size 480x640 ${HF_IMAGES:+--hf-images "$HF_IMAGES"} --pipeline-repeat "$REPEAT" \
+                "${PHOTO_FLAGS[@]}" "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_E-panoptic-640.json" ;;
+        e640c)
+            run_step e640c 240 "${BENCH[@]}" --arch "$ARCH_E" --task panoptic --images "$IMAGES" --batch-size "$BS" \
+                --dtype bf16 --size 480x640 --compile --skip-hf --pipeline-repeat "$REPEAT" "${PHOTO_FLAGS[@]}" \
+                "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_E-panoptic-640-compiled.json" ;;
         nan)
             run_step nan 90 "$PY" "$OUT/nan_check.py" ;;
         plumb)
@@ -202,7 +215,7 @@ for step in $STEPS; do
         mem)
             run_step mem 120 "${BENCH[@]}" --memory --json "$OUT/memory.json" ;;
         *)
-            echo "unknown step $step (pytest nan s384 s384c plumb s800 l384 mem)" ;;
+            echo "unknown step $step (pytest nan s384 s384c plumb s800 l384 e640 e640c mem)" ;;
     esac
 done
 

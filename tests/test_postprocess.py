@@ -307,3 +307,49 @@ def test_nothing_above_threshold_gives_an_empty_map(task, compat):
         assert r.id_map.shape == size
         if task != "semantic":  # semantic has no threshold: every pixel gets a label
             assert len(r.ids) == 0 and not r.id_map.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
+def test_cuda_eomt_post_processing_and_segmenter(task, eomt_checkpoints):
+    """EoMT's post-processing on a GPU: its waits are the counted ones and its maps the CPU's;
+    the tiny EoMT Segmenter on CUDA in each dtype (fp32 agreeing with the CPU's maps)."""
+    import warnings
+
+    from transformers.image_transforms import get_size_with_aspect_ratio
+
+    from seglabel import Segmenter
+    from seglabel.preprocess import Layout
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = fake_outputs(6, canvas=(16, 16), broad=0 if task == "panoptic" else 6)
+    layouts = [Layout((b,), tuple(get_size_with_aspect_ratio(s, 64, 64))) for b, s in enumerate(SIZES)]
+    spec = PostprocessSpec(task, score_threshold=0.2, overlap_threshold=0.5, chunk_elements=2000,
+                           family="eomt")
+    cpu = Postprocessor(spec, NUM_LABELS)(out.class_queries_logits, out.masks_queries_logits, SIZES, (64, 64),
+                                          layouts)
+    post = Postprocessor(spec, NUM_LABELS)
+    class_logits, mask_logits = out.class_queries_logits.cuda(), out.masks_queries_logits.cuda()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            gpu = post(class_logits, mask_logits, SIZES, (64, 64), layouts)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronising = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(synchronising) <= post.syncs, [str(w.message) for w in synchronising]
+    for a, b in zip(cpu, gpu):
+        assert (a.id_map == b.id_map).mean() >= 0.98
+    rng = np.random.default_rng(0)
+    sizes = ((300, 451, 3), (128, 128, 3), (90, 200, 3))
+    images = [rng.integers(0, 255, size, dtype=np.uint8) for size in sizes]
+    reference = Segmenter(str(eomt_checkpoints[task]), device="cpu", score_threshold=0.3)(images)
+    for dtype in ("fp32", "bf16", "fp16"):
+        seg = Segmenter(str(eomt_checkpoints[task]), device="cuda", dtype=dtype, score_threshold=0.3)
+        for a, b in zip(seg(images), reference):
+            assert a.id_map.shape == b.id_map.shape
+            if dtype == "fp32":
+                assert (a.id_map == b.id_map).mean() >= 0.97
