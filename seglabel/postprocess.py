@@ -457,7 +457,9 @@ class Postprocessor:
                 else:
                     # HF compares the score-weighted probabilities with the mask threshold.
                     original += (weighted >= spec.mask_threshold).flatten(1).sum(1)
-            owners.append((sel, owner, inside, to_host(areas), to_host(original), to_host(final)))
+            owners.append(
+                (sel, owner, inside, to_host(areas), to_host(original), to_host(final) if spec.eomt else None)
+            )
         to_host.wait()
         fetched = []
         for b, ((height, width), entry) in enumerate(zip(sizes, owners)):
@@ -467,7 +469,7 @@ class Postprocessor:
             sel, owner, inside, areas, original, final = entry
             lut, ids, labels, seg_scores = self._merge(
                 areas.numpy(), original.numpy(), labels_host[b, sel], scores_host[b, sel],
-                final.numpy() if spec.eomt else None,
+                final.numpy() if final is not None else None,
             )
             # int16: ids, one a query at most, in half the pinned memory of int32.
             id_map = host_to_device(lut.astype(np.int16), device)[owner.long()]
@@ -517,7 +519,9 @@ class Postprocessor:
             if label in spec.fuse_label_ids:
                 fused[label] = seg_id
         seg_ids = sorted(set(lut[lut > 0].tolist()))
-        seg_area = {s: int(areas[lut == s].sum()) for s in seg_ids}
+        # A segment's area: its pixels in the map (EoMT: only those that pass the threshold).
+        shown = final if final is not None else areas
+        seg_area = {s: int(shown[lut == s].sum()) for s in seg_ids}
         drop = [s for s in seg_ids if seg_area[s] < spec.min_area]
         if spec.max_instances is not None:
             best = {s: float(scores[lut == s].max()) for s in seg_ids if s not in drop}

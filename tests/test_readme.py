@@ -2,9 +2,10 @@
 
 What the blocks meet instead of the outside world, and the only substitutions made:
 
-* **Hugging Face Hub ids** are not rewritten: tiny random checkpoints with the real label sets
-  (COCO's 80 things, COCO panoptic's 133 labels, Cityscapes' 19) sit in a Hugging Face cache
-  (``HF_HOME``) under those ids, and ``HF_HUB_OFFLINE=1`` makes every load come from there.
+* **Hugging Face Hub ids** are not rewritten: tiny random checkpoints of the id's family with
+  the real label sets (COCO's 80 things, COCO panoptic's 133 labels, Cityscapes' 19) sit in a
+  Hugging Face cache (``HF_HOME``) under those ids, with a model card declaring the licence the
+  real card declares (EoMT's: MIT), and ``HF_HUB_OFFLINE=1`` makes every load come from there.
 * **``s3://bucket/…`` and ``s3://my-bucket/…``** are not rewritten: buckets of those names live on
   the loopback S3 endpoint (moto), with the photos and the manifest the blocks name.
 * **``gs://bucket/``** becomes a local folder (there is no GCS endpoint here): ``{work}/gs/bucket/``.
@@ -48,6 +49,7 @@ HUB_CHECKPOINTS = {
     "facebook/mask2former-swin-small-coco-instance": [name for name, _ in LABEL_SETS["coco-panoptic"][:80]],
     "facebook/mask2former-swin-large-coco-panoptic": [name for name, _ in LABEL_SETS["coco-panoptic"]],
     "facebook/mask2former-swin-large-cityscapes-semantic": [name for name, _ in LABEL_SETS["cityscapes"]],
+    "tue-mps/coco_panoptic_eomt_large_640": [name for name, _ in LABEL_SETS["coco-panoptic"]],
 }
 # In front of every shell block: installs and the test suite are recorded, not run.
 SHELL_PREAMBLE = """
@@ -89,7 +91,9 @@ def world(s3_endpoint, tmp_path_factory):
     hf_home = work / "hf"
     checkpoints = tmp_path_factory.mktemp("readme-checkpoints")
     for repo_id, names in HUB_CHECKPOINTS.items():
-        folder = save_random_checkpoint(checkpoints / repo_id.split("/")[1], "tiny", dict(enumerate(names)))
+        eomt = "eomt" in repo_id
+        folder = save_random_checkpoint(checkpoints / repo_id.split("/")[1], "eomt-tiny" if eomt else "tiny",
+                                        dict(enumerate(names)), license="mit" if eomt else None)
         hub_cache(hf_home, repo_id, folder)
     write_token(home)
 
@@ -164,6 +168,10 @@ def test_every_readme_block_runs_as_written(world):
     assert (work / "coco-00000.json").exists() and (work / "cvat.zip").exists()
     assert (work / "panoptic" / "panoptic.json").exists() and (work / "tasks.json").exists()
     assert len(list((work / "preview" / "overlays").glob("*.png"))) == len(photos)
+    # The EoMT checkpoint, accepted by its card's licence, labeled the same photos.
+    eomt = json.loads((work / "labels-eomt" / "job.json").read_text())
+    assert eomt["family"] == "eomt" and eomt["model_license"]["license"] == "mit"
+    assert len(read_rows(str(work / "labels-eomt"))) == len(photos)
     tasks = json.loads((work / "tasks.json").read_text())
     assert {t["data"]["image"] for t in tasks} == {f"https://cdn.example.com/photos/{p}" for p in photos}
     # The other runs, on S3, the local stand-in for GCS, and the Ray head.
