@@ -136,6 +136,7 @@ def test_example_job_specs_are_valid():
         "facebook/mask2former-swin-small-coco-instance",
         "facebook/mask2former-swin-large-cityscapes-semantic",
         "facebook/mask2former-swin-large-coco-panoptic",
+        "tue-mps/coco_panoptic_eomt_large_640",
     }
 
 
