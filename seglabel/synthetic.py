@@ -119,14 +119,18 @@ def build_random_model(
     model = Mask2FormerForUniversalSegmentation(config).eval()
     if confident:
         with torch.no_grad():
-            head = model.class_predictor
-            head.weight.mul_(class_scale)
-            head.bias.zero_()
-            head.bias[-1] = -class_scale  # the no-object class
+            _sure_labels(model.class_predictor, class_scale)
             embedder = model.model.transformer_module.decoder.mask_predictor.mask_embedder
             last = [m for m in embedder.modules() if isinstance(m, torch.nn.Linear)][-1]
             last.weight.mul_(mask_scale)
     return model
+
+
+def _sure_labels(head: torch.nn.Linear, scale: float) -> None:
+    """Scale a class head so that each query is sure of one label (the no-object one lowered)."""
+    head.weight.mul_(scale)
+    head.bias.zero_()
+    head.bias[-1] = -scale  # the no-object class
 
 
 def _eomt(arch: str, id2label: Mapping[int, str], confident: bool, class_scale: float, mask_scale: float,
@@ -146,10 +150,7 @@ def _eomt(arch: str, id2label: Mapping[int, str], confident: bool, class_scale: 
     model = model_class(config).eval()
     if confident:
         with torch.no_grad():
-            head = model.class_predictor
-            head.weight.mul_(class_scale)
-            head.bias.zero_()
-            head.bias[-1] = -class_scale  # the no-object class
+            _sure_labels(model.class_predictor, class_scale)
             # A random mask head draws every query's mask over about half of the image, so
             # queries overlap and panoptic merging keeps none. A constant channel in the pixel
             # features (the last LayerNorm's bias, its scale zeroed) lets the mask head offset
@@ -170,6 +171,17 @@ def _eomt(arch: str, id2label: Mapping[int, str], confident: bool, class_scale: 
     return model
 
 
+# Bilinear resize, then ImageNet normalisation: what both families' Hub processors do.
+_IMAGENET_PIXELS = {
+    "resample": 2,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+}
+
+
 def eomt_preprocessor_config(image_size: int, split: bool = False) -> dict:
     """An EoMT ``preprocessor_config.json`` as the Hub checkpoints ship it: the image fitted into
     the model's square input and padded to it (panoptic, instance); or, ``split``, resized to a
@@ -180,12 +192,7 @@ def eomt_preprocessor_config(image_size: int, split: bool = False) -> dict:
         "size": {"shortest_edge": image_size, "longest_edge": None if split else image_size},
         "do_pad": not split,
         "do_split_image": split,
-        "resample": 2,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
+        **_IMAGENET_PIXELS,
         "ignore_index": None,
     }
 
@@ -197,12 +204,7 @@ def preprocessor_config(size: Mapping[str, int] | None = None, size_divisor: int
         "do_resize": True,
         "size": dict(size or {"height": 384, "width": 384}),
         "size_divisor": size_divisor,
-        "resample": 2,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
+        **_IMAGENET_PIXELS,
         "ignore_index": 255,
         "do_reduce_labels": False,
     }

@@ -197,12 +197,29 @@ def test_the_host_waits_a_few_times_a_batch_not_per_image(task, waits):
         assert post.syncs == 2 * waits
 
 
+def counting_syncs(post: Postprocessor, *args):
+    """``post(*args)`` on CUDA, checking that every synchronising call torch reports is one of
+    the waits the post-processor counts."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = post(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronising = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(synchronising) <= post.syncs, [str(w.message) for w in synchronising]
+    return result
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
 def test_cuda_post_processing_waits_only_where_counted(task):
     """On a GPU every synchronising call torch sees is one of the counted waits (no per-image
     ``nonzero``, ``.cpu()`` or ``bincount``), and the maps agree with the CPU's."""
-    import warnings
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -211,16 +228,7 @@ def test_cuda_post_processing_waits_only_where_counted(task):
     cpu = Postprocessor(spec, NUM_LABELS)(out.class_queries_logits, out.masks_queries_logits, SIZES, (48, 64))
     post = Postprocessor(spec, NUM_LABELS)
     class_logits, mask_logits = out.class_queries_logits.cuda(), out.masks_queries_logits.cuda()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            gpu = post(class_logits, mask_logits, SIZES, (48, 64))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    synchronising = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(synchronising) <= post.syncs, [str(w.message) for w in synchronising]
+    gpu = counting_syncs(post, class_logits, mask_logits, SIZES, (48, 64))
     for a, b in zip(cpu, gpu):
         assert a.id_map.shape == b.id_map.shape and a.id_map.dtype == b.id_map.dtype
         assert (a.id_map == b.id_map).mean() >= 0.98
@@ -314,7 +322,6 @@ def test_nothing_above_threshold_gives_an_empty_map(task, compat):
 def test_cuda_eomt_post_processing_and_segmenter(task, eomt_checkpoints):
     """EoMT's post-processing on a GPU: its waits are the counted ones and its maps the CPU's;
     the tiny EoMT Segmenter on CUDA in each dtype (fp32 agreeing with the CPU's maps)."""
-    import warnings
 
     from transformers.image_transforms import get_size_with_aspect_ratio
 
@@ -331,16 +338,7 @@ def test_cuda_eomt_post_processing_and_segmenter(task, eomt_checkpoints):
                                           layouts)
     post = Postprocessor(spec, NUM_LABELS)
     class_logits, mask_logits = out.class_queries_logits.cuda(), out.masks_queries_logits.cuda()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            gpu = post(class_logits, mask_logits, SIZES, (64, 64), layouts)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    synchronising = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(synchronising) <= post.syncs, [str(w.message) for w in synchronising]
+    gpu = counting_syncs(post, class_logits, mask_logits, SIZES, (64, 64), layouts)
     for a, b in zip(cpu, gpu):
         assert (a.id_map == b.id_map).mean() >= 0.98
     rng = np.random.default_rng(0)
