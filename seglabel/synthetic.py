@@ -148,6 +148,10 @@ def _eomt(arch: str, id2label: Mapping[int, str], confident: bool, class_scale: 
         id2label=id2label, label2id={v: k for k, v in id2label.items()}, **ARCHITECTURES[arch]["model"]
     )
     model = model_class(config).eval()
+    with torch.no_grad():
+        # As a trained checkpoint ends its mask annealing: no masked attention at inference
+        # (a fresh model masks every query's attention, with a prediction in each last block).
+        model.attn_mask_probs.zero_()
     if confident:
         with torch.no_grad():
             _sure_labels(model.class_predictor, class_scale)

@@ -28,7 +28,7 @@ def bench_labels(task: str) -> dict[int, str]:
     return {i: name for i, (name, _) in enumerate(table)}
 
 
-def _postprocessor(task: str, id2label: Mapping[int, str], engine: EngineConfig):
+def _postprocessor(task: str, id2label: Mapping[int, str], engine: EngineConfig, family: str = "mask2former"):
     from ..labels import thing_ids
     from ..postprocess import Postprocessor, PostprocessSpec
 
@@ -42,6 +42,7 @@ def _postprocessor(task: str, id2label: Mapping[int, str], engine: EngineConfig)
         mask_threshold=engine.mask_threshold,
         overlap_threshold=engine.overlap_threshold,
         fuse_label_ids=fuse,
+        family=family,
     )
     return Postprocessor(spec, len(id2label))
 
@@ -55,11 +56,32 @@ CROSS_ATTENTION_SCALE = 0.03
 
 
 def _mask_head(model: Any) -> Any:
-    """The last Linear of the mask embedder (shared by every decoder layer)."""
+    """The last Linear of the mask embedder (shared by every decoder layer; EoMT: its mask head)."""
     import torch
 
+    if hasattr(model, "mask_head"):
+        return model.mask_head.fc3
     embedder = model.model.transformer_module.decoder.mask_predictor.mask_embedder
     return [m for m in embedder.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def _constant_mask_channel(model: Any, outputs: list, head: Any) -> Any:
+    """Mask2Former: turn the pixel embeddings' mean direction into a constant channel of the
+    mask projection, which the mask head then reads only as an offset; returns that direction."""
+    import torch
+
+    features = [o.pixel_decoder_last_hidden_state.float() for o, _, _ in outputs]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0)
+    unit = mean / mean.norm().clamp_min(1e-12)
+    projection = model.model.pixel_level_module.decoder.mask_projection
+    project = torch.eye(len(unit), device=unit.device) - torch.outer(unit, unit)
+    weight = projection.weight.view(projection.weight.shape[0], -1)
+    weight.copy_(project.to(weight.dtype) @ weight)
+    bias = projection.bias
+    bias.copy_(project.to(bias.dtype) @ bias + unit.to(bias.dtype))
+    head.weight.copy_(project.to(head.weight.dtype) @ head.weight)
+    head.bias.copy_(project.to(head.bias.dtype) @ head.bias)
+    return unit
 
 
 def calibrate_random_model(
@@ -101,8 +123,10 @@ def calibrate_random_model(
 
     from ..preprocess import PreprocessSpec, preprocess, to_device
 
-    spec = PreprocessSpec.from_processor(processor, engine.resolution)
-    post = _postprocessor(task, id2label, engine)
+    family = getattr(model.config, "model_type", "mask2former")
+    eomt = family != "mask2former"
+    spec = PreprocessSpec.from_processor(processor, engine.resolution, family)
+    post = _postprocessor(task, id2label, engine, family)
     dev = torch.device(device)
     model.to(dev)
     batches = []
@@ -119,15 +143,16 @@ def calibrate_random_model(
     head = _mask_head(model)
     info: dict[str, Any] = {
         "calibration_images": len(batches),
-        "cross_attention_scale": CROSS_ATTENTION_SCALE,
+        "cross_attention_scale": None if eomt else CROSS_ATTENTION_SCALE,
     }
     # 0. queries: with random weights every query's cross-attention returns about the same
     # image average, which swamps what tells one query from another (for swin-s, 99% of the
     # variance of the heads' input is per image), so all queries of an image would share one
     # label, one mask and one score. Damping the cross-attention outputs lets each query keep
     # its identity while the image still shapes it (and the masks read the image directly).
+    # EoMT has no decoder: its queries are tokens of the ViT's last blocks.
     with torch.no_grad():
-        for layer in model.model.transformer_module.decoder.layers:
+        for layer in [] if eomt else model.model.transformer_module.decoder.layers:
             layer.cross_attn.out_proj.weight.mul_(CROSS_ATTENTION_SCALE)
             layer.cross_attn.out_proj.bias.mul_(CROSS_ATTENTION_SCALE)
     outputs = forward()
@@ -140,19 +165,14 @@ def calibrate_random_model(
         # mask projection: its weights lose it, its bias carries a constant 1 along it), and
         # let the mask head read only the rest, plus a bias along the constant channel: an
         # offset that is the same for every pixel of every image.
-        features = [o.pixel_decoder_last_hidden_state.float() for o, _, _ in outputs]
-        mean = torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0)
-        unit = mean / mean.norm().clamp_min(1e-12)
-        projection = model.model.pixel_level_module.decoder.mask_projection
         with torch.no_grad():
-            project = torch.eye(len(unit), device=unit.device) - torch.outer(unit, unit)
-            weight = projection.weight.view(projection.weight.shape[0], -1)
-            weight.copy_(project.to(weight.dtype) @ weight)
-            projection.bias.copy_(
-                project.to(projection.bias.dtype) @ projection.bias + unit.to(projection.bias.dtype)
-            )
-            head.weight.copy_(project.to(head.weight.dtype) @ head.weight)
-            head.bias.copy_(project.to(head.bias.dtype) @ head.bias)
+            if eomt:
+                # Built with that constant channel already (synthetic._eomt: channel 0 of the
+                # pixel features is 1, and the mask head reads it through its bias alone).
+                unit = torch.zeros(head.bias.shape[0], device=head.bias.device)
+                unit[0] = 1.0
+            else:
+                unit = _constant_mask_channel(model, outputs, head)
             for _ in range(4):
                 outputs = forward()
                 logits = torch.cat([o.masks_queries_logits.float().flatten() for o, _, _ in outputs])
@@ -258,8 +278,7 @@ def build_checkpoint(
     id2label = bench_labels(task)
     started = time.perf_counter()
     model = build_random_model(arch, id2label, confident=True, seed=seed)
-    eomt = family(arch) != "mask2former"
-    if eomt:
+    if family(arch) != "mask2former":
         # EoMT's input is its model's square (the Hub's configs: padded; semantic: crops).
         processor_config = eomt_preprocessor_config(int(model.config.image_size), split=task == "semantic")
     else:
@@ -273,12 +292,8 @@ def build_checkpoint(
         "num_labels": len(id2label),
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
-    if eomt:
-        # The Mask2Former calibration below edits that architecture's decoder; an EoMT model is
-        # made confident when built (synthetic._eomt: sure labels, masks a tenth of an image).
-        info["calibration"] = "built in: confident class head, mask offset for ~10% coverage"
-    elif (target_segments or coverage) and calibration_images:
-        processor = processor_class().from_pretrained(path)
+    if (target_segments or coverage) and calibration_images:
+        processor = processor_class(family(arch)).from_pretrained(path)
         info["calibration"] = calibrate_random_model(
             model, processor, calibration_images, task, id2label, target=target_segments, coverage=coverage,
             engine=engine, device=device,
