@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .config import TASKS, ConfigError
 from .errors import SeglabelError, get_logger
@@ -35,27 +35,66 @@ class CheckpointError(SeglabelError, RuntimeError):
 
 
 # The model types seglabel runs, by family name as users know it.
-FAMILIES = {"mask2former": "Mask2Former", "eomt": "EoMT", "eomt_dinov3": "EoMT (DINOv3 backbone)"}
+FAMILIES = {"mask2former": "Mask2Former", "eomt": "EoMT", "eomt_dinov3": "EoMT on DINOv3"}
 
 
 def family_of(model_type: Any, model: str) -> str:
     """The checkpoint's family (its ``model_type``), or one line naming the supported ones."""
-    if model_type in FAMILIES:
-        return str(model_type)
+    if isinstance(model_type, str) and model_type in FAMILIES:
+        return model_type
     supported = ", ".join(f"{name} ({kind})" for kind, name in FAMILIES.items())
     known = isinstance(model_type, str) and model_type
     what = f"a {model_type!r} model" if known else "not a model seglabel knows"
     raise CheckpointError(f"checkpoint {model} is {what}; seglabel runs {supported} checkpoints")
 
 
-def check_family_settings(family: str, resolution: Any) -> None:
-    """Refuse settings a family cannot take: an EoMT model's position embeddings fix its input
-    size, so it runs at its preprocessor's size only."""
+def check_family_settings(
+    family: str, resolution: Any, task: str | None = None, split: bool = False, model: str = ""
+) -> None:
+    """Refuse settings a checkpoint cannot take: an EoMT model's position embeddings fix its
+    input size, so it runs at its preprocessor's size only; images cut into crops are merged
+    back for semantic segmentation only."""
     if family.startswith("eomt") and resolution is not None:
         raise ConfigError(
             "--resolution applies to Mask2Former checkpoints only: an EoMT model takes the one "
             "input size its preprocessor config gives"
         )
+    if split and task is not None and task != "semantic":
+        raise ConfigError(
+            f"{model} cuts images into crops (do_split_image), which only semantic segmentation "
+            f"merges back; it cannot run as {task}"
+        )
+
+
+def eomt_input(processor: Mapping[str, Any], image_size: Any, model: str) -> bool:
+    """Check an EoMT preprocessor config against its model; True when it cuts images into crops.
+
+    The model's position embeddings fix one square input (``image_size``): the processor must
+    pad every image to that square or cut it into crops of it. ``EomtImageProcessor``'s own
+    defaults do neither, and a size that is not the model's fails on every image, so either is
+    refused here, before any image is read, rather than turning a corpus into error rows.
+    """
+    size = processor.get("size") if isinstance(processor.get("size"), Mapping) else {}
+    shortest, longest = size.get("shortest_edge"), size.get("longest_edge")
+    side = image_size[0] if isinstance(image_size, (list, tuple)) and image_size else image_size
+    split, pad = processor.get("do_split_image") is True, processor.get("do_pad") is True
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {model}: its preprocessor config {why}")
+
+    if not isinstance(side, int) or isinstance(side, bool) or side < 1:
+        raise refuse(f"goes with a model whose image_size {image_size!r} is not a positive whole number")
+    if not isinstance(shortest, int) or isinstance(shortest, bool) or shortest != side:
+        raise refuse(f"size {dict(size)!r} does not give the model's {side}x{side} input "
+                     f"(shortest_edge {side})")
+    if longest not in (None, 0) and (not isinstance(longest, int) or longest < shortest):
+        raise refuse(f"has longest_edge {longest!r} below its shortest_edge {shortest}")
+    if not (pad or split):
+        raise refuse("neither pads images to the model's square (do_pad) nor cuts them into crops "
+                     "(do_split_image)")
+    if pad and not split and longest not in (None, 0, shortest):
+        raise refuse(f"pads to {shortest}x{longest}, not to the model's {side}x{side} square")
+    return split
 
 
 @dataclass(frozen=True)
@@ -72,11 +111,13 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What the driver learns of a checkpoint from its config alone (no weights)."""
+    """What the driver learns of a checkpoint from its configs alone (no weights)."""
 
     id2label: dict[int, str]
     revision: str | None
     family: str
+    # EoMT: whether its preprocessor cuts images into crops (checked against the model).
+    split: bool = False
 
 
 def detect_task(model_id: str, task: str | None = None) -> str:
@@ -293,57 +334,80 @@ def _looks_like_hub_id(model: str) -> bool:
     return bool(re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", model))
 
 
+# A checkpoint's JSON configs are a few kB; nothing larger is read.
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def inspect_checkpoint(model: str, revision: str | None = None) -> CheckpointInfo:
-    """A checkpoint's labels, resolved revision and family, reading only its config.
+    """A checkpoint's labels, resolved revision and family, reading only its configs.
 
-    The driver uses this to fail fast on a bad model (a missing one, another architecture) and
-    to describe the job, without loading weights (those are loaded once per Segmenter actor).
+    The driver uses this to fail fast on a bad model (a missing one, another architecture, an
+    EoMT preprocessor that does not fit its model) and to describe the job, without loading
+    weights (those are loaded once per Segmenter actor).
     """
-    import json
-
-    import fsspec
-
-    if (
+    hub = not (
         _is_remote_url(model)
         or model.startswith("file://")
         or os.path.isdir(model)
         or not _looks_like_hub_id(model)
-    ):
-        url = model.rstrip("/") + "/config.json"
-        try:
-            with fsspec.open(url, "r") as f:
-                config = json.load(f)
-        except FileNotFoundError as exc:
-            raise CheckpointError(
-                f"no checkpoint at {model} (expected a directory with config.json)"
-            ) from exc
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read checkpoint config {url}: {exc}") from exc
-        if not isinstance(config, dict):
-            raise CheckpointError(f"cannot read checkpoint config {url}: not a JSON object")
-        family = family_of(config.get("model_type"), model)
-        labels = _labels(config.get("id2label"), model)
-        if _is_remote_url(model):
-            # Actors on other nodes copy it later: the job pins what it was now.
-            current = checkpoint_fingerprint(model)
-            if revision is not None and revision != current:
-                raise CheckpointError(f"the checkpoint at {model} is {current}, not revision {revision}")
-            return CheckpointInfo(labels, current, family)
-        return CheckpointInfo(labels, revision, family)
-    # Only here: transformers imports torch (a quarter of a GB in the driver, for a config file).
-    from transformers.utils.hub import cached_file, extract_commit_hash
-
-    try:
-        path = cached_file(model, "config.json", revision=revision)
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"cannot load checkpoint {model!r}: {_first_line(exc)}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"cannot read checkpoint config of {model}: not a JSON object")
+    )
+    config, commit = _config_file(model, "config.json", revision, hub)
+    if config is None:
+        raise CheckpointError(f"no checkpoint at {model} (expected a directory with config.json)")
     family = family_of(config.get("model_type"), model)
     labels = _labels(config.get("id2label"), model)
-    return CheckpointInfo(labels, extract_commit_hash(path, None) or revision, family)
+    split = False
+    if family.startswith("eomt"):
+        processor, _ = _config_file(model, "preprocessor_config.json", revision, hub)
+        if processor is None:
+            raise CheckpointError(
+                f"checkpoint {model} has no preprocessor_config.json (an EoMT model needs one)"
+            )
+        split = eomt_input(processor, config.get("image_size"), model)
+    if hub:
+        return CheckpointInfo(labels, commit or revision, family, split)
+    if _is_remote_url(model):
+        # Actors on other nodes copy it later: the job pins what it was now.
+        current = checkpoint_fingerprint(model)
+        if revision is not None and revision != current:
+            raise CheckpointError(f"the checkpoint at {model} is {current}, not revision {revision}")
+        return CheckpointInfo(labels, current, family, split)
+    return CheckpointInfo(labels, revision, family, split)
+
+
+def _config_file(model: str, name: str, revision: str | None, hub: bool) -> tuple[dict | None, str | None]:
+    """A checkpoint's JSON file as a mapping (None when it has none) and, from the Hub, the
+    commit it was read at. Read as any input is (fetch.read_bytes): bounded, and only from a
+    regular file on a local disk (a FIFO named config.json would block for ever)."""
+    import json
+
+    from .fetch import Unreadable, read_bytes
+
+    commit = None
+    if hub:
+        # Only here: transformers imports torch (a quarter of a GB in the driver, for a config).
+        from transformers.utils.hub import cached_file, extract_commit_hash
+
+        try:
+            path = cached_file(model, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"cannot load checkpoint {model!r}: {_first_line(exc)}") from exc
+        if path is None:
+            return None, None
+        commit = extract_commit_hash(path, None)
+    else:
+        local = model[len("file://"):] if model.startswith("file://") else model
+        path = (model if _is_remote_url(model) else local).rstrip("/") + "/" + name
+    try:
+        data = read_bytes(path, None, MAX_CONFIG_BYTES)
+        value = json.loads(data)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, Unreadable) as exc:
+        raise CheckpointError(f"cannot read {name} of checkpoint {model}: {_first_line(exc)}") from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"cannot read {name} of checkpoint {model}: not a JSON object")
+    return value, commit
 
 
 def _labels(id2label: Any, model: str) -> dict[int, str]:

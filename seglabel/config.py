@@ -311,6 +311,9 @@ def license_ids(value: Any) -> tuple[str, ...] | None:
     allowed = tuple(dict.fromkeys(v.strip().lower() for v in items if v.strip()))
     if not allowed:
         raise ConfigError("require_license must name at least one licence id (e.g. mit,apache-2.0)")
+    if "unknown" in allowed:
+        raise ConfigError("require_license cannot allow 'unknown': a checkpoint whose licence is not "
+                          "declared is always refused")
     return allowed
 
 

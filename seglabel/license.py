@@ -28,7 +28,8 @@ MAX_CARD_BYTES = 1 << 20
 # licence id, source). Checked before the card.
 AUTHORS_STATE = (
     (
-        re.compile(r"facebook/(mask2former|maskformer)-.*", re.IGNORECASE),
+        # The Hub id, or a copy of it in a Hugging Face cache ("models--facebook--mask2former-…").
+        re.compile(r"(^|/)(models--)?facebook(/|--)(mask2former|maskformer)-", re.IGNORECASE),
         "cc-by-nc-4.0",
         "the authors' MODEL_ZOO.md (facebookresearch/Mask2Former, facebookresearch/MaskFormer): "
         "all released models are CC BY-NC 4.0; the Hub card says 'other'",
@@ -80,7 +81,7 @@ def card_license(text: str) -> str | None:
 
 def checkpoint_license(model: str, revision: str | None, family: str) -> License:
     """The licence of the checkpoint ``model`` (a Hub id, a local folder or a folder URL)."""
-    stated = next(((lic, src) for pattern, lic, src in AUTHORS_STATE if pattern.fullmatch(model)), None)
+    stated = next(((lic, src) for pattern, lic, src in AUTHORS_STATE if pattern.search(model)), None)
     if stated is not None and family not in BACKBONE_LICENSES:
         return License(stated[0], stated[1], None)  # the card is not what counts: not fetched
     text, where = _read_card(model, revision)
@@ -95,34 +96,31 @@ def checkpoint_license(model: str, revision: str | None, family: str) -> License
 
 
 def _read_card(model: str, revision: str | None) -> tuple[str | None, str]:
-    """The model card's text and where it was read, or None and why there is none."""
+    """The model card's text and where it was read, or None and why there is none. Read as any
+    input is (``fetch.read_bytes``): at most ``MAX_CARD_BYTES``, and on a local disk only from
+    a regular file (a FIFO named README.md would block the run for ever)."""
     from .checkpoint import _is_remote_url, _looks_like_hub_id
+    from .fetch import Unreadable, read_bytes
 
     local = model[len("file://"):] if model.startswith("file://") else model
     if _is_remote_url(model) or os.path.isdir(local) or not _looks_like_hub_id(model):
-        import fsspec
-
-        url = (model if _is_remote_url(model) else local).rstrip("/") + "/README.md"
+        path, where = (model if _is_remote_url(model) else local).rstrip("/") + "/README.md", "README.md"
+    else:
         try:
-            with fsspec.open(url, "rb") as f:
-                data = f.read(MAX_CARD_BYTES + 1)
-        except FileNotFoundError:
-            return None, "no model card (README.md) beside the checkpoint"
-        except (OSError, ValueError) as exc:
-            return None, f"the model card could not be read: {one_line(exc)}"
-        if len(data) > MAX_CARD_BYTES:
-            return None, f"the model card is over {MAX_CARD_BYTES} bytes: not read"
-        return data.decode("utf-8", "replace"), "README.md"
-    try:
-        from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(model, "README.md", revision=revision)
-        if os.path.getsize(path) > MAX_CARD_BYTES:
-            return None, f"the model card is over {MAX_CARD_BYTES} bytes: not read"
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace"), "the Hub's README.md"
-    except Exception as exc:  # offline, gated, missing: the licence is then unknown, never guessed
-        return None, f"the Hub model card could not be read: {one_line(exc)}"
+            path, where = hf_hub_download(model, "README.md", revision=revision), "the Hub's README.md"
+        except Exception as exc:  # offline, gated, missing: the licence is then unknown, never guessed
+            return None, f"the Hub model card could not be read: {one_line(exc)}"
+    try:
+        return read_bytes(path, None, MAX_CARD_BYTES).decode("utf-8", "replace"), where
+    except FileNotFoundError:
+        return None, "no model card (README.md) beside the checkpoint"
+    except Unreadable as exc:  # not a regular file, or larger than a card can be
+        why = "is not a regular file" if "regular" in str(exc) else f"is over {MAX_CARD_BYTES} bytes"
+        return None, f"the model card {why}: not read"
+    except (OSError, ValueError) as exc:
+        return None, f"the model card could not be read: {one_line(exc)}"
 
 
 def check_allowed(license: License, allowed: tuple[str, ...] | None, model: str) -> None:

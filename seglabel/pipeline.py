@@ -876,7 +876,7 @@ def run(config: JobConfig) -> Summary:
         log.warning("checkpoint %s is licensed %s: its weights may not be used commercially", engine.model,
                     license.id)
     check_allowed(license, config.require_license, engine.model)
-    check_family_settings(info.family, engine.resolution)
+    check_family_settings(info.family, engine.resolution, task, info.split, engine.model)
     try:
         things = thing_ids(id2label, engine.thing_labels)
         if engine.labels is not None:

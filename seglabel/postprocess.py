@@ -523,8 +523,10 @@ class Postprocessor:
         shown = final if final is not None else areas
         seg_area = {s: int(shown[lut == s].sum()) for s in seg_ids}
         drop = [s for s in seg_ids if seg_area[s] < spec.min_area]
+        # A segment's score: its best query's (Mask2Former), its first query's (HF's EoMT code).
+        pick = (lambda v: v[0]) if final is not None else np.max
         if spec.max_instances is not None:
-            best = {s: float(scores[lut == s].max()) for s in seg_ids if s not in drop}
+            best = {s: float(pick(scores[lut == s])) for s in seg_ids if s not in drop}
             ranked = sorted(best, key=lambda s: -best[s])
             drop += ranked[spec.max_instances:]
         if drop:
@@ -537,6 +539,5 @@ class Postprocessor:
         seg_ids = sorted(set(lut[lut > 0].tolist()))
         ids = np.array(seg_ids, dtype=np.int32)
         seg_labels = np.array([int(labels[np.flatnonzero(lut == s)[0]]) for s in seg_ids], dtype=np.int32)
-        pick = (lambda v: v[0]) if final is not None else np.max
         seg_scores = np.array([float(pick(scores[lut == s])) for s in seg_ids], dtype=np.float32)
         return lut, ids, seg_labels, seg_scores

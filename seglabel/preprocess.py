@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import check_family_settings
+from .checkpoint import check_family_settings, eomt_input
 from .config import Resolution
 
 
@@ -58,15 +58,27 @@ class PreprocessSpec:
 
     @classmethod
     def from_processor(
-        cls, processor: Any, override: Resolution | None = None, family: str = "mask2former"
+        cls,
+        processor: Any,
+        override: Resolution | None = None,
+        family: str = "mask2former",
+        image_size: Any = None,
     ) -> "PreprocessSpec":
         """Read an image processor's settings; ``override`` replaces its size (Mask2Former only:
-        an EoMT model takes the one input size its position embeddings were trained at)."""
+        an EoMT model takes the one input size its position embeddings were trained at, its
+        ``image_size``, which the processor's settings are checked against when given)."""
         resolution = override
         size = processor.size
         get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
         eomt = family.startswith("eomt")
         check_family_settings(family, override)
+        if eomt and image_size is not None:
+            settings = {
+                "size": {"shortest_edge": get("shortest_edge"), "longest_edge": get("longest_edge")},
+                "do_pad": getattr(processor, "do_pad", False) is True,
+                "do_split_image": getattr(processor, "do_split_image", False) is True,
+            }
+            eomt_input(settings, image_size, "loaded here")
         if resolution is None and getattr(processor, "do_resize", True):
             if get("height") and get("width"):
                 resolution = Resolution("fixed", height=int(get("height")), width=int(get("width")))
@@ -91,7 +103,8 @@ class PreprocessSpec:
         std = tuple(float(v) for v in processor.image_std) if do_normalize else (1.0, 1.0, 1.0)
         return cls(
             resolution=resolution,
-            size_divisor=int(getattr(processor, "size_divisor", 0) or 0),
+            # HF's EoMT processor has no divisor; a stray one in its config is not applied.
+            size_divisor=0 if eomt else int(getattr(processor, "size_divisor", 0) or 0),
             rescale_factor=float(processor.rescale_factor) if do_rescale else 1.0,
             mean=mean,  # type: ignore[arg-type]
             std=std,  # type: ignore[arg-type]
@@ -174,14 +187,18 @@ MAX_CROPS = 32
 
 def crop_starts(long_side: int, crop: int) -> list[int]:
     """Where the overlapping square crops of an image's long side start, as
-    ``EomtImageProcessor._split_image`` cuts them: as few as cover it, overlapping evenly."""
+    ``EomtImageProcessor._split_image`` cuts them: as few as cover it, overlapping evenly. The
+    last one ends at the image's end: HF's float arithmetic can start it a pixel early (crop
+    640 from 8 crops, 384 from 12), leaving the last pixel line uncovered (label 0 there)."""
     count = math.ceil(long_side / crop)
     if count > MAX_CROPS:
         raise ValueError(
             f"image too elongated to split into crops ({count} crops of {crop} px; at most {MAX_CROPS})"
         )
     overlap = (count * crop - long_side) / (count - 1) if count > 1 else 0
-    return [int(i * (crop - overlap)) for i in range(count)]
+    starts = [int(i * (crop - overlap)) for i in range(count)]
+    starts[-1] = max(0, long_side - crop)
+    return starts
 
 
 def preprocess(

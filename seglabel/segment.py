@@ -22,18 +22,18 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .checkpoint import detect_task, load_checkpoint
+from .checkpoint import check_family_settings, detect_task, load_checkpoint
 from .config import ConfigError, EngineConfig, default_dtype
 from .encode import Prediction, RawPrediction, build_segments
 from .errors import get_logger
 from .labels import resolve_labels, thing_ids
 from .postprocess import Postprocessor, PostprocessSpec
-from .preprocess import PreprocessSpec, preprocess, to_device
+from .preprocess import PreprocessSpec, crop_starts, preprocess, to_device
 
 log = get_logger(__name__)
 
@@ -100,14 +100,12 @@ class Segmenter:
             keep = resolve_labels(self.id2label, config.labels) if config.labels is not None else None
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        image_size = getattr(self.model.config, "image_size", None)
         self.preprocess_spec = PreprocessSpec.from_processor(
-            checkpoint.processor, config.resolution, self.family
+            checkpoint.processor, config.resolution, self.family, image_size
         )
-        if self.preprocess_spec.split and self.task != "semantic":
-            raise ConfigError(
-                f"{config.model} cuts images into crops (do_split_image), which only semantic "
-                f"segmentation merges back; it cannot run as {self.task}"
-            )
+        check_family_settings(self.family, config.resolution, self.task, bool(self.preprocess_spec.split),
+                              config.model)
         fuse = frozenset()
         if self.task == "panoptic" and self.thing_ids is not None:
             # Stuff labels are fused into one segment per image; unknown thing/stuff fuses nothing.
@@ -141,14 +139,30 @@ class Segmenter:
         for i, array in enumerate(arrays):
             groups[self.preprocess_spec.input_size(*array.shape[:2])].append(i)
         results: list[RawPrediction | None] = [None] * len(arrays)
-        batch_size = self.config.batch_size
         with torch.inference_mode():
             for size, members in groups.items():
-                for start in range(0, len(members), batch_size):
-                    chunk = members[start : start + batch_size]
+                for chunk in self._batches(members, arrays):
                     for i, raw in zip(chunk, self._run_batch([arrays[i] for i in chunk], size)):
                         results[i] = raw
         return results  # type: ignore[return-value]
+
+    def _batches(self, members: list[int], arrays: list[np.ndarray]) -> Iterator[list[int]]:
+        """``members`` in batches of at most ``batch_size`` model inputs: images, or the crops
+        of images cut into crops (an image with more crops than that goes alone)."""
+        spec, batch_size = self.preprocess_spec, self.config.batch_size
+        chunk: list[int] = []
+        rows = 0
+        for i in members:
+            need = 1
+            if spec.split:
+                need = len(crop_starts(max(spec.resized_size(*arrays[i].shape[:2])), spec.split))
+            if chunk and rows + need > batch_size:
+                yield chunk
+                chunk, rows = [], 0
+            chunk.append(i)
+            rows += need
+        if chunk:
+            yield chunk
 
     def _run_batch(self, arrays: list[np.ndarray], size: tuple[int, int]) -> list[RawPrediction]:
         t0 = time.perf_counter()

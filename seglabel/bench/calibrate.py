@@ -125,7 +125,8 @@ def calibrate_random_model(
 
     family = getattr(model.config, "model_type", "mask2former")
     eomt = family != "mask2former"
-    spec = PreprocessSpec.from_processor(processor, engine.resolution, family)
+    spec = PreprocessSpec.from_processor(processor, engine.resolution, family,
+                                         getattr(model.config, "image_size", None))
     post = _postprocessor(task, id2label, engine, family)
     dev = torch.device(device)
     model.to(dev)

@@ -26,7 +26,7 @@ COMMANDS = (run, inspect, export, preview, submit, bench)
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each sets ``handler`` to the function that runs it."""
-    parser = Parser(prog="seglabel", description="Pre-label image corpora with Mask2Former.")
+    parser = Parser(prog="seglabel", description="Pre-label image corpora with Mask2Former or EoMT.")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     parser.set_defaults(log_level="info")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)

@@ -13,7 +13,7 @@ def add_parsers(sub) -> None:
         "run",
         parents=[common()],
         help="label every image under an input URL (or listed in a manifest) into an output URL",
-        description="Label images with Mask2Former: PNG masks and Parquet metadata under --output.",
+        description="Label images with Mask2Former or EoMT: PNG masks and Parquet metadata under --output.",
         argument_default=argparse.SUPPRESS,
     )
     add_job_flags(p)
