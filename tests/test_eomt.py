@@ -323,3 +323,129 @@ def test_other_architectures_are_refused_in_one_line(eomt_checkpoints, tmp_path,
         message = str(caught.value)
         assert "\n" not in message and "mask2former" in message and "eomt" in message
 
+
+
+# -- what a careless or hostile checkpoint does (review findings) --------------------------------
+
+
+def edited_checkpoint(source, tmp_path, name, config=None, processor=None):
+    """A copy of a tiny EoMT checkpoint with its configs edited."""
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(source, folder)
+    for file, change in (("config.json", config), ("preprocessor_config.json", processor)):
+        if change:
+            values = json.loads((folder / file).read_text())
+            values.update(change(values) if callable(change) else change)
+            (folder / file).write_text(json.dumps(values))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("processor", "expected"),
+    [
+        ({"do_pad": False}, "neither pads"),  # EomtImageProcessor's own default
+        ({"size": {"shortest_edge": 256, "longest_edge": 256}}, "does not give the model's 128x128"),
+        ({"size": {"shortest_edge": -5, "longest_edge": -5}}, "does not give"),
+        ({"size": {"shortest_edge": 100000, "longest_edge": 100000}}, "does not give"),
+        ({"size": {"shortest_edge": 128, "longest_edge": 64}}, "below its shortest_edge"),
+        ({"size": {"shortest_edge": 128, "longest_edge": 200}}, "pads to 128x200"),
+        ({"size": "128"}, "does not give|size input"),  # transformers refuses it first in a Segmenter
+    ],
+)
+def test_preprocessor_configs_that_do_not_fit_the_model_are_refused(eomt_checkpoints, tmp_path, processor,
+                                                                    expected):
+    from seglabel.checkpoint import inspect_checkpoint
+
+    folder = edited_checkpoint(eomt_checkpoints["panoptic"], tmp_path, "bad_coco_panoptic_eomt",
+                               processor=processor)
+    for load in (lambda: inspect_checkpoint(str(folder)), lambda: Segmenter(str(folder))):
+        with pytest.raises(CheckpointError, match=expected) as caught:
+            load()
+        assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("model_type", [["eomt"], {"a": 1}, True, 3.5])
+def test_model_type_of_any_json_type_is_one_line(eomt_checkpoints, tmp_path, model_type):
+    from seglabel.checkpoint import inspect_checkpoint
+
+    folder = edited_checkpoint(eomt_checkpoints["instance"], tmp_path, "odd_coco_instance",
+                               config={"model_type": model_type})
+    with pytest.raises(CheckpointError, match="seglabel runs Mask2Former"):
+        inspect_checkpoint(str(folder))
+
+
+def test_a_fifo_config_or_card_does_not_hang_the_driver(eomt_checkpoints, tmp_path):
+    import os
+    import threading
+
+    from seglabel.checkpoint import inspect_checkpoint
+    from seglabel.license import checkpoint_license
+
+    folder = edited_checkpoint(eomt_checkpoints["instance"], tmp_path, "fifo_coco_instance_eomt")
+    (folder / "README.md").unlink()
+    os.mkfifo(folder / "README.md")
+    found = {}
+
+    def read():
+        found["license"] = checkpoint_license(str(folder), None, "eomt")
+        (folder / "config.json").unlink()
+        os.mkfifo(folder / "config.json")
+        try:
+            inspect_checkpoint(str(folder))
+        except CheckpointError as exc:
+            found["config"] = str(exc)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "reading a FIFO blocked"
+    assert found["license"].id == "unknown" and "not a regular file" in found["license"].source
+    assert "not a regular file" in found["config"]
+
+
+@pytest.mark.parametrize("long_side", [4481, 4480, 3000, 641, 640])
+def test_crops_cover_the_whole_image(long_side):
+    from seglabel.preprocess import crop_starts
+
+    starts = crop_starts(long_side, 640)
+    covered = np.zeros(long_side, bool)
+    for start in starts:
+        assert 0 <= start <= long_side - 640
+        covered[start : start + 640] = True
+    assert covered.all() and starts[-1] == long_side - 640
+
+
+def test_batches_count_crops_not_images(eomt_checkpoints):
+    seg = Segmenter(str(eomt_checkpoints["semantic"]), batch_size=4)
+    calls = []
+    run = seg._run_batch
+    seg._run_batch = lambda arrays, size: calls.append(len(arrays)) or run(arrays, size)
+    wide = np.zeros((64, 64 * 3, 3), np.uint8)  # 3 crops of 128 at model scale
+    preds = seg([wide, wide, np.zeros((64, 64, 3), np.uint8), wide])
+    assert [p.id_map.shape for p in preds] == [(64, 192), (64, 192), (64, 64), (64, 192)]
+    assert calls == [1, 2, 1]  # 3 crops; 3 + 1; 3 (never more than 4 model inputs but for one image)
+
+
+def test_eomt_max_instances_ranks_by_the_score_it_reports():
+    """Two queries of one stuff label fused (first scores 0.71, second 0.99) and a thing at
+    0.95: with one segment allowed, the thing's 0.95 beats the stuff segment's reported 0.71."""
+    spec = PostprocessSpec("panoptic", family="eomt", max_instances=1, fuse_label_ids=frozenset({1}))
+    post = Postprocessor(spec, 2)
+    lut, ids, labels, scores = post._merge(
+        areas=np.array([10, 10, 10]), original=np.array([10, 10, 10]), labels=np.array([1, 1, 0]),
+        scores=np.array([0.71, 0.99, 0.95], np.float32), final=np.array([10, 10, 10]),
+    )
+    assert labels.tolist() == [0] and np.allclose(scores, [0.95])
+
+
+def test_authors_statement_also_for_a_cached_copy_and_unknown_cannot_be_allowed():
+    from seglabel.config import JobConfig
+    from seglabel.license import checkpoint_license
+
+    snapshot = ("/root/.cache/huggingface/hub/models--facebook--mask2former-swin-small-coco-instance"
+                "/snapshots/abc")
+    assert checkpoint_license(snapshot, None, "mask2former").id == "cc-by-nc-4.0"
+    with pytest.raises(ConfigError, match="unknown"):
+        JobConfig(output="/o", input="/i", require_license="mit,unknown")

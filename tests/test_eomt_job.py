@@ -131,6 +131,11 @@ def test_resolution_and_foreign_checkpoints_are_one_line_before_anything_runs(eo
                            str(eomt_checkpoints["panoptic"]), "--resolution", "800")
     assert code == 2 and len(error_lines(err)) == 1
     assert "--resolution applies to Mask2Former" in error_lines(err)[0]
+    # A checkpoint that cuts images into crops, run as panoptic: refused before job.json exists.
+    code, _, err = run_cli(capsys, "--input", str(corpus), "--output", str(out), "--model",
+                           str(eomt_checkpoints["semantic"]), "--task", "panoptic")
+    assert code == 2 and len(error_lines(err)) == 1 and "only semantic" in error_lines(err)[0]
+    assert not out.exists()
     segformer = tmp_path / "tiny_ade_semantic_segformer"
     segformer.mkdir()
     (segformer / "config.json").write_text(json.dumps({"model_type": "segformer", "id2label": {"0": "a"}}))
