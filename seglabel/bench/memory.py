@@ -51,6 +51,7 @@ def make_corpus(root: Path, entries: int) -> dict[str, str]:
     import pyarrow.parquet as pq
 
     from ..config import EngineConfig, JobConfig
+    from ..license import License
     from ..pipeline import _job_record
     from ..sink import SCHEMA, OutputStore
 
@@ -81,7 +82,10 @@ def make_corpus(root: Path, entries: int) -> dict[str, str]:
     if writer is not None:
         writer.close()
     config = JobConfig(output=str(output), manifest=str(manifest), engine=EngineConfig(model=str(checkpoint)))
-    store.write_json("job.json", _job_record(config, "instance", None, {0: "thing"}))
+    # The checkpoint the bench made: a random Mask2Former without a model card.
+    no_card = License("unknown", "no model card")
+    record = _job_record(config, "instance", None, {0: "thing"}, "mask2former", no_card)
+    store.write_json("job.json", record)
     store.write_json("_SUCCESS", {"total": entries, "ok": entries, "error": 0, "errors_by_reason": {}})
     return {"manifest": str(manifest), "output": str(output), "model": str(checkpoint)}
 
