@@ -57,7 +57,8 @@ def make_corpus(root: Path, entries: int) -> dict[str, str]:
 
     manifest, output, checkpoint = root / "manifest.parquet", root / "out", root / CHECKPOINT
     checkpoint.mkdir(parents=True)
-    (checkpoint / "config.json").write_text(json.dumps({"id2label": {"0": "thing"}}))
+    config = {"model_type": "mask2former", "id2label": {"0": "thing"}}
+    (checkpoint / "config.json").write_text(json.dumps(config))
     store = OutputStore(str(output))
     writer = None
     for start in range(0, entries, ROWS_PER_PART):
