@@ -871,10 +871,6 @@ def run(config: JobConfig) -> Summary:
     info = inspect_checkpoint(engine.model, engine.revision)
     id2label, revision = info.id2label, info.revision
     license = checkpoint_license(engine.model, revision, info.family)
-    log.info("checkpoint %s: %s, licence %s", engine.model, FAMILIES[info.family], license)
-    if license.noncommercial:
-        log.warning("checkpoint %s is licensed %s: its weights may not be used commercially", engine.model,
-                    license.id)
     check_allowed(license, config.require_license, engine.model)
     check_family_settings(info.family, engine.resolution, task, info.split, engine.model)
     try:
@@ -889,6 +885,11 @@ def run(config: JobConfig) -> Summary:
     refs = _refs(config)
     first = next(refs, None)  # a missing input fails here, before anything is written
     refs = _chain(first, refs) if first is not None else iter(())
+    # The run's first lines, once its checkpoint, settings and input are known to be usable.
+    log.info("checkpoint %s: %s, licence %s", engine.model, FAMILIES[info.family], license)
+    if license.noncommercial:
+        log.warning("checkpoint %s is licensed %s: its weights may not be used commercially", engine.model,
+                    license.id)
     store = OutputStore(config.output, config.output_storage_options)
     previous = store.read_json(JOB_FILE)
     if config.overwrite:
