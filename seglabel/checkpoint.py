@@ -18,9 +18,10 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from .config import TASKS, ConfigError
 from .errors import SeglabelError, get_logger
@@ -312,14 +313,57 @@ def load_checkpoint(
         # name before transformers builds (and validates) a config class for it.
         config, _ = PreTrainedConfig.get_config_dict(source, **kwargs)
         family = family_of(config.get("model_type") if isinstance(config, dict) else None, model)
-        net = model_class(family).from_pretrained(source, dtype=dtype, **kwargs, **weights)
+        # Mismatched shapes reported rather than raised, so that every way the weights differ
+        # from the model is refused in one line by check_weights.
+        with _quiet("transformers"):  # its load report's table: check_weights says it in one line
+            net, info = model_class(family).from_pretrained(
+                source, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True,
+                **kwargs, **weights,
+            )
+        check_weights(info, model, {name for name, _ in net.named_buffers()})
         processor = processor_class(family).from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load checkpoint {model!r}: {_first_line(exc)}") from exc
     net.eval().to(device)
     resolved = getattr(net.config, "_commit_hash", None) if not is_local else None
     id2label = {int(k): str(v) for k, v in net.config.id2label.items()}
     return Checkpoint(net, processor, model, resolved or revision, id2label, family)
+
+
+def check_weights(info: Mapping[str, Any], model: str, buffers: set[str] = frozenset()) -> None:
+    """Refuse a checkpoint whose weights are not the model's: tensors missing (transformers
+    would initialise them at random and the job would label with them), unexpected or of
+    another shape (labels that do not match the class head). ``info`` is transformers'
+    loading info. Only buffers of the training loss (``criterion.*``) may be missing."""
+    missing = [k for k in info.get("missing_keys") or () if not (k in buffers and k.startswith("criterion."))]
+    unexpected = list(info.get("unexpected_keys") or ())
+    mismatched = [m[0] if isinstance(m, (list, tuple)) else m for m in info.get("mismatched_keys") or ()]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)):
+        if keys:
+            names = ", ".join(sorted(keys)[:3]) + (", …" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} tensor{'s' if len(keys) > 1 else ''} {what} ({names})")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {model} does not hold the weights its model needs: {'; '.join(problems)}; "
+            "it would label with random weights (a partial upload or copy, or another model's weights?)"
+        )
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """A library's warnings held back while a block runs (its errors still show)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -351,11 +395,13 @@ def inspect_checkpoint(model: str, revision: str | None = None) -> CheckpointInf
         or os.path.isdir(model)
         or not _looks_like_hub_id(model)
     )
-    config, commit = _config_file(model, "config.json", revision, hub)
+    config, commit = _config_file(model, "config.json", revision, hub, required=True)
     if config is None:
         raise CheckpointError(f"no checkpoint at {model} (expected a directory with config.json)")
     family = family_of(config.get("model_type"), model)
     labels = _labels(config.get("id2label"), model)
+    if not hub:
+        _check_class_head(model, labels)
     split = False
     if family.startswith("eomt"):
         processor, _ = _config_file(model, "preprocessor_config.json", revision, hub)
@@ -375,10 +421,79 @@ def inspect_checkpoint(model: str, revision: str | None = None) -> CheckpointInf
     return CheckpointInfo(labels, revision, family, split)
 
 
-def _config_file(model: str, name: str, revision: str | None, hub: bool) -> tuple[dict | None, str | None]:
+# The class head, by the name both families' checkpoints give it: one row per label, and one
+# for "no object".
+CLASS_HEAD = "class_predictor.weight"
+# A safetensors header is a few hundred kB at most; nothing larger is read.
+MAX_HEADER_BYTES = 100 << 20
+
+
+def _check_class_head(model: str, labels: dict[int, str]) -> None:
+    """Refuse, from the weights file's header alone (no tensor is read), a checkpoint whose class
+    head is missing or has another number of rows than its config has labels (+1 for "no
+    object"). Checkpoints with no safetensors file (pickled weights in a local folder) are left
+    to the Segmenter's load, which checks every tensor."""
+    from .fetch import Unreadable
+
+    local = model[len("file://"):] if model.startswith("file://") else model
+    base = (model if _is_remote_url(model) else local).rstrip("/")
+    index, _ = _config_file(model, "model.safetensors.index.json", None, False)
+    name = "model.safetensors"
+    if index is not None:
+        weight_map = index.get("weight_map")
+        shard = weight_map.get(CLASS_HEAD) if isinstance(weight_map, dict) else None
+        if not isinstance(shard, str) or not CHECKPOINT_FILES.fullmatch(shard):
+            raise CheckpointError(f"checkpoint {model}: its weights have no class head ({CLASS_HEAD})")
+        name = shard
+    try:
+        head = _safetensors_header(f"{base}/{name}")
+    except FileNotFoundError:
+        if index is not None:
+            missing = f"checkpoint {model}: its weights index names {name}, which is missing"
+            raise CheckpointError(missing) from None
+        return
+    except (OSError, ValueError, Unreadable) as exc:
+        raise CheckpointError(f"cannot read the weights of checkpoint {model}: {_first_line(exc)}") from exc
+    entry = head.get(CLASS_HEAD)
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not isinstance(shape, list) or not shape:
+        raise CheckpointError(f"checkpoint {model}: its weights have no class head ({CLASS_HEAD})")
+    if shape[0] != len(labels) + 1:
+        raise CheckpointError(
+            f"checkpoint {model}: its config names {len(labels)} labels but its class head has "
+            f"{shape[0] - 1} (+1 for no object): labels and weights do not belong together"
+        )
+
+
+def _safetensors_header(url: str) -> dict:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes): its first 8 bytes
+    give the header's length, little-endian. Two bounded ranged reads, local or remote; on a
+    local disk only a regular file is read."""
+    import json
+    import stat
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"{url} is not a regular file")
+    size = int.from_bytes(fs.cat_file(path, start=0, end=8), "little")
+    if not 0 < size <= MAX_HEADER_BYTES:
+        raise ValueError(f"{url} is not a safetensors file (header of {size} bytes)")
+    header = json.loads(fs.cat_file(path, start=8, end=8 + size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{url} is not a safetensors file")
+    return header
+
+
+def _config_file(
+    model: str, name: str, revision: str | None, hub: bool, required: bool = False
+) -> tuple[dict | None, str | None]:
     """A checkpoint's JSON file as a mapping (None when it has none) and, from the Hub, the
     commit it was read at. Read as any input is (fetch.read_bytes): bounded, and only from a
-    regular file on a local disk (a FIFO named config.json would block for ever)."""
+    regular file on a local disk (a FIFO named config.json would block for ever). A
+    ``required`` file the Hub cannot give is one line that says how to run offline."""
     import json
 
     from .fetch import Unreadable, read_bytes
@@ -389,9 +504,15 @@ def _config_file(model: str, name: str, revision: str | None, hub: bool) -> tupl
         from transformers.utils.hub import cached_file, extract_commit_hash
 
         try:
-            path = cached_file(model, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+            path = cached_file(
+                model, name, revision=revision, _raise_exceptions_for_missing_entries=required,
+                _raise_exceptions_for_connection_errors=required,
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"cannot load checkpoint {model!r}: {_first_line(exc)}") from exc
+            raise CheckpointError(
+                f"cannot load checkpoint {model!r}: {_first_line(exc)} To run without the Hub, give a local "
+                "checkpoint folder, or a Hugging Face cache that holds it (HF_HOME) with HF_HUB_OFFLINE=1"
+            ) from exc
         if path is None:
             return None, None
         commit = extract_commit_hash(path, None)

@@ -28,6 +28,7 @@ class AttemptLedger:
 
     def __init__(self) -> None:
         self._started: Counter[tuple[str, int]] = Counter()
+        self._refusal: Exception | None = None
 
     def begin(self, stage: str, indices: list[int]) -> list[int]:
         """Count an execution of each todo row; returns how many had started before."""
@@ -42,6 +43,15 @@ class AttemptLedger:
     def in_flight(self) -> int:
         """How many (stage, row) executions have begun and not ended."""
         return len(self._started)
+
+    def refuse(self, error: Exception) -> None:
+        """A Segmenter's refusal to run its checkpoint (the first one is kept): the driver ends
+        the job with it, since Ray Data hands the driver only its text, mixed with its own."""
+        self._refusal = self._refusal or error
+
+    def refusal(self) -> Exception | None:
+        """The refusal a Segmenter sent, if any."""
+        return self._refusal
 
 
 __all__ = ["MAX_ATTEMPTS", "AttemptLedger"]

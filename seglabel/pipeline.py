@@ -358,13 +358,25 @@ class SegmentStage:
     def __init__(self, engine: EngineConfig, cpu_threads: int = 1, ledger: Any = None):
         import ray
 
-        self.segmenter = load_segmenter(engine, cpu_threads)
-        self.ledger = ledger
         context = ray.get_runtime_context()
         self.name = f"{context.get_node_id()[:12]}/{os.getpid()}"
+        self.ledger = ledger
+        # A checkpoint this node refuses (weights that are not the model's) goes to the ledger,
+        # whence the driver ends the job with its one line, and fails the first batch: raised
+        # here, Ray would print pages about a dead actor and start it again.
+        self.refusal: SeglabelError | None = None
+        try:
+            self.segmenter = load_segmenter(engine, cpu_threads)
+        except SeglabelError as exc:
+            self.refusal = exc
+            if ledger is not None:
+                ray.get(ledger.refuse.remote(exc))
+            return
         log.info("Segmenter actor %s ready on %s", self.name, self.segmenter.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.refusal is not None:
+            raise self.refusal
         n = len(batch["key"])
         errors = [_error(e) or "" for e in batch["error"]]
         raws: list[list[Any]] = [[] for _ in range(n)]
@@ -956,8 +968,15 @@ def run(config: JobConfig) -> Summary:
         started = time.perf_counter()
         # Every Segmenter loads the commit the driver resolved (a Hub branch may move meanwhile).
         config = config.replace(engine=engine.replace(revision=revision))
-        _execute(config, store, task=task, id2label=id2label, things=things, todo_paths=todo_paths, todo=todo,
-                 run_id=run_id, summary=summary, settle=settle)
+        try:
+            _execute(config, store, task=task, id2label=id2label, things=things, todo_paths=todo_paths,
+                     todo=todo, run_id=run_id, summary=summary, settle=settle)
+        except SeglabelError:
+            if record is not None and summary.processed == 0:
+                # A new output whose Segmenters refused to label (their checkpoint's weights are
+                # not the model's): left empty, so that the next run starts as if it never had.
+                store.remove(JOB_FILE)
+            raise
         summary.seconds = time.perf_counter() - started
         summary.totals = store.counts()
         if summary.processed < todo:
@@ -1091,6 +1110,15 @@ def _execute(
         cpu = time.process_time()
         try:
             _commit(ds, store, config, todo, run_id, summary)
+        except Exception as exc:
+            if isinstance(exc, SeglabelError):
+                raise
+            # A Segmenter that refused its checkpoint (weights that are not the model's) ends
+            # the job with its own line, not with Ray's wrapping of it.
+            refusal = ray.get(ledger.refusal.remote())
+            if refusal is None:
+                raise
+            raise refusal from None
         finally:
             summary.stage_cpu_s = {**_stage_cpu(ds), "driver": time.process_time() - cpu}
 

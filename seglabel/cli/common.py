@@ -174,6 +174,11 @@ def setup_logging(level: str) -> None:
         force=True,
     )
     logging.getLogger("seglabel").setLevel(getattr(logging, level.upper()))
+    for name in ("huggingface_hub", "transformers"):
+        # These print through a handler of their own (installed when they are first used):
+        # passed on to the root's as well, each of their lines (huggingface_hub's five retry
+        # warnings, offline) showed twice.
+        logging.getLogger(name).propagate = False
 
 
 __all__ = [

@@ -1,0 +1,182 @@
+"""Never label with weights the checkpoint does not have (issue 27): incomplete, mismatched and
+foreign checkpoints are refused in one line, exit 2, before the first image, with the output
+left empty; and the Hub's failures are said once, with how to run offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from seglabel.checkpoint import CheckpointError, inspect_checkpoint, load_checkpoint
+from seglabel.cli import main
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i}.png")
+    return root
+
+
+def edited(source: Path, folder: Path, drop=(), add=None, labels: int | None = None) -> Path:
+    """A copy of ``source`` whose weights lose the tensors named in ``drop`` (prefixes) and gain
+    ``add``, or whose config names ``labels`` labels."""
+    shutil.copytree(source, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights = {k: v for k, v in weights.items() if not k.startswith(tuple(drop))}
+    weights.update(add or {})
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    if labels is not None:
+        config = json.loads((folder / "config.json").read_text())
+        config["id2label"] = {str(i): f"label{i}" for i in range(labels)}
+        config["label2id"] = {f"label{i}": i for i in range(labels)}
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def refusal(capsys, images: Path, out: Path, model: Path) -> str:
+    code = main(["run", "--input", str(images), "--output", str(out), "--model", str(model)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err[-5:]
+    assert err[-1].startswith("seglabel: error: "), err[-5:]
+    return err[-1]
+
+
+def left_empty(out: Path) -> bool:
+    """Nothing of the job in the output: no record, no rows, no masks (an emptied scratch
+    folder may remain)."""
+    return not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+@pytest.fixture(params=["mask2former", "eomt"])
+def complete(request, checkpoints, eomt_checkpoints) -> Path:
+    return (checkpoints if request.param == "mask2former" else eomt_checkpoints)["instance"]
+
+
+def test_a_missing_class_head_is_refused_by_the_driver(complete, images, tmp_path, capsys):
+    model = edited(complete, tmp_path / "partial-instance", drop=["class_predictor."])
+    with pytest.raises(CheckpointError, match=r"no class head \(class_predictor.weight\)"):
+        inspect_checkpoint(str(model))
+    missing = r"2 tensors missing \(class_predictor.bias, class_predictor.weight\)"
+    with pytest.raises(CheckpointError, match=missing):
+        load_checkpoint(str(model))
+    out = tmp_path / "out"
+    assert "no class head" in refusal(capsys, images, out, model)
+    assert left_empty(out)
+
+
+def test_labels_and_head_that_disagree_are_refused(complete, images, tmp_path, capsys):
+    model = edited(complete, tmp_path / "relabeled-instance", labels=9)
+    with pytest.raises(CheckpointError, match=r"3 tensors of another shape"):
+        load_checkpoint(str(model))  # no traceback from transformers: one line
+    out = tmp_path / "out"
+    line = refusal(capsys, images, out, model)
+    assert "names 9 labels but its class head has 5" in line
+    assert left_empty(out)
+
+
+def test_weights_the_driver_cannot_see_are_refused_by_the_segmenter(checkpoints, images, tmp_path, capsys):
+    """A tensor of the backbone missing and one that does not belong: the driver reads only the
+    class head's shape, so the Segmenter's load refuses, and the job ends with its line."""
+    source = checkpoints["semantic"]
+    names = load_file(source / "model.safetensors")
+    dropped = sorted(k for k in names if k.startswith("model.pixel_level"))[0]
+    model = edited(source, tmp_path / "damaged-semantic", drop=[dropped],
+                   add={"stray.weight": torch.zeros(3)})
+    inspect_checkpoint(str(model))  # the driver's look finds nothing wrong
+    out = tmp_path / "out"
+    line = refusal(capsys, images, out, model)
+    assert "1 tensor missing" in line and dropped in line and "1 tensor unexpected (stray.weight)" in line
+    assert left_empty(out)
+
+
+def test_url_checkpoint_head_is_read_from_the_header_alone(checkpoints, s3_bucket, tmp_path):
+    import boto3
+
+    model = edited(checkpoints["instance"], tmp_path / "relabeled-instance", labels=2)
+    client = boto3.client("s3")
+    for f in model.iterdir():
+        client.put_object(Bucket=s3_bucket, Key=f"m/relabeled-instance/{f.name}", Body=f.read_bytes())
+    with pytest.raises(CheckpointError, match="names 2 labels but its class head has 5"):
+        inspect_checkpoint(f"s3://{s3_bucket}/m/relabeled-instance")
+
+
+def test_sharded_weights_are_followed_and_a_stray_shard_name_refused(checkpoints, tmp_path):
+    model = tmp_path / "sharded-instance"
+    shutil.copytree(checkpoints["instance"], model)
+    weights = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, keys in halves.items():
+        save_file({k: weights[k] for k in keys}, model / shard, metadata={"format": "pt"})
+        weight_map.update({k: shard for k in keys})
+    index = model / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert inspect_checkpoint(str(model)).family == "mask2former"
+    assert load_checkpoint(str(model)).family == "mask2former"
+    for stray in ("../../elsewhere.safetensors", "model-00003-of-00003.safetensors"):
+        index.write_text(json.dumps({"weight_map": {**weight_map, "class_predictor.weight": stray}}))
+        with pytest.raises(CheckpointError, match="class head|missing"):
+            inspect_checkpoint(str(model))
+    (model / "model-00003-of-00003.safetensors").write_bytes(b"\xff" * 8 + b"{}")  # a header 2^64 long
+    with pytest.raises(CheckpointError, match="cannot read the weights"):
+        inspect_checkpoint(str(model))
+
+
+def test_random_bench_checkpoints_are_whole(tmp_path):
+    from seglabel.bench.calibrate import build_checkpoint
+
+    for arch, task in (("tiny", "panoptic"), ("eomt-tiny", "semantic")):
+        path, _ = build_checkpoint(tmp_path / f"bench-{arch}-{task}", arch, task)
+        assert load_checkpoint(str(path)).family in ("mask2former", "eomt")
+
+
+# -- the Hub, unreachable ------------------------------------------------------------------------
+
+
+def test_hub_offline_fails_at_once_and_says_how_to_run_offline(images, tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": str(Path(sys.executable).parent)}
+    done = subprocess.run(
+        [sys.executable, "-m", "seglabel", "run", "--input", str(images), "--output", str(tmp_path / "out"),
+         "--model", "someorg/some-model-instance", "--dry-run"],
+        capture_output=True, text=True, timeout=120, env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+    )
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert "someorg/some-model-instance" in last and "HF_HUB_OFFLINE=1" in last
+    assert "local checkpoint folder" in last
+    assert "Retry" not in done.stderr
+
+
+def test_library_warnings_are_printed_once():
+    """huggingface_hub and transformers print through handlers of their own: seglabel's root
+    handler must not print their lines a second time (the Hub's five retry warnings, offline).
+    In a process of its own, as the command runs: pytest's capture would hide either handler."""
+    code = (
+        "import logging, huggingface_hub.utils.logging as hub\n"
+        "from transformers.utils import logging as tf\n"
+        "from seglabel.cli.common import setup_logging\n"
+        "setup_logging('info')\n"
+        "hub.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n"
+        "tf.get_logger('transformers.modeling_utils').warning('a transformers warning')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Retrying in 1s [Retry 1/5].") == 1, done.stderr
+    assert done.stderr.count("a transformers warning") == 1, done.stderr
