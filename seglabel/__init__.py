@@ -1,4 +1,4 @@
-"""seglabel: pre-label large image corpora with Mask2Former segmentation masks.
+"""seglabel: pre-label large image corpora with Mask2Former or EoMT segmentation masks.
 
     from seglabel import Segmenter, label
 
