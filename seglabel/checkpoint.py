@@ -292,6 +292,7 @@ def load_checkpoint(
     files are preferred when present; ``trust_remote_code`` is never enabled. The family comes
     from the checkpoint's own config, read again here: a worker's copy is what it loads.
     """
+    from safetensors import SafetensorError
     from transformers import PreTrainedConfig
 
     source: str = model
@@ -324,7 +325,7 @@ def load_checkpoint(
         processor = processor_class(family).from_pretrained(source, **kwargs)
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"cannot load checkpoint {model!r}: {_first_line(exc)}") from exc
     net.eval().to(device)
     resolved = getattr(net.config, "_commit_hash", None) if not is_local else None
@@ -371,6 +372,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def is_hub_id(model: str) -> bool:
+    """Whether ``model`` names a Hub repository: not a URL, not a folder here (a folder wins
+    over a Hub id spelled the same), and spelled as the Hub spells ids."""
+    return not (_is_remote_url(model) or model.startswith("file://") or os.path.isdir(model)) and (
+        _looks_like_hub_id(model)
+    )
+
+
+def checkpoint_file(model: str, name: str) -> str:
+    """The path or URL of the file ``name`` in a local or URL checkpoint folder."""
+    base = model[len("file://"):] if model.startswith("file://") else model
+    return f"{base.rstrip('/')}/{name}"
+
+
 def _looks_like_hub_id(model: str) -> bool:
     # "org/name" or "name", as the Hub spells ids. Anything else (a leading slash or dot, more
     # than one slash) is a local path that does not exist, reported as such rather than as a
@@ -389,17 +404,15 @@ def inspect_checkpoint(model: str, revision: str | None = None) -> CheckpointInf
     EoMT preprocessor that does not fit its model) and to describe the job, without loading
     weights (those are loaded once per Segmenter actor).
     """
-    hub = not (
-        _is_remote_url(model)
-        or model.startswith("file://")
-        or os.path.isdir(model)
-        or not _looks_like_hub_id(model)
-    )
+    model = os.fspath(model)
+    hub = is_hub_id(model)
     config, commit = _config_file(model, "config.json", revision, hub, required=True)
     if config is None:
         raise CheckpointError(f"no checkpoint at {model} (expected a directory with config.json)")
     family = family_of(config.get("model_type"), model)
     labels = _labels(config.get("id2label"), model)
+    if not labels:
+        raise CheckpointError(f"checkpoint {model}: its config names no labels (id2label)")
     if not hub:
         _check_class_head(model, labels)
     split = False
@@ -424,8 +437,11 @@ def inspect_checkpoint(model: str, revision: str | None = None) -> CheckpointInf
 # The class head, by the name both families' checkpoints give it: one row per label, and one
 # for "no object".
 CLASS_HEAD = "class_predictor.weight"
-# A safetensors header is a few hundred kB at most; nothing larger is read.
+# A real header is a few hundred kB; 100 MiB is safetensors' own limit, so nothing it would
+# load is refused here.
 MAX_HEADER_BYTES = 100 << 20
+# The files a weights index may name for a tensor: safetensors shards, nothing else.
+_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 def _check_class_head(model: str, labels: dict[int, str]) -> None:
@@ -435,28 +451,26 @@ def _check_class_head(model: str, labels: dict[int, str]) -> None:
     to the Segmenter's load, which checks every tensor."""
     from .fetch import Unreadable
 
-    local = model[len("file://"):] if model.startswith("file://") else model
-    base = (model if _is_remote_url(model) else local).rstrip("/")
     index, _ = _config_file(model, "model.safetensors.index.json", None, False)
     name = "model.safetensors"
     if index is not None:
         weight_map = index.get("weight_map")
         shard = weight_map.get(CLASS_HEAD) if isinstance(weight_map, dict) else None
-        if not isinstance(shard, str) or not CHECKPOINT_FILES.fullmatch(shard):
+        if not isinstance(shard, str) or not _SHARD.fullmatch(shard):
             raise CheckpointError(f"checkpoint {model}: its weights have no class head ({CLASS_HEAD})")
         name = shard
     try:
-        head = _safetensors_header(f"{base}/{name}")
+        head = _safetensors_header(checkpoint_file(model, name))
     except FileNotFoundError:
-        if index is not None:
-            missing = f"checkpoint {model}: its weights index names {name}, which is missing"
+        if index is not None or os.path.lexists(checkpoint_file(model, name)):  # a dangling link
+            missing = f"checkpoint {model}: its weights file {name} is missing"
             raise CheckpointError(missing) from None
         return
-    except (OSError, ValueError, Unreadable) as exc:
+    except (OSError, ValueError, RecursionError, Unreadable) as exc:
         raise CheckpointError(f"cannot read the weights of checkpoint {model}: {_first_line(exc)}") from exc
     entry = head.get(CLASS_HEAD)
     shape = entry.get("shape") if isinstance(entry, dict) else None
-    if not isinstance(shape, list) or not shape:
+    if not isinstance(shape, list) or not shape or type(shape[0]) is not int or shape[0] < 1:
         raise CheckpointError(f"checkpoint {model}: its weights have no class head ({CLASS_HEAD})")
     if shape[0] != len(labels) + 1:
         raise CheckpointError(
@@ -470,14 +484,10 @@ def _safetensors_header(url: str) -> dict:
     give the header's length, little-endian. Two bounded ranged reads, local or remote; on a
     local disk only a regular file is read."""
     import json
-    import stat
 
-    import fsspec
+    from .fetch import regular_target
 
-    fs, path = fsspec.core.url_to_fs(url)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ValueError(f"{url} is not a regular file")
+    fs, path, _ = regular_target(url)
     size = int.from_bytes(fs.cat_file(path, start=0, end=8), "little")
     if not 0 < size <= MAX_HEADER_BYTES:
         raise ValueError(f"{url} is not a safetensors file (header of {size} bytes)")
@@ -517,14 +527,13 @@ def _config_file(
             return None, None
         commit = extract_commit_hash(path, None)
     else:
-        local = model[len("file://"):] if model.startswith("file://") else model
-        path = (model if _is_remote_url(model) else local).rstrip("/") + "/" + name
+        path = checkpoint_file(model, name)
     try:
         data = read_bytes(path, None, MAX_CONFIG_BYTES)
         value = json.loads(data)
     except FileNotFoundError:
         return None, None
-    except (OSError, ValueError, Unreadable) as exc:
+    except (OSError, ValueError, RecursionError, Unreadable) as exc:
         raise CheckpointError(f"cannot read {name} of checkpoint {model}: {_first_line(exc)}") from exc
     if not isinstance(value, dict):
         raise CheckpointError(f"cannot read {name} of checkpoint {model}: not a JSON object")

@@ -62,13 +62,9 @@ def read_bytes(
     bytes (one ranged request on an object store), whatever size was listed: a file that grew,
     or lies about its size, raises :class:`Unreadable` instead of filling the worker's memory.
     """
-    fs, path = filesystem_for(uri, storage_options), object_path(uri)
-    if is_local(fs):
-        status = os.stat(path)  # follows symlinks; FileNotFoundError for a dangling one
-        if not stat.S_ISREG(status.st_mode):
-            raise Unreadable("not a regular file")
-        if max_bytes is not None and status.st_size > max_bytes:
-            raise Unreadable(f"{status.st_size} bytes, over --max-bytes {max_bytes}")
+    fs, path, size = regular_target(uri, storage_options)
+    if size is not None and max_bytes is not None and size > max_bytes:
+        raise Unreadable(f"{size} bytes, over --max-bytes {max_bytes}")
     if max_bytes is None:
         return fs.cat_file(path)
     if split_protocol(uri)[0] in ("http", "https"):
@@ -103,6 +99,19 @@ def _read_stream(fs: Any, path: str, limit: int) -> bytes:
             chunks.append(chunk)
             total += len(chunk)
     return b"".join(chunks)
+
+
+def regular_target(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str, int | None]:
+    """The filesystem and path of ``uri``, and on a local disk its size, once it is known to be
+    a regular file (a symlink to one is followed; FileNotFoundError for a dangling one): a FIFO
+    would block a read forever and a device such as ``/dev/zero`` never ends."""
+    fs, path = filesystem_for(uri, storage_options), object_path(uri)
+    if not is_local(fs):
+        return fs, path, None
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise Unreadable("not a regular file")
+    return fs, path, status.st_size
 
 
 def filesystem_for(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:

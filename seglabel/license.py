@@ -10,7 +10,6 @@ guessed: a checkpoint without a readable card is ``unknown``.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -99,12 +98,11 @@ def _read_card(model: str, revision: str | None) -> tuple[str | None, str]:
     """The model card's text and where it was read, or None and why there is none. Read as any
     input is (``fetch.read_bytes``): at most ``MAX_CARD_BYTES``, and on a local disk only from
     a regular file (a FIFO named README.md would block the run for ever)."""
-    from .checkpoint import _is_remote_url, _looks_like_hub_id
+    from .checkpoint import checkpoint_file, is_hub_id
     from .fetch import Unreadable, read_bytes
 
-    local = model[len("file://"):] if model.startswith("file://") else model
-    if _is_remote_url(model) or os.path.isdir(local) or not _looks_like_hub_id(model):
-        path, where = (model if _is_remote_url(model) else local).rstrip("/") + "/README.md", "README.md"
+    if not is_hub_id(model):
+        path, where = checkpoint_file(model, "README.md"), "README.md"
     else:
         try:
             from huggingface_hub import hf_hub_download

@@ -435,7 +435,8 @@ class Postprocessor:
             # int16: query positions (k < 32768), a quarter of argmax's int64, held for the batch.
             owner = torch.empty((height, width), dtype=torch.int16, device=device)
             # EoMT: whether the winning query's own probability reaches the mask threshold.
-            inside = torch.ones((height, width), dtype=torch.bool, device=device) if spec.eomt else None
+            # Every row is written below, chunk by chunk.
+            inside = torch.empty((height, width), dtype=torch.bool, device=device) if spec.eomt else None
             areas = torch.zeros(k, dtype=torch.int64, device=device)
             original = torch.zeros(k, dtype=torch.int64, device=device)
             final = torch.zeros(k, dtype=torch.int64, device=device)

@@ -180,3 +180,56 @@ def test_library_warnings_are_printed_once():
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("Retrying in 1s [Retry 1/5].") == 1, done.stderr
     assert done.stderr.count("a transformers warning") == 1, done.stderr
+
+
+def write_header(path: Path, header: bytes) -> None:
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+@pytest.mark.parametrize(
+    "shape", ['["6", 32]', "[[6], 32]", "[null, 32]", "[true, 32]", "[-1, 32]", "[6.5, 32]"]
+)
+def test_a_class_head_shape_that_is_not_a_count_is_one_line(checkpoints, tmp_path, shape):
+    model = tmp_path / "odd-instance"
+    shutil.copytree(checkpoints["instance"], model)
+    header = '{"class_predictor.weight": {"dtype": "F32", "shape": %s, "data_offsets": [0, 0]}}' % shape
+    write_header(model / "model.safetensors", header.encode())
+    with pytest.raises(CheckpointError, match="no class head"):
+        inspect_checkpoint(str(model))
+
+
+def test_damaged_files_are_one_line_in_the_driver_and_the_segmenter(checkpoints, tmp_path):
+    deep = b"[" * 200_000 + b"]" * 200_000
+    for name, damage in (("config.json", deep), ("model.safetensors", None)):
+        model = tmp_path / f"deep-{name}-instance"
+        shutil.copytree(checkpoints["instance"], model)
+        if damage is None:
+            write_header(model / name, deep)
+        else:
+            (model / name).write_bytes(damage)
+        with pytest.raises(CheckpointError, match="cannot read"):
+            inspect_checkpoint(str(model))
+    # Half a weights file (an interrupted copy): the Segmenter's load says so in one line too.
+    model = tmp_path / "cut-instance"
+    shutil.copytree(checkpoints["instance"], model)
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        load_checkpoint(str(model))
+
+
+def test_no_labels_a_dangling_weights_link_and_a_path_argument(checkpoints, tmp_path):
+    model = tmp_path / "nolabels-instance"
+    shutil.copytree(checkpoints["instance"], model)
+    config = json.loads((model / "config.json").read_text())
+    config.pop("id2label")
+    config.pop("label2id", None)
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="names no labels"):
+        inspect_checkpoint(model)  # a Path, as save_random_checkpoint returns
+    linked = tmp_path / "dangling-instance"
+    shutil.copytree(checkpoints["instance"], linked)
+    (linked / "model.safetensors").unlink()
+    (linked / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(CheckpointError, match="weights file model.safetensors is missing"):
+        inspect_checkpoint(str(linked))
