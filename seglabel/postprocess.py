@@ -130,6 +130,13 @@ class _ToHost:
         if self.cuda:
             self.stream.synchronize()
 
+    def fetch(self, *tensors: torch.Tensor) -> list[np.ndarray]:
+        """``tensors`` as host arrays, after one :meth:`wait` (which completes any copy queued
+        before too)."""
+        copies = [self(t) for t in tensors]
+        self.wait()
+        return [c.numpy() for c in copies]
+
 
 def _counts(values: torch.Tensor, size: int) -> torch.Tensor:
     """``bincount(values, minlength=size)`` for values below ``size``, without reading their
@@ -168,6 +175,16 @@ def row_extents(rows: torch.Tensor) -> torch.Tensor:
         dim=1,
     )
     return torch.where(filled_rows.any(1, keepdim=True), extents, -1)
+
+
+def _panoptic_prediction(size: tuple[int, int], entry: tuple | None) -> RawPrediction:
+    """An image's panoptic result from its fetched (id map, ids, labels, scores); None: no
+    query was kept, an empty map."""
+    if entry is None:
+        empty = np.zeros(size, dtype=np.int32)
+        return RawPrediction(empty, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))
+    id_map, ids, labels, seg_scores = entry
+    return RawPrediction(id_map.numpy().astype(np.int32), ids, labels, seg_scores)
 
 
 class Postprocessor:
@@ -296,80 +313,22 @@ class Postprocessor:
 
     def _instance(self, class_logits, mask_logits, sizes, canvas, layouts):
         spec = self.spec
-        num = self.num_labels
-        device = mask_logits.device
-        scores = class_logits.softmax(-1)[..., :-1]
-        if spec.keep_label_ids is not None:
-            scores = scores * self._allowed(num, scores.device)
         threshold = self._mask_logit_threshold()
-        if spec.eomt:
-            # HF's EoMT: each query with its arg-max class.
-            top_scores, top_labels = scores.max(-1)
-            top_queries = torch.arange(scores.shape[1], device=device).expand_as(top_labels)
-        else:
-            # Top-k over (query, label) pairs with k = number of queries, as Mask2Former does.
-            top_scores, top_index = scores.flatten(1).topk(scores.shape[1], dim=1)
-            top_labels = top_index % num
-            top_queries = top_index // num
+        top_scores, top_labels, top_queries = self._top_queries(class_logits, mask_logits.device)
         # First every image's query scores, then one wait for all of them: which queries are
         # kept is the host's decision, made once a batch.
         finals = []
-        for b, ((height, width), layout) in enumerate(zip(sizes, layouts)):
+        for b, (size, layout) in enumerate(zip(sizes, layouts)):
             logits = self._image_logits(mask_logits, layout, top_queries[b], canvas)
-            if spec.eomt and spec.compat:
-                mask_scores = self._full_size_mask_scores(logits, height, width, threshold)
-            else:
-                binary = logits > threshold
-                mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1)
-                mask_scores = mask_scores / (binary.flatten(1).sum(1) + 1e-6)
-            finals.append(top_scores[b] * mask_scores)
-        to_host = _ToHost(device, self)
-        final_host, labels_host, queries_host = (
-            to_host(t) for t in (torch.stack(finals), top_labels, top_queries)
-        )
-        to_host.wait()
-        final_host, labels_host, queries_host = final_host.numpy(), labels_host.numpy(), queries_host.numpy()
+            finals.append(top_scores[b] * self._query_mask_scores(logits, size, threshold))
+        to_host = _ToHost(mask_logits.device, self)
+        final_host, labels_host, queries_host = to_host.fetch(torch.stack(finals), top_labels, top_queries)
         fetched = []
-        for b, ((height, width), layout) in enumerate(zip(sizes, layouts)):
+        for b, (size, layout) in enumerate(zip(sizes, layouts)):
             sel = np.flatnonzero(final_host[b] >= spec.score_threshold)
             sel = sel[np.argsort(-final_host[b, sel], kind="stable")]
-            k = len(sel)
-            if k == 0:
-                masks = torch.zeros((0, height, width), dtype=torch.bool, device=device)
-            else:
-                # Only the kept queries' canvases: interpolation is per query.
-                queries = host_to_device(queries_host[b, sel], device)
-                logits = self._image_logits(mask_logits, layout, queries, canvas)
-                if spec.compat and not spec.eomt:
-                    # uint8, not float: a byte a pixel a mask, as the boolean result itself.
-                    small = (logits > threshold).to(torch.uint8).unsqueeze(0)
-                    masks = F.interpolate(small, size=(height, width), mode="nearest")[0] > 0
-                else:
-                    masks = torch.empty((k, height, width), dtype=torch.bool, device=device)
-                    for r0, r1 in row_chunks(k, height, width, spec.chunk_elements):
-                        masks[:, r0:r1] = bilinear_rows(logits, height, width, r0, r1) > threshold
-            # Which masks stay (area, --max-instances) decided on the device, read back with the
-            # rest: no wait here.
-            ok = masks.flatten(1).sum(1) > max(0, spec.min_area - 1)
-            if spec.max_instances is not None:
-                ok &= ok.cumsum(0) <= spec.max_instances
-            # The highest-scoring instance covering a pixel wins: rank N..1 among the kept
-            # masks (0 for the others), keep the maximum, in row chunks: (N, H, W) int32 at
-            # once is 4 bytes a pixel a mask (100 masks on a 12 MP photo: 4.8 GB).
-            rank = ((ok.sum() - ok.cumsum(0) + 1) * ok).to(torch.int32).view(-1, 1, 1)
-            count = ok.sum().to(torch.int32)
-            id_map = torch.zeros((height, width), dtype=torch.int32, device=device)
-            # The masks leave the device packed, an eighth of their size, with their extents,
-            # so that the host only cuts out their boxes.
-            packed = torch.empty((k, height, (width + 7) // 8), dtype=torch.uint8, device=device)
-            for r0, r1 in row_chunks(k, height, width, spec.chunk_elements) if k else ():
-                best = (masks[:, r0:r1] * rank).amax(0)
-                id_map[r0:r1] = torch.where(best > 0, count + 1 - best, 0)
-                packed[:, r0:r1] = pack_rows(masks[:, r0:r1])
-            extents = row_extents(packed)
-            # int16 holds the ids (at most one a query) in half the pinned memory of int32.
-            id_map = id_map.to(torch.int16)
-            fetched.append((b, sel, to_host(id_map), to_host(packed), to_host(extents), to_host(ok)))
+            masks = self._instance_masks(mask_logits, layout, queries_host[b, sel], canvas, size, threshold)
+            fetched.append((b, sel, *self._instance_maps(masks, to_host)))
         to_host.wait()
         results = []
         for b, sel, id_map, packed, extents, ok in fetched:
@@ -386,6 +345,84 @@ class Postprocessor:
                 )
             )
         return results
+
+    def _top_queries(self, class_logits, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(B, Q) scores, labels and query indices of each image's candidate instances."""
+        num = self.num_labels
+        scores = class_logits.softmax(-1)[..., :-1]
+        if self.spec.keep_label_ids is not None:
+            scores = scores * self._allowed(num, scores.device)
+        if self.spec.eomt:
+            # HF's EoMT: each query with its arg-max class.
+            top_scores, top_labels = scores.max(-1)
+            return top_scores, top_labels, torch.arange(scores.shape[1], device=device).expand_as(top_labels)
+        # Top-k over (query, label) pairs with k = number of queries, as Mask2Former does.
+        top_scores, top_index = scores.flatten(1).topk(scores.shape[1], dim=1)
+        return top_scores, top_index % num, top_index // num
+
+    def _query_mask_scores(self, logits, size: tuple[int, int], threshold: float) -> torch.Tensor:
+        """(K,) mean mask probability of each query over its mask: at model scale, or (EoMT in
+        compat, as HF's EoMT code) at the original size."""
+        if self.spec.eomt and self.spec.compat:
+            return self._full_size_mask_scores(logits, *size, threshold)
+        binary = logits > threshold
+        mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1)
+        return mask_scores / (binary.flatten(1).sum(1) + 1e-6)
+
+    def _instance_masks(
+        self,
+        mask_logits: torch.Tensor,
+        layout: Layout,
+        queries: np.ndarray,
+        canvas: tuple[int, ...],
+        size: tuple[int, int],
+        threshold: float,
+    ) -> torch.Tensor:
+        """(K, H, W) booleans: the masks of an image's kept ``queries`` at its original size."""
+        spec = self.spec
+        height, width = size
+        device = mask_logits.device
+        if len(queries) == 0:
+            return torch.zeros((0, height, width), dtype=torch.bool, device=device)
+        # Only the kept queries' canvases: interpolation is per query.
+        logits = self._image_logits(mask_logits, layout, host_to_device(queries, device), canvas)
+        if spec.compat and not spec.eomt:
+            # uint8, not float: a byte a pixel a mask, as the boolean result itself.
+            small = (logits > threshold).to(torch.uint8).unsqueeze(0)
+            return F.interpolate(small, size=(height, width), mode="nearest")[0] > 0
+        masks = torch.empty((len(queries), height, width), dtype=torch.bool, device=device)
+        for r0, r1 in row_chunks(len(queries), height, width, spec.chunk_elements):
+            masks[:, r0:r1] = bilinear_rows(logits, height, width, r0, r1) > threshold
+        return masks
+
+    def _instance_maps(self, masks: torch.Tensor, to_host: _ToHost) -> tuple[torch.Tensor, ...]:
+        """An image's id map, packed masks, their extents and which masks stay, their copies to
+        the host queued (not waited for)."""
+        spec = self.spec
+        k, height, width = masks.shape
+        device = masks.device
+        # Which masks stay (area, --max-instances) decided on the device, read back with the
+        # rest: no wait here.
+        ok = masks.flatten(1).sum(1) > max(0, spec.min_area - 1)
+        if spec.max_instances is not None:
+            ok &= ok.cumsum(0) <= spec.max_instances
+        # The highest-scoring instance covering a pixel wins: rank N..1 among the kept
+        # masks (0 for the others), keep the maximum, in row chunks: (N, H, W) int32 at
+        # once is 4 bytes a pixel a mask (100 masks on a 12 MP photo: 4.8 GB).
+        rank = ((ok.sum() - ok.cumsum(0) + 1) * ok).to(torch.int32).view(-1, 1, 1)
+        count = ok.sum().to(torch.int32)
+        id_map = torch.zeros((height, width), dtype=torch.int32, device=device)
+        # The masks leave the device packed, an eighth of their size, with their extents,
+        # so that the host only cuts out their boxes.
+        packed = torch.empty((k, height, (width + 7) // 8), dtype=torch.uint8, device=device)
+        for r0, r1 in row_chunks(k, height, width, spec.chunk_elements) if k else ():
+            best = (masks[:, r0:r1] * rank).amax(0)
+            id_map[r0:r1] = torch.where(best > 0, count + 1 - best, 0)
+            packed[:, r0:r1] = pack_rows(masks[:, r0:r1])
+        extents = row_extents(packed)
+        # int16 holds the ids (at most one a query) in half the pinned memory of int32.
+        id_map = id_map.to(torch.int16)
+        return to_host(id_map), to_host(packed), to_host(extents), to_host(ok)
 
     def _mask_logit_threshold(self) -> float:
         """The mask threshold as a logit (HF's EoMT code thresholds logits at 0, whatever the
@@ -409,61 +446,26 @@ class Postprocessor:
     def _panoptic(self, class_logits, mask_logits, sizes, canvas, layouts):
         spec = self.spec
         num = self.num_labels
-        device = mask_logits.device
         pred_scores, pred_labels = class_logits.softmax(-1).max(-1)
         keep = (pred_labels != num) & (pred_scores > spec.score_threshold)
         if spec.keep_label_ids is not None:
             keep &= self._allowed(num + 1, keep.device)[pred_labels]
         # Three waits a batch: the kept queries; each image's areas (Mask2Former's merge is
         # decided on the host, on per-query vectors); the maps.
-        to_host = _ToHost(device, self)
-        keep_host, scores_host, labels_host = (to_host(t) for t in (keep, pred_scores, pred_labels))
-        to_host.wait()
-        keep_host, scores_host, labels_host = keep_host.numpy(), scores_host.numpy(), labels_host.numpy()
+        to_host = _ToHost(mask_logits.device, self)
+        keep_host, scores_host, labels_host = to_host.fetch(keep, pred_scores, pred_labels)
         owners = []
-        for b, ((height, width), layout) in enumerate(zip(sizes, layouts)):
+        for b, (size, layout) in enumerate(zip(sizes, layouts)):
             sel = np.flatnonzero(keep_host[b])
-            k = len(sel)
-            if k == 0:
+            if len(sel) == 0:
                 owners.append(None)
                 continue
-            sel_device = host_to_device(sel, device)
+            sel_device = host_to_device(sel, mask_logits.device)
             logits = self._image_logits(mask_logits, layout, sel_device, canvas)
-            # Mask2Former resizes probabilities; HF's EoMT code resizes logits, then the sigmoid.
-            maps = logits if spec.eomt else logits.sigmoid()
-            scores = pred_scores[b, sel_device]
-            # int16: query positions (k < 32768), a quarter of argmax's int64, held for the batch.
-            owner = torch.empty((height, width), dtype=torch.int16, device=device)
-            # EoMT: whether the winning query's own probability reaches the mask threshold.
-            # Every row is written below, chunk by chunk.
-            inside = torch.empty((height, width), dtype=torch.bool, device=device) if spec.eomt else None
-            areas = torch.zeros(k, dtype=torch.int64, device=device)
-            original = torch.zeros(k, dtype=torch.int64, device=device)
-            final = torch.zeros(k, dtype=torch.int64, device=device)
-            for r0, r1 in row_chunks(k, height, width, spec.chunk_elements):
-                probs = bilinear_rows(maps, height, width, r0, r1)
-                if spec.eomt:
-                    probs = probs.sigmoid_()
-                weighted = probs * scores.view(-1, 1, 1)
-                chunk = weighted.argmax(0)
-                owner[r0:r1] = chunk
-                areas += _counts(chunk.flatten(), k)
-                if spec.eomt:
-                    # HF's EoMT code compares each query's own probability with the threshold,
-                    # and keeps only the pixels of a query's area that pass it.
-                    original += (probs >= spec.mask_threshold).flatten(1).sum(1)
-                    passed = probs.gather(0, chunk.unsqueeze(0))[0] >= spec.mask_threshold
-                    inside[r0:r1] = passed
-                    final += _counts(torch.where(passed, chunk, k).flatten(), k + 1)[:k]
-                else:
-                    # HF compares the score-weighted probabilities with the mask threshold.
-                    original += (weighted >= spec.mask_threshold).flatten(1).sum(1)
-            owners.append(
-                (sel, owner, inside, to_host(areas), to_host(original), to_host(final) if spec.eomt else None)
-            )
+            owners.append((sel, *self._panoptic_owner(logits, pred_scores[b, sel_device], size, to_host)))
         to_host.wait()
         fetched = []
-        for b, ((height, width), entry) in enumerate(zip(sizes, owners)):
+        for b, entry in enumerate(owners):
             if entry is None:
                 fetched.append(None)
                 continue
@@ -473,24 +475,51 @@ class Postprocessor:
                 final.numpy() if final is not None else None,
             )
             # int16: ids, one a query at most, in half the pinned memory of int32.
-            id_map = host_to_device(lut.astype(np.int16), device)[owner.long()]
+            id_map = host_to_device(lut.astype(np.int16), owner.device)[owner.long()]
             if inside is not None:
                 id_map = torch.where(inside, id_map, 0)
             fetched.append((to_host(id_map), ids, labels, seg_scores))
         to_host.wait()
-        results = []
-        for (height, width), entry in zip(sizes, fetched):
-            if entry is None:
-                empty = np.zeros((height, width), dtype=np.int32)
-                results.append(
-                    RawPrediction(
-                        empty, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
-                    )
-                )
-                continue
-            id_map, ids, labels, seg_scores = entry
-            results.append(RawPrediction(id_map.numpy().astype(np.int32), ids, labels, seg_scores))
-        return results
+        return [_panoptic_prediction(size, entry) for size, entry in zip(sizes, fetched)]
+
+    def _panoptic_owner(self, logits, scores, size: tuple[int, int], to_host: _ToHost) -> tuple:
+        """Which of an image's K kept queries owns each pixel, and the per-query areas the merge
+        decides on: (owner, EoMT's pass mask or None, areas, original areas, EoMT's final areas
+        or None), the areas' copies to the host queued, not waited for. ``logits``: the kept
+        queries' (K, h, w) mask logits; ``scores``: their (K,) class scores."""
+        spec = self.spec
+        height, width = size
+        device = logits.device
+        k = logits.shape[0]
+        # Mask2Former resizes probabilities; HF's EoMT code resizes logits, then the sigmoid.
+        maps = logits if spec.eomt else logits.sigmoid()
+        # int16: query positions (k < 32768), a quarter of argmax's int64, held for the batch.
+        owner = torch.empty((height, width), dtype=torch.int16, device=device)
+        # EoMT: whether the winning query's own probability reaches the mask threshold.
+        # Every row is written below, chunk by chunk.
+        inside = torch.empty((height, width), dtype=torch.bool, device=device) if spec.eomt else None
+        areas = torch.zeros(k, dtype=torch.int64, device=device)
+        original = torch.zeros(k, dtype=torch.int64, device=device)
+        final = torch.zeros(k, dtype=torch.int64, device=device)
+        for r0, r1 in row_chunks(k, height, width, spec.chunk_elements):
+            probs = bilinear_rows(maps, height, width, r0, r1)
+            if spec.eomt:
+                probs = probs.sigmoid_()
+            weighted = probs * scores.view(-1, 1, 1)
+            chunk = weighted.argmax(0)
+            owner[r0:r1] = chunk
+            areas += _counts(chunk.flatten(), k)
+            if spec.eomt:
+                # HF's EoMT code compares each query's own probability with the threshold,
+                # and keeps only the pixels of a query's area that pass it.
+                original += (probs >= spec.mask_threshold).flatten(1).sum(1)
+                passed = probs.gather(0, chunk.unsqueeze(0))[0] >= spec.mask_threshold
+                inside[r0:r1] = passed
+                final += _counts(torch.where(passed, chunk, k).flatten(), k + 1)[:k]
+            else:
+                # HF compares the score-weighted probabilities with the mask threshold.
+                original += (weighted >= spec.mask_threshold).flatten(1).sum(1)
+        return owner, inside, to_host(areas), to_host(original), to_host(final) if spec.eomt else None
 
     def _merge(self, areas, original, labels, scores, final=None):
         """Mask2Former's panoptic merge on per-query vectors: which query becomes which segment.

@@ -23,7 +23,7 @@ import itertools
 import os
 import posixpath
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -176,115 +176,193 @@ def iter_listing(
     fs, root = _open_fs(input_url, storage_options)
     root = root.rstrip("/") or root
     wanted = frozenset(e.lower().lstrip(".") for e in extensions)
-    excluded = _normalise_excludes(fs, exclude)
-    ordered = _streams(fs)
-
-    try:
-        entries, single = _first_listing(fs, root, ordered)
-    except FileNotFoundError as exc:
-        raise SourceError(f"input {input_url!r} not found: {one_line(exc)}") from exc
-    except Exception as exc:  # permissions, network, endpoint: anything that stops the listing
-        raise SourceError(f"cannot list input {input_url!r}: {one_line(exc)}") from exc
+    walk = _Walk(fs, input_url, wanted, _normalise_excludes(fs, exclude), _streams(fs))
+    entries, single = walk.root_listing(root)
     if single is not None:
-        base = posixpath.basename(single)
-        if _extension(base) not in wanted:
-            raise SourceError(
-                f"input {input_url!r} is a file, not a folder of images "
-                f"(use a .txt/.csv/.parquet manifest to list images)"
-            )
-        logger.info("input %s is a single image", input_url)
-        yield _ref(base, full_uri(fs, single))
+        yield walk.single_image(single)
         return
-
     logger.info("listing images under %s", full_uri(fs, root))
-    counts = {"images": 0, "unsafe": 0, "directories": 0, "hidden": 0, "other": 0, "special": 0,
-              "unsafe_folders": 0}
-    if _is_under(root, excluded):
+    if _is_under(root, walk.excluded):
         logger.warning("input %s is inside an excluded path: nothing to list", input_url)
         return
+    yield from walk.tree(root, entries)
+    walk.log_totals()
 
-    def image(prefix: str, base: str, key: str) -> ImageRef:
-        ref = _ref(key, full_uri(fs, prefix + base))
-        counts["images"] += 1
-        counts["unsafe"] += ref.error is not None
-        return ref
 
-    # Pending directories as (path, key); popped from the end, so pushed in reverse order.
-    stack: list[tuple[str, str]] = []
-    directory, dir_key = root, ""
-    while True:
-        counts["directories"] += 1
+class _Walk:
+    """One :func:`iter_listing` walk: what it keeps, what it skips, and the counts its closing
+    log lines report. Each check an entry goes through is a method of its own, applied in the
+    order :meth:`_entry` gives."""
+
+    def __init__(
+        self, fs: Any, input_url: str, wanted: frozenset[str], excluded: list[str], ordered: bool
+    ) -> None:
+        self.fs = fs
+        self.input_url = input_url
+        self.wanted = wanted
+        self.excluded = excluded
+        self.ordered = ordered
+        self.counts = dict.fromkeys(
+            ("images", "unsafe", "directories", "hidden", "other", "special", "unsafe_folders"), 0
+        )
+
+    def root_listing(self, root: str) -> tuple[Iterator[dict], str | None]:
+        """:func:`_first_listing`, any failure of it one SourceError naming the input."""
+        try:
+            return _first_listing(self.fs, root, self.ordered)
+        except FileNotFoundError as exc:
+            raise SourceError(f"input {self.input_url!r} not found: {one_line(exc)}") from exc
+        except Exception as exc:  # permissions, network, endpoint: anything that stops the listing
+            raise SourceError(f"cannot list input {self.input_url!r}: {one_line(exc)}") from exc
+
+    def single_image(self, path: str) -> ImageRef:
+        """The ref of an input that is one file. Only an image is taken: any other file is
+        more likely a manifest given as the input, and is refused with a hint."""
+        base = posixpath.basename(path)
+        if _extension(base) not in self.wanted:
+            raise SourceError(
+                f"input {self.input_url!r} is a file, not a folder of images "
+                f"(use a .txt/.csv/.parquet manifest to list images)"
+            )
+        logger.info("input %s is a single image", self.input_url)
+        return _ref(base, full_uri(self.fs, path))
+
+    def tree(self, root: str, entries: Iterator[dict]) -> Iterator[ImageRef]:
+        """Every image under ``root`` (whose listing is ``entries``), depth first. Only one
+        directory's listing is ever held: each is used up (and a used-up iterator holds none of
+        its entries) before its files are yielded and the next directory is listed."""
+        # Pending directories as (path, key); popped from the end, so pushed in reverse order.
+        stack: list[tuple[str, str]] = []
+        directory, dir_key = root, ""
+        while True:
+            subdirs = yield from self._directory(directory, dir_key, entries)
+            prefix = _child_prefix(directory)
+            subdirs.sort(reverse=True)
+            stack.extend((prefix + base, key) for base, key in subdirs)
+            if not stack:
+                return
+            directory, dir_key = stack.pop()
+            entries = _entries(self.fs, directory, self.ordered)
+
+    def _directory(
+        self, directory: str, dir_key: str, entries: Iterator[dict]
+    ) -> Generator[ImageRef, None, list[tuple[str, str]]]:
+        """Yield one directory's images (files first, by name) and return its subdirectories
+        as (name, key)."""
+        self.counts["directories"] += 1
         prefix = _child_prefix(directory)
         files: list[tuple[str, str]] = []  # unordered listings only: sorted before yielding
         subdirs: list[tuple[str, str]] = []
         try:
             for entry in entries:
-                name: str = entry["name"]
-                is_dir = entry["type"] == "directory"
-                if not name.startswith(prefix):
-                    logger.warning("skipping %r: listed under %r but not inside it", name, directory)
+                kept = self._entry(entry, prefix, directory, dir_key)
+                if kept is None:
                     continue
-                base = name[len(prefix) :].rstrip("/")
-                if not base or "/" in base:
-                    if is_dir:  # S3 prefix "a//": fsspec strips the trailing '/', cannot list it
-                        logger.warning(
-                            "skipping %s/: a prefix with an empty path segment cannot be listed",
-                            full_uri(fs, name.rstrip("/")),
-                        )
-                    continue  # an S3 folder marker object ("a/"): not an image
-                if base.startswith("."):
-                    counts["hidden"] += 1
-                    continue
-                if _is_under(name.rstrip("/"), excluded):
-                    logger.debug("excluded: %s", name)
-                    continue
-                key = f"{dir_key}/{base}" if dir_key else base
-                kind = entry["type"] if entry["type"] in ("file", "directory") else _local_kind(fs, entry)
-                if kind != "file" and kind != "directory":
-                    counts["special"] += 1  # a FIFO would block its reader, a device never ends
-                    logger.debug("skipped (not a regular file or folder): %s", name)
-                    continue
-                is_dir = kind == "directory"
-                if is_dir and not is_safe_key(key):
-                    # s3fs would list another prefix ("a?versionId=x/" as "a/"): what is under
-                    # it cannot be read under its own name either.
-                    counts["unsafe_folders"] += 1
-                    logger.warning("skipping folder %s: its name cannot be a key", full_uri(fs, name))
-                elif is_dir:
+                kind, base, key = kept
+                if kind == "directory":
                     subdirs.append((base, key))
-                elif _extension(base) not in wanted:
-                    counts["other"] += 1
-                elif ordered:
-                    yield image(prefix, base, key)  # as the pages come: never a whole listing held
+                elif self.ordered:
+                    yield self._image(prefix, base, key)  # as the pages come: never a whole listing held
                 else:
                     files.append((base, key))
         except FileNotFoundError:
             # Deleted between its parent's listing and now: nothing left to label there.
             logger.warning("directory vanished during listing, skipped: %s", directory)
         except Exception as exc:
-            raise SourceError(f"cannot list {full_uri(fs, directory)!r}: {one_line(exc)}") from exc
-        del entries  # drop the listing's dicts before yielding: one directory at a time
+            raise SourceError(f"cannot list {full_uri(self.fs, directory)!r}: {one_line(exc)}") from exc
         files.sort()
         for base, key in files:
-            yield image(prefix, base, key)
-        subdirs.sort(reverse=True)
-        stack.extend((prefix + base, key) for base, key in subdirs)
-        del files, subdirs
-        if not stack:
-            break
-        directory, dir_key = stack.pop()
-        entries = _entries(fs, directory, ordered)
-    logger.info(
-        "listed %s: %d images (%d with unsafe keys) in %d directories; "
-        "skipped %d hidden and %d non-image entries",
-        input_url, counts["images"], counts["unsafe"], counts["directories"],
-        counts["hidden"], counts["other"],
-    )
-    if counts["special"]:
-        logger.warning(
-            "skipped %d entries under %s that are neither regular files nor folders (FIFOs, devices, "
-            "symlinks to those or to folders)", counts["special"], input_url,
+            yield self._image(prefix, base, key)
+        return subdirs
+
+    def _entry(self, entry: dict, prefix: str, directory: str, dir_key: str) -> tuple[str, str, str] | None:
+        """What one listed entry is to the walk: ("directory" or "image", its name, its key), or
+        None when it is skipped (each check counts or logs what it skips)."""
+        name: str = entry["name"]
+        base = self._base(name, prefix, directory, entry["type"] == "directory")
+        if base is None or self._hidden_or_excluded(name, base):
+            return None
+        key = f"{dir_key}/{base}" if dir_key else base
+        kind = self._kind(entry)
+        if kind == "directory":
+            return (kind, base, key) if self._listable_folder(name, key) else None
+        if kind is None or not self._wanted(base):
+            return None
+        return "image", base, key
+
+    def _base(self, name: str, prefix: str, directory: str, is_dir: bool) -> str | None:
+        """The entry's own name within ``directory``, or None for what has no name of its own
+        there: an entry outside it, an S3 folder marker ("a/") or a prefix with an empty
+        segment ("a//"), which fsspec cannot list."""
+        if not name.startswith(prefix):
+            logger.warning("skipping %r: listed under %r but not inside it", name, directory)
+            return None
+        base = name[len(prefix) :].rstrip("/")
+        if not base or "/" in base:
+            if is_dir:  # S3 prefix "a//": fsspec strips the trailing '/', cannot list it
+                logger.warning(
+                    "skipping %s/: a prefix with an empty path segment cannot be listed",
+                    full_uri(self.fs, name.rstrip("/")),
+                )
+            return None  # an S3 folder marker object ("a/"): not an image
+        return base
+
+    def _hidden_or_excluded(self, name: str, base: str) -> bool:
+        """Whether the entry is hidden ('.git', '._x.jpg' resource forks) or under ``exclude``."""
+        if base.startswith("."):
+            self.counts["hidden"] += 1
+            return True
+        if _is_under(name.rstrip("/"), self.excluded):
+            logger.debug("excluded: %s", name)
+            return True
+        return False
+
+    def _kind(self, entry: dict) -> str | None:
+        """The entry's kind, "file" or "directory", or None for anything else, which is never
+        opened: a FIFO would block its reader, a device never ends (symlinks: :func:`_local_kind`)."""
+        kind = entry["type"] if entry["type"] in ("file", "directory") else _local_kind(self.fs, entry)
+        if kind == "file" or kind == "directory":
+            return kind
+        self.counts["special"] += 1
+        logger.debug("skipped (not a regular file or folder): %s", entry["name"])
+        return None
+
+    def _listable_folder(self, name: str, key: str) -> bool:
+        """Whether a folder's name can be a key. s3fs would list another prefix
+        ("a?versionId=x/" as "a/"): what is under it cannot be read under its own name either."""
+        if is_safe_key(key):
+            return True
+        self.counts["unsafe_folders"] += 1
+        logger.warning("skipping folder %s: its name cannot be a key", full_uri(self.fs, name))
+        return False
+
+    def _wanted(self, base: str) -> bool:
+        """Whether a file's extension is one of the images asked for (others are counted)."""
+        if _extension(base) in self.wanted:
+            return True
+        self.counts["other"] += 1
+        return False
+
+    def _image(self, prefix: str, base: str, key: str) -> ImageRef:
+        ref = _ref(key, full_uri(self.fs, prefix + base))
+        self.counts["images"] += 1
+        self.counts["unsafe"] += ref.error is not None
+        return ref
+
+    def log_totals(self) -> None:
+        """The walk's closing lines: what it found and skipped."""
+        counts = self.counts
+        logger.info(
+            "listed %s: %d images (%d with unsafe keys) in %d directories; "
+            "skipped %d hidden and %d non-image entries",
+            self.input_url, counts["images"], counts["unsafe"], counts["directories"],
+            counts["hidden"], counts["other"],
         )
+        if counts["special"]:
+            logger.warning(
+                "skipped %d entries under %s that are neither regular files nor folders (FIFOs, devices, "
+                "symlinks to those or to folders)", counts["special"], self.input_url,
+            )
 
 
 def _local_kind(fs: Any, entry: dict) -> str:
@@ -448,24 +526,67 @@ def _parquet_entries(fs: Any, path: str, compression: str | None) -> Iterator[tu
                     yield row, str(value).strip()
 
 
-def _manifest_ref(
-    entry: str, manifest_fs: Any, manifest_path: str, folder: str, filesystem_for: Any
-) -> ImageRef:
-    """The ref of one manifest entry: absolute, or relative to the manifest's folder (or URL)."""
-    protocol = split_protocol(entry)[0]
-    if protocol is None and is_http(manifest_path):
-        fs, path = manifest_fs, urljoin(manifest_path, entry)  # as a browser resolves it
-    elif protocol is None and not entry.startswith("/"):
-        fs = manifest_fs
-        path = fs._strip_protocol(posixpath.normpath(posixpath.join(folder, entry)))
-    else:
-        fs = filesystem_for(protocol or "file")
-        path = fs._strip_protocol(entry)
-    uri = full_uri(fs, path)
-    return _ref(_manifest_key(uri), uri)
+class _ManifestEntries:
+    """Turns a manifest's entries into refs: absolute ones on their protocol's filesystem,
+    relative ones against the manifest's folder (or URL)."""
+
+    def __init__(self, manifest_url: str, manifest_fs: Any, manifest_path: str) -> None:
+        self.manifest_url = manifest_url
+        self.manifest_fs = manifest_fs
+        self.manifest_path = manifest_path
+        self.folder = manifest_fs._parent(manifest_path)
+        self.filesystems: dict[str, Any] = {}  # protocol as written -> filesystem for its entries
+
+    def ref(self, entry: str) -> ImageRef:
+        """The ref of one entry; one that is not even a URI ("http://[/x.jpg") is an error row,
+        not a stopped job."""
+        try:
+            return self._resolved(entry)
+        except ValueError:
+            shown = printable(redact_url(entry))
+            return ImageRef(shown, shown, "key: not a valid URI")
+
+    def _resolved(self, entry: str) -> ImageRef:
+        protocol = split_protocol(entry)[0]
+        if protocol is None and is_http(self.manifest_path):
+            fs, path = self.manifest_fs, urljoin(self.manifest_path, entry)  # as a browser resolves it
+        elif protocol is None and not entry.startswith("/"):
+            fs = self.manifest_fs
+            path = fs._strip_protocol(posixpath.normpath(posixpath.join(self.folder, entry)))
+        else:
+            fs = self._filesystem(protocol or "file")
+            path = fs._strip_protocol(entry)
+        uri = full_uri(fs, path)
+        return _ref(manifest_key(uri), uri)
+
+    def _filesystem(self, protocol: str) -> Any:
+        """The filesystem of a protocol's entries, opened once: the manifest's own where it is
+        of that class (so that ``storage_options`` apply), else one with the defaults."""
+        fs = self.filesystems.get(protocol)
+        if fs is None:
+            try:
+                cls = fsspec.get_filesystem_class(protocol)
+                fs = self.manifest_fs if cls is type(self.manifest_fs) else fsspec.filesystem(protocol)
+            except (ValueError, ImportError) as exc:
+                raise SourceError(
+                    f"manifest {self.manifest_url!r}: cannot read {protocol}:// URIs: {one_line(exc)}"
+                ) from exc
+            self.filesystems[protocol] = fs
+            self._warn_if_mixed()
+        return fs
+
+    def _warn_if_mixed(self) -> None:
+        """Warn when the entries so far span two kinds of filesystem: keys drop the scheme, so
+        such a manifest can name one key twice."""
+        if len({type(f) for f in self.filesystems.values()}) > 1:
+            logger.warning(
+                "manifest %s mixes protocols (%s): keys are URIs without scheme, so a path "
+                "listed under two protocols is labeled once and its other URI is an error row",
+                self.manifest_url, ", ".join(sorted(self.filesystems)),
+            )
 
 
-def _manifest_key(uri: str) -> str:
+def manifest_key(uri: str) -> str:
     """A manifest URI's key: the URI without its scheme and root '/'. An http(s) URL's key is
     its host and path: never its query (a presigned URL's signature, which changes with every
     signing) nor user information."""
@@ -514,50 +635,29 @@ def iter_manifest(
     """
     manifest_fs, manifest_path = _open_fs(manifest_url, storage_options)
     fmt, compression = _manifest_format(manifest_path)
-    folder = manifest_fs._parent(manifest_path)
-    manifest_cls = type(manifest_fs)
-    filesystems: dict[str, Any] = {}  # protocol as written -> filesystem for its entries
-
-    def filesystem_for(protocol: str) -> Any:
-        fs = filesystems.get(protocol)
-        if fs is None:
-            try:
-                cls = fsspec.get_filesystem_class(protocol)
-                fs = manifest_fs if cls is manifest_cls else fsspec.filesystem(protocol)
-            except (ValueError, ImportError) as exc:
-                raise SourceError(
-                    f"manifest {manifest_url!r}: cannot read {protocol}:// URIs: {one_line(exc)}"
-                ) from exc
-            filesystems[protocol] = fs
-            kinds = {type(f) for f in filesystems.values()}
-            if len(kinds) > 1:
-                logger.warning(
-                    "manifest %s mixes protocols (%s): keys are URIs without scheme, so a path "
-                    "listed under two protocols is labeled once and its other URI is an error row",
-                    manifest_url, ", ".join(sorted(filesystems)),
-                )
-        return fs
-
+    resolver = _ManifestEntries(manifest_url, manifest_fs, manifest_path)
     counts = {"entries": 0, "unsafe": 0}
     logger.info("reading %s manifest %s", fmt, manifest_url)
     try:
-        for row, entry in _READERS[fmt](manifest_fs, manifest_path, compression):
+        for _row, entry in _READERS[fmt](manifest_fs, manifest_path, compression):
             counts["entries"] += 1
-            try:
-                ref = _manifest_ref(entry, manifest_fs, manifest_path, folder, filesystem_for)
-            except ValueError:  # "http://[/x.jpg": one bad line is an error row, not a stopped job
-                shown = printable(redact_url(entry))
-                ref = ImageRef(shown, shown, "key: not a valid URI")
+            ref = resolver.ref(entry)
             counts["unsafe"] += ref.error is not None
             yield ref
     except SourceError:
         raise
-    except FileNotFoundError as exc:
-        raise SourceError(f"manifest {manifest_url!r} not found: {one_line(exc)}") from exc
-    except UnicodeDecodeError as exc:
-        raise SourceError(f"manifest {manifest_url!r} is not UTF-8 text: {one_line(exc)}") from exc
-    except Exception as exc:  # pyarrow parse errors, permissions, network
-        raise SourceError(f"cannot read manifest {manifest_url!r}: {one_line(exc)}") from exc
+    except Exception as exc:
+        raise _manifest_error(manifest_url, exc) from exc
     logger.info(
         "manifest %s: %d entries (%d with unsafe keys)", manifest_url, counts["entries"], counts["unsafe"],
     )
+
+
+def _manifest_error(manifest_url: str, exc: Exception) -> SourceError:
+    """The one line a failed manifest read ends in: missing, not UTF-8 text, or anything else
+    (pyarrow parse errors, permissions, network)."""
+    if isinstance(exc, FileNotFoundError):
+        return SourceError(f"manifest {manifest_url!r} not found: {one_line(exc)}")
+    if isinstance(exc, UnicodeDecodeError):
+        return SourceError(f"manifest {manifest_url!r} is not UTF-8 text: {one_line(exc)}")
+    return SourceError(f"cannot read manifest {manifest_url!r}: {one_line(exc)}")

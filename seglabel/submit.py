@@ -126,7 +126,9 @@ def _secret_fields(value: Any, path: str) -> Iterator[str]:
             yield f"{path} (a key or signature)"
 
 
-def _check_no_secrets(values: Mapping[str, Any]) -> None:
+def check_no_secrets(values: Mapping[str, Any]) -> None:
+    """Raise ConfigError, naming the fields (never their values), when a job spec's ``values``
+    hold credentials: a submitted spec is readable by anyone who can list the cluster's jobs."""
     found = [field for name in sorted(values) for field in _secret_fields(values[name], name)]
     if found:
         raise ConfigError(
@@ -146,7 +148,7 @@ def submit(
 ) -> str:
     """Submit a job with these settings (as in a YAML spec); returns the submission id."""
     config = JobConfig.from_mapping(values)  # the same validation as `seglabel run`, before sending
-    _check_no_secrets(values)
+    check_no_secrets(values)
     if config.require_license is not None:
         # Checked here too, so that a refused checkpoint never reaches the cluster's queue.
         from .checkpoint import inspect_checkpoint
@@ -235,4 +237,14 @@ def last_error_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-__all__ = ["client", "find_token", "last_error_line", "logs", "status", "stop", "submit", "wait"]
+__all__ = [
+    "check_no_secrets",
+    "client",
+    "find_token",
+    "last_error_line",
+    "logs",
+    "status",
+    "stop",
+    "submit",
+    "wait",
+]

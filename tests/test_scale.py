@@ -62,9 +62,9 @@ def test_http_entries_repeat_across_signings_and_collide_across_queries():
     same path is another image with the same key (keys never hold a query): a collision row.
     A password in the first URL never reaches the collision's message."""
     def ref(uri):
-        from seglabel.sources import _manifest_key
+        from seglabel.sources import manifest_key
 
-        return ImageRef(_manifest_key(uri), uri)
+        return ImageRef(manifest_key(uri), uri)
 
     entries = [
         "https://u:PW@h/a.jpg?X-Amz-Date=1&X-Amz-Signature=s1",

@@ -242,9 +242,9 @@ def test_submit_finds_nested_secrets_and_names_them_without_their_values(flags, 
 
 def test_key_ids_are_not_secrets_but_bearer_values_are(capsys):
     argv = ["submit", "--address", "http://127.0.0.1:9", "--input", "s3://b/in", "--output", "s3://b/out"]
-    from seglabel.submit import _check_no_secrets
+    from seglabel.submit import check_no_secrets
 
-    _check_no_secrets({"output_storage_options": {"s3_additional_kwargs": {"SSEKMSKeyId": "alias/labels"}}})
+    check_no_secrets({"output_storage_options": {"s3_additional_kwargs": {"SSEKMSKeyId": "alias/labels"}}})
     assert main(argv + ["--input-option", "headers={X-Auth: Bearer SECRETVALUE}"]) == 2
     err = capsys.readouterr().err
     assert "input_storage_options.headers.X-Auth" in err and "SECRETVALUE" not in err

@@ -36,7 +36,7 @@ sampling, the machine), ``report`` (goals, the table, JSON) and ``runner`` (one 
 
 from __future__ import annotations
 
-from .calibrate import build_checkpoint, calibrate_random_model
+from .calibrate import Calibration, build_checkpoint, calibrate_random_model
 from .config import BenchConfig, parse_size
 from .images import bench_images
 from .memory import memory_report
@@ -45,6 +45,7 @@ from .runner import run_bench, run_plumbing_bench
 
 __all__ = [
     "BenchConfig",
+    "Calibration",
     "bench_images",
     "build_checkpoint",
     "calibrate_random_model",

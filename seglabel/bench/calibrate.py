@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -84,118 +85,171 @@ def _constant_mask_channel(model: Any, outputs: list, head: Any) -> Any:
     return unit
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What a random model is calibrated to, and on what.
+
+    ``images``: the photos it is measured on (none: it stays as built); ``target_segments``:
+    about this many segments per image (0: as built); ``coverage``: each mask covering about
+    this share of the image (0: as built); ``engine``: whose thresholds and resolution count
+    the segments; ``device``: where the model runs meanwhile.
+    """
+
+    images: Sequence[np.ndarray] = ()
+    target_segments: float = 20
+    coverage: float = MASK_COVERAGE
+    engine: EngineConfig = EngineConfig()
+    device: str = "cpu"
+
+
 def calibrate_random_model(
-    model: Any,
-    processor: Any,
-    images: Sequence[np.ndarray],
-    task: str,
-    id2label: Mapping[int, str],
-    *,
-    target: float,
-    coverage: float = MASK_COVERAGE,
-    engine: EngineConfig = EngineConfig(),
-    device: str = "cpu",
+    model: Any, processor: Any, task: str, id2label: Mapping[int, str], calibration: Calibration
 ) -> dict[str, Any]:
-    """Give a random-weight model realistic masks and about ``target`` segments per image, as
-    ``engine``'s thresholds and resolution count them.
+    """Give a random-weight model realistic masks and about ``calibration.target_segments``
+    segments per image, as ``calibration.engine``'s thresholds and resolution count them.
 
     A random mask head makes every query's mask cover most of the image (the pixel embeddings
     share one large mean direction), so instances all overlap and panoptic merging keeps almost
-    none. Four edits of the weights, measured on ``images``:
+    none. Four edits of the weights, measured on ``calibration.images``:
 
     0. queries: the decoder's cross-attention outputs are damped so that queries stay distinct
        (else every query of an image shares its label, mask and score);
     1. masks: the pixel embeddings' mean direction becomes a constant channel, which the mask
-       head reads only as an offset, set so that each mask covers about ``coverage`` of the
-       image (a few rounds, since the decoder's masked attention reads its own masks); the
-       mask logits are then scaled to be sharp (their sign, hence the attention masks, kept);
+       head reads only as an offset, set so that each mask covers about ``calibration.coverage``
+       of the image (a few rounds, since the decoder's masked attention reads its own masks);
+       the mask logits are then scaled to be sharp (their sign, hence the attention masks, kept);
     2. labels: each label's logit is centred over the queries, so that queries pick different
        labels (else one label wins every query), and scaled so that each query is sure of its
        label;
     3. segments: the no-object logit is shifted so that seglabel's post-processing at the given
-       thresholds keeps about ``target`` segments per image. Each candidate shift re-runs only
-       the post-processing on stored outputs (nothing else reads that logit); candidates are
-       quantiles of the per-query margin between the best label and no-object.
+       thresholds keeps about ``target_segments`` segments per image. Each candidate shift
+       re-runs only the post-processing on stored outputs (nothing else reads that logit);
+       candidates are quantiles of the per-query margin between the best label and no-object.
 
     Returns what was done and measured.
     """
     import torch
 
-    from ..preprocess import PreprocessSpec, preprocess, to_device
+    from ..preprocess import PreprocessSpec
 
     family = getattr(model.config, "model_type", "mask2former")
     eomt = family != "mask2former"
-    spec = PreprocessSpec.from_processor(processor, engine.resolution, family,
+    spec = PreprocessSpec.from_processor(processor, calibration.engine.resolution, family,
                                          getattr(model.config, "image_size", None))
-    post = _postprocessor(task, id2label, engine, family)
-    dev = torch.device(device)
+    post = _postprocessor(task, id2label, calibration.engine, family)
+    dev = torch.device(calibration.device)
     model.to(dev)
+    forward = _forward_pass(model, spec, calibration.images, dev)
+    head = _mask_head(model)
+    info: dict[str, Any] = {
+        "calibration_images": len(calibration.images),
+        "cross_attention_scale": None if eomt else CROSS_ATTENTION_SCALE,
+    }
+    if not eomt:  # EoMT has no decoder: its queries are tokens of the ViT's last blocks.
+        _damp_cross_attention(model)
+    outputs = forward()
+    info["mask_coverage_as_built"] = _coverage(outputs)
+    if calibration.coverage:
+        outputs = _shape_masks(model, head, forward, outputs, calibration.coverage, eomt)
+        info["mask_coverage"] = _coverage(outputs)
+    stored = [(o.class_queries_logits.float().clone(), o.masks_queries_logits.float(), original, size)
+              for o, original, size in outputs]
+    info["distinct_labels_per_image"] = _centre_labels(model, stored)
+    info.update(_shift_no_object(model, stored, post, calibration.target_segments))
+    model.to("cpu")
+    return info
+
+
+def _forward_pass(model: Any, spec: Any, images: Sequence[np.ndarray], device: Any) -> Callable[[], list]:
+    """A function that runs ``model`` on ``images`` (each preprocessed once, here) and returns
+    (outputs, original size, input size) for each."""
+    import torch
+
+    from ..preprocess import preprocess, to_device
+
     batches = []
     for image in images:
         size = spec.input_size(*image.shape[:2])
         batches.append(
-            (preprocess([to_device(image, dev)], spec, size, torch.float32)[0], image.shape[:2], size)
+            (preprocess([to_device(image, device)], spec, size, torch.float32)[0], image.shape[:2], size)
         )
 
     def forward() -> list:
         with torch.inference_mode():
             return [(model(pixel_values=pixels), original, size) for pixels, original, size in batches]
 
-    head = _mask_head(model)
-    info: dict[str, Any] = {
-        "calibration_images": len(batches),
-        "cross_attention_scale": None if eomt else CROSS_ATTENTION_SCALE,
-    }
-    # 0. queries: with random weights every query's cross-attention returns about the same
-    # image average, which swamps what tells one query from another (for swin-s, 99% of the
-    # variance of the heads' input is per image), so all queries of an image would share one
-    # label, one mask and one score. Damping the cross-attention outputs lets each query keep
-    # its identity while the image still shapes it (and the masks read the image directly).
-    # EoMT has no decoder: its queries are tokens of the ViT's last blocks.
+    return forward
+
+
+def _coverage(outputs: list) -> float:
+    """The mean share of an image a query's mask covers."""
+    return float(np.mean([(o.masks_queries_logits > 0).float().mean().item() for o, _, _ in outputs]))
+
+
+def _all_mask_logits(outputs: list) -> Any:
+    """Every mask logit of ``outputs``, flat, in float32."""
+    import torch
+
+    return torch.cat([o.masks_queries_logits.float().flatten() for o, _, _ in outputs])
+
+
+def _damp_cross_attention(model: Any) -> None:
+    """0. queries: with random weights every query's cross-attention returns about the same
+    image average, which swamps what tells one query from another (for swin-s, 99% of the
+    variance of the heads' input is per image), so all queries of an image would share one
+    label, one mask and one score. Damping the cross-attention outputs lets each query keep its
+    identity while the image still shapes it (and the masks read the image directly)."""
+    import torch
+
     with torch.no_grad():
-        for layer in [] if eomt else model.model.transformer_module.decoder.layers:
+        for layer in model.model.transformer_module.decoder.layers:
             layer.cross_attn.out_proj.weight.mul_(CROSS_ATTENTION_SCALE)
             layer.cross_attn.out_proj.bias.mul_(CROSS_ATTENTION_SCALE)
-    outputs = forward()
-    info["mask_coverage_as_built"] = float(
-        np.mean([(o.masks_queries_logits > 0).float().mean().item() for o, _, _ in outputs])
-    )
-    if coverage:
-        # The pixel embeddings share one large mean direction, so every mask covers all or
-        # nothing of an image. Turn that direction into a constant channel (the pixel decoder's
-        # mask projection: its weights lose it, its bias carries a constant 1 along it), and
-        # let the mask head read only the rest, plus a bias along the constant channel: an
-        # offset that is the same for every pixel of every image.
-        with torch.no_grad():
-            if eomt:
-                # Built with that constant channel already (synthetic._eomt: channel 0 of the
-                # pixel features is 1, and the mask head reads it through its bias alone).
-                unit = torch.zeros(head.bias.shape[0], device=head.bias.device)
-                unit[0] = 1.0
-            else:
-                unit = _constant_mask_channel(model, outputs, head)
-            for _ in range(4):
-                outputs = forward()
-                logits = torch.cat([o.masks_queries_logits.float().flatten() for o, _, _ in outputs])
-                sample = logits[:: max(1, len(logits) // 2_000_000)]
-                now = float((sample > 0).float().mean())
-                if abs(now - coverage) <= 0.15 * coverage:
-                    break
-                head.bias.sub_(float(torch.quantile(sample, 1.0 - coverage)) * unit.to(head.bias.dtype))
-            outputs = forward()
-            logits = torch.cat([o.masks_queries_logits.float().flatten() for o, _, _ in outputs])
-            sharpen = MASK_LOGIT_STD / float(logits.std().clamp_min(1e-6))
-            head.weight.mul_(sharpen)
-            head.bias.mul_(sharpen)
-        outputs = forward()
-        info["mask_coverage"] = float(
-            np.mean([(o.masks_queries_logits > 0).float().mean().item() for o, _, _ in outputs])
-        )
-    stored = [(o.class_queries_logits.float().clone(), o.masks_queries_logits.float(), original, size)
-              for o, original, size in outputs]
-    # 2. labels: queries share one large hidden-state direction too, so one label would win
-    # every query (a semantic map of one label). Centre each label's logit over the queries.
-    # Then scale the label logits so that each query is sure of its label.
+
+
+def _shape_masks(
+    model: Any, head: Any, forward: Callable[[], list], outputs: list, coverage: float, eomt: bool
+) -> list:
+    """1. masks: each covering about ``coverage`` of the image, then sharp; returns the outputs
+    of the model so edited.
+
+    The pixel embeddings share one large mean direction, so every mask covers all or nothing of
+    an image. Turn that direction into a constant channel (the pixel decoder's mask projection:
+    its weights lose it, its bias carries a constant 1 along it), and let the mask head read
+    only the rest, plus a bias along the constant channel: an offset that is the same for every
+    pixel of every image.
+    """
+    import torch
+
+    with torch.no_grad():
+        if eomt:
+            # Built with that constant channel already (synthetic._eomt: channel 0 of the
+            # pixel features is 1, and the mask head reads it through its bias alone).
+            unit = torch.zeros(head.bias.shape[0], device=head.bias.device)
+            unit[0] = 1.0
+        else:
+            unit = _constant_mask_channel(model, outputs, head)
+        for _ in range(4):
+            logits = _all_mask_logits(forward())
+            sample = logits[:: max(1, len(logits) // 2_000_000)]
+            now = float((sample > 0).float().mean())
+            if abs(now - coverage) <= 0.15 * coverage:
+                break
+            head.bias.sub_(float(torch.quantile(sample, 1.0 - coverage)) * unit.to(head.bias.dtype))
+        logits = _all_mask_logits(forward())
+        sharpen = MASK_LOGIT_STD / float(logits.std().clamp_min(1e-6))
+        head.weight.mul_(sharpen)
+        head.bias.mul_(sharpen)
+    return forward()
+
+
+def _centre_labels(model: Any, stored: list) -> float:
+    """2. labels: queries share one large hidden-state direction too, so one label would win
+    every query (a semantic map of one label). Centre each label's logit over the queries, then
+    scale the label logits so that each query is sure of its label: in the model's class head
+    and in ``stored`` alike. Returns the distinct labels per image that leaves."""
+    import torch
+
     with torch.inference_mode():
         label_logits = torch.cat([c[..., :-1].flatten(0, 1) for c, _, _, _ in stored])
         label_mean = label_logits.mean(0)
@@ -206,63 +260,60 @@ def calibrate_random_model(
         head = model.class_predictor
         head.bias[:-1] = (head.bias[:-1] - label_mean.clone().to(head.bias.dtype)) * sharpen
         head.weight[:-1] *= sharpen
-    info["distinct_labels_per_image"] = float(
-        np.mean([len(set(c[0, :, :-1].argmax(-1).tolist())) for c, _, _, _ in stored])
-    )
+    return float(np.mean([len(set(c[0, :, :-1].argmax(-1).tolist())) for c, _, _, _ in stored]))
 
-    def segments_per_image(shift: float) -> float:
-        # Counted at the mask logits' own resolution (a quarter of the input's side): about
-        # the counts at full size, for a sixteenth of the work.
-        total = 0
-        for class_logits, mask_logits, _, _ in stored:
-            shifted = class_logits.clone()
-            shifted[..., -1] += shift
-            low = tuple(mask_logits.shape[-2:])
-            total += sum(len(r.ids) for r in post(shifted, mask_logits, [low], low))
-        return total / max(1, len(stored))
 
-    if target:
+def _segments_per_image(stored: list, post: Any, shift: float) -> float:
+    """Segments per image that ``post`` keeps with the no-object logit shifted by ``shift``.
+    Counted at the mask logits' own resolution (a quarter of the input's side): about the
+    counts at full size, for a sixteenth of the work."""
+    total = 0
+    for class_logits, mask_logits, _, _ in stored:
+        shifted = class_logits.clone()
+        shifted[..., -1] += shift
+        low = tuple(mask_logits.shape[-2:])
+        total += sum(len(r.ids) for r in post(shifted, mask_logits, [low], low))
+    return total / max(1, len(stored))
+
+
+def _shift_no_object(model: Any, stored: list, post: Any, target: float) -> dict[str, Any]:
+    """3. segments: shift the model's no-object logit so that ``post`` keeps about ``target``
+    segments per image (0: left as built); returns what was tried and found."""
+    import torch
+
+    if not target:
         with torch.inference_mode():
-            margins = torch.cat(
-                [(c[..., :-1].amax(-1) - c[..., -1]).flatten() for c, _, _, _ in stored]
-            ).cpu()
-            quantiles = torch.quantile(margins.double(), torch.linspace(0, 1, 26, dtype=torch.float64))
-            # Just below a quantile keeps that share of the queries as objects; 0 is "as built".
-            candidates = sorted({0.0, float(margins.min()) - 1.0, *(float(q) - 1e-3 for q in quantiles)})
-            tried = [(shift, segments_per_image(shift)) for shift in candidates]
-        shift, found = min(tried, key=lambda t: (abs(t[1] - target), abs(t[0])))
-        with torch.no_grad():
-            model.class_predictor.bias[-1] += shift
-        info.update(
-            no_object_shift=round(shift, 4),
-            target_segments_per_image=target,
-            segments_per_image=found,
-            segments_per_image_unshifted=dict(tried).get(0.0),
-            max_segments_per_image=max(c for _, c in tried),
-        )
-    else:
-        with torch.inference_mode():
-            info["segments_per_image"] = segments_per_image(0.0)
-    model.to("cpu")
-    return info
+            return {"segments_per_image": _segments_per_image(stored, post, 0.0)}
+    with torch.inference_mode():
+        margins = torch.cat([(c[..., :-1].amax(-1) - c[..., -1]).flatten() for c, _, _, _ in stored]).cpu()
+        quantiles = torch.quantile(margins.double(), torch.linspace(0, 1, 26, dtype=torch.float64))
+        # Just below a quantile keeps that share of the queries as objects; 0 is "as built".
+        candidates = sorted({0.0, float(margins.min()) - 1.0, *(float(q) - 1e-3 for q in quantiles)})
+        tried = [(shift, _segments_per_image(stored, post, shift)) for shift in candidates]
+    shift, found = min(tried, key=lambda t: (abs(t[1] - target), abs(t[0])))
+    with torch.no_grad():
+        model.class_predictor.bias[-1] += shift
+    return {
+        "no_object_shift": round(shift, 4),
+        "target_segments_per_image": target,
+        "segments_per_image": found,
+        "segments_per_image_unshifted": dict(tried).get(0.0),
+        "max_segments_per_image": max(c for _, c in tried),
+    }
 
 
 def build_checkpoint(
     path: str | Path,
     arch: str,
     task: str,
+    calibration: Calibration = Calibration(),
     *,
-    calibration_images: Sequence[np.ndarray] = (),
-    target_segments: float = 20,
-    coverage: float = MASK_COVERAGE,
     input_size: tuple[int, int] | None = None,
-    engine: EngineConfig = EngineConfig(),
-    device: str = "cpu",
     seed: int = 0,
 ) -> tuple[Path, dict]:
     """A random-weight, confident checkpoint of ``arch`` for ``task`` (its preprocessor resizes
-    to ``input_size``), calibrated on ``calibration_images`` to carry about ``target_segments``
-    per image with masks covering about ``coverage`` of the image each (0: as built)."""
+    to ``input_size``), calibrated as ``calibration`` says (:func:`calibrate_random_model`)
+    when it names images and a target or a coverage."""
     from ..checkpoint import processor_class
     from ..synthetic import (
         ARCHITECTURES,
@@ -293,16 +344,13 @@ def build_checkpoint(
         "num_labels": len(id2label),
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
-    if (target_segments or coverage) and calibration_images:
+    if (calibration.target_segments or calibration.coverage) and calibration.images:
         processor = processor_class(family(arch)).from_pretrained(path)
-        info["calibration"] = calibrate_random_model(
-            model, processor, calibration_images, task, id2label, target=target_segments, coverage=coverage,
-            engine=engine, device=device,
-        )
+        info["calibration"] = calibrate_random_model(model, processor, task, id2label, calibration)
     model.save_pretrained(path)
     info["build_s"] = round(time.perf_counter() - started, 2)
     del model
     return path, info
 
 
-__all__ = ["bench_labels", "build_checkpoint", "calibrate_random_model"]
+__all__ = ["Calibration", "bench_labels", "build_checkpoint", "calibrate_random_model"]

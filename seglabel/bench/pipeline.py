@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -81,98 +82,91 @@ def _decode_cost(paths: Sequence[str], fs: Any, limit: int = 32) -> float | None
     return 1000.0 * (time.perf_counter() - started) / len(chosen)
 
 
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How (c) runs, beside the engine's settings (see :func:`run_pipeline`).
+
+    ``num_gpus``: Segmenter actors on GPUs (None or 0: every GPU Ray has); ``address``: the Ray
+    cluster (None: RAY_ADDRESS or an embedded local Ray); ``workdir``: where the files go
+    (None: a local temporary folder); ``keep``: keep the files and outputs; ``repeat``: each
+    image written that many times; ``png_every``: every n-th image written as PNG (None:
+    JPEG only); ``warm_up``: images of an untimed job first.
+    """
+
+    num_gpus: int | None = 1
+    address: str | None = None
+    workdir: str | None = None
+    keep: bool = False
+    repeat: int = 1
+    png_every: int | None = PNG_EVERY
+    warm_up: int = 0
+
+
+@dataclass
+class _Jobs:
+    """What the timed job (and the warm-up before it) gave."""
+
+    summary: Any
+    seconds: float
+    warmed: dict[str, Any] | None
+    actors_gpus: int
+    ray_info: Any
+    gpu: GpuSampler
+
+
 def run_pipeline(
-    engine: EngineConfig,
-    images: Sequence[np.ndarray],
-    *,
-    num_gpus: int | None = 1,
-    address: str | None = None,
-    workdir: str | None = None,
-    keep: bool = False,
-    repeat: int = 1,
-    png_every: int | None = PNG_EVERY,
-    warm_up: int = 0,
+    engine: EngineConfig, images: Sequence[np.ndarray], options: PipelineOptions = PipelineOptions()
 ) -> dict[str, Any]:
     """``seglabel.pipeline.label`` with ``engine``'s settings, from image files to PNG masks
-    and Parquet rows, on ``num_gpus`` Segmenter actors (none on a machine without GPUs, or
-    when ``engine.device`` is the CPU: one CPU actor).
+    and Parquet rows, on ``options.num_gpus`` Segmenter actors (none on a machine without GPUs,
+    or when ``engine.device`` is the CPU: one CPU actor).
 
-    The images are written under ``workdir`` (default: a local temporary folder; on a cluster a
-    URL every node reads, e.g. ``s3://bucket/bench``) as JPEG, every PNG_EVERY-th as PNG. A
-    checkpoint built here travels there too, so that every node can load it. ``repeat`` writes
-    each image that many times, so that the job's fixed start-up weighs less in its rate.
+    The images are written under ``options.workdir`` (default: a local temporary folder; on a
+    cluster a URL every node reads, e.g. ``s3://bucket/bench``) as JPEG, every PNG_EVERY-th as
+    PNG. A checkpoint built here travels there too, so that every node can load it.
+    ``options.repeat`` writes each image that many times, so that the job's fixed start-up
+    weighs less in its rate.
 
-    ``warm_up`` images (the first ones, cycled when there are fewer) are labeled first, untimed,
-    into an output of their own, by this same process: the timed job then finds Ray Data's own
-    actors up (detached, one per cluster, as a job on a long-lived cluster finds them) and, beyond
-    what such a job would find, this Ray job's idle task workers with the pipeline already
-    imported (Ray hands idle workers only to the job that started them). So its start-up is a
-    best case, a bound for a later job on a long-lived cluster. With 0, the timed job is a fresh
-    Ray's first, as ``seglabel run`` with an embedded Ray is.
+    ``options.warm_up`` images (the first ones, cycled when there are fewer) are labeled first,
+    untimed, into an output of their own, by this same process: the timed job then finds Ray
+    Data's own actors up (detached, one per cluster, as a job on a long-lived cluster finds
+    them) and, beyond what such a job would find, this Ray job's idle task workers with the
+    pipeline already imported (Ray hands idle workers only to the job that started them). So its
+    start-up is a best case, a bound for a later job on a long-lived cluster. With 0, the timed
+    job is a fresh Ray's first, as ``seglabel run`` with an embedded Ray is.
     """
     import fsspec
 
-    from ..cluster import connect
-    from ..config import JobConfig
-    from ..pipeline import run
-
     local_tmp = None
-    if workdir is None:
+    if options.workdir is None:
         local_tmp = tempfile.mkdtemp(prefix="seglabel-bench-")
         root = local_tmp
     else:
-        root = f"{workdir.rstrip('/')}/run-{int(time.time())}-{os.getpid()}"
+        root = f"{options.workdir.rstrip('/')}/run-{int(time.time())}-{os.getpid()}"
     fs, root_path = fsspec.core.url_to_fs(root)
-    input_root, output_root = f"{root_path}/input", f"{root_path}/output"
     try:
-        paths = write_images(fs, input_root, images, repeat, png_every)
-        if workdir is not None and os.path.isdir(engine.model):
+        paths = write_images(fs, f"{root_path}/input", images, options.repeat, options.png_every)
+        if options.workdir is not None and os.path.isdir(engine.model):
             fs.put(engine.model.rstrip("/") + "/", f"{root_path}/checkpoint/", recursive=True)
             engine = engine.replace(model=fs.unstrip_protocol(f"{root_path}/checkpoint"))
         decode_ms = _decode_cost(paths, fs)
-        if warm_up:
-            warm = [images[i % len(images)] for i in range(warm_up)]
-            write_images(fs, f"{root_path}/warm-input", warm, 1, png_every)
-        cpu_only = engine.device is not None and not str(engine.device).startswith("cuda")
-        with connect(address) as ray_info:
-            gpus = int(ray_info.resources.get("GPU", 0))
-            actors_gpus = 0 if cpu_only or gpus == 0 else (min(num_gpus, gpus) if num_gpus else gpus)
-            config = JobConfig(
-                input=fs.unstrip_protocol(input_root), output=fs.unstrip_protocol(output_root), engine=engine,
-                num_gpus=actors_gpus, rows_per_part=max(8, engine.batch_size),
-            )
-            warmed = None
-            if warm_up:
-                started = time.perf_counter()
-                warm_summary = run(config.replace(input=fs.unstrip_protocol(f"{root_path}/warm-input"),
-                                                  output=fs.unstrip_protocol(f"{root_path}/warm-output")))
-                warmed = {"images": warm_up, "ok": warm_summary.ok, "seconds": time.perf_counter() - started}
-                if warm_summary.ok != warm_up:
-                    log.warning("the warm-up job labeled %d of its %d images", warm_summary.ok, warm_up)
-            with GpuSampler(torch_device("cuda" if actors_gpus else "cpu")) as gpu:
-                started = time.perf_counter()
-                summary = run(config)
-                wall = time.perf_counter() - started
-        parts = _read_parts(fs, output_root)
+        jobs = _run_jobs(fs, root_path, engine, images, options)
+        parts = _read_parts(fs, f"{root_path}/output")
     finally:
-        if not keep:
-            try:
-                fs.rm(root_path, recursive=True)
-            except FileNotFoundError:
-                pass
-        if local_tmp and not keep:
-            shutil.rmtree(local_tmp, ignore_errors=True)
+        if not options.keep:
+            _remove(fs, root_path, local_tmp)
     n = len(paths)
+    summary, ray_info, actors_gpus = jobs.summary, jobs.ray_info, jobs.actors_gpus
     return {
         "what": "seglabel.pipeline.label: image files -> PNG + Parquet (Ray already up; its start apart)",
-        "repeat": repeat,
+        "repeat": options.repeat,
         # The untimed job before this one, in the same Ray (None: none ran).
-        "warm_up": warmed,
+        "warm_up": jobs.warmed,
         "images": n,
         "ok": summary.ok,
         "errors": summary.error,
-        "seconds": wall,
-        "images_per_s": rate(n, wall),
+        "seconds": jobs.seconds,
+        "images_per_s": rate(n, jobs.seconds),
         "execute_s": summary.seconds,
         "steady_images_per_s": parts["steady_images_per_s"],
         "segments_per_image": parts["segments"] / parts["ok"] if parts["ok"] else 0.0,
@@ -187,9 +181,57 @@ def run_pipeline(
             "jpg": sum(p.endswith(".jpg") for p in paths),
             "png": sum(p.endswith(".png") for p in paths),
         },
-        "workdir": root if keep else None,
-        "gpu_util": gpu.result(),
+        "workdir": root if options.keep else None,
+        "gpu_util": jobs.gpu.result(),
     }
 
 
-__all__ = ["run_pipeline"]
+def _run_jobs(
+    fs: Any, root_path: str, engine: EngineConfig, images: Sequence[np.ndarray], options: PipelineOptions
+) -> _Jobs:
+    """The warm-up job (when ``options.warm_up``), then the timed one, in one Ray: from
+    ``root_path``'s input/ to its output/."""
+    from ..cluster import connect
+    from ..config import JobConfig
+    from ..pipeline import run
+
+    if options.warm_up:
+        warm = [images[i % len(images)] for i in range(options.warm_up)]
+        write_images(fs, f"{root_path}/warm-input", warm, 1, options.png_every)
+    cpu_only = engine.device is not None and not str(engine.device).startswith("cuda")
+    with connect(options.address) as ray_info:
+        gpus = int(ray_info.resources.get("GPU", 0))
+        num_gpus = options.num_gpus
+        actors_gpus = 0 if cpu_only or gpus == 0 else (min(num_gpus, gpus) if num_gpus else gpus)
+        config = JobConfig(
+            input=fs.unstrip_protocol(f"{root_path}/input"),
+            output=fs.unstrip_protocol(f"{root_path}/output"),
+            engine=engine, num_gpus=actors_gpus, rows_per_part=max(8, engine.batch_size),
+        )
+        warmed = None
+        if options.warm_up:
+            started = time.perf_counter()
+            warm_summary = run(config.replace(input=fs.unstrip_protocol(f"{root_path}/warm-input"),
+                                              output=fs.unstrip_protocol(f"{root_path}/warm-output")))
+            seconds = time.perf_counter() - started
+            warmed = {"images": options.warm_up, "ok": warm_summary.ok, "seconds": seconds}
+            if warm_summary.ok != options.warm_up:
+                log.warning("the warm-up job labeled %d of its %d images", warm_summary.ok, options.warm_up)
+        with GpuSampler(torch_device("cuda" if actors_gpus else "cpu")) as gpu:
+            started = time.perf_counter()
+            summary = run(config)
+            wall = time.perf_counter() - started
+    return _Jobs(summary, wall, warmed, actors_gpus, ray_info, gpu)
+
+
+def _remove(fs: Any, root_path: str, local_tmp: str | None) -> None:
+    """Delete the run's files and outputs (and the local temporary folder they were in)."""
+    try:
+        fs.rm(root_path, recursive=True)
+    except FileNotFoundError:
+        pass
+    if local_tmp:
+        shutil.rmtree(local_tmp, ignore_errors=True)
+
+
+__all__ = ["PipelineOptions", "run_pipeline"]

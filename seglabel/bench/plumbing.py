@@ -114,7 +114,7 @@ def run_plumbing(
     import fsspec
 
     from .images import write_images
-    from .pipeline import run_pipeline
+    from .pipeline import PipelineOptions, run_pipeline
 
     assert engine.stand_in is not None, "the plumbing bench runs the stand-in"
     workdir = tempfile.mkdtemp(prefix="seglabel-plumbing-")
@@ -127,8 +127,8 @@ def run_plumbing(
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     log.info("(p) seglabel run --stand-in on the same images, on every core Ray has")
-    pipeline = run_pipeline(engine, images, num_gpus=0, address=address, keep=keep, png_every=None,
-                            warm_up=warm_up)
+    options = PipelineOptions(num_gpus=0, address=address, keep=keep, png_every=None, warm_up=warm_up)
+    pipeline = run_pipeline(engine, images, options)
     cores = float(pipeline["ray"]["resources"].get("CPU", os.cpu_count() or 1))
     r, p, steady = raw["images_per_s"], pipeline["images_per_s"], pipeline["steady_images_per_s"]
 

@@ -8,14 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, EngineConfig
 from ..errors import get_logger
-from .calibrate import build_checkpoint
+from .calibrate import Calibration, build_checkpoint
 from .config import BenchConfig
 from .hf_loop import run_hf_loop
 from .images import bench_images
 from .measure import cpu_busy, environment, load_average, ratio, torch_device
-from .pipeline import run_pipeline
+from .pipeline import PipelineOptions, run_pipeline
 from .report import busy_warning, goals, write_json
 from .segmenter import run_segmenter
 
@@ -43,6 +43,28 @@ def _settings(config: BenchConfig, task: str, device: Any, threads: int) -> dict
     }
 
 
+def _checkpoint(
+    config: BenchConfig, task: str, engine: EngineConfig, arrays: list, device: Any, tmp: str
+) -> tuple[EngineConfig, dict[str, Any]]:
+    """The checkpoint every phase runs, as ``engine.model``, and what the result records of it:
+    ``--model``, or a random-weight one of ``--arch`` built under ``tmp`` and calibrated on the
+    first of the bench's images."""
+    if not config.arch:
+        engine = engine.replace(model=str(config.model))
+        return engine, {"model": config.model, "revision": engine.revision}
+    log.info("building a random-weight %s %s checkpoint", config.arch, task)
+    calibration = Calibration(
+        images=arrays[:CALIBRATION_IMAGES],
+        target_segments=config.target_segments,
+        coverage=config.mask_coverage,
+        engine=engine,
+        device=str(device),
+    )
+    path = Path(tmp) / f"bench-{config.arch}-{task}"
+    path, info = build_checkpoint(path, config.arch, task, calibration, input_size=config.image_size)
+    return engine.replace(model=str(path)), {"model": f"random {config.arch}", **info}
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Measure (a) the usual HF loop, (b) the Segmenter alone and (c) the whole pipeline on the
     same images and checkpoint; returns every figure (and writes it to ``config.json``)."""
@@ -68,24 +90,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     arrays, result["images"] = bench_images(config.images, config.image_size, config.photos)
     tmp = tempfile.mkdtemp(prefix="seglabel-bench-ckpt-")
     try:
-        if config.arch:
-            log.info("building a random-weight %s %s checkpoint", config.arch, task)
-            path, info = build_checkpoint(
-                Path(tmp) / f"bench-{config.arch}-{task}",
-                config.arch,
-                task,
-                calibration_images=arrays[:CALIBRATION_IMAGES],
-                target_segments=config.target_segments,
-                coverage=config.mask_coverage,
-                input_size=config.image_size,
-                engine=engine,
-                device=str(device),
-            )
-            engine = engine.replace(model=str(path))
-            result["checkpoint"] = {"model": f"random {config.arch}", **info}
-        else:
-            engine = engine.replace(model=str(config.model))
-            result["checkpoint"] = {"model": config.model, "revision": engine.revision}
+        engine, result["checkpoint"] = _checkpoint(config, task, engine, arrays, device, tmp)
         if not config.skip_hf:
             subset = arrays[: config.hf_images] if config.hf_images else arrays
             log.info("(a) the usual HF loop on %d images", len(subset))
@@ -94,10 +99,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         result["segmenter"] = run_segmenter(engine.replace(device=str(device)), arrays, warmup=config.warmup)
         if not config.skip_pipeline:
             log.info("(c) the pipeline on %d image files", len(arrays) * config.pipeline_repeat)
-            result["pipeline"] = run_pipeline(
-                engine, arrays, num_gpus=config.num_gpus, address=config.address, workdir=config.workdir,
+            result["pipeline"] = run_pipeline(engine, arrays, PipelineOptions(
+                num_gpus=config.num_gpus, address=config.address, workdir=config.workdir,
                 keep=config.keep, repeat=config.pipeline_repeat, warm_up=config.pipeline_warm_up,
-            )
+            ))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

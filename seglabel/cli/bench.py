@@ -14,8 +14,6 @@ _NOT_SETTINGS = ("command", "log_level", "config", "handler")
 
 def add_parsers(sub) -> None:
     """Add ``seglabel bench``."""
-    from ..bench.config import ARCHS
-
     p = sub.add_parser(
         "bench",
         parents=[common()],
@@ -27,7 +25,17 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--config", metavar="SPEC.yaml", help="a YAML file of these settings by name (flags override it)"
     )
-    m = p.add_argument_group("checkpoint")
+    _add_checkpoint_flags(p.add_argument_group("checkpoint"))
+    _add_image_flags(p.add_argument_group("images"))
+    _add_engine_flags(p.add_argument_group("engine"))
+    _add_run_flags(p.add_argument_group("run"))
+    p.set_defaults(handler=main)
+
+
+def _add_checkpoint_flags(m: argparse._ArgumentGroup) -> None:
+    """Which checkpoint: a real one, or a random one built and calibrated here."""
+    from ..bench.config import ARCHS
+
     m.add_argument(
         "--model", metavar="ID_OR_PATH", help="a Hub id or checkpoint directory (instead of --arch)"
     )
@@ -46,11 +54,17 @@ def add_parsers(sub) -> None:
     m.add_argument("--mask-coverage", dest="mask_coverage", type=float, metavar="F",
                    help="--arch: shape each random mask to cover about this share of the image "
                         "(default 0.04; 0: as built)")
-    i = p.add_argument_group("images")
+
+
+def _add_image_flags(i: argparse._ArgumentGroup) -> None:
+    """The images every phase runs on."""
     i.add_argument("--images", type=int, metavar="N", help="how many images (default 64)")
     i.add_argument("--size", metavar="S|HxW|native", help="resize the photos to this (default 384)")
     i.add_argument("--photos", metavar="DIR", help="a folder of photos to cycle (default skimage.data's)")
-    e = p.add_argument_group("engine")
+
+
+def _add_engine_flags(e: argparse._ArgumentGroup) -> None:
+    """The engine's settings, the same for every phase."""
     e.add_argument(
         "--batch-size", dest="batch_size", type=int, metavar="N", help="Segmenter batch (default 8)"
     )
@@ -66,7 +80,11 @@ def add_parsers(sub) -> None:
     e.add_argument("--compile", action="store_true",
                    help="(b) and (c): torch.compile the model (cached on disk; compiling falls in (b)'s "
                    "timed warm-up)")
-    r = p.add_argument_group("run")
+
+
+def _add_run_flags(r: argparse._ArgumentGroup) -> None:
+    """Which phases run and how, where (c) runs, what is written, and the other measures
+    (``--stand-in``, ``--memory``) that replace the three phases."""
     r.add_argument(
         "--hf-images", dest="hf_images", type=int, metavar="N", help="run (a) on the first N images only"
     )
@@ -96,7 +114,6 @@ def add_parsers(sub) -> None:
                    help="measure the driver's memory per image (enumeration, resume, commit, totals) instead")
     r.add_argument("--memory-entries", dest="memory_entries", type=int, metavar="N",
                    help="--memory: the larger of its two sizes; the smaller is N/6 (default 1,200,000)")
-    p.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:

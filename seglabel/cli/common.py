@@ -50,7 +50,19 @@ def common() -> argparse.ArgumentParser:
 
 def add_job_flags(p: argparse.ArgumentParser, with_address: bool = True) -> None:
     """The job's flags (shared by ``run`` and ``submit``); only the flags given are set."""
-    io = p.add_argument_group("input and output")
+    _add_io_flags(p.add_argument_group("input and output"))
+    _add_model_flags(p.add_argument_group("model"))
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument("--num-gpus", dest="num_gpus", type=int, metavar="N",
+                         help="GPUs (= Segmenter actors) to use; default all")
+    if with_address:
+        cluster.add_argument(
+            "--address", help="Ray cluster address (as ray.init takes it); default RAY_ADDRESS or a local Ray"
+        )
+
+
+def _add_io_flags(io: argparse._ArgumentGroup) -> None:
+    """Where the images come from and the results go, which images, and what stops a job."""
     io.add_argument("--config", metavar="SPEC.yaml", help="a YAML job spec; flags given here override it")
     io.add_argument(
         "--input", metavar="URL", help="folder or prefix to list recursively (local path, s3://, gs://, …)"
@@ -94,7 +106,9 @@ def add_job_flags(p: argparse.ArgumentParser, with_address: bool = True) -> None
         help="stop when more than N images (or a fraction F < 1 of those seen) fail; default never",
     )
 
-    model = p.add_argument_group("model")
+
+def _add_model_flags(model: argparse._ArgumentGroup) -> None:
+    """The checkpoint and how its outputs become segments."""
     model.add_argument("--model", metavar="ID_OR_PATH", help="Hub id, local directory or checkpoint URL "
                        "(default facebook/mask2former-swin-small-coco-instance)")
     model.add_argument("--revision", help="pin a Hub revision (branch, tag or commit)")
@@ -131,14 +145,6 @@ def add_job_flags(p: argparse.ArgumentParser, with_address: bool = True) -> None
     model.add_argument("--stand-in", dest="stand_in", metavar="SPEC",
                        help="replace the model by a stand-in with no model cost, to measure the pipeline: "
                        "'segments=20,coverage=0.05' or 'default' (the checkpoint gives task and labels)")
-
-    cluster = p.add_argument_group("cluster")
-    cluster.add_argument("--num-gpus", dest="num_gpus", type=int, metavar="N",
-                         help="GPUs (= Segmenter actors) to use; default all")
-    if with_address:
-        cluster.add_argument(
-            "--address", help="Ray cluster address (as ray.init takes it); default RAY_ADDRESS or a local Ray"
-        )
 
 
 # The flags of add_job_flags that are not job settings.
