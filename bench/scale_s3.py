@@ -28,10 +28,10 @@ import time
 BUCKET = "scale"
 CHILD = """
 import json, sys, time
-from seglabel.bench.memory import _reset_peak, _status_mb
+from seglabel.bench.memory import reset_peak, status_mb
 kind, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 import gc; gc.collect()
-before = _status_mb("VmRSS"); _reset_peak(); started = time.perf_counter()
+before = status_mb("VmRSS"); reset_peak(); started = time.perf_counter()
 count = 0
 if kind == "listing":
     from seglabel.sources import iter_listing
@@ -39,13 +39,13 @@ if kind == "listing":
         count += 1
 else:
     from seglabel.keys import SortedHashes
-    from seglabel.pipeline import _new_refs, _Tally
+    from seglabel.plan import Tally, new_refs
     from seglabel.sources import iter_manifest
-    tally = _Tally()
-    for _ in _new_refs(iter_manifest(url), SortedHashes(), tally, dedupe=True):
+    tally = Tally()
+    for _ in new_refs(iter_manifest(url), SortedHashes(), tally, dedupe=True):
         count += 1
 seconds = time.perf_counter() - started
-print(json.dumps({"count": count, "seconds": seconds, "baseline_mb": before, "peak_mb": _status_mb("VmHWM")}))
+print(json.dumps({"count": count, "seconds": seconds, "baseline_mb": before, "peak_mb": status_mb("VmHWM")}))
 """
 
 

@@ -46,16 +46,14 @@ Decisions (also in ``export --help``):
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import posixpath
 import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import numpy as np
@@ -64,14 +62,11 @@ from pycocotools import mask as mask_utils
 from . import __version__
 from .encode import decode_png, encode_png
 from .errors import SeglabelError, get_logger, one_line
-from .keys import is_safe_key
-from .labels import resolve_labels, thing_ids
-from .sink import JOB_FILE, SUCCESS_FILE, OutputError, OutputStore
-from .storage import open_atomic, open_url, write_atomic
+from .labels import palette_color, resolve_labels
+from .record import JobRecord, open_output
+from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, RowCounts, checked_key
 
 log = get_logger(__name__)
-
-FORMATS = ("coco", "coco-panoptic", "label-studio", "cvat")
 
 # Rows decoded from Parquet at a time: bounds memory by a batch, not by a part (parts hold up to
 # --rows-per-part rows, each with its segments' RLEs).
@@ -83,83 +78,17 @@ CVAT_MEMBER = "annotations/instances_default.json"
 CVAT_IMAGES_DIR = "images/"
 PANOPTIC_JSON = "panoptic.json"
 PANOPTIC_PNG_DIR = "panoptic"
-_ROW_COLUMNS = ["key", "image_uri", "status", "width", "height", "segments"]
 
 
 class ExportError(SeglabelError):
     """An export that cannot be done as asked; ``str(e)`` is one readable line."""
 
 
-# -- reading the job -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """What an export needs from ``job.json``."""
-
-    task: str
-    id2label: dict[int, str]
-    things: frozenset[int] | None  # None: the label set's things are unknown
-    model: str
-    revision: str | None
-
-    @property
-    def model_version(self) -> str:
-        return f"{self.model}@{self.revision}" if self.revision else self.model
-
-
-def open_job(output: str, storage_options: Mapping[str, Any] | None = None) -> tuple[OutputStore, Job]:
-    """The output's store and its ``job.json``; a partial job (no ``_SUCCESS``) is allowed."""
-    try:
-        store = OutputStore(output, storage_options)
-        record = store.read_json(JOB_FILE)
-    except OutputError as exc:
-        raise ExportError(str(exc)) from exc
-    except Exception as exc:  # credentials, endpoint, permissions
-        raise ExportError(f"cannot read {output}: {type(exc).__name__}: {one_line(exc)}") from exc
-    if record is None:
-        raise ExportError(f"{output} has no {JOB_FILE}: not a seglabel output")
-    try:
-        id2label = {int(k): str(v) for k, v in (record.get("id2label") or {}).items()}
-        task = record["task"]
-    except (KeyError, ValueError, AttributeError) as exc:
-        raise ExportError(f"{output}/{JOB_FILE} is not a seglabel job record ({exc})") from exc
-    if task not in ("instance", "semantic", "panoptic"):
-        raise ExportError(f"{output}/{JOB_FILE} names an unknown task {task!r}")
-    # job.json records each setting once; seglabel 0.1.0's earlier records kept them in "settings".
-    explicit = record.get("thing_labels", (record.get("settings") or {}).get("thing_labels"))
-    try:
-        # The same rule the run used: explicit --thing-labels, else the known label set's flags.
-        things = thing_ids(id2label, explicit) if task == "panoptic" else None
-    except ValueError:
-        things = None
-    if not store.exists(SUCCESS_FILE):
-        log.warning(
-            "%s has no %s: the job is unfinished; exporting the rows committed so far", output, SUCCESS_FILE
-        )
-    return store, Job(task, id2label, things, str(record.get("model") or ""), record.get("revision"))
-
-
-def iter_rows(store: OutputStore, columns: Sequence[str] = _ROW_COLUMNS) -> Iterator[dict]:
-    """Every committed row, part by part and batch by batch (never a whole part in memory)."""
-    for batch in store.iter_batches(list(columns), ROW_BATCH):
-        yield from batch.to_pylist()
-
-
-class _Counter:
-    """Counts ok and error rows while passing the ok ones on."""
-
-    def __init__(self) -> None:
-        self.ok = 0
-        self.errors = 0
-
-    def ok_rows(self, rows: Iterable[dict]) -> Iterator[dict]:
-        for row in rows:
-            if row["status"] == "ok":
-                self.ok += 1
-                yield row
-            else:
-                self.errors += 1
+def ok_rows(rows: Iterable[dict], counts: RowCounts) -> Iterator[dict]:
+    """The ok rows, counting every row into ``counts`` as it passes."""
+    for row in rows:
+        if counts.add_row(row):
+            yield row
 
 
 # -- filters ---------------------------------------------------------------------------------
@@ -187,9 +116,9 @@ class SegmentFilter:
         return [s for s in segments or () if self.keep(s)]
 
 
-def _segment_filter(
-    job: Job, fmt: str, min_score: float | None, labels: Sequence[str] | None
-) -> SegmentFilter:
+def _segment_filter(job: JobRecord, things_only: bool, min_score: float | None,
+                    labels: Sequence[str] | None) -> SegmentFilter:
+    """The segments to export; ``things_only``: the format's instances are things only."""
     if min_score is not None and job.task == "semantic":
         raise ExportError("--min-score does not apply: semantic outputs have no scores")
     label_ids = None
@@ -201,7 +130,7 @@ def _segment_filter(
             label_ids = resolve_labels(job.id2label, names)
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
-    things_only = job.task == "panoptic" and fmt in ("coco", "cvat")
+    things_only = things_only and job.task == "panoptic"
     if things_only and job.things is None:
         log.warning(
             "the label set's things are unknown (give --thing-labels when running the job): "
@@ -210,7 +139,7 @@ def _segment_filter(
     return SegmentFilter(min_score, label_ids, things_only)
 
 
-def _categories(job: Job, label_ids: frozenset[int] | None, panoptic: bool) -> list[dict]:
+def _categories(job: JobRecord, label_ids: frozenset[int] | None, panoptic: bool) -> list[dict]:
     """COCO categories: id = label_id + 1 (COCO reserves 0), only the labels kept."""
     out = []
     for label_id, name in sorted(job.id2label.items()):
@@ -225,61 +154,7 @@ def _categories(job: Job, label_ids: frozenset[int] | None, panoptic: bool) -> l
     return out
 
 
-def palette_color(index: int) -> tuple[int, int, int]:
-    """A stable, well-spread colour for an index (golden-ratio hue steps)."""
-    import colorsys
-
-    hue = (index * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
 # -- writing files ---------------------------------------------------------------------------
-
-
-class Destination:
-    """Where an export writes: a file or folder on any fsspec filesystem, each file atomically
-    (``seglabel.storage``), so that a failed export never leaves half a JSON."""
-
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
-        try:
-            self.fs, path = open_url(url, storage_options)
-        except Exception as exc:
-            raise ExportError(f"cannot open destination {url!r}: {one_line(exc)}") from exc
-        self.url = url
-        self.path = path.rstrip("/") or path
-
-    def join(self, *rel: str) -> str:
-        return posixpath.join(self.path, *rel)
-
-    def shard(self, index: int | None, default_name: str | None = None) -> str:
-        """The path of one output file: ``DEST`` itself, or ``DEST``'s stem numbered."""
-        path = self.join(default_name) if default_name else self.path
-        if index is None:
-            return path
-        stem, ext = posixpath.splitext(path)
-        return f"{stem}-{index:05d}{ext}"
-
-    def is_dir(self) -> bool:
-        try:
-            return bool(self.fs.isdir(self.path))
-        except Exception:
-            return False
-
-    def open(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        """A file that appears at ``path`` whole, or not at all."""
-        return open_atomic(self.fs, path)
-
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """A small file, whole."""
-        write_atomic(self.fs, path, data)
-
-
-def checked_key(key: str) -> str:
-    """Keys become file names: refuse one that could leave the destination folder."""
-    if not is_safe_key(key):
-        raise ExportError(f"unsafe key {key!r} in the output's rows")
-    return key
 
 
 def _dump(value: Any) -> bytes:
@@ -343,7 +218,7 @@ def _shards(rows: Iterator[dict], size: int | None) -> Iterator[tuple[int | None
         first = next(rows, None)
 
 
-def _info(output: str, job: Job) -> dict:
+def _info(output: str, job: JobRecord) -> dict:
     now = datetime.now(timezone.utc)
     return {
         "description": f"seglabel {job.task} labels from {output}",
@@ -357,7 +232,63 @@ def _info(output: str, job: Job) -> dict:
     }
 
 
-# -- COCO instances and CVAT -----------------------------------------------------------------
+# -- one writer per format -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export, beyond the format and where: ``min_score`` and ``labels`` (names or ids)
+    filter segments; ``shard_size`` splits the export into numbered files of at most that many
+    images; ``from_name`` / ``to_name`` are the Label Studio control and object tag names;
+    ``image_prefix_map`` rewrites image URIs for Label Studio
+    (``{"s3://bucket/": "https://cdn.example/"}``)."""
+
+    min_score: float | None = None
+    labels: Sequence[str] | None = None
+    shard_size: int | None = None
+    from_name: str = "label"
+    to_name: str = "image"
+    image_prefix_map: Mapping[str, str] | None = None
+
+
+@dataclass
+class ExportRun:
+    """One export under way: what every writer reads, and the counts it adds to."""
+
+    output: str
+    job: JobRecord
+    store: OutputStore
+    dest: Destination
+    keep: SegmentFilter
+    options: ExportOptions
+    counts: dict[str, Any]
+
+
+class Writer:
+    """One format: writes an export's ok rows to its destination, shard by shard. ``folder``:
+    the destination is a folder (else a file); ``tasks``: the outputs it takes; ``things_only``:
+    a panoptic output's stuff segments are left out (instances are things)."""
+
+    folder: ClassVar[bool] = False
+    tasks: ClassVar[tuple[str, ...]] = ("instance", "semantic", "panoptic")
+    things_only: ClassVar[bool] = False
+
+    def __init__(self, run: ExportRun):
+        self.run = run
+
+    def write(self, rows: Iterator[dict]) -> None:
+        """Write every shard of ``rows``, each file whole or not at all."""
+        for index, shard in _shards(rows, self.run.options.shard_size):
+            path = self.shard_path(index)
+            with self.run.dest.open(path) as f:
+                self.write_shard(f, shard)
+            self.run.counts["files"].append(path)
+
+    def shard_path(self, index: int | None) -> str:
+        return self.run.dest.shard(index)
+
+    def write_shard(self, out: IO[bytes], rows: Iterable[dict]) -> None:
+        raise NotImplementedError
 
 
 @dataclass
@@ -368,47 +299,69 @@ class _Ids:
     annotation: int = 0
 
 
+class CocoWriter(Writer):
+    """COCO instances: one JSON a shard, each segment an annotation with its compressed RLE."""
+
+    things_only = True
+    scores = True
+
+    def __init__(self, run: ExportRun):
+        super().__init__(run)
+        self.ids = _Ids()
+        self.head = _coco_head(run.output, run.job, run.keep)
+
+    def write_shard(self, out: IO[bytes], rows: Iterable[dict]) -> None:
+        coco = _CocoFile(out, self.head)
+        for row in rows:
+            image = _coco_image(row, self.ids)
+            coco.images.add(image)
+            for ann in self.annotations(row, image["id"]):
+                coco.annotations.add(ann)
+                self.run.counts["annotations"] += 1
+            self.run.counts["images"] += 1
+        coco.close()
+
+    def annotations(self, row: dict, image_id: int) -> Iterator[dict]:
+        size = [row["height"], row["width"]]
+        for seg in self.run.keep.apply(row["segments"]):
+            self.ids.annotation += 1
+            ann = {
+                "id": self.ids.annotation,
+                "image_id": image_id,
+                "category_id": seg["label_id"] + 1,
+                # The job's RLE as it is (pycocotools compressed counts; size = height, width).
+                "segmentation": {"size": size, "counts": seg["rle"]},
+                "area": int(seg["area"]),
+                "bbox": [float(v) for v in seg["bbox"]],
+                # A semantic segment is every pixel of a label: possibly many objects, a "crowd".
+                "iscrowd": 1 if self.run.job.task == "semantic" else 0,
+            }
+            if self.scores and seg["score"] is not None:
+                ann["score"] = round(float(seg["score"]), 6)
+            yield ann
+
+
+class CvatWriter(CocoWriter):
+    """CVAT "COCO 1.0": a zip a shard, with ``annotations/instances_<subset>.json``. CVAT shapes
+    carry no score (an unknown "score" attribute is not part of a task's labels)."""
+
+    scores = False
+
+    def write_shard(self, out: IO[bytes], rows: Iterable[dict]) -> None:
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            # An empty images/ folder: CVAT matches frames by file name and needs no images, but
+            # datumaro's COCO importer (what CVAT's is built on) wants one.
+            archive.writestr(zipfile.ZipInfo(CVAT_IMAGES_DIR), b"")
+            with archive.open(CVAT_MEMBER, "w", force_zip64=True) as member:
+                super().write_shard(member, rows)
+
+
 def _coco_image(row: dict, ids: _Ids) -> dict:
     ids.image += 1
     return {"id": ids.image, "file_name": row["key"], "width": row["width"], "height": row["height"]}
 
 
-def _coco_annotations(
-    row: dict, image_id: int, job: Job, keep: SegmentFilter, ids: _Ids, scores: bool
-) -> Iterator[dict]:
-    size = [row["height"], row["width"]]
-    for seg in keep.apply(row["segments"]):
-        ids.annotation += 1
-        ann = {
-            "id": ids.annotation,
-            "image_id": image_id,
-            "category_id": seg["label_id"] + 1,
-            # The job's RLE as it is (pycocotools compressed counts; size = height, width).
-            "segmentation": {"size": size, "counts": seg["rle"]},
-            "area": int(seg["area"]),
-            "bbox": [float(v) for v in seg["bbox"]],
-            # A semantic segment is every pixel of a label: possibly many objects, a "crowd".
-            "iscrowd": 1 if job.task == "semantic" else 0,
-        }
-        if scores and seg["score"] is not None:
-            ann["score"] = round(float(seg["score"]), 6)
-        yield ann
-
-
-def _write_coco(out: IO[bytes], rows: Iterable[dict], head: dict, job: Job, keep: SegmentFilter, ids: _Ids,
-                scores: bool, counts: dict) -> None:
-    coco = _CocoFile(out, head)
-    for row in rows:
-        image = _coco_image(row, ids)
-        coco.images.add(image)
-        for ann in _coco_annotations(row, image["id"], job, keep, ids, scores):
-            coco.annotations.add(ann)
-            counts["annotations"] += 1
-        counts["images"] += 1
-    coco.close()
-
-
-def _coco_head(output: str, job: Job, keep: SegmentFilter, panoptic: bool = False) -> dict:
+def _coco_head(output: str, job: JobRecord, keep: SegmentFilter, panoptic: bool = False) -> dict:
     return {
         "info": _info(output, job),
         # CVAT's own COCO export carries one empty licence; some importers expect the key.
@@ -417,68 +370,50 @@ def _coco_head(output: str, job: Job, keep: SegmentFilter, panoptic: bool = Fals
     }
 
 
-def _export_coco(output: str, job: Job, rows: Iterator[dict], dest: Destination, keep: SegmentFilter,
-                 shard_size: int | None, counts: dict, cvat: bool) -> None:
-    ids = _Ids()
-    head = _coco_head(output, job, keep)
-    for index, shard in _shards(rows, shard_size):
-        path = dest.shard(index)
-        with dest.open(path) as f:
-            if cvat:
-                # CVAT "COCO 1.0": a zip with annotations/instances_<subset>.json. CVAT shapes
-                # carry no score (an unknown "score" attribute is not part of a task's labels).
-                with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                    # An empty images/ folder: CVAT matches frames by file name and needs no
-                    # images, but datumaro's COCO importer (what CVAT's is built on) wants one.
-                    archive.writestr(zipfile.ZipInfo(CVAT_IMAGES_DIR), b"")
-                    with archive.open(CVAT_MEMBER, "w", force_zip64=True) as member:
-                        _write_coco(member, shard, head, job, keep, ids, False, counts)
-            else:
-                _write_coco(f, shard, head, job, keep, ids, True, counts)
-        counts["files"].append(path)
+class PanopticWriter(Writer):
+    """COCO panoptic: ``panoptic.json`` a shard and ``panoptic/<key>.png``, the PNGs of a shard
+    written before its JSON, so that a JSON never names a missing PNG."""
 
+    folder = True
+    tasks = ("panoptic",)
 
-# -- COCO panoptic ---------------------------------------------------------------------------
+    def __init__(self, run: ExportRun):
+        super().__init__(run)
+        self.ids = _Ids()
+        self.head = _coco_head(run.output, run.job, run.keep, panoptic=True)
 
+    def shard_path(self, index: int | None) -> str:
+        return self.run.dest.shard(index, PANOPTIC_JSON)
 
-def _export_coco_panoptic(output: str, job: Job, store: OutputStore, rows: Iterator[dict], dest: Destination,
-                          keep: SegmentFilter, shard_size: int | None, counts: dict) -> None:
-    ids = _Ids()
-    head = _coco_head(output, job, keep, panoptic=True)
-    for index, shard in _shards(rows, shard_size):
-        path = dest.shard(index, PANOPTIC_JSON)
-        # The PNGs of a shard are written before its JSON, so a JSON never names a missing PNG.
-        with dest.open(path) as f:
-            coco = _CocoFile(f, head)
-            for row in shard:
-                key = checked_key(row["key"])
-                image = _coco_image(row, ids)
-                coco.images.add(image)
-                segments = row["segments"] or []
-                kept = keep.apply(segments)
-                png_name = f"{key}.png"
-                dest.write_bytes(
-                    dest.join(PANOPTIC_PNG_DIR, png_name), _panoptic_png(store, row, segments, kept)
-                )
-                counts["masks"] += 1
-                coco.annotations.add({
-                    "image_id": image["id"],
-                    "file_name": png_name,
-                    "segments_info": [
-                        {
-                            "id": int(s["id"]),
-                            "category_id": s["label_id"] + 1,
-                            "area": int(s["area"]),
-                            "bbox": [float(v) for v in s["bbox"]],
-                            "iscrowd": 0,
-                        }
-                        for s in kept
-                    ],
-                })
-                counts["images"] += 1
-                counts["annotations"] += len(kept)
-            coco.close()
-        counts["files"].append(path)
+    def write_shard(self, out: IO[bytes], rows: Iterable[dict]) -> None:
+        coco, counts, dest = _CocoFile(out, self.head), self.run.counts, self.run.dest
+        for row in rows:
+            key = checked_key(row["key"])
+            image = _coco_image(row, self.ids)
+            coco.images.add(image)
+            segments = row["segments"] or []
+            kept = self.run.keep.apply(segments)
+            png_name = f"{key}.png"
+            png = _panoptic_png(self.run.store, row, segments, kept)
+            dest.write_file(dest.path(PANOPTIC_PNG_DIR, png_name), png)
+            counts["masks"] += 1
+            coco.annotations.add({
+                "image_id": image["id"],
+                "file_name": png_name,
+                "segments_info": [
+                    {
+                        "id": int(s["id"]),
+                        "category_id": s["label_id"] + 1,
+                        "area": int(s["area"]),
+                        "bbox": [float(v) for v in s["bbox"]],
+                        "iscrowd": 0,
+                    }
+                    for s in kept
+                ],
+            })
+            counts["images"] += 1
+            counts["annotations"] += len(kept)
+        coco.close()
 
 
 def _panoptic_png(store: OutputStore, row: dict, segments: list, kept: list) -> bytes:
@@ -571,59 +506,59 @@ class _UriMap:
         return uri
 
 
-def _ls_task(
-    row: dict, job: Job, keep: SegmentFilter, uri: Callable[[str], str], from_name: str, to_name: str
-) -> dict:
-    width, height = row["width"], row["height"]
-    results = []
-    scores = []
-    for seg in keep.apply(row["segments"]):
-        mask = mask_utils.decode({"size": [height, width], "counts": seg["rle"].encode("ascii")})
-        result: dict[str, Any] = {
-            "id": f"seg{seg['id']}",
-            "from_name": from_name,
-            "to_name": to_name,
-            "type": "brushlabels",
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "value": {"format": "rle", "rle": label_studio_rle(mask), "brushlabels": [seg["label"]]},
-        }
-        if seg["score"] is not None:
-            result["score"] = round(float(seg["score"]), 6)
-            scores.append(result["score"])
-        results.append(result)
-    prediction: dict[str, Any] = {"model_version": job.model_version, "result": results}
-    if scores:
-        # The task-level score Label Studio sorts and samples by: the mean segment score.
-        prediction["score"] = round(sum(scores) / len(scores), 6)
-    return {"data": {"image": uri(row["image_uri"]), "key": row["key"]}, "predictions": [prediction]}
+class LabelStudioWriter(Writer):
+    """Label Studio: a JSON list of tasks a shard, each with one prediction of ``brushlabels``
+    results in Label Studio's own brush RLE."""
+
+    def __init__(self, run: ExportRun):
+        super().__init__(run)
+        self.uri: Callable[[str], str] = _UriMap(run.options.image_prefix_map)
+
+    def write_shard(self, out: IO[bytes], rows: Iterable[dict]) -> None:
+        out.write(b"[")
+        tasks = _JsonArray(out)
+        for row in rows:
+            task = self.task(row)
+            tasks.add(task)
+            self.run.counts["images"] += 1
+            self.run.counts["annotations"] += len(task["predictions"][0]["result"])
+        out.write(b"\n]\n")
+
+    def task(self, row: dict) -> dict:
+        """One image's Label Studio task, its segments as one prediction."""
+        width, height = row["width"], row["height"]
+        results = []
+        scores = []
+        for seg in self.run.keep.apply(row["segments"]):
+            mask = mask_utils.decode({"size": [height, width], "counts": seg["rle"].encode("ascii")})
+            result: dict[str, Any] = {
+                "id": f"seg{seg['id']}",
+                "from_name": self.run.options.from_name,
+                "to_name": self.run.options.to_name,
+                "type": "brushlabels",
+                "original_width": width,
+                "original_height": height,
+                "image_rotation": 0,
+                "value": {"format": "rle", "rle": label_studio_rle(mask), "brushlabels": [seg["label"]]},
+            }
+            if seg["score"] is not None:
+                result["score"] = round(float(seg["score"]), 6)
+                scores.append(result["score"])
+            results.append(result)
+        prediction: dict[str, Any] = {"model_version": self.run.job.model_version, "result": results}
+        if scores:
+            # The task-level score Label Studio sorts and samples by: the mean segment score.
+            prediction["score"] = round(sum(scores) / len(scores), 6)
+        return {"data": {"image": self.uri(row["image_uri"]), "key": row["key"]}, "predictions": [prediction]}
 
 
-def _export_label_studio(
-    job: Job,
-    rows: Iterator[dict],
-    dest: Destination,
-    keep: SegmentFilter,
-    shard_size: int | None,
-    counts: dict,
-    from_name: str,
-    to_name: str,
-    uri_map: Mapping[str, str] | None,
-) -> None:
-    uri = _UriMap(uri_map)
-    for index, shard in _shards(rows, shard_size):
-        path = dest.shard(index)
-        with dest.open(path) as f:
-            f.write(b"[")
-            tasks = _JsonArray(f)
-            for row in shard:
-                task = _ls_task(row, job, keep, uri, from_name, to_name)
-                tasks.add(task)
-                counts["images"] += 1
-                counts["annotations"] += len(task["predictions"][0]["result"])
-            f.write(b"\n]\n")
-        counts["files"].append(path)
+WRITERS: dict[str, type[Writer]] = {
+    "coco": CocoWriter,
+    "coco-panoptic": PanopticWriter,
+    "label-studio": LabelStudioWriter,
+    "cvat": CvatWriter,
+}
+FORMATS = tuple(WRITERS)
 
 
 # -- the entry point -------------------------------------------------------------------------
@@ -634,74 +569,69 @@ def export(
     fmt: str,
     to: str,
     *,
-    min_score: float | None = None,
-    labels: Sequence[str] | None = None,
-    shard_size: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
-    from_name: str = "label",
-    to_name: str = "image",
-    image_prefix_map: Mapping[str, str] | None = None,
     to_storage_options: Mapping[str, Any] | None = None,
+    **options: Any,
 ) -> dict:
     """Export a job's output (``output``, any fsspec URL) to ``to`` in format ``fmt``.
 
-    ``storage_options`` are fsspec options for ``output``, ``to_storage_options`` for ``to``.
-    ``min_score`` and ``labels`` (names or ids) filter segments; ``shard_size`` splits the
-    export into numbered files of at most that many images. ``from_name`` / ``to_name`` are the
-    Label Studio control and object tag names; ``image_prefix_map`` rewrites image URIs for
-    Label Studio (``{"s3://bucket/": "https://cdn.example/"}``).
+    ``storage_options`` are fsspec options for ``output``, ``to_storage_options`` for ``to``;
+    ``options`` are :class:`ExportOptions`' fields by name (``min_score``, ``labels``,
+    ``shard_size``, ``from_name``, ``to_name``, ``image_prefix_map``).
 
     Returns counts: ``images`` (exported), ``annotations`` (segments exported),
     ``error_rows`` (skipped), ``masks`` (PNGs written) and ``files`` (the JSON or zip files
     written, in order). Raises :class:`ExportError` with one readable line.
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if shard_size is not None and shard_size < 1:
-        raise ExportError(f"--shard-size must be at least 1, got {shard_size}")
-    store, job = open_job(output, storage_options)
-    if fmt == "coco-panoptic" and job.task != "panoptic":
-        raise ExportError(
-            f"coco-panoptic needs a panoptic output; {output} holds {job.task} masks (use --format coco)"
-        )
-    keep = _segment_filter(job, fmt, min_score, labels)
-    dest = Destination(to, to_storage_options)
-    if fmt != "coco-panoptic" and (to.endswith("/") or dest.is_dir()):
-        raise ExportError(f"--to must name a file for {fmt}, and {to} is a folder")
-
-    counter = _Counter()
-    rows = counter.ok_rows(iter_rows(store))
-    counts: dict[str, Any] = {"format": fmt, "images": 0, "annotations": 0, "masks": 0, "files": []}
     try:
-        if fmt in ("coco", "cvat"):
-            _export_coco(output, job, rows, dest, keep, shard_size, counts, cvat=fmt == "cvat")
-        elif fmt == "coco-panoptic":
-            _export_coco_panoptic(output, job, store, rows, dest, keep, shard_size, counts)
-        else:
-            _export_label_studio(
-                job, rows, dest, keep, shard_size, counts, from_name, to_name, image_prefix_map
-            )
-    except ExportError:
-        raise
+        settings = ExportOptions(**options)
+    except TypeError as exc:
+        raise ExportError(f"export: {exc}") from exc
+    writer = WRITERS.get(fmt)
+    if writer is None:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if settings.shard_size is not None and settings.shard_size < 1:
+        raise ExportError(f"--shard-size must be at least 1, got {settings.shard_size}")
+    try:
+        return _export(output, writer, fmt, to, settings, storage_options, to_storage_options)
+    except OutputError as exc:  # the output or the destination cannot be read or written
+        raise ExportError(str(exc)) from exc
+
+
+def _export(output: str, writer: type[Writer], fmt: str, to: str, options: ExportOptions,
+            storage_options: Mapping[str, Any] | None, to_storage_options: Mapping[str, Any] | None) -> dict:
+    store, job = open_output(output, storage_options)
+    if job.task not in writer.tasks:
+        raise ExportError(
+            f"{fmt} needs a panoptic output; {output} holds {job.task} masks (use --format coco)"
+        )
+    keep = _segment_filter(job, writer.things_only, options.min_score, options.labels)
+    dest = Destination(to, to_storage_options)
+    if not writer.folder and (to.endswith("/") or dest.is_dir()):
+        raise ExportError(f"--to must name a file for {fmt}, and {to} is a folder")
+    counts: dict[str, Any] = {"format": fmt, "images": 0, "annotations": 0, "masks": 0, "files": []}
+    rows = RowCounts()
+    try:
+        run = ExportRun(output, job, store, dest, keep, options, counts)
+        writer(run).write(ok_rows(store.iter_rows(LABEL_COLUMNS, ROW_BATCH), rows))
     except OSError as exc:  # storage: permissions, a full disk, an unreachable endpoint
         raise ExportError(f"export to {to} failed: {type(exc).__name__}: {one_line(exc)}") from exc
-    counts["error_rows"] = counter.errors
+    counts["error_rows"] = rows.error
     log.info(
         "exported %d images, %d annotations (%d error rows skipped) from %s as %s to %d file(s) under %s",
-        counts["images"], counts["annotations"], counter.errors, output, fmt, len(counts["files"]), to,
+        counts["images"], counts["annotations"], rows.error, output, fmt, len(counts["files"]), to,
     )
     return counts
 
 
 __all__ = [
     "FORMATS",
-    "Destination",
+    "WRITERS",
     "ExportError",
+    "ExportOptions",
     "SegmentFilter",
-    "checked_key",
+    "Writer",
     "export",
-    "iter_rows",
     "label_studio_rle",
-    "open_job",
     "palette_color",
 ]

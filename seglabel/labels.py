@@ -203,3 +203,12 @@ def resolve_labels(
             )
         out.add(item)
     return frozenset(out)
+
+
+def palette_color(index: int) -> tuple[int, int, int]:
+    """A stable, well-spread colour for an index (golden-ratio hue steps)."""
+    import colorsys
+
+    hue = (index * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)

@@ -19,10 +19,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
+from .config import ConfigError
 from .decode import DecodeError, decode_image
 from .errors import get_logger
-from .export import Destination, ExportError, Job, checked_key, iter_rows, open_job, palette_color
 from .fetch import options_for, read_bytes
+from .labels import palette_color
+from .record import JobRecord, open_output
+from .sink import LABEL_COLUMNS, Destination, checked_key
 
 log = get_logger(__name__)
 
@@ -48,16 +51,17 @@ def preview(
     ``image_storage_options``, or, when those are not given, with the output's options for
     images on the output's protocol (as a job often keeps both in one bucket). An image that
     cannot be read or decoded any more is skipped with a warning. Returns the overlay paths
-    written, in order. Raises :class:`~seglabel.export.ExportError` with one readable line.
+    written, in order. Raises :class:`~seglabel.sink.OutputError` (``ConfigError`` for ``n``)
+    with one readable line.
     """
     if n < 1:
-        raise ExportError(f"--n must be at least 1, got {n}")
-    store, job = open_job(output, storage_options)
+        raise ConfigError(f"--n must be at least 1, got {n}")
+    store, job = open_output(output, storage_options)
     dest = Destination(to, to_storage_options)
     font = ImageFont.load_default()
     written: list[str] = []
     entries: list[tuple[str, str, list[str]]] = []  # (key, relative link, labels), at most n
-    for row in iter_rows(store):
+    for row in store.iter_rows(LABEL_COLUMNS, batch_size=64):
         if len(written) >= n:
             break
         if row["status"] != "ok":
@@ -85,16 +89,16 @@ def preview(
         buf = io.BytesIO()
         image.save(buf, format="PNG", compress_level=1)
         rel = f"{OVERLAY_DIR}/{key}.png"
-        path = dest.join(rel)
-        dest.write_bytes(path, buf.getvalue())
+        path = dest.path(rel)
+        dest.write_file(path, buf.getvalue())
         written.append(path)
         entries.append((key, rel, sorted({s["label"] for s in segments})))
-    dest.write_bytes(dest.join(INDEX_FILE), index_html(output, job, entries).encode("utf-8"))
-    log.info("wrote %d overlays and %s", len(written), dest.join(INDEX_FILE))
+    dest.write_file(dest.path(INDEX_FILE), index_html(output, job, entries).encode("utf-8"))
+    log.info("wrote %d overlays and %s", len(written), dest.path(INDEX_FILE))
     return written
 
 
-def overlay(photo: np.ndarray, segments: Sequence[Mapping[str, Any]], job: Job,
+def overlay(photo: np.ndarray, segments: Sequence[Mapping[str, Any]], job: JobRecord,
             font: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None) -> Image.Image:
     """The photo with its segments blended over it, outlined, and labelled at their boxes."""
     height, width = photo.shape[:2]
@@ -159,7 +163,7 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> boo
     return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
 
 
-def index_html(output: str, job: Job, entries: Sequence[tuple[str, str, list[str]]]) -> str:
+def index_html(output: str, job: JobRecord, entries: Sequence[tuple[str, str, list[str]]]) -> str:
     """The contact sheet: every overlay as a thumbnail linking to it (relative, escaped)."""
     figures = []
     for key, rel, labels in entries:

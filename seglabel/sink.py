@@ -14,12 +14,14 @@ What is atomic:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
 import uuid
 from collections import Counter
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,8 +29,8 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .errors import SeglabelError, get_logger, one_line
-from .keys import HashSpool, SortedHashes, key_hashes, repeated
-from .storage import is_local, is_temporary, open_url, write_atomic
+from .keys import HashSpool, SortedHashes, is_safe_key, key_hashes, repeated
+from .storage import is_local, is_temporary, open_atomic, open_url, write_atomic
 
 log = get_logger(__name__)
 
@@ -60,6 +62,9 @@ SCHEMA = pa.schema(
     ]
 )
 
+# The columns a reader of labels takes (exports, preview).
+LABEL_COLUMNS = ("key", "image_uri", "status", "width", "height", "segments")
+
 JOB_FILE = "job.json"
 SUCCESS_FILE = "_SUCCESS"
 MASKS_DIR = "masks"
@@ -71,8 +76,21 @@ class OutputError(SeglabelError, RuntimeError):
     """The output cannot be read or written; the message is one readable line."""
 
 
-class OutputStore:
-    """One job's output folder on any fsspec filesystem."""
+def checked_key(key: str) -> str:
+    """A row's key, which a reader is about to make a file name of: refused where it could
+    leave the destination folder."""
+    if not is_safe_key(key):
+        raise OutputError(f"unsafe key {key!r} in the output's rows")
+    return key
+
+
+class Location:
+    """A file or folder on any fsspec filesystem that seglabel writes, each file atomically
+    (``seglabel.storage``): a job's output (:class:`OutputStore`), an export's or a preview's
+    destination (:class:`Destination`)."""
+
+    # What the location is to the user, in the line that says it cannot be opened.
+    role = "output"
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
         self.url = url
@@ -80,18 +98,52 @@ class OutputStore:
         try:
             self.fs, root = open_url(url, self.storage_options)
         except Exception as exc:
-            raise OutputError(f"cannot open output {url!r}: {one_line(exc)}") from exc
+            raise OutputError(f"cannot open {self.role} {url!r}: {one_line(exc)}") from exc
         self.root = root.rstrip("/") or root
         self.local = is_local(self.fs)
+
+    def path(self, *rel: str) -> str:
+        """A path under the location (the location itself with no ``rel``)."""
+        return posixpath.join(self.root, *rel)
+
+    def open(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """A file that appears at ``path`` whole, or not at all."""
+        return open_atomic(self.fs, path)
+
+    def write_file(self, path: str, data: bytes) -> None:
+        """A small file at ``path``, whole."""
+        write_atomic(self.fs, path, data)
+
+
+class Destination(Location):
+    """Where an export or a preview writes: a file (numbered when sharded) or a folder."""
+
+    role = "destination"
+
+    def shard(self, index: int | None, default_name: str | None = None) -> str:
+        """The path of one output file: ``DEST`` itself (or ``DEST/default_name``), or its stem
+        numbered."""
+        path = self.path(default_name) if default_name else self.root
+        if index is None:
+            return path
+        stem, ext = posixpath.splitext(path)
+        return f"{stem}-{index:05d}{ext}"
+
+    def is_dir(self) -> bool:
+        try:
+            return bool(self.fs.isdir(self.root))
+        except Exception:
+            return False
+
+
+class OutputStore(Location):
+    """One job's output folder on any fsspec filesystem."""
 
     def __reduce__(self):
         # Workers rebuild the store from its URL; fsspec caches filesystem instances per process.
         return (OutputStore, (self.url, self.storage_options))
 
     # -- paths ------------------------------------------------------------------------------
-
-    def path(self, rel: str) -> str:
-        return posixpath.join(self.root, rel)
 
     def uri(self, rel: str) -> str:
         """The full URI of a path under the output (``s3://…``, ``file:///abs/…``)."""
@@ -105,7 +157,7 @@ class OutputStore:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a file so that it only ever becomes visible complete."""
-        write_atomic(self.fs, self.path(rel), data)
+        self.write_file(self.path(rel), data)
 
     def write_json(self, rel: str, value: Any) -> None:
         self.write_bytes(rel, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
@@ -175,11 +227,27 @@ class OutputStore:
             yield self.read_parquet(path, columns)
 
     def iter_batches(self, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
-        """Some columns of every committed row, part by part, ``batch_size`` rows at a time
-        (a part's compressed bytes in memory, never all of its decoded rows)."""
+        """Some columns of every row that counts (:meth:`superseded`), part by part,
+        ``batch_size`` rows at a time (a part's compressed bytes in memory, never all of its
+        decoded rows)."""
+        dropped = self.superseded()
         for path in self.parts():
             parquet = pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path)))
-            yield from parquet.iter_batches(batch_size=batch_size, columns=columns, use_threads=False)
+            batches = parquet.iter_batches(batch_size=batch_size, columns=columns, use_threads=False)
+            if path not in dropped:
+                yield from batches
+                continue
+            start = 0
+            for batch in batches:
+                positions = np.arange(start, start + batch.num_rows)
+                start += batch.num_rows
+                yield batch.filter(pa.array(~np.isin(positions, dropped[path])))
+
+    def iter_rows(self, columns: Sequence[str], batch_size: int) -> Iterator[dict]:
+        """Every row that counts (:meth:`superseded`) as a dict of ``columns``, decoded
+        ``batch_size`` rows at a time (never a whole part in memory)."""
+        for batch in self.iter_batches(list(columns), batch_size):
+            yield from batch.to_pylist()
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
         """One Parquet file under the output, read whole."""
@@ -199,56 +267,48 @@ class OutputStore:
             spool.add(key_hashes(table.column("key").to_pylist()))
         return SortedHashes.from_spool(spool)
 
-    def counts(self) -> dict[str, Any]:
-        """Rows, ok and error counts (errors by reason) over all committed parts.
-
-        Every key has one row: the commit refuses repeats within a run and a run skips what
-        earlier runs committed. Should a key still have two rows (a part replaced while another
-        run wrote), the later row wins. Memory: the keys' hashes, 8 bytes a row, to find such
-        repeats; the rows themselves are counted one part at a time.
-        """
-        statuses: Counter[str] = Counter()
-        reasons: Counter[str] = Counter()
+    def superseded(self) -> dict[str, np.ndarray]:
+        """The rows that do not count, by part: a key's row that counts is its last committed
+        one (parts are read in name order, which is commit order: part names start with the
+        run's UTC time), as every reader of rows takes it. Empty while every key has one row,
+        as the commit ensures; a key could still have two should a part be replaced while
+        another run wrote. Costs a pass over the keys, 8 bytes a row."""
         spool = HashSpool()
+        for table in self.iter_part_columns(["key"]):
+            spool.add(key_hashes(table.column("key").to_pylist()))
+        repeats = repeated(spool.sorted())
+        return self._rows_replaced(repeats) if len(repeats) else {}
+
+    def _rows_replaced(self, repeats: np.ndarray) -> dict[str, np.ndarray]:
+        """The positions, by part, of every row of a repeated key but its last."""
+        wanted = SortedHashes(repeats, is_sorted=True)
+        rows_of: dict[int, list[tuple[str, int]]] = {}
+        for path in self.parts():
+            hashes = key_hashes(self.read_parquet(path, ["key"]).column("key").to_pylist())
+            for i in np.flatnonzero(wanted.find(hashes) >= 0).tolist():
+                rows_of.setdefault(int(hashes[i]), []).append((path, i))
+        out: dict[str, list[int]] = {}
+        for rows in rows_of.values():
+            for path, i in rows[:-1]:
+                out.setdefault(path, []).append(i)
+        return {path: np.array(sorted(positions), dtype=np.int64) for path, positions in out.items()}
+
+    def counts(self) -> dict[str, Any]:
+        """Rows, ok and error counts (errors by reason) over the rows that count (see
+        :meth:`superseded`), read one part at a time: every row is counted in one pass, and the
+        rows a later one replaced, should there be any, are taken out again."""
+        counts, spool = RowCounts(), HashSpool()
         for table in self.iter_part_columns(["key", "status", "error"]):
-            statuses.update(_value_counts(table.column("status")))
-            failed = table.filter(pa.compute.not_equal(table.column("status"), "ok"))
-            reasons.update(_reason(e) for e in failed.column("error").to_pylist())
+            counts.add(table)
             spool.add(key_hashes(table.column("key").to_pylist()))
         repeats = repeated(spool.sorted())
         if len(repeats):
-            self._discount_replaced_rows(repeats, statuses, reasons)
-        return {
-            "total": sum(statuses.values()),
-            "ok": statuses.get("ok", 0),
-            "error": sum(v for k, v in statuses.items() if k != "ok"),
-            "errors_by_reason": dict(sorted((k, v) for k, v in reasons.items() if v)),
-        }
+            for path, positions in self._rows_replaced(repeats).items():
+                counts.add(self.read_parquet(path, ["status", "error"]).take(positions), sign=-1)
+        return counts.as_dict()
 
-    def _discount_replaced_rows(self, repeats: np.ndarray, statuses: Counter, reasons: Counter) -> None:
-        """Take out of the counts every row of a repeated key but its last (parts are read in
-        name order, which is commit order: part names start with the run's UTC time)."""
-        rows_of: dict[int, list[tuple[str, str | None]]] = {}
-        wanted = SortedHashes(repeats, is_sorted=True)
-        for table in self.iter_part_columns(["key", "status", "error"]):
-            hashes = key_hashes(table.column("key").to_pylist())
-            hit = wanted.find(hashes) >= 0
-            if not hit.any():
-                continue
-            status, error = table.column("status").to_pylist(), table.column("error").to_pylist()
-            for i in np.flatnonzero(hit).tolist():
-                rows_of.setdefault(int(hashes[i]), []).append((status[i], error[i]))
-        for rows in rows_of.values():
-            for status, error in rows[:-1]:
-                statuses[status] -= 1
-                if status != "ok":
-                    reasons[_reason(error)] -= 1
-
-    def inspect(self) -> dict[str, Any]:
-        """The state of an output, from storage alone: rows committed, errors by reason,
-        whether it is complete, and how many images a running (or killed) job queued."""
-        job = self.read_json(JOB_FILE)
-        success = self.read_json(SUCCESS_FILE)
+    def queued(self) -> int:
+        """Images the to-do lists of running (or killed) jobs hold."""
         queued = 0
         try:
             todo_dirs = [n for n in self.fs.ls(self.path(SCRATCH_DIR), detail=False) if "todo-" in n]
@@ -257,16 +317,7 @@ class OutputStore:
         for folder in todo_dirs:
             for path in self.fs.ls(folder, detail=False):
                 queued += pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).metadata.num_rows
-        return {
-            "output": self.url,
-            "job": {k: job.get(k) for k in ("input", "manifest", "model", "revision", "task", "started")}
-            if job
-            else None,
-            "complete": success is not None,
-            "parts": len(self.parts()),
-            "queued_by_running_job": queued,
-            **self.counts(),
-        }
+        return queued
 
     # -- housekeeping -----------------------------------------------------------------------
 
@@ -321,12 +372,54 @@ class OutputStore:
         return dropped
 
 
-def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
-    counts = pa.compute.value_counts(column)
-    return {v.as_py(): c.as_py() for v, c in zip(counts.field("values"), counts.field("counts"))}
+@dataclass
+class RowCounts:
+    """Rows by status, and error rows by reason class: one count for the commit, ``_SUCCESS``,
+    ``inspect`` and the exports."""
+
+    ok: int = 0
+    error: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def add(self, table: pa.Table | pa.RecordBatch, sign: int = 1) -> pa.Array:
+        """Count a table's rows by its ``status`` column (and ``error``'s reasons, where it has
+        one), or with ``sign=-1`` take them out of the counts; returns which rows are ok.
+        Columns, not rows: the driver's CPU is shared with the stages'."""
+        ok = pa.compute.fill_null(pa.compute.equal(table.column("status"), "ok"), False)
+        n_ok = int(pa.compute.sum(ok).as_py() or 0)
+        self.ok += sign * n_ok
+        self.error += sign * (table.num_rows - n_ok)
+        if "error" in table.column_names and table.num_rows > n_ok:
+            failed = table.filter(pa.compute.invert(ok))
+            for reason in failed.column("error").to_pylist():
+                self.reasons[reason_class(reason)] += sign
+        return ok
+
+    def add_row(self, row: Mapping[str, Any]) -> bool:
+        """Count one row read as a dict (``status``, and ``error`` where it was read); returns
+        whether it is ok."""
+        if row["status"] == "ok":
+            self.ok += 1
+            return True
+        self.error += 1
+        self.reasons[reason_class(row.get("error"))] += 1
+        return False
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.error
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counts as ``_SUCCESS`` and ``inspect`` give them."""
+        return {
+            "total": self.total,
+            "ok": self.ok,
+            "error": self.error,
+            "errors_by_reason": dict(sorted((k, v) for k, v in self.reasons.items() if v)),
+        }
 
 
-def _reason(error: str | None) -> str:
+def reason_class(error: str | None) -> str:
     """The reason class of an error message: ``decode: truncated image`` stays as it is,
     ``read: <long botocore text>`` becomes ``read``."""
     if not error:

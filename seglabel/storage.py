@@ -64,6 +64,15 @@ def absolute_local(url: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def absolute_model(model: str) -> str:
+    """A checkpoint folder's absolute path; a Hub id or URL as given. "org/name" is a relative
+    path too, so only one that names a folder here (or starts like a path) is taken for one;
+    file:// URLs are absolute already."""
+    if "://" not in model and (model.startswith((".", "~", "/")) or os.path.isdir(os.path.expanduser(model))):
+        return absolute_local(model)
+    return model
+
+
 def protocols(fs: Any) -> tuple[str, ...]:
     """The protocols a filesystem answers to (fsspec gives a string or a tuple)."""
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)

@@ -325,7 +325,7 @@ def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
     import ray
 
     from seglabel.ledger import MAX_ATTEMPTS, AttemptLedger
-    from seglabel.pipeline import _bounded
+    from seglabel.stages import bounded
 
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     indices = np.array([10, 11, 12, 13])
@@ -343,11 +343,11 @@ def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
 
     for _ in range(MAX_ATTEMPTS):
         with pytest.raises(Died):
-            list(_bounded(ledger, "segment", indices, run))
-    assert list(_bounded(ledger, "segment", indices, run)) == ["ok10", "ok11", "segment: worker died", "ok13"]
+            list(bounded(ledger, "segment", indices, run))
+    assert list(bounded(ledger, "segment", indices, run)) == ["ok10", "ok11", "segment: worker died", "ok13"]
     assert executions[12] == MAX_ATTEMPTS
     # Done: the ledger forgot them, and another stage's count is its own.
-    assert list(_bounded(ledger, "segment", indices[:2], run)) == ["ok10", "ok11"]
+    assert list(bounded(ledger, "segment", indices[:2], run)) == ["ok10", "ok11"]
     assert ray.get(ledger.in_flight.remote()) == 0
     assert ray.get(ledger.begin.remote("decode", [12])) == [0]
 
@@ -359,7 +359,7 @@ def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session
     import ray
 
     from seglabel.ledger import AttemptLedger
-    from seglabel.pipeline import _bounded
+    from seglabel.stages import bounded
 
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     batches = [np.array([20, 21, 22]), np.array([30, 31, 32])]
@@ -381,7 +381,7 @@ def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session
         return run
 
     results = {}
-    threads = [threading.Thread(target=lambda b=b: results.update({int(b[0]): list(_bounded(
+    threads = [threading.Thread(target=lambda b=b: results.update({int(b[0]): list(bounded(
         ledger, "segment", b, runner(b)))})) for b in batches]
     for thread in threads:
         thread.start()
@@ -398,7 +398,7 @@ def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints
 
     from seglabel.config import EngineConfig
     from seglabel.ledger import AttemptLedger
-    from seglabel.pipeline import SegmentStage
+    from seglabel.stages import SegmentStage
 
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     engine = EngineConfig(model=str(checkpoints["instance"]), stand_in="segments=2")
@@ -420,7 +420,7 @@ def test_the_segment_stage_runs_two_batches_at_once_and_loses_nothing(ray_sessio
 
     from seglabel.config import EngineConfig
     from seglabel.encode import RawPrediction
-    from seglabel.pipeline import SegmentStage
+    from seglabel.stages import SegmentStage
 
     stage = SegmentStage(EngineConfig(model=str(checkpoints["instance"]), score_threshold=0.3))
     rng = np.random.default_rng(3)

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from outputs import read_rows
-from seglabel import pipeline
+from seglabel import commit, plan, stages
 from seglabel.keys import Bits, SortedHashes, key_hashes
+from seglabel.report import Summary
 from seglabel.sink import SCHEMA, OutputStore
 from seglabel.sources import ImageRef
 
@@ -21,16 +22,16 @@ def refs(keys):
 
 @pytest.mark.parametrize("batch", [2, 8192])
 def test_new_refs_count_done_todo_and_repeats(monkeypatch, batch):
-    monkeypatch.setattr(pipeline, "ENUMERATION_BATCH", batch)
+    monkeypatch.setattr(plan, "ENUMERATION_BATCH", batch)
     done = SortedHashes(key_hashes(["d1", "d2", "d3"]))
     keys = ["a", "d1", "b", "a", "d1", "d2", "c", "b", "d4", "a"]
-    tally = pipeline._Tally()
-    todo = [r.key for r in pipeline._new_refs(refs(keys), done, tally, dedupe=True)]
+    tally = plan.Tally()
+    todo = [r.key for r in plan.new_refs(refs(keys), done, tally, dedupe=True)]
     assert todo == ["a", "b", "c", "d4"]  # in order, each once, none already done
     assert (tally.found, tally.already_done, tally.todo, tally.repeats) == (6, 2, 4, 4)
     # A listing never repeats a key: no set is kept for its new keys.
-    tally = pipeline._Tally()
-    listed = [r.key for r in pipeline._new_refs(refs(["x", "d3", "y"]), SortedHashes(), tally, dedupe=False)]
+    tally = plan.Tally()
+    listed = [r.key for r in plan.new_refs(refs(["x", "d3", "y"]), SortedHashes(), tally, dedupe=False)]
     assert listed == ["x", "d3", "y"] and (tally.found, tally.already_done) == (3, 0)
 
 
@@ -38,13 +39,13 @@ def test_new_refs_count_done_todo_and_repeats(monkeypatch, batch):
 def test_new_refs_tell_a_repeat_from_another_uri_with_the_same_key(monkeypatch, batch):
     """Keys drop the scheme: gs://b/x and s3://b/x collide. The later of the two is an error
     ref keyed by its URI; a repeat of either URI is a repeat, also of a key done earlier."""
-    monkeypatch.setattr(pipeline, "ENUMERATION_BATCH", batch)
+    monkeypatch.setattr(plan, "ENUMERATION_BATCH", batch)
     uris = ["s3://b/a", "gs://b/a", "s3://b/a", "gs://b/a", "gs://b/c", "s3://b/c", "file:///b/c",
             "gs://b/c", "s3://b/d", "file:///b/d", "gs://b/d"]
     listed = [ImageRef(u.split("://", 1)[1].lstrip("/"), u) for u in uris]
     done = SortedHashes(key_hashes(["b/d", "file:///b/d"]))
-    tally = pipeline._Tally()
-    out = [(r.key, r.error) for r in pipeline._new_refs(iter(listed), done, tally, dedupe=True)]
+    tally = plan.Tally()
+    out = [(r.key, r.error) for r in plan.new_refs(iter(listed), done, tally, dedupe=True)]
     assert out == [
         ("b/a", None),
         ("gs://b/a", "key: collides with s3://b/a"),
@@ -71,8 +72,8 @@ def test_http_entries_repeat_across_signings_and_collide_across_queries():
         "https://u:PW@h/a.jpg?X-Amz-Date=2&X-Amz-Signature=s2",
         "https://h/b.jpg", "https://h/b.jpg?id=2", "https://h/a.jpg",
     ]
-    tally = pipeline._Tally()
-    refs = pipeline._new_refs(iter(map(ref, entries)), SortedHashes(), tally, dedupe=True)
+    tally = plan.Tally()
+    refs = plan.new_refs(iter(map(ref, entries)), SortedHashes(), tally, dedupe=True)
     out = [(r.key, r.error) for r in refs]
     assert out == [
         ("h/a.jpg", None),
@@ -107,16 +108,14 @@ def big_rows(start: int, n: int, rle_bytes: int) -> pa.Table:
 def test_parts_are_committed_by_bytes_and_repeated_rows_dropped(ray_session, tmp_path, monkeypatch):
     import ray
 
-    monkeypatch.setattr(pipeline, "PART_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(commit, "PART_MAX_BYTES", 1 << 20)
     # 40 rows of about 100 kB each, one batch of them sent twice (a retried task).
     batches = [big_rows(start, 8, 100_000) for start in range(0, 40, 8)]
     ds = ray.data.from_arrow(batches + [batches[1]])
     store = OutputStore(str(tmp_path / "out"))
-    config = pipeline.JobConfig(
-        output=str(tmp_path / "out"), input=str(tmp_path / "in"), rows_per_part=10_000
-    )
-    summary = pipeline.Summary(output=config.output, task="instance", model="m")
-    pipeline._commit(ds, store, config, 40, "run", summary)
+    summary = Summary(output=str(tmp_path / "out"), task="instance", model="m")
+    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    commit.commit_rows(batches, store, "run", 40, rows_per_part=10_000, max_errors=None, summary=summary)
     rows_per_part = [store.read_parquet(p).num_rows for p in store.parts()]
     # About 1 MB a part (10 rows, and a batch more at most), where rows alone would make one part.
     assert len(rows_per_part) >= 3 and max(rows_per_part) <= 18, rows_per_part
@@ -139,7 +138,7 @@ def test_a_decode_worker_hands_on_large_photos_before_it_holds_a_batch(tmp_path)
     batch = {"index": np.arange(n), "key": np.array([f"k{i}" for i in range(n)], dtype=object),
              "uri": np.array(uris, dtype=object), "error": np.array([""] * n, dtype=object)}
     budget = 300 * 200 * 3
-    blocks = list(pipeline._decode_batch(batch, str(tmp_path), {}, None, None, max_held_bytes=budget))
+    blocks = list(stages.DecodeStage(str(tmp_path), {}, None, None, max_held_bytes=budget)(batch))
     assert len(blocks) >= 3
     for block in blocks:
         held = [image.nbytes for image in block["image"]]
@@ -157,7 +156,7 @@ def _decoded_blocks(tmp_path, names, budget):
     batch = {"index": np.arange(len(names)), "key": np.array(names, dtype=object),
              "uri": np.array([(tmp_path / n).as_uri() for n in names], dtype=object),
              "error": np.array([""] * len(names), dtype=object)}
-    blocks = list(pipeline._decode_batch(batch, str(tmp_path), {}, None, None, max_held_bytes=budget))
+    blocks = list(stages.DecodeStage(str(tmp_path), {}, None, None, max_held_bytes=budget)(batch))
     # Ray Data takes each block as a table and hands the next stage numpy batches of it.
     return blocks, [BlockAccessor.for_block(BlockAccessor.batch_to_block(b)).to_batch_format("numpy")
                     for b in blocks]
@@ -211,7 +210,7 @@ def test_a_block_of_images_changes_form_without_changing_a_pixel():
     shared array held are copied out when the form changes, so that it is let go."""
     first = np.full((4, 5, 3), 7, np.uint8)
     wide = np.full((4, 5, 3), 1000, np.uint16)
-    images = pipeline._Images(rows=5, max_bytes=1 << 20)
+    images = stages.ImageBlock(rows=5, max_bytes=1 << 20)
     for image in (first, None, wide, first):
         images.add(image)
     column = images.column()

@@ -73,14 +73,16 @@ def test_batches_are_bounded_and_cover_every_row(store):
 
 
 def test_job_files_and_inspect(store):
+    from seglabel.record import inspect_output
+
     assert store.read_json("job.json") is None
     store.write_json("job.json", {"task": "instance", "model": "m", "input": "/in"})
     store.write_part(rows(("a.jpg", "ok", None)), "part-1.parquet")
-    state = store.inspect()
+    state = inspect_output(store)
     assert state["complete"] is False and state["parts"] == 1 and state["total"] == 1
     assert state["job"]["task"] == "instance"
     store.write_json("_SUCCESS", store.counts())
-    assert store.inspect()["complete"] is True
+    assert inspect_output(store)["complete"] is True
     store.clear()
     assert store.read_json("job.json") is None and store.parts() == [] and not store.exists("_SUCCESS")
 
@@ -177,6 +179,27 @@ def test_counts_let_the_later_row_of_a_repeated_key_win(store):
     store.write_part(rows(("a.jpg", "ok", None), ("c.jpg", "error", "read: not found")), "part-2.parquet")
     store.write_part(rows(("c.jpg", "error", "read: not found")), "part-3.parquet")
     assert store.counts() == {"total": 3, "ok": 2, "error": 1, "errors_by_reason": {"read: not found": 1}}
+    # Every reader of rows (exports, preview) takes the same row of a key: its last one, once.
+    seen = [(r["key"], r["status"]) for r in store.iter_rows(["key", "status"], batch_size=1)]
+    assert seen == [("b.jpg", "ok"), ("a.jpg", "ok"), ("c.jpg", "error")]
+    assert store.superseded() and sum(b.num_rows for b in store.iter_batches(["key"], 2)) == 3
+
+
+def test_an_export_shows_a_repeated_key_once_with_its_later_row(tmp_path):
+    """Two rows of one key (a part replaced while another run wrote): the COCO export and the
+    preview's reader list the image once, with the later row's size."""
+    from seglabel.export import export
+
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_json("job.json", {"task": "instance", "id2label": {"0": "thing"}, "model": "m"})
+    early = rows(("a.jpg", "ok", None), ("b.jpg", "ok", None)).to_pylist()
+    early[0]["width"] = 99
+    store.write_part(pa.Table.from_pylist(early, schema=SCHEMA), "part-1.parquet")
+    store.write_part(rows(("a.jpg", "ok", None)), "part-2.parquet")
+    counts = export(str(tmp_path / "out"), "coco", str(tmp_path / "coco.json"))
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert sorted((i["file_name"], i["width"]) for i in coco["images"]) == [("a.jpg", 4), ("b.jpg", 4)]
+    assert counts["images"] == 2 and counts["error_rows"] == 0
 
 
 def test_absolute_local_paths(tmp_path, monkeypatch):
@@ -195,7 +218,7 @@ def encoder_block(raw: RawPrediction, key: str = "k.jpg", index: int = 0, error:
         "index": pa.array([index], pa.int64()),
         "key": [key],
         "uri": [f"file:///{key}"],
-        # An image that failed before the model has no size (as _decode_batch gives it).
+        # An image that failed before the model has no size (as DecodeStage gives it).
         "width": pa.array([-1 if error else raw.id_map.shape[1]], pa.int32()),
         "height": pa.array([-1 if error else raw.id_map.shape[0]], pa.int32()),
         "error": [error],
@@ -205,11 +228,11 @@ def encoder_block(raw: RawPrediction, key: str = "k.jpg", index: int = 0, error:
 
 
 def encode_batch(tmp_path, raw: RawPrediction):
-    from seglabel.pipeline import _encode_batch
+    from seglabel.stages import EncodeStage
 
     store = OutputStore(str(tmp_path / "out"))
     block = encoder_block(raw)
-    return store, _encode_batch(block, store, "instance", "m", {0: "label0"}, None).to_pylist()[0]
+    return store, EncodeStage(store, "instance", "m", {0: "label0"}, None)(block).to_pylist()[0]
 
 
 def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
@@ -219,7 +242,8 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     from ray.data.block import BlockAccessor
 
     from outputs import id_map, read_png
-    from seglabel.pipeline import _encode_batch, _pickled_cells
+    from seglabel.encode import column_cells
+    from seglabel.stages import EncodeStage
 
     def instance(seed: int) -> RawPrediction:
         rng = np.random.default_rng(seed)
@@ -238,7 +262,7 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     ])
     assert block.column("raw").num_chunks == 3
     store = OutputStore(str(tmp_path / "out"))
-    table = _encode_batch(block, store, "instance", "m", {0: "label0"}, None)
+    table = EncodeStage(store, "instance", "m", {0: "label0"}, None)(block)
     rows = table.to_pylist()
     assert [r["key"] for r in rows] == ["a.jpg", "gone.jpg", "b.jpg"]
     assert [r["index"] for r in rows] == [7, 8, 9]
@@ -247,7 +271,7 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     # block), also from a slice of a block, as Ray cuts batches out of blocks.
     for column in (block.column("raw"), block.combine_chunks().slice(1).column("raw"),
                    block.column("raw").cast(pa.large_binary())):
-        cells = list(_pickled_cells(column))
+        cells = list(column_cells(column))
         assert len(cells) == len(column)
         data = [chunk.buffers()[2] for chunk in column.iterchunks()]
         for cell, value in zip(cells, column.to_pylist()):
@@ -264,7 +288,7 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     fallback["raw"][1] = 0
     fallback = BlockAccessor.batch_to_block({k: np.array(v, dtype=object) for k, v in fallback.items()})
     assert not pa.types.is_binary(fallback.column("raw").type)
-    again = _encode_batch(fallback, OutputStore(str(tmp_path / "2")), "instance", "m", {0: "label0"}, None)
+    again = EncodeStage(OutputStore(str(tmp_path / "2")), "instance", "m", {0: "label0"}, None)(fallback)
     assert [(r["key"], r["status"], r["segments"]) for r in again.to_pylist()] == [
         (r["key"], r["status"], r["segments"]) for r in rows
     ]
@@ -281,10 +305,10 @@ def test_the_segment_stage_writes_its_predictions_into_one_buffer(monkeypatch, l
     """The predictions column is one Arrow buffer, each value written once at a multiple of 64
     bytes (its arrays aligned in the block); a failed row's value is empty; past int32 offsets
     it is large_binary; every value loads back to its prediction."""
-    from seglabel import pipeline
+    from seglabel import encode
 
     if large:
-        monkeypatch.setattr(pipeline, "BINARY_MAX_BYTES", 100)
+        monkeypatch.setattr(encode, "BINARY_MAX_BYTES", 100)
     rng = np.random.default_rng(5)
     raws = []
     for i in range(4):
@@ -293,11 +317,11 @@ def test_the_segment_stage_writes_its_predictions_into_one_buffer(monkeypatch, l
         raws.append(RawPrediction(rng.integers(0, 9, shape).astype(np.uint16), ids, np.zeros(i, np.int32),
                                   np.ones(i, np.float32), rng.random((i, *shape)) > 0.5))
     parts = [raws[0].parts(), [], raws[1].parts(), raws[2].parts(), [], raws[3].parts()]
-    column = pipeline._binary_column(parts)
+    column = encode.pack_column(parts)
     assert column.type == (pa.large_binary() if large else pa.binary()) and len(column) == 6
-    assert len(pipeline._binary_column([])) == 0  # a batch with no rows
+    assert len(encode.pack_column([])) == 0  # a batch with no rows
     data = column.buffers()[2]
-    cells = list(pipeline._pickled_cells(pa.chunked_array([column])))
+    cells = list(encode.column_cells(pa.chunked_array([column])))
     assert [len(c) for c in cells][1::3] == [0, 0]
     for cell, raw in zip([cells[0], cells[2], cells[3], cells[5]], raws):
         assert (cell.address - data.address) % 64 == 0
@@ -309,7 +333,7 @@ def test_the_segment_stage_writes_its_predictions_into_one_buffer(monkeypatch, l
 
 def test_an_unreadable_prediction_is_an_encode_error_row(tmp_path):
     """A prediction cell that does not load (cut short, say) fails its row, not the block."""
-    from seglabel.pipeline import _encode_batch
+    from seglabel.stages import EncodeStage
 
     ids = np.zeros(0, np.int32)
     good = RawPrediction(np.zeros((3, 4), np.uint16), ids, ids, np.zeros(0, np.float32), None)
@@ -317,7 +341,7 @@ def test_an_unreadable_prediction_is_an_encode_error_row(tmp_path):
     raw = block.column("raw").to_pylist()
     block = block.set_column(block.schema.get_field_index("raw"), "raw", pa.array([raw[0][:-3], raw[1]]))
     store = OutputStore(str(tmp_path / "out"))
-    rows = _encode_batch(block, store, "semantic", "m", {0: "a"}, None).to_pylist()
+    rows = EncodeStage(store, "semantic", "m", {0: "a"}, None)(block).to_pylist()
     assert [r["status"] for r in rows] == ["error", "ok"]
     assert rows[0]["error"].startswith("encode: ") and rows[0]["mask_uri"] is None
 

@@ -52,7 +52,7 @@ def make_corpus(root: Path, entries: int) -> dict[str, str]:
 
     from ..config import EngineConfig, JobConfig
     from ..license import License
-    from ..pipeline import _job_record
+    from ..record import JobRecord
     from ..sink import SCHEMA, OutputStore
 
     manifest, output, checkpoint = root / "manifest.parquet", root / "out", root / CHECKPOINT
@@ -85,8 +85,7 @@ def make_corpus(root: Path, entries: int) -> dict[str, str]:
     config = JobConfig(output=str(output), manifest=str(manifest), engine=EngineConfig(model=str(checkpoint)))
     # The checkpoint the bench made: a random Mask2Former without a model card.
     no_card = License("unknown", "no model card")
-    record = _job_record(config, "instance", None, {0: "thing"}, "mask2former", no_card)
-    store.write_json("job.json", record)
+    JobRecord.new(config, "instance", None, {0: "thing"}, "mask2former", no_card).write(store)
     store.write_json("_SUCCESS", {"total": entries, "ok": entries, "error": 0, "errors_by_reason": {}})
     return {"manifest": str(manifest), "output": str(output), "model": str(checkpoint)}
 
@@ -94,7 +93,8 @@ def make_corpus(root: Path, entries: int) -> dict[str, str]:
 # -- in a fresh process ----------------------------------------------------------------------
 
 
-def _status_mb(field: str) -> float | None:
+def status_mb(field: str) -> float | None:
+    """A field of this process's /proc status (VmRSS, VmHWM) in MB; None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -104,7 +104,7 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux: clear_refs 5)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -121,18 +121,18 @@ def child(kind: str, paths: dict[str, str], entries: int) -> dict[str, Any]:
     import numpy as np
 
     from ..keys import Bits, SortedHashes
-    from ..pipeline import _new_refs, _Tally
+    from ..plan import Tally, new_refs
     from ..sink import OutputStore
     from ..sources import iter_manifest
 
     store = OutputStore(paths["output"])
     gc.collect()
-    before = _status_mb("VmRSS")
-    exact = _reset_peak()
+    before = status_mb("VmRSS")
+    exact = reset_peak()
     started = time.perf_counter()
     if kind == "enumerate":
-        tally = _Tally()
-        for _ in _new_refs(iter_manifest(paths["manifest"]), SortedHashes(), tally, dedupe=True):
+        tally = Tally()
+        for _ in new_refs(iter_manifest(paths["manifest"]), SortedHashes(), tally, dedupe=True):
             pass
         extra: dict[str, Any] = {"found": tally.found}
     elif kind == "resume_scan":
@@ -148,7 +148,7 @@ def child(kind: str, paths: dict[str, str], entries: int) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown structure {kind!r}")
     seconds = time.perf_counter() - started
-    peak = _status_mb("VmHWM") if exact else None
+    peak = status_mb("VmHWM") if exact else None
     if peak is None or before is None:  # no /proc: the peak over the whole life, imports included
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         before = before or 0.0
@@ -240,7 +240,7 @@ def memory_report(entries: int = 1_200_000, workdir: str | None = None) -> dict[
         small, large = runs[name][sizes[0]], runs[name][sizes[1]]
         report["measures"][name] = {"what": what, "runs": {str(n): runs[name][n] for n in sizes},
                                     **_slope(small, large, *sizes)}
-    from ..pipeline import PART_MAX_BYTES
+    from ..commit import PART_MAX_BYTES
 
     report["part_buffer"] = {"rows": ROWS_PER_PART, "max_bytes": PART_MAX_BYTES}
     return report

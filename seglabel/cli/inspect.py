@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..record import inspect_output
 from ..sink import OutputStore
 from .common import common, key_value
 
@@ -23,7 +24,7 @@ def add_parsers(sub) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Print the state of an output, as text or JSON."""
-    state = OutputStore(args.output, dict(args.output_storage_options)).inspect()
+    state = inspect_output(OutputStore(args.output, dict(args.output_storage_options)))
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True))
         return 0
