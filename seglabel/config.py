@@ -73,9 +73,76 @@ class Resolution:
         return f"{self.shortest}:{self.longest}"
 
 
-def _check_unit(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+# Every setting's type is checked where a config is built: YAML templating writes
+# ``overwrite: "false"``, a string, which Python takes as true; ``max_pixels: 1e6`` is a string
+# to PyYAML; ``batch_size: true`` is a number to Python. Sane ranges bound the numbers.
+MAX_BATCH_SIZE = 4096
+MAX_ROWS_PER_PART = 10_000_000
+MAX_COUNT = 2**62  # limit, min_area, max_pixels, max_bytes: far past any real value, and an int64
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_flag(name: str, value: Any) -> None:
+    """A setting that must be a boolean (``true``/``false``, not a string or a number)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def check_whole(name: str, value: Any, low: int, high: int = MAX_COUNT, optional: bool = False) -> None:
+    """A setting that must be a whole number (not a boolean) in ``low..high``."""
+    if value is None and optional:
+        return
+    if not _is_whole(value):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def check_real(name: str, value: Any, low: float, high: float, optional: bool = False) -> None:
+    """A setting that must be a number (not a boolean) in ``low..high``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not low <= value <= high:  # NaN fails too
+        raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {value}")
+
+
+def check_text(name: str, value: Any, optional: bool = True) -> None:
+    """A setting that must be a string (a URL, a path, a name)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+
+
+def label_names(text: str) -> tuple[str, ...]:
+    """Comma-separated label names or ids, a name with a comma in double quotes
+    (``'"gown, evening",person'``), as in a CSV line."""
+    import csv
+
+    try:
+        fields = next(csv.reader([text], skipinitialspace=True, strict=True), [])
+    except csv.Error as exc:
+        raise ConfigError(f"cannot read the labels {text!r}: {exc}") from None
+    return tuple(f.strip() for f in fields if f.strip())
+
+
+def _names(name: str, value: Any) -> tuple[str, ...] | None:
+    """Label names or ids: a list (of names or ids), a comma-separated string, or one id."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return label_names(value)
+    if _is_whole(value):
+        return (str(value),)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) or _is_whole(v) for v in value):
+        return tuple(str(v) for v in value)
+    raise ConfigError(f"{name} must be a list of label names or ids, or a comma-separated string, "
+                      f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -161,32 +228,31 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
-        if not self.model or not str(self.model).strip():
+        if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError("model must be a Hub id, a local directory or a checkpoint URL")
+        for name in ("revision", "task", "device", "dtype", "cache_dir"):
+            check_text(name, getattr(self, name))
+        check_flag("compat", self.compat)
+        check_flag("compile", self.compile)
         if self.task is not None and self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if isinstance(self.resolution, (str, int)):
+        if isinstance(self.resolution, str) or _is_whole(self.resolution):
             object.__setattr__(self, "resolution", Resolution.parse(self.resolution))
+        elif not isinstance(self.resolution, (Resolution, type(None))):
+            raise ConfigError(f"resolution must be HxW, S or S:L (e.g. 384x384), got {self.resolution!r}")
         if isinstance(self.stand_in, str):
             object.__setattr__(self, "stand_in", StandIn.parse(self.stand_in))
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        _check_unit("score_threshold", self.score_threshold)
-        _check_unit("mask_threshold", self.mask_threshold)
-        _check_unit("overlap_threshold", self.overlap_threshold)
-        if self.min_area < 0:
-            raise ConfigError(f"min_area must be >= 0, got {self.min_area}")
-        if self.max_instances is not None and self.max_instances < 1:
-            raise ConfigError(f"max_instances must be >= 1, got {self.max_instances}")
+        elif not isinstance(self.stand_in, (StandIn, type(None))):
+            raise ConfigError(f"stand_in must be a string such as 'segments=20', got {self.stand_in!r}")
+        check_whole("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        for name in ("score_threshold", "mask_threshold", "overlap_threshold"):
+            check_real(name, getattr(self, name), 0.0, 1.0)
+        check_whole("min_area", self.min_area, 0)
+        check_whole("max_instances", self.max_instances, 1, optional=True)
         for name in ("thing_labels", "labels"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = tuple(v.strip() for v in value.split(",") if v.strip())
-            elif value is not None:
-                value = tuple(str(v) for v in value)
-            object.__setattr__(self, name, value)
+            object.__setattr__(self, name, _names(name, getattr(self, name)))
 
     def replace(self, **changes: Any) -> "EngineConfig":
         """A copy with some fields changed (validated again)."""
@@ -246,14 +312,21 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "require_license", license_ids(self.require_license))
-        if not self.output or not str(self.output).strip():
+        if not self.output or not isinstance(self.output, str) or not self.output.strip():
             raise ConfigError("an output URL is required (--output)")
+        for name in ("input", "manifest", "address"):
+            check_text(name, getattr(self, name))
+        for name in ("dry_run", "overwrite", "retry_errors"):
+            check_flag(name, getattr(self, name))
         if bool(self.input) == bool(self.manifest):
             raise ConfigError(
                 "give exactly one of --input (a folder or prefix) or --manifest (a list of URIs)"
             )
         if isinstance(self.extensions, str):
             object.__setattr__(self, "extensions", tuple(e for e in self.extensions.split(",") if e))
+        exts = self.extensions
+        if not isinstance(exts, (list, tuple)) or not all(isinstance(e, str) for e in exts):
+            raise ConfigError(f"extensions must be file extensions (e.g. jpg,png), got {self.extensions!r}")
         exts = tuple(sorted({str(e).lower().lstrip(".") for e in self.extensions}))
         if not exts:
             raise ConfigError("extensions must name at least one file extension")
@@ -263,16 +336,12 @@ class JobConfig:
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError(f"{name} must be a mapping of fsspec options, got {type(value).__name__}")
             object.__setattr__(self, name, dict(value or {}))
-        if self.num_gpus is not None and (not isinstance(self.num_gpus, int) or self.num_gpus < 0):
-            raise ConfigError(f"num_gpus must be a non-negative integer, got {self.num_gpus!r}")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
-            raise ConfigError(f"limit must be a non-negative integer, got {self.limit!r}")
-        if not isinstance(self.rows_per_part, int) or self.rows_per_part < 1:
-            raise ConfigError(f"rows_per_part must be a positive integer, got {self.rows_per_part!r}")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ConfigError(f"max_pixels must be positive, got {self.max_pixels}")
-        if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes < 1):
-            raise ConfigError(f"max_bytes must be a positive whole number, got {self.max_bytes!r}")
+        check_whole("num_gpus", self.num_gpus, 0, MAX_BATCH_SIZE, optional=True)
+        check_whole("limit", self.limit, 0, optional=True)
+        check_whole("rows_per_part", self.rows_per_part, 1, MAX_ROWS_PER_PART)
+        check_whole("max_pixels", self.max_pixels, 1, optional=True)
+        check_whole("max_bytes", self.max_bytes, 1, optional=True)
+        check_real("max_errors", self.max_errors, 0, MAX_COUNT, optional=True)
         if self.max_errors is not None and not (
             0 < self.max_errors < 1 or (self.max_errors >= 0 and float(self.max_errors).is_integer())
         ):
@@ -323,9 +392,17 @@ def _same_place(a: str | None, b: str | None) -> bool:
     return a.rstrip("/").removeprefix("file://") == b.rstrip("/").removeprefix("file://")
 
 
+# A job spec is a few settings: past this it is not one (and a YAML document is walked whole).
+MAX_SPEC_BYTES = 1 << 20
+
+
 def load_spec(path: str) -> dict[str, Any]:
     """Read a YAML job spec (a mapping of settings) from a local path, an fsspec URL, or
-    ``env:NAME`` (an environment variable holding the YAML, as ``seglabel submit`` ships it)."""
+    ``env:NAME`` (an environment variable holding the YAML, as ``seglabel submit`` ships it).
+
+    Aliases are refused and the text is bounded (``MAX_SPEC_BYTES``): nested aliases make a few
+    hundred bytes into a document of billions of nodes (a "billion laughs"), which every walk
+    of the settings (the secret check, the config) would expand."""
     import os
 
     import fsspec
@@ -335,12 +412,17 @@ def load_spec(path: str) -> dict[str, Any]:
         if path.startswith("env:"):
             if path[4:] not in os.environ:
                 raise FileNotFoundError(path)
-            values = yaml.safe_load(os.environ[path[4:]])
+            text = os.environ[path[4:]]
         else:
             with fsspec.open(path, "r") as f:
-                values = yaml.safe_load(f)
+                text = f.read(MAX_SPEC_BYTES + 1)
+        if len(text) > MAX_SPEC_BYTES:
+            raise ConfigError(f"job spec {path} is over {MAX_SPEC_BYTES >> 20} MiB: not a job spec")
+        values = yaml.load(text, Loader=yaml_loader())  # noqa: S506  (a SafeLoader, without aliases)
     except FileNotFoundError as exc:
         raise ConfigError(f"job spec {path} not found") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"job spec {path} is not UTF-8 text") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"job spec {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
     if values is None:
@@ -348,3 +430,18 @@ def load_spec(path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"job spec {path} must be a mapping of settings, got {type(values).__name__}")
     return values
+
+
+def yaml_loader() -> type:
+    """PyYAML's SafeLoader refusing aliases (``*name``): a spec has no use for them."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a job spec",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader

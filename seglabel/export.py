@@ -493,8 +493,10 @@ class _UriMap:
         for old, new in self.pairs:
             if uri.startswith(old):
                 rest = uri[len(old):]
-                if new.startswith(("http://", "https://")) and not old.startswith(("http://", "https://")):
-                    # A key with spaces or non-ASCII is a valid object name but not a valid URL.
+                if new.startswith(("http://", "https://", "/")) and not old.startswith(("http://", "https://")):
+                    # A key with spaces, '#', '?', '&' or '+' is a valid object name but not a
+                    # valid URL path or query value (Label Studio's local files take the path in
+                    # "?d="): encoded, it reads back as the key.
                     rest = quote(rest, safe="/")
                 return new + rest
         if uri.startswith("file://") and not self._warned:

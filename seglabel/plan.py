@@ -11,6 +11,7 @@ row with its index in this run's to-do order; the driver never holds more than o
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.core import split_protocol
 
 from .checkpoint import FAMILIES, check_family_settings, detect_task, inspect_checkpoint
 from .config import ConfigError, JobConfig
@@ -27,7 +29,7 @@ from .keys import HashSet, SortedHashes, key_hashes
 from .labels import resolve_labels, thing_ids
 from .license import License, check_allowed, checkpoint_license
 from .record import JobRecord
-from .sink import SCRATCH_DIR, OutputStore
+from .sink import JOB_FILE, MASKS_DIR, METADATA_DIR, SCRATCH_DIR, OutputError, OutputStore
 from .sources import ImageRef, iter_listing, iter_manifest
 from .storage import absolute_local, absolute_model
 
@@ -106,9 +108,11 @@ def prepare_output(store: OutputStore, config: JobConfig, model: Model) -> JobRe
     ``--overwrite`` clears). A resume with another input or other mask settings is refused; a
     killed run's temporary files go; with ``--retry-errors`` the error rows go."""
     previous = JobRecord.read(store)
+    if previous is None:
+        _refuse_foreign(store, config)
     if config.overwrite:
-        if not config.dry_run:
-            store.clear()
+        if not config.dry_run and previous is not None:
+            log.info("--overwrite: removed the previous job's %d masks and its metadata", store.clear())
         previous = None  # a dry run of --overwrite counts as the real one would: from scratch
     elif previous is not None:
         previous.check_resume(config, model.task, model.revision, model.family)
@@ -118,6 +122,22 @@ def prepare_output(store: OutputStore, config: JobConfig, model: Model) -> JobRe
         if config.retry_errors and previous is not None:
             log.info("dropped %d error rows to process them again", store.drop_error_rows())
     return previous
+
+
+def _refuse_foreign(store: OutputStore, config: JobConfig) -> None:
+    """Refuse an output folder without a record that holds ``masks/`` or ``metadata/``: not
+    an output of seglabel's (a dataset keeping its ground truth in ``masks/``), or one whose
+    record is lost, whose rows' settings are then unknown. Either way its files are not ours
+    to overwrite or to add rows to."""
+    held = [f"{rel}/" for rel in (MASKS_DIR, METADATA_DIR) if store.holds(rel)]
+    if not held:
+        return
+    where = f"{redact_url(config.output)} has {' and '.join(held)} but no {JOB_FILE}"
+    if config.overwrite:
+        raise OutputError(f"{where}: it is not an output of seglabel's, and --overwrite clears only those; "
+                          "move those folders away or choose another output")
+    raise OutputError(f"{where}: the settings of its rows are unknown, so it cannot be resumed; restore "
+                      f"its {JOB_FILE}, or choose another output")
 
 
 # -- the work -----------------------------------------------------------------------------------
@@ -130,9 +150,33 @@ def input_refs(config: JobConfig) -> Iterator[ImageRef]:
         refs = iter_manifest(config.manifest, storage_options=config.input_storage_options)
     else:
         refs = iter_listing(config.input, storage_options=config.input_storage_options,
-                            extensions=config.extensions, exclude=[config.output])
+                            extensions=config.extensions, exclude=output_places(config.input, config.output))
     first = next(refs, None)
     return itertools.chain([first], refs) if first is not None else iter(())
+
+
+def output_places(input: str, output: str) -> list[str]:
+    """The output as a listing of ``input`` may meet it, so that its masks are never listed as
+    images: as given, and, for local folders, as its real path and as seen through the input
+    (a symlink either way round). An input inside the output (or the output itself, through a
+    symlink) is refused."""
+    def inside(path: str, folder: str) -> bool:
+        path, folder = path.rstrip("/"), folder.rstrip("/")
+        return path == folder or path.startswith(folder + "/")
+
+    if inside(input, output):
+        raise ConfigError(f"the input {redact_url(input)} is inside the output {redact_url(output)}: "
+                          "choose an output outside the input's folder")
+    places = [output]
+    if split_protocol(input)[0] is None and split_protocol(output)[0] is None:
+        real_in, real_out = os.path.realpath(input), os.path.realpath(output)
+        if inside(real_in, real_out):
+            raise ConfigError(f"the input {input} is the output {output}, or inside it, through a symlink "
+                              f"({real_in} in {real_out}): choose an output outside the input's folder")
+        places.append(real_out)
+        if inside(real_out, real_in):
+            places.append(os.path.join(input, os.path.relpath(real_out, real_in)))
+    return places
 
 
 @dataclass

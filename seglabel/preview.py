@@ -19,10 +19,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from .config import ConfigError
-from .decode import DecodeError, decode_image
+from .config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ConfigError
 from .errors import get_logger
-from .fetch import options_for, read_bytes
+from .fetch import fetch, options_for
 from .labels import palette_color
 from .record import JobRecord, open_output
 from .sink import LABEL_COLUMNS, Destination, checked_key
@@ -73,11 +72,13 @@ def preview(
             if image_storage_options is not None
             else options_for(uri, output, storage_options or {})
         )
-        try:
-            photo = decode_image(read_bytes(uri, options), max_pixels=None)
-        except (OSError, DecodeError, ValueError) as exc:
-            log.warning("skipping %s: cannot read its image %s: %s", key, uri, exc)
+        # The run's guards: a regular file, a bounded size, a bounded number of pixels (a small
+        # PNG may declare 16000x16000: 768 MB decoded).
+        fetched = fetch(uri, options, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES)
+        if fetched.image is None:
+            log.warning("skipping %s: cannot read its image %s: %s", key, uri, fetched.error)
             continue
+        photo = fetched.image
         if photo.shape[:2] != (row["height"], row["width"]):
             log.warning(
                 "skipping %s: its image is now %dx%d, the labels are for %dx%d",

@@ -66,6 +66,8 @@ SCHEMA = pa.schema(
 LABEL_COLUMNS = ("key", "image_uri", "status", "width", "height", "segments")
 
 JOB_FILE = "job.json"
+# Files deleted in one request (S3's DeleteObjects takes up to 1,000 keys).
+REMOVE_BATCH = 1000
 SUCCESS_FILE = "_SUCCESS"
 MASKS_DIR = "masks"
 METADATA_DIR = "metadata"
@@ -156,8 +158,12 @@ class OutputStore(Location):
     # -- writing ----------------------------------------------------------------------------
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a file so that it only ever becomes visible complete."""
-        self.write_file(self.path(rel), data)
+        """Write a file so that it only ever becomes visible complete; a storage failure (a
+        full disk, a permission) is an OutputError naming the file."""
+        try:
+            self.write_file(self.path(rel), data)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.uri(rel)}: {type(exc).__name__}: {one_line(exc)}") from exc
 
     def write_json(self, rel: str, value: Any) -> None:
         self.write_bytes(rel, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
@@ -197,24 +203,35 @@ class OutputStore(Location):
     # -- reading ----------------------------------------------------------------------------
 
     def read_json(self, rel: str) -> Any | None:
+        """A JSON file under the output; None where there is none (a folder of that name is
+        an OutputError)."""
         try:
             return json.loads(self.fs.cat_file(self.path(rel)))
         except FileNotFoundError:
             return None
+        except IsADirectoryError as exc:
+            raise OutputError(f"{self.uri(rel)} is a folder, not a file") from exc
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
     def parts(self) -> list[str]:
-        """Committed Parquet parts, sorted (temporary files are hidden and skipped)."""
+        """Committed Parquet parts, sorted (temporary files are hidden and skipped). A folder
+        named like a part is an OutputError: its rows, if any, would be lost to every reader."""
         self.fs.invalidate_cache(self.path(METADATA_DIR))
         try:
-            names = self.fs.ls(self.path(METADATA_DIR), detail=False)
+            entries = self.fs.ls(self.path(METADATA_DIR), detail=True)
         except FileNotFoundError:
             return []
-        return sorted(
-            n for n in names if n.endswith(".parquet") and not posixpath.basename(n).startswith(".")
-        )
+        names = []
+        for entry in entries:
+            name = entry["name"]
+            if not name.endswith(".parquet") or posixpath.basename(name).startswith("."):
+                continue
+            if entry.get("type") == "directory":
+                raise OutputError(f"{self.fs.unstrip_protocol(name)} is a folder, not a Parquet part")
+            names.append(name)
+        return sorted(names)
 
     def iter_part_columns(self, columns: list[str]) -> Iterator[pa.Table]:
         """Some columns of every committed part, one part at a time.
@@ -232,7 +249,7 @@ class OutputStore(Location):
         decoded rows)."""
         dropped = self.superseded()
         for path in self.parts():
-            parquet = pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path)))
+            parquet = self._part(path, columns)
             batches = parquet.iter_batches(batch_size=batch_size, columns=columns, use_threads=False)
             if path not in dropped:
                 yield from batches
@@ -253,9 +270,24 @@ class OutputStore(Location):
         """One Parquet file under the output, read whole."""
         # Whole parts are small (one driver buffer's worth of rows); reading them from bytes
         # keeps pyarrow off Python file objects (see iter_part_columns).
-        return pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).read(
-            columns=columns, use_threads=False
-        )
+        parquet = self._part(path, columns)
+        try:
+            return parquet.read(columns=columns, use_threads=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise OutputError(f"{self.fs.unstrip_protocol(path)} cannot be read: {one_line(exc)}") from exc
+
+    def _part(self, path: str, columns: Sequence[str] | None) -> pq.ParquetFile:
+        """A Parquet file under the output, opened from its bytes; one that is damaged (cut
+        short, not Parquet) or lacks a column asked for is an OutputError naming it."""
+        where = self.fs.unstrip_protocol(path)
+        try:
+            parquet = pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path)))
+        except (pa.ArrowException, OSError) as exc:
+            raise OutputError(f"{where} is not a readable Parquet file: {one_line(exc)}") from exc
+        missing = [c for c in columns or () if c not in parquet.schema_arrow.names]
+        if missing:
+            raise OutputError(f"{where} has no column {missing[0]!r}: not a part of seglabel's metadata")
+        return parquet
 
     def done_keys(self, include_errors: bool = True) -> SortedHashes:
         """Keys with a committed row (``include_errors=False``: only ``ok`` rows count), as a
@@ -308,15 +340,24 @@ class OutputStore(Location):
         return counts.as_dict()
 
     def queued(self) -> int:
-        """Images the to-do lists of running (or killed) jobs hold."""
+        """Images the to-do lists of running (or killed) jobs hold. A run's temporaries are
+        skipped, and so is a list (or a run's folder) that goes while it is counted: its run
+        ended meanwhile."""
         queued = 0
         try:
             todo_dirs = [n for n in self.fs.ls(self.path(SCRATCH_DIR), detail=False) if "todo-" in n]
         except FileNotFoundError:
             todo_dirs = []
         for folder in todo_dirs:
-            for path in self.fs.ls(folder, detail=False):
-                queued += pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).metadata.num_rows
+            try:
+                paths = [p for p in self.fs.ls(folder, detail=False) if not is_temporary(p)]
+            except FileNotFoundError:
+                continue
+            for path in paths:
+                try:
+                    queued += pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).metadata.num_rows
+                except (FileNotFoundError, pa.ArrowException) as exc:
+                    log.debug("not counting %s: %s", path, exc)
         return queued
 
     # -- housekeeping -----------------------------------------------------------------------
@@ -326,10 +367,46 @@ class OutputStore(Location):
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
-    def clear(self) -> None:
-        """Delete a previous job's outputs (``--overwrite``)."""
-        for rel in (SUCCESS_FILE, METADATA_DIR, MASKS_DIR, SCRATCH_DIR, JOB_FILE):
+    def clear(self) -> int:
+        """Delete what a previous job made (``--overwrite``), and nothing else: the masks its
+        rows name, its Parquet parts, ``_SUCCESS``, the scratch space, then ``job.json`` last
+        (so that an overwrite cut short is still an output of seglabel's, and can be run again).
+        Other files in ``masks/`` or ``metadata/`` (a dataset's own masks, notes) stay. Returns
+        how many masks went. The caller checks that the output is seglabel's (its record)."""
+        masks = []
+        for table in self.iter_part_columns(["key", "status"]):
+            ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
+            masks += [self.path(self.mask_relpath(k)) for k in ok.column("key").to_pylist() if is_safe_key(k)]
+        for start in range(0, len(masks), REMOVE_BATCH):
+            self._remove_files(masks[start:start + REMOVE_BATCH])
+        self._remove_files(self.parts())
+        for rel in (SUCCESS_FILE, SCRATCH_DIR, JOB_FILE):
             self.remove(rel)
+        return len(masks)
+
+    def _remove_files(self, paths: list[str]) -> None:
+        """Delete files (one request a batch on an object store); those already gone are fine."""
+        if not paths:
+            return
+        try:
+            self.fs.rm(paths)
+        except FileNotFoundError:  # one of them was gone: the others one by one
+            for path in paths:
+                try:
+                    self.fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
+
+    def holds(self, rel: str) -> bool:
+        """Whether the folder ``rel`` exists and holds anything (an object store's prefix
+        exists only while it holds something; a local folder may be empty)."""
+        path = self.path(rel)
+        try:
+            if not self.fs.isdir(path):
+                return bool(self.fs.exists(path))
+            return not self.local or bool(self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return False
 
     def clean_temporary(self) -> int:
         """Remove what a killed run left behind: temporary files in ``metadata/`` and the

@@ -43,12 +43,53 @@ def test_defaults_and_normalisation():
     ({"output": "o", "input": "i", "stand_in": "segments=x"}, "stand_in: cannot read 'segments=x'"),
     ({"output": "o", "input": "i", "stand_in": "kill=13"}, "stand_in: cannot read 'kill=13'"),
     ({"output": "o", "input": "i", "stand_in": "coverage=2"}, "coverage in (0, 1]"),
+    # Every setting's type (issue 24): templating tools quote booleans, and a string is true.
+    ({"output": "o", "input": "i", "overwrite": "false"}, "overwrite must be true or false, got 'false'"),
+    ({"output": "o", "input": "i", "retry_errors": "no"}, "retry_errors must be true or false"),
+    ({"output": "o", "input": "i", "dry_run": "false"}, "dry_run must be true or false"),
+    ({"output": "o", "input": "i", "compat": 1}, "compat must be true or false"),
+    ({"output": "o", "input": "i", "min_area": "10"}, "min_area must be a whole number, got '10'"),
+    ({"output": "o", "input": "i", "score_threshold": "0.5"}, "score_threshold must be a number"),
+    ({"output": "o", "input": "i", "max_pixels": "1e6"}, "max_pixels must be a whole number"),
+    ({"output": "o", "input": "i", "max_errors": True}, "max_errors must be a number"),
+    ({"output": "o", "input": ["a", "b"]}, "input must be a string"),
+    ({"output": ["o"], "input": "i"}, "an output URL is required"),
+    ({"output": "o", "input": "i", "resolution": [1, 2]}, "resolution must be HxW"),
+    ({"output": "o", "input": "i", "batch_size": True}, "batch_size must be a whole number"),
+    ({"output": "o", "input": "i", "rows_per_part": True}, "rows_per_part must be a whole number"),
+    ({"output": "o", "input": "i", "batch_size": 10**20}, "batch_size must be between 1 and 4096"),
+    ({"output": "o", "input": "i", "labels": {"a": 1}}, "labels must be a list of label names or ids"),
+    ({"output": "o", "input": "i", "extensions": 5}, "extensions must be file extensions"),
+    ({"output": "o", "input": "i", "stand_in": 3}, "stand_in must be a string"),
 ])
 def test_bad_settings_are_one_line_config_errors(values, message):
     with pytest.raises(ConfigError) as err:
         JobConfig.from_mapping(values)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert isinstance(err.value, SeglabelError) and err.value.exit_status == 2
+
+
+def test_labels_take_a_list_a_string_or_one_id():
+    base = {"output": "o", "input": "i"}
+    assert JobConfig.from_mapping({**base, "labels": 5}).engine.labels == ("5",)
+    assert JobConfig.from_mapping({**base, "labels": ["a", 7]}).engine.labels == ("a", "7")
+    assert JobConfig.from_mapping({**base, "thing_labels": "a, b"}).engine.thing_labels == ("a", "b")
+
+
+def test_a_quoted_false_in_a_spec_is_refused_before_anything_is_deleted(tmp_path, capsys):
+    """``overwrite: "false"`` (as templating tools write YAML) once deleted the last results."""
+    from seglabel.cli import main
+
+    out = tmp_path / "labels"
+    (out / "metadata").mkdir(parents=True)
+    (out / "metadata" / "part-1.parquet").write_bytes(b"results")
+    (tmp_path / "in").mkdir()
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f'input: {tmp_path / "in"}\noutput: {out}\noverwrite: "false"\n')
+    assert main(["run", "--config", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "overwrite must be true or false" in err[0]
+    assert (out / "metadata" / "part-1.parquet").read_bytes() == b"results"
 
 
 def test_specs_from_files_and_the_environment(tmp_path, monkeypatch):
@@ -63,6 +104,26 @@ def test_specs_from_files_and_the_environment(tmp_path, monkeypatch):
             load_spec(str(spec))
     with pytest.raises(ConfigError, match="not found"):
         load_spec(str(tmp_path / "missing.yaml"))
+
+
+def test_yaml_alias_bombs_are_refused_at_once(tmp_path, capsys):
+    """Nested aliases (nine levels of nine: 9^9 nodes once expanded) are refused while the spec
+    is read, before any walk of its settings; so is a spec past 1 MiB, and an alias in a
+    ``--input-option`` value is one line, not a traceback."""
+    from seglabel.cli import main
+
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text("output: o\ninput: i\n" + "\n".join(levels) + "\n")
+    with pytest.raises(ConfigError, match="aliases"):
+        load_spec(str(spec))
+    spec.write_text("output: o\ninput: i\nnote: " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match="over 1 MiB"):
+        load_spec(str(spec))
+    assert main(["run", "--input", "i", "--output", "o", "--input-option", "a=*x"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the value of 'a=*x'" in err and "Traceback" not in err
 
 
 def test_job_record_holds_each_setting_once():

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..config import JobConfig, load_spec
+from ..config import JobConfig, load_spec, yaml_loader
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -27,7 +27,11 @@ def key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value) if value else ""
+    try:
+        return key.strip(), yaml.load(value, Loader=yaml_loader()) if value else ""  # noqa: S506
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}: {reason}") from None
 
 
 def positive_int(text: str) -> int:
@@ -130,10 +134,12 @@ def _add_model_flags(model: argparse._ArgumentGroup) -> None:
         "--hf-compat", dest="compat", action="store_true", help="reproduce HF's post-processing exactly"
     )
     model.add_argument(
-        "--thing-labels", dest="thing_labels", metavar="LIST", help="panoptic: labels that are things"
+        "--thing-labels", dest="thing_labels", metavar="LIST",
+        help="panoptic: labels that are things (comma-separated, as --labels)"
     )
     model.add_argument(
-        "--labels", metavar="LIST", help="keep only these labels (names or ids, comma-separated)"
+        "--labels", metavar="LIST", help='keep only these labels (names or ids, comma-separated; a name '
+        'with a comma in double quotes: \'"gown, evening",person\')'
     )
     model.add_argument(
         "--min-area", dest="min_area", type=int, metavar="PX", help="drop segments smaller than this"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import label_names
 from ..export import FORMATS, export
 from .common import common, key_value, positive_int
 
@@ -41,7 +42,8 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--min-score", dest="min_score", type=float, metavar="S", help="keep segments scoring at least S"
     )
-    p.add_argument("--labels", metavar="LIST", help="keep only these labels (names or ids, comma-separated)")
+    p.add_argument("--labels", metavar="LIST", help='keep only these labels (names or ids, comma-separated; '
+                   'a name with a comma in double quotes: \'"gown, evening",person\')')
     p.add_argument("--shard-size", dest="shard_size", type=positive_int, metavar="N",
                    help="at most N images per file, numbered DEST-00000.json, DEST-00001.json, ...")
     p.add_argument(
@@ -72,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
         args.fmt,
         args.to,
         min_score=args.min_score,
-        labels=args.labels.split(",") if args.labels is not None else None,
+        labels=label_names(args.labels) if args.labels is not None else None,
         shard_size=args.shard_size,
         storage_options=dict(args.output_storage_options),
         from_name=args.from_name,

@@ -1,0 +1,256 @@
+"""The third round of hostile tests (issue 24): never destroy what is not ours, never mix an
+unknown output's rows, never list the output as input, and a damaged output is one line naming
+the damaged file. Jobs run on a real local Ray with the stand-in model; outputs are read back
+with pyarrow, independently of seglabel's readers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import drawn, encode
+from outputs import read_rows
+from seglabel.cli import main
+from seglabel.config import ConfigError
+from seglabel.pipeline import label
+from seglabel.sink import OutputError
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def photos(folder, n: int = 3):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"p{i}.jpg").write_bytes(encode(drawn(30 + i, 20, i), "JPEG"))
+    return folder
+
+
+def run(checkpoints, input, output, **settings):
+    model = str(checkpoints["instance"])
+    return label(str(input), str(output), model=model, stand_in="segments=2", **settings)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the CLI, which must fail with exit 2 and one line on stderr; returns that line."""
+    capsys.readouterr()  # what came before (a job's Ray lines)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_overwrite_clears_only_what_seglabel_made(checkpoints, tmp_path):
+    """A folder seglabel never wrote keeps its masks/ and metadata/ (a dataset's ground truth):
+    --overwrite refuses it. On seglabel's own output, --overwrite removes the job's masks and
+    parts and leaves the files it did not make."""
+    images = photos(tmp_path / "photos")
+    ds = tmp_path / "ds"
+    (ds / "masks").mkdir(parents=True)
+    (ds / "masks" / "plain.png").write_bytes(b"ground truth")
+    (ds / "metadata").mkdir()
+    (ds / "metadata" / "splits.csv").write_text("train,val\n")
+    with pytest.raises(OutputError, match="not an output of seglabel's"):
+        run(checkpoints, images, ds, overwrite=True)
+    assert (ds / "masks" / "plain.png").read_bytes() == b"ground truth"
+    with pytest.raises(OutputError, match="cannot be resumed"):  # nor is it added to
+        run(checkpoints, images, ds)
+    assert sorted(os.listdir(ds / "masks")) == ["plain.png"]
+
+    out = tmp_path / "labels"
+    run(checkpoints, images, out)
+    (out / "masks" / "plain.png").write_bytes(b"mine")
+    (out / "metadata" / "splits.csv").write_text("mine\n")
+    first_parts = sorted(p for p in os.listdir(out / "metadata") if p.endswith(".parquet"))
+    (images / "p0.jpg").unlink()  # its mask is the old job's: it must go with it
+    run(checkpoints, images, out, overwrite=True)
+    assert (out / "masks" / "plain.png").read_bytes() == b"mine"
+    assert (out / "metadata" / "splits.csv").read_text() == "mine\n"
+    assert not set(first_parts) & set(os.listdir(out / "metadata"))
+    assert sorted(r["key"] for r in read_rows(str(out))) == ["p1.jpg", "p2.jpg"]
+    assert sorted(os.listdir(out / "masks")) == ["p1.jpg.png", "p2.jpg.png", "plain.png"]
+
+
+def test_parts_without_a_record_are_refused(checkpoints, tmp_path):
+    """job.json deleted (to "reset the settings") or lost in a partial copy: a re-run under other
+    settings once committed a second row per image."""
+    images = photos(tmp_path / "photos")
+    out = tmp_path / "labels"
+    run(checkpoints, images, out)
+    (out / "job.json").unlink()
+    with pytest.raises(OutputError, match="no job.json: the settings of its rows are unknown"):
+        run(checkpoints, images, out, score_threshold=0.9)
+    assert len(read_rows(str(out))) == 3
+
+
+def test_an_input_inside_the_output_is_refused(checkpoints, tmp_path, capsys):
+    ds = tmp_path / "ds"
+    photos(ds / "images")
+    line = one_line_error(capsys, ["run", "--input", str(ds / "images"), "--output", str(ds), "--stand-in",
+                                   "default", "--model", str(checkpoints["instance"])])
+    assert "is inside the output" in line
+    assert not (ds / "job.json").exists() and not (ds / "_SUCCESS").exists()
+    # The same through a symlink: the input names a folder of the output.
+    (tmp_path / "link").symlink_to(ds / "images")
+    with pytest.raises(ConfigError, match="through a symlink"):
+        run(checkpoints, tmp_path / "link", ds)
+
+
+@pytest.mark.parametrize("linked", ["output", "input"])
+def test_an_output_reached_through_a_symlink_is_never_listed(checkpoints, tmp_path, linked):
+    """The output inside the input folder is left out of the listing also when one of the two
+    is named through a symlink: a re-run once listed its own masks as images (masks/x.png.png,
+    a level more every run)."""
+    real_in = photos(tmp_path / "in")
+    real_out = real_in / "out"
+    real_out.mkdir()
+    (tmp_path / "link").symlink_to(real_out if linked == "output" else real_in)
+    input, output = (real_in, tmp_path / "link") if linked == "output" else (tmp_path / "link", real_out)
+    for _ in range(2):
+        summary = run(checkpoints, input, output)
+    assert sorted(r["key"] for r in read_rows(str(real_out))) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    assert summary.found == 3 and summary.processed == 0
+
+
+def test_a_damaged_output_is_one_line_naming_the_file(checkpoints, tmp_path, capsys):
+    images = photos(tmp_path / "photos")
+    out = tmp_path / "labels"
+    run(checkpoints, images, out)
+    part = sorted((out / "metadata").glob("part-*.parquet"))[0]
+    good = part.read_bytes()
+    commands = (["inspect", str(out)],
+                ["export", str(out), "--format", "coco", "--to", str(tmp_path / "c.json")])
+
+    part.write_bytes(good[: len(good) // 2])  # cut short
+    for argv in commands:
+        line = one_line_error(capsys, argv)
+        assert part.name in line and "not a readable Parquet file" in line
+    with pytest.raises(OutputError, match=part.name):
+        run(checkpoints, images, out)
+    part.write_bytes(good)
+
+    notes = out / "metadata" / "notes.parquet"
+    pq.write_table(pa.table({"note": ["hello"]}), notes)
+    for argv in commands:
+        assert "notes.parquet has no column" in one_line_error(capsys, argv)
+    notes.unlink()
+    (out / "metadata" / "x.parquet").mkdir()
+    for argv in commands:
+        assert "x.parquet is a folder" in one_line_error(capsys, argv)
+    (out / "metadata" / "x.parquet").rmdir()
+
+    record = (out / "job.json").read_text()
+    for text, message in (("{not json", "job.json is not valid JSON"), ("[1, 2]", "job.json holds a list"),
+                          (b"\xff\xfe", "job.json is not valid JSON")):
+        if isinstance(text, bytes):
+            (out / "job.json").write_bytes(text)
+        else:
+            (out / "job.json").write_text(text)
+        for argv in commands:
+            assert message in one_line_error(capsys, argv)
+        with pytest.raises(OutputError, match=message):
+            run(checkpoints, images, out)
+    (out / "job.json").write_text(record)
+    assert main(["inspect", str(out)]) == 0
+
+
+def test_inspect_skips_a_killed_runs_temporaries(checkpoints, tmp_path, capsys):
+    """A killed run's hidden temporary to-do file (README calls them harmless) is not counted,
+    and does not fail inspect."""
+    images = photos(tmp_path / "photos")
+    out = tmp_path / "labels"
+    run(checkpoints, images, out)
+    todo = out / "_seglabel" / "todo-20260101T000000Z-abcdef"
+    todo.mkdir(parents=True)
+    pq.write_table(pa.table({"index": [0, 1], "key": ["a", "b"]}), todo / "todo-00000.parquet")
+    (todo / ".todo-00001.parquet.tmp-0123").write_bytes(b"half a file")
+    assert main(["inspect", str(out), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["queued_by_running_job"] == 2 and state["total"] == 3
+
+
+def hand_made_output(root, rows: list[dict], id2label: dict[str, str]):
+    """An output written with pyarrow alone: job.json and one part of contract rows."""
+    from seglabel.sink import SCHEMA
+
+    (root / "metadata").mkdir(parents=True)
+    (root / "job.json").write_text(json.dumps({"task": "instance", "id2label": id2label, "model": "m"}))
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), root / "metadata" / "part-1.parquet")
+    return root
+
+
+def ok_row(key: str, uri: str, width: int = 4, height: int = 3, labels: tuple[str, ...] = ()) -> dict:
+    from pycocotools import mask as mask_utils
+
+    segments = []
+    for i, name in enumerate(labels):
+        mask = np.zeros((height, width), np.uint8, order="F")
+        mask[0, i] = 1
+        rle = mask_utils.encode(mask)["counts"].decode()
+        segments.append({"id": i + 1, "label_id": i, "label": name, "score": 0.9, "area": 1,
+                         "bbox": [float(i), 0.0, 1.0, 1.0], "rle": rle, "is_thing": True})
+    return {"key": key, "image_uri": uri, "status": "ok", "error": None, "width": width, "height": height,
+            "mask_uri": None, "task": "instance", "model": "m", "segments": segments}
+
+
+def test_label_studio_local_files_urls_carry_the_whole_key(tmp_path):
+    """The mapping seglabel's own warning suggests (file:///data/=/data/local-files/?d=) once
+    left the rest unencoded: "sp ace#frag?q=1.png" reached Label Studio as "in1/sp ace"."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from seglabel.export import export
+
+    keys = ["in1/sp ace#frag?q=1.png", "a&b+c=d.png", "plain.png"]
+    out = hand_made_output(tmp_path / "out", [ok_row(k, f"file:///data/{k}") for k in keys], {"0": "x"})
+    export(str(out), "label-studio", str(tmp_path / "ls.json"),
+           image_prefix_map={"file:///data/": "/data/local-files/?d="})
+    tasks = json.loads((tmp_path / "ls.json").read_text())
+    for task in tasks:
+        url = urlsplit(task["data"]["image"])
+        assert url.path == "/data/local-files/" and not url.fragment
+        assert parse_qs(url.query) == {"d": [task["data"]["key"]]}
+    assert sorted(t["data"]["key"] for t in tasks) == sorted(keys)
+
+
+def test_label_names_with_commas_can_be_chosen(tmp_path, capsys):
+    """"gown, evening" cannot be named in a comma-separated list: a quoted form, as in CSV."""
+    from seglabel.config import JobConfig
+
+    config = JobConfig.from_mapping({"input": "i", "output": "o", "labels": '"gown, evening", person',
+                                     "thing_labels": ["gown, evening"]})
+    assert config.engine.labels == ("gown, evening", "person")
+    assert config.engine.thing_labels == ("gown, evening",)
+    row = ok_row("a.png", "file:///x/a.png", labels=("gown, evening", "hat"))
+    out = hand_made_output(tmp_path / "out", [row], {"0": "gown, evening", "1": "hat"})
+    assert main(["export", str(out), "--format", "coco", "--to", str(tmp_path / "c.json"),
+                 "--labels", '"gown, evening"']) == 0
+    coco = json.loads((tmp_path / "c.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["gown, evening"]
+    assert [a["category_id"] for a in coco["annotations"]] == [1]
+
+
+def test_preview_keeps_the_runs_guards(tmp_path, caplog):
+    """A small PNG declaring 16000x16000 (768 MB decoded) and a FIFO in place of a photo are
+    skipped with a warning; the readable photo is previewed."""
+    from PIL import Image
+
+    from seglabel.preview import preview
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("1", (16000, 16000)).save(photos / "bomb.png")
+    os.mkfifo(photos / "fifo.png")
+    drawn(4, 3, 1).save(photos / "good.png")
+    rows = [ok_row("bomb.png", (photos / "bomb.png").as_uri(), 16000, 16000),
+            ok_row("fifo.png", (photos / "fifo.png").as_uri()),
+            ok_row("good.png", (photos / "good.png").as_uri())]
+    out = hand_made_output(tmp_path / "out", rows, {"0": "x"})
+    with caplog.at_level("WARNING"):
+        paths = preview(str(out), str(tmp_path / "preview"))
+    assert [os.path.basename(p) for p in paths] == ["good.png.png"]
+    skipped = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipping bomb.png" in skipped and "skipping fifo.png" in skipped
