@@ -22,8 +22,9 @@ from .cluster import connect
 from .commit import JobError, commit_rows
 from .config import ConfigError, EngineConfig, JobConfig, default_dtype
 from .errors import SeglabelError, get_logger, redact_url
+from .lease import hold
 from .ledger import AttemptLedger
-from .plan import Model, Work, absolute_paths, input_refs, plan_work, prepare_output
+from .plan import Model, Work, absolute_paths, check_output, input_refs, plan_work, prepare_output
 from .record import JobRecord
 from .report import Summary, stage_cpu
 from .sink import JOB_FILE, SUCCESS_FILE, OutputStore
@@ -67,24 +68,26 @@ def run(config: JobConfig) -> Summary:
     refs = input_refs(config)  # a missing input fails here, before anything is written
     model.announce(config.engine.model)
     store = OutputStore(config.output, config.output_storage_options)
-    previous = prepare_output(store, config, model)
-    work = plan_work(store, config, refs, resuming=previous is not None)
-    summary.found, summary.already_done, summary.held_back = work.found, work.already_done, work.held_back
-    if config.dry_run:
-        return summary
-    record = previous or model.record(config)
-    try:
-        if work.todo == 0:
-            _finish_idle(store, config, summary, record, fresh=previous is None)
+    check_output(store, config)
+    with hold(store, config.dry_run):  # one run at a time on an output
+        previous = prepare_output(store, config, model)
+        work = plan_work(store, config, refs, resuming=previous is not None)
+        summary.found, summary.already_done, summary.held_back = work.found, work.already_done, work.held_back
+        if config.dry_run:
             return summary
-        # Every Segmenter loads the commit the driver resolved (a Hub branch may move meanwhile).
-        config = config.replace(engine=config.engine.replace(revision=model.revision))
-        started = time.perf_counter()
-        _label(config, store, model, work, summary, record, fresh=previous is None)
-        summary.seconds = time.perf_counter() - started
-        _finish(store, summary, work)
-    finally:
-        store.remove(work.scratch)
+        record = previous or model.record(config)
+        try:
+            if work.todo == 0:
+                _finish_idle(store, config, summary, record, fresh=previous is None)
+                return summary
+            # Every Segmenter loads the commit the driver resolved (a Hub branch may move meanwhile).
+            config = config.replace(engine=config.engine.replace(revision=model.revision))
+            started = time.perf_counter()
+            _label(config, store, model, work, summary, record, fresh=previous is None)
+            summary.seconds = time.perf_counter() - started
+            _finish(store, summary, work)
+        finally:
+            store.remove(work.scratch)
     return summary
 
 

@@ -103,10 +103,18 @@ def absolute_paths(config: JobConfig) -> JobConfig:
 # -- the output ---------------------------------------------------------------------------------
 
 
+def check_output(store: OutputStore, config: JobConfig) -> None:
+    """Refuse, before anything is written, an output folder that is not seglabel's (see
+    :func:`prepare_output`) or whose record is damaged."""
+    if JobRecord.read(store) is None:
+        _refuse_foreign(store, config)
+
+
 def prepare_output(store: OutputStore, config: JobConfig, model: Model) -> JobRecord | None:
-    """The output made ready for the run; returns its record (None: a new output, or one that
-    ``--overwrite`` clears). A resume with another input or other mask settings is refused; a
-    killed run's temporary files go; with ``--retry-errors`` the error rows go."""
+    """The output made ready for the run, under its lease; returns its record (None: a new
+    output, or one that ``--overwrite`` clears). A folder that is not seglabel's, or a resume
+    with another input or other mask settings, is refused; a killed run's temporary files go;
+    with ``--retry-errors`` the error rows go."""
     previous = JobRecord.read(store)
     if previous is None:
         _refuse_foreign(store, config)
@@ -117,7 +125,6 @@ def prepare_output(store: OutputStore, config: JobConfig, model: Model) -> JobRe
     elif previous is not None:
         previous.check_resume(config, model.task, model.revision, model.family)
     if not config.dry_run:
-        store.check_writable()
         store.clean_temporary()
         if config.retry_errors and previous is not None:
             log.info("dropped %d error rows to process them again", store.drop_error_rows())
@@ -372,5 +379,5 @@ def stage_todo(store: OutputStore, refs: Iterator[ImageRef], limit: int | None,
     return paths, todo
 
 
-__all__ = ["Model", "Tally", "Work", "absolute_paths", "input_refs", "new_refs", "plan_work",
+__all__ = ["Model", "Tally", "Work", "absolute_paths", "check_output", "input_refs", "new_refs", "plan_work",
            "prepare_output", "stage_todo"]

@@ -380,8 +380,9 @@ class OutputStore(Location):
         for start in range(0, len(masks), REMOVE_BATCH):
             self._remove_files(masks[start:start + REMOVE_BATCH])
         self._remove_files(self.parts())
-        for rel in (SUCCESS_FILE, SCRATCH_DIR, JOB_FILE):
-            self.remove(rel)
+        self.remove(SUCCESS_FILE)
+        self.clean_temporary()  # the scratch space's to-do lists; the run's own lease stays
+        self.remove(JOB_FILE)
         return len(masks)
 
     def _remove_files(self, paths: list[str]) -> None:

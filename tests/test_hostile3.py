@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -254,3 +255,63 @@ def test_preview_keeps_the_runs_guards(tmp_path, caplog):
     assert [os.path.basename(p) for p in paths] == ["good.png.png"]
     skipped = " ".join(r.getMessage() for r in caplog.records)
     assert "skipping bomb.png" in skipped and "skipping fifo.png" in skipped
+
+
+def test_a_second_run_on_a_live_output_refuses_and_touches_nothing(checkpoints, tmp_path):
+    """Two runs on one output once swept each other's to-do lists or committed every image
+    twice. While a run holds the output's lease, a second one refuses in one line naming the
+    first, and leaves its files be; the first labels every image once."""
+    import threading
+
+    from seglabel.lease import LEASE_FILE, OutputBusy
+
+    images = photos(tmp_path / "photos", 40)
+    out = tmp_path / "labels"
+    done: dict = {}
+    first = threading.Thread(target=lambda: done.update(summary=run(checkpoints, images, out, batch_size=1)))
+    first.start()
+    lease = out / LEASE_FILE
+    deadline = time.monotonic() + 120
+    while not lease.exists() and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    holder = json.loads(lease.read_text())
+    with pytest.raises(OutputBusy, match=f"being labeled by another run .*pid {holder['pid']}") as refused:
+        run(checkpoints, images, out)
+    assert "\n" not in str(refused.value) and refused.value.exit_status == 2
+    first.join()
+    assert done["summary"].processed == 40
+    keys = [r["key"] for r in read_rows(str(out))]
+    assert len(keys) == 40 and sorted(set(keys)) == sorted(keys)
+    assert not lease.exists()  # released at the end
+    assert run(checkpoints, images, out).processed == 0  # and free again
+
+
+def test_a_killed_runs_lease_expires_and_a_live_one_is_renewed(checkpoints, tmp_path, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    from seglabel import lease as leases
+    from seglabel.sink import OutputStore
+
+    images = photos(tmp_path / "photos")
+    out = tmp_path / "labels"
+    store = OutputStore(str(out))
+    held = leases.Lease(store).take()
+    killed = out / "_seglabel" / "todo-20260101T000000Z-aaaaaa"  # a live run's to-do list
+    killed.mkdir(parents=True)
+    with pytest.raises(leases.OutputBusy, match="being labeled by another run"):
+        run(checkpoints, images, out)
+    assert killed.exists() and not (out / "job.json").exists()
+    # A lease last renewed past its TTL is a killed run's: the next run takes over and sweeps.
+    record = json.loads((out / leases.LEASE_FILE).read_text())
+    stale = datetime.now(timezone.utc) - timedelta(seconds=leases.TTL_S + 1)
+    held._stop.set()
+    (out / leases.LEASE_FILE).write_text(json.dumps({**record, "renewed": stale.isoformat()}))
+    assert run(checkpoints, images, out).processed == 3
+    assert not killed.exists() and not (out / leases.LEASE_FILE).exists()
+    # A live run renews its lease from a thread of its own.
+    monkeypatch.setattr(leases, "RENEW_EVERY_S", 0.05)
+    with leases.Lease(store):
+        first = json.loads((out / leases.LEASE_FILE).read_text())["renewed"]
+        time.sleep(0.5)
+        assert json.loads((out / leases.LEASE_FILE).read_text())["renewed"] > first
+    assert not (out / leases.LEASE_FILE).exists()

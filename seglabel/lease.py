@@ -1,0 +1,135 @@
+"""One run at a time on an output: a lease in its scratch space, renewed while the run goes on.
+
+Two runs on one output sweep each other's to-do lists and commit every image twice. A run
+takes ``_seglabel/lease.json`` before it touches the output (the sweep of a killed run's files,
+``--overwrite``, the commit) and renews it every ``RENEW_EVERY_S`` from a thread of its own, so
+that it holds through a long enumeration; a second run refuses with one line naming the first.
+A killed run renews nothing: its lease expires after ``TTL_S`` and the next run takes over.
+
+Object stores offer no lock, so taking the lease is write-then-check: a run writes its lease,
+waits ``SETTLE_S`` and reads it back; of two runs that wrote at once, the one whose lease is
+read back goes on and the other refuses. The clock is the writers' (UTC): ``TTL_S`` is long
+enough to cover skew between machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from .errors import get_logger
+from .sink import SCRATCH_DIR, OutputError, OutputStore
+
+log = get_logger(__name__)
+
+LEASE_FILE = f"{SCRATCH_DIR}/lease.json"
+# A lease not renewed for this long is a killed run's.
+TTL_S = 120.0
+RENEW_EVERY_S = 20.0
+# Between writing a lease and reading it back (two runs that wrote at once: the later wins):
+# long enough for a concurrent writer's request to land; a local disk's writes land at once.
+SETTLE_S = 1.0
+SETTLE_LOCAL_S = 0.2
+
+
+class OutputBusy(OutputError):
+    """Another run holds the output's lease."""
+
+
+class Lease:
+    """This run's lease on an output: :meth:`take` it, and :meth:`release` it at the end."""
+
+    def __init__(self, store: OutputStore):
+        self.store = store
+        self.id = uuid.uuid4().hex
+        self.holder = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
+                       "started": _now().isoformat(timespec="seconds")}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def take(self) -> Lease:
+        """Take the lease, or raise :class:`OutputBusy` naming the run that holds it."""
+        other = live_holder(self.store)
+        if other is not None:
+            raise OutputBusy(_busy(self.store, other))
+        self._write()
+        time.sleep(SETTLE_LOCAL_S if self.store.local else SETTLE_S)
+        now = self.store.read_json(LEASE_FILE)
+        if not isinstance(now, dict) or now.get("id") != self.id:
+            raise OutputBusy(_busy(self.store, now if isinstance(now, dict) else {}))
+        self._thread = threading.Thread(target=self._renew, name="seglabel-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        """Stop renewing, and remove the lease if it is still this run's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            current = self.store.read_json(LEASE_FILE)
+            if isinstance(current, dict) and current.get("id") == self.id:
+                self.store.remove(LEASE_FILE)
+        except Exception as exc:  # the run is over either way; the lease expires by itself
+            log.warning("cannot remove the lease on %s: %s", self.store.url, exc)
+
+    def __enter__(self) -> Lease:
+        return self.take()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def _write(self) -> None:
+        self.store.write_json(LEASE_FILE, {**self.holder, "renewed": _now().isoformat()})
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_EVERY_S):
+            try:
+                self._write()
+            except Exception as exc:  # a storage hiccup: the next renewal may succeed
+                log.warning("cannot renew the lease on %s: %s", self.store.url, exc)
+
+
+@contextlib.contextmanager
+def hold(store: OutputStore, dry_run: bool = False) -> Iterator[None]:
+    """The output's lease for the ``with`` block: checked writable, taken, renewed, released. A
+    dry run writes nothing and takes none: it only says that a run holds it (its counts may
+    change under it)."""
+    if dry_run:
+        holder = live_holder(store)
+        if holder is not None:
+            log.warning("%s", _busy(store, holder))
+        yield
+        return
+    store.check_writable()
+    with Lease(store):
+        yield
+
+
+def live_holder(store: OutputStore) -> dict[str, Any] | None:
+    """The run that holds the output's lease now; None where none does (no lease, an expired
+    one, or one that cannot be read: a killed run's half-written file)."""
+    try:
+        holder = store.read_json(LEASE_FILE)
+        renewed = datetime.fromisoformat(holder["renewed"])
+    except Exception:
+        return None
+    if renewed.tzinfo is None or (_now() - renewed).total_seconds() > TTL_S:
+        return None
+    return holder
+
+
+def _busy(store: OutputStore, holder: dict[str, Any]) -> str:
+    return (f"{store.url} is being labeled by another run (host {holder.get('host', '?')}, pid "
+            f"{holder.get('pid', '?')}, since {holder.get('started', '?')}): one run at a time on an output; "
+            f"wait for it to end (a killed run's lease expires {TTL_S:.0f} s after its last renewal)")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
