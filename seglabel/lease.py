@@ -4,7 +4,8 @@ Two runs on one output sweep each other's to-do lists and commit every image twi
 takes ``_seglabel/lease.json`` before it touches the output (the sweep of a killed run's files,
 ``--overwrite``, the commit) and renews it every ``RENEW_EVERY_S`` from a thread of its own, so
 that it holds through a long enumeration; a second run refuses with one line naming the first.
-A killed run renews nothing: its lease expires after ``TTL_S`` and the next run takes over.
+A killed run renews nothing: its lease expires after ``TTL_S`` and the next run takes over
+(at once where the killed run's process was on the same machine and is gone).
 
 Object stores offer no lock, so taking the lease is write-then-check: a run writes its lease,
 waits ``SETTLE_S`` and reads it back; of two runs that wrote at once, the one whose lease is
@@ -114,7 +115,8 @@ def hold(store: OutputStore, dry_run: bool = False) -> Iterator[None]:
 
 def live_holder(store: OutputStore) -> dict[str, Any] | None:
     """The run that holds the output's lease now; None where none does (no lease, an expired
-    one, or one that cannot be read: a killed run's half-written file)."""
+    one, one that cannot be read, or one whose process on this machine is gone: a run killed
+    here is taken over at once, not after ``TTL_S``)."""
     try:
         holder = store.read_json(LEASE_FILE)
         renewed = datetime.fromisoformat(holder["renewed"])
@@ -122,7 +124,23 @@ def live_holder(store: OutputStore) -> dict[str, Any] | None:
         return None
     if renewed.tzinfo is None or (_now() - renewed).total_seconds() > TTL_S:
         return None
+    if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+        log.info("the run that held %s (pid %s) is gone: taking over", store.url, holder.get("pid"))
+        return None
     return holder
+
+
+def _alive(pid: Any) -> bool:
+    """Whether a process of this machine is running (one we may not signal is)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _busy(store: OutputStore, holder: dict[str, Any]) -> str:

@@ -315,3 +315,17 @@ def test_a_killed_runs_lease_expires_and_a_live_one_is_renewed(checkpoints, tmp_
         time.sleep(0.5)
         assert json.loads((out / leases.LEASE_FILE).read_text())["renewed"] > first
     assert not (out / leases.LEASE_FILE).exists()
+    # A fresh lease of a process of this machine that is gone (a SIGKILLed driver): taken over
+    # at once; one of a live process (this one) is not.
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    now = datetime.now(timezone.utc).isoformat()
+    fresh = {"id": "x", "host": socket.gethostname(), "started": "", "renewed": now}
+    (out / leases.LEASE_FILE).write_text(json.dumps({**fresh, "pid": gone.pid}))
+    assert run(checkpoints, images, out).found == 3
+    (out / leases.LEASE_FILE).write_text(json.dumps({**fresh, "pid": os.getpid()}))
+    with pytest.raises(leases.OutputBusy):
+        run(checkpoints, images, out)
