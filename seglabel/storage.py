@@ -37,13 +37,46 @@ TEMPORARY_MARK = ".tmp-"
 
 
 def with_defaults(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Storage options for ``url`` with seglabel's retry defaults filled in."""
+    """Storage options for ``url`` with seglabel's defaults filled in: retries for S3, and for
+    http(s) the user's ``headers`` kept to ``url``'s own origin on every hop of a redirect."""
     options = dict(storage_options or {})
-    if split_protocol(url)[0] in S3_PROTOCOLS:
+    protocol = split_protocol(url)[0]
+    if protocol in S3_PROTOCOLS:
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("retries", {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
         options["config_kwargs"] = config
+    elif protocol in ("http", "https") and isinstance(options.get("headers"), Mapping) and options["headers"]:
+        client = dict(options.get("client_kwargs") or {})
+        client["middlewares"] = (*client.get("middlewares", ()), OriginHeaders(url, options["headers"]))
+        options["client_kwargs"] = client
     return options
+
+
+class OriginHeaders:
+    """An aiohttp client middleware that sends the user's headers (an API key, a token) to one
+    origin only (scheme, host, port), on every request of a redirect chain: aiohttp follows a
+    redirect with the same headers and strips only ``Authorization`` and ``Cookie`` on the way
+    to another host, so a custom ``X-Api-Key`` reached whatever host the input redirected to.
+
+    Picklable (options travel to Ray workers) and with a stable ``repr``, which fsspec's cache
+    of filesystem instances keys on."""
+
+    def __init__(self, url: str, headers: Mapping[str, Any]):
+        from yarl import URL
+
+        self.origin = str(URL(url).origin())
+        self.names = tuple(sorted(str(name).lower() for name in headers))
+
+    async def __call__(self, request: Any, handler: Any) -> Any:
+        from yarl import URL
+
+        if str(URL(str(request.url)).origin()) != self.origin:
+            for name in self.names:
+                request.headers.popall(name, None)
+        return await handler(request)
+
+    def __repr__(self) -> str:
+        return f"OriginHeaders({self.origin!r}, {self.names!r})"
 
 
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None):

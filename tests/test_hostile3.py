@@ -329,3 +329,50 @@ def test_a_killed_runs_lease_expires_and_a_live_one_is_renewed(checkpoints, tmp_
     (out / leases.LEASE_FILE).write_text(json.dumps({**fresh, "pid": os.getpid()}))
     with pytest.raises(leases.OutputBusy):
         run(checkpoints, images, out)
+
+
+def test_input_headers_reach_the_inputs_host_only_across_redirects(tmp_path):
+    """A custom header for an http(s) input (an API key) once followed a redirect to another
+    host (aiohttp strips only Authorization and Cookie). Two loopback servers: the input's host
+    redirects to itself, then to the other; only the input's host sees the key, on each hop."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from seglabel.fetch import read_bytes
+
+    seen: dict[str, list] = {"input": [], "other": []}
+    png = encode(drawn(8, 6, 1), "PNG")
+
+    def server(name: str, answer):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                keys = (self.headers.get("X-Api-Key"), self.headers.get("PRIVATE-TOKEN"))
+                seen[name].append((self.path, *keys))
+                status, headers, body = answer(self.path)
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        return httpd
+
+    other = server("other", lambda path: (200, {"Content-Type": "image/png"}, png))
+    other_url = f"http://127.0.0.1:{other.server_port}/stolen.png"
+    input_host = server("input", lambda path: (
+        (302, {"Location": "/hop.png"}, b"") if path == "/a.png" else (302, {"Location": other_url}, b"")))
+    try:
+        url = f"http://127.0.0.1:{input_host.server_port}/a.png"
+        options = {"headers": {"X-Api-Key": "secret", "PRIVATE-TOKEN": "t0ken"}}
+        assert read_bytes(url, options, 1 << 20) == png
+    finally:
+        input_host.shutdown()
+        other.shutdown()
+    assert seen["input"] == [("/a.png", "secret", "t0ken"), ("/hop.png", "secret", "t0ken")]
+    assert seen["other"] == [("/stolen.png", None, None)]
