@@ -45,7 +45,16 @@ SECRET_NAMES = (
 SECRET_MARKERS = ("accountkey=", "sharedaccesssignature=") + tuple(sorted(f"{p}=" for p in SIGNED_URL_PARAMS))
 # Names like secrets that are identifiers of keys, not keys (SSE-KMS: SSEKMSKeyId).
 NOT_SECRET_SUFFIXES = ("keyid", "key_id")
-WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".carry"]
+# A shipped working_dir is readable by anyone who can read the cluster's jobs: credential files
+# are never packed (gitignore patterns, as Ray reads them), nor build leftovers.
+CREDENTIAL_FILES = [
+    ".env", ".env.*", "*.env", ".aws/", ".azure/", ".config/gcloud/", ".docker/", ".kube/", ".ssh/",
+    ".gnupg/", ".netrc", ".git-credentials", ".npmrc", ".pypirc", "*.pem", "*.key", "*.p12", "*.pfx",
+    "id_rsa*", "id_ed25519*", "*credentials*", "service-account*.json", "service_account*.json",
+    "*-sa-key.json", "*.keytab",
+]
+WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".carry",
+                        *CREDENTIAL_FILES]
 TOKEN_HELP = (
     "set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it, or copy the "
     "head's ~/.ray/auth_token to this machine (`ray get-auth-token` on the head prints it)"
@@ -148,7 +157,9 @@ def submit(
 ) -> str:
     """Submit a job with these settings (as in a YAML spec); returns the submission id."""
     config = JobConfig.from_mapping(values)  # the same validation as `seglabel run`, before sending
-    check_no_secrets(values)
+    # Every field sent, not only the spec: a pip requirement or a working_dir URL may carry a
+    # token (git+https://oauth2:TOKEN@…, --extra-index-url https://user:pass@…).
+    check_no_secrets({**values, "working_dir": working_dir, "pip": list(pip or [])})
     if config.require_license is not None:
         # Checked here too, so that a refused checkpoint never reaches the cluster's queue.
         from .checkpoint import inspect_checkpoint

@@ -248,3 +248,43 @@ def test_key_ids_are_not_secrets_but_bearer_values_are(capsys):
     assert main(argv + ["--input-option", "headers={X-Auth: Bearer SECRETVALUE}"]) == 2
     err = capsys.readouterr().err
     assert "input_storage_options.headers.X-Auth" in err and "SECRETVALUE" not in err
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--pip", "git+https://oauth2:SECRETVALUE@gitlab.example/org/pkg.git"],
+     "pip[0] (a URL with user information)"),
+    (["--pip", "--extra-index-url https://user:SECRETVALUE@pypi.example/simple"], "pip[0]"),
+    (["--working-dir", "https://user:SECRETVALUE@files.example/wd.zip"],
+     "working_dir (a URL with user information)"),
+])
+def test_every_field_sent_is_checked_for_secrets(flags, field, capsys):
+    """A pip requirement or a working_dir URL with a password went into the runtime_env as it
+    was, readable by anyone who can list the cluster's jobs."""
+    argv = ["submit", "--address", "http://127.0.0.1:9", "--input", "s3://b/in", "--output", "s3://b/out"]
+    assert main(argv + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0] and "credentials" in err[0], err
+    assert "SECRETVALUE" not in err[0]
+
+
+def test_credential_files_are_never_packed_into_a_working_dir(tmp_path):
+    """Ray's own packer, given seglabel's excludes, leaves out .env, cloud credentials and key
+    files, and packs the rest of a checkout."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from seglabel.submit import WORKING_DIR_EXCLUDES
+
+    wd = tmp_path / "checkout"
+    secret = [".env", ".env.production", ".aws/credentials", "service-account.json", "deploy/key.pem",
+              ".config/gcloud/application_default_credentials.json", ".ssh/id_rsa", ".netrc",
+              ".git-credentials"]
+    kept = ["jobs/run_job.py", "jobs/coco.yaml", "README.md", "src/keys.py", "model/config.json"]
+    for name in secret + kept:
+        (wd / name).parent.mkdir(parents=True, exist_ok=True)
+        (wd / name).write_text("x")
+    package = tmp_path / "wd.zip"
+    create_package(str(wd), package, include_gitignore=False, excludes=WORKING_DIR_EXCLUDES)
+    names = {n for n in zipfile.ZipFile(package).namelist() if not n.endswith("/")}
+    assert names == set(kept)
