@@ -376,3 +376,29 @@ def test_input_headers_reach_the_inputs_host_only_across_redirects(tmp_path):
         other.shutdown()
     assert seen["input"] == [("/a.png", "secret", "t0ken"), ("/hop.png", "secret", "t0ken")]
     assert seen["other"] == [("/stolen.png", None, None)]
+
+
+def test_a_storage_write_that_fails_names_its_file(checkpoints, tmp_path):
+    """A full disk once ended a run with "OSError: [Errno 28]" and no path. A real failing write:
+    the driver's files limited to 1000 bytes (RLIMIT_FSIZE, EFBIG), so that its first to-do list
+    cannot be written; one line naming it, exit 2, and the lease released."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    images = photos(tmp_path / "photos")
+    out = tmp_path / "labels"
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "seglabel", "run", "--input", str(images), "--output", str(out), "--stand-in",
+         "default", "--model", str(checkpoints["instance"])],
+        preexec_fn=small_files, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("seglabel: ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(errors) == 1 and "cannot write file://" in errors[0] and "todo-00000.parquet" in errors[0]
+    assert "File too large" in errors[0] and not (out / "_seglabel" / "lease.json").exists()
