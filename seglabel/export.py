@@ -25,7 +25,9 @@ With ``shard_size`` every file holds at most that many images and is numbered
 Decisions (also in ``export --help``):
 
 * Rows are streamed: Parquet parts are read one at a time, in row batches, and each image's
-  output is written as soon as it is read; memory does not grow with the corpus. A COCO file
+  output is written as soon as it is read; memory does not grow with the corpus (but for the
+  check for repeated keys on a partial output: 8 bytes a row, see ``OutputStore.superseded``;
+  on an output a run finished it is skipped). A COCO file
   streams its ``images`` straight out and keeps its ``annotations`` in a temporary spool
   (memory, then disk) until the images are done.
 * Only ``ok`` rows are exported; ``error`` rows (which have no masks) are counted and skipped,
@@ -604,9 +606,9 @@ def _export(output: str, writer: type[Writer], fmt: str, to: str, options: Expor
             storage_options: Mapping[str, Any] | None, to_storage_options: Mapping[str, Any] | None) -> dict:
     store, job = open_output(output, storage_options)
     if job.task not in writer.tasks:
-        raise ExportError(
-            f"{fmt} needs a panoptic output; {output} holds {job.task} masks (use --format coco)"
-        )
+        needs = " or ".join(writer.tasks)
+        raise ExportError(f"{fmt} needs a {needs} output; {output} holds {job.task} masks "
+                          "(use --format coco)")
     keep = _segment_filter(job, writer.things_only, options.min_score, options.labels)
     dest = Destination(to, to_storage_options)
     if not writer.folder and (to.endswith("/") or dest.is_dir()):

@@ -1,6 +1,6 @@
 """The attempt ledger: how a stage tells a retry after its worker died from a first run, so
 that an image that kills its worker (an OOM kill, a segfault) gets an error row after
-MAX_ATTEMPTS deaths instead of Ray retrying its task forever (``pipeline._bounded``).
+MAX_ATTEMPTS deaths instead of Ray retrying its task forever (``stages.bounded``).
 
 A module of its own, apart from the pipeline: the ledger runs as an actor in a process of its
 own, started with every job, which then imports only this, not the pipeline with Pillow and

@@ -101,7 +101,7 @@ def _finish_idle(store: OutputStore, config: JobConfig, summary: Summary, record
     if summary.held_back:
         store.remove(SUCCESS_FILE)
     elif summary.found == 0 or not store.exists(SUCCESS_FILE):
-        summary.totals = store.counts()
+        summary.totals = store.counts(remember=True)
         store.write_json(SUCCESS_FILE, summary.totals)
 
 
@@ -121,7 +121,7 @@ def _label(config: JobConfig, store: OutputStore, model: Model, work: Work, summ
 
 def _finish(store: OutputStore, summary: Summary, work: Work) -> None:
     """The output's totals, and ``_SUCCESS`` once every input image has a row."""
-    summary.totals = store.counts()
+    summary.totals = store.counts(remember=True)
     if summary.processed < work.todo:
         # Every row is committed or the job fails; should one be missing all the same,
         # _SUCCESS would lie: the next run labels what is missing.

@@ -79,10 +79,12 @@ class JobRecord:
         where = f"{redact_url(store.url).rstrip('/')}/{JOB_FILE}"
         try:
             values = store.read_json(JOB_FILE)
-        except ValueError as exc:  # JSONDecodeError, and bytes that are not UTF-8
-            message = f"{where} is not valid JSON ({one_line(exc)}): not a seglabel job record"
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, not UTF-8, nested past the limit
+            message = f"{where} is not valid JSON ({type(exc).__name__}): not a seglabel job record"
             raise OutputError(message) from exc
         if values is None:
+            if store.exists(JOB_FILE):  # the JSON null, not a missing file
+                raise OutputError(f"{where} holds null, not a seglabel job record")
             return None
         if not isinstance(values, dict):
             raise OutputError(f"{where} holds a {type(values).__name__}, not a seglabel job record")
@@ -121,7 +123,7 @@ class JobRecord:
             return None
         try:
             return thing_ids(self.id2label, self._setting("thing_labels"))
-        except ValueError:
+        except (ValueError, TypeError):  # a record's thing_labels that are no labels: unknown
             return None
 
     @property
@@ -160,8 +162,10 @@ class JobRecord:
     def check_input(self, config: JobConfig) -> None:
         """Refuse to resume an output labeled from another input: keys are relative to their
         input root (or manifest URIs), so two inputs' keys mixed in one output mean nothing."""
-        def same_form(url: str | None) -> str | None:
+        def same_form(url: Any) -> str | None:
             # As recorded, and without signing parameters: a presigned manifest signed anew is the same.
+            if not isinstance(url, str):  # a record holding no URL here, or not a string: differs
+                return None if url is None else repr(url)
             return url_identity(absolute_local(url)).rstrip("/") if url else None
 
         before = [same_form(self.values.get(n)) for n in ("input", "manifest")]
@@ -251,7 +255,7 @@ def _version(package: str) -> str:
 def open_output(output: str,
                 storage_options: Mapping[str, Any] | None = None) -> tuple[OutputStore, JobRecord]:
     """An existing output's store and record, for the tools that read one (exports, preview,
-    eval). A partial job (no ``_SUCCESS``) is allowed, with a warning; no record is an
+    and later readers). A partial job (no ``_SUCCESS``) is allowed, with a warning; no record is an
     :class:`~seglabel.sink.OutputError`."""
     try:
         store = OutputStore(output, storage_options)

@@ -66,12 +66,14 @@ SCHEMA = pa.schema(
 LABEL_COLUMNS = ("key", "image_uri", "status", "width", "height", "segments")
 
 JOB_FILE = "job.json"
-# Files deleted in one request (S3's DeleteObjects takes up to 1,000 keys).
-REMOVE_BATCH = 1000
 SUCCESS_FILE = "_SUCCESS"
 MASKS_DIR = "masks"
 METADATA_DIR = "metadata"
 SCRATCH_DIR = "_seglabel"
+# Which parts the last run checked for repeated keys (see OutputStore.superseded).
+KEYS_CHECKED = f"{SCRATCH_DIR}/keys-checked.json"
+# Files deleted in one request (S3's DeleteObjects takes up to 1,000 keys).
+REMOVE_BATCH = 1000
 
 
 class OutputError(SeglabelError, RuntimeError):
@@ -296,27 +298,42 @@ class OutputStore(Location):
         for table in self.iter_part_columns(["key", "status"]):
             if not include_errors:
                 table = table.filter(pa.compute.equal(table.column("status"), "ok"))
-            spool.add(key_hashes(table.column("key").to_pylist()))
+            spool.add(_hashes(table))
         return SortedHashes.from_spool(spool)
 
     def superseded(self) -> dict[str, np.ndarray]:
         """The rows that do not count, by part: a key's row that counts is its last committed
         one (parts are read in name order, which is commit order: part names start with the
         run's UTC time), as every reader of rows takes it. Empty while every key has one row,
-        as the commit ensures; a key could still have two should a part be replaced while
-        another run wrote. Costs a pass over the keys, 8 bytes a row."""
+        as the commit and the run's lease ensure; an output written by an older seglabel (two
+        runs at once) may hold two.
+
+        The check is a pass over every part's keys (8 bytes a row), which the end of each run
+        makes and remembers (:meth:`counts`); a reader skips it while the parts are the ones a
+        run checked, and makes it on a partial output."""
+        parts = self.parts()
+        checked = self._keys_checked()
+        if checked is not None and checked.get("repeated") == 0 and checked.get("parts") == _names(parts):
+            return {}
         spool = HashSpool()
         for table in self.iter_part_columns(["key"]):
-            spool.add(key_hashes(table.column("key").to_pylist()))
+            spool.add(_hashes(table))
         repeats = repeated(spool.sorted())
         return self._rows_replaced(repeats) if len(repeats) else {}
+
+    def _keys_checked(self) -> dict[str, Any] | None:
+        try:
+            checked = self.read_json(KEYS_CHECKED)
+        except Exception:  # damaged: the check is made again
+            return None
+        return checked if isinstance(checked, dict) else None
 
     def _rows_replaced(self, repeats: np.ndarray) -> dict[str, np.ndarray]:
         """The positions, by part, of every row of a repeated key but its last."""
         wanted = SortedHashes(repeats, is_sorted=True)
         rows_of: dict[int, list[tuple[str, int]]] = {}
         for path in self.parts():
-            hashes = key_hashes(self.read_parquet(path, ["key"]).column("key").to_pylist())
+            hashes = _hashes(self.read_parquet(path, ["key"]))
             for i in np.flatnonzero(wanted.find(hashes) >= 0).tolist():
                 rows_of.setdefault(int(hashes[i]), []).append((path, i))
         out: dict[str, list[int]] = {}
@@ -325,18 +342,24 @@ class OutputStore(Location):
                 out.setdefault(path, []).append(i)
         return {path: np.array(sorted(positions), dtype=np.int64) for path, positions in out.items()}
 
-    def counts(self) -> dict[str, Any]:
+    def counts(self, remember: bool = False) -> dict[str, Any]:
         """Rows, ok and error counts (errors by reason) over the rows that count (see
         :meth:`superseded`), read one part at a time: every row is counted in one pass, and the
-        rows a later one replaced, should there be any, are taken out again."""
+        rows a later one replaced, should there be any, are taken out again. ``remember`` (a
+        run, under its lease): which parts were checked for repeated keys, so that readers can
+        skip that pass."""
+        parts = self.parts()
         counts, spool = RowCounts(), HashSpool()
-        for table in self.iter_part_columns(["key", "status", "error"]):
+        for path in parts:
+            table = self.read_parquet(path, ["key", "status", "error"])
             counts.add(table)
-            spool.add(key_hashes(table.column("key").to_pylist()))
+            spool.add(_hashes(table))
         repeats = repeated(spool.sorted())
         if len(repeats):
             for path, positions in self._rows_replaced(repeats).items():
                 counts.add(self.read_parquet(path, ["status", "error"]).take(positions), sign=-1)
+        if remember:
+            self.write_json(KEYS_CHECKED, {"parts": _names(parts), "repeated": int(len(repeats))})
         return counts.as_dict()
 
     def queued(self) -> int:
@@ -381,6 +404,7 @@ class OutputStore(Location):
             self._remove_files(masks[start:start + REMOVE_BATCH])
         self._remove_files(self.parts())
         self.remove(SUCCESS_FILE)
+        self.remove(KEYS_CHECKED)
         self.clean_temporary()  # the scratch space's to-do lists; the run's own lease stays
         self.remove(JOB_FILE)
         return len(masks)
@@ -495,6 +519,15 @@ class RowCounts:
             "error": self.error,
             "errors_by_reason": dict(sorted((k, v) for k, v in self.reasons.items() if v)),
         }
+
+
+def _names(paths: list[str]) -> list[str]:
+    return [posixpath.basename(p) for p in paths]
+
+
+def _hashes(table: pa.Table) -> np.ndarray:
+    """The keys' hashes (a null key, which seglabel never writes, as the empty key)."""
+    return key_hashes(pa.compute.fill_null(table.column("key"), "").to_pylist())
 
 
 def reason_class(error: str | None) -> str:

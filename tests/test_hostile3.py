@@ -402,3 +402,30 @@ def test_a_storage_write_that_fails_names_its_file(checkpoints, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(errors) == 1 and "cannot write file://" in errors[0] and "todo-00000.parquet" in errors[0]
     assert "File too large" in errors[0] and not (out / "_seglabel" / "lease.json").exists()
+
+
+def test_readers_skip_the_repeated_key_pass_on_parts_a_run_checked(checkpoints, tmp_path):
+    """The end of a run checks its parts for repeated keys and remembers which; a reader then
+    reads each part once, not a second time for the keys. A part committed since (here one
+    repeating a key, as two runs at once once wrote) is checked again, and the key counts once."""
+    from seglabel.sink import SCHEMA, OutputStore
+
+    images = photos(tmp_path / "photos", 4)
+    out = tmp_path / "labels"
+    run(checkpoints, images, out, rows_per_part=2)
+    store = OutputStore(str(out))
+    reads: list[str] = []
+    cat_file = store.fs.cat_file
+    store.fs.cat_file = lambda path, *a, **k: reads.append(path) or cat_file(path, *a, **k)
+    try:
+        rows = list(store.iter_rows(["key", "status"], batch_size=10))
+        parts = store.parts()
+        assert len(rows) == 4 and len(parts) == 2
+        assert sorted(r for r in reads if r.endswith(".parquet")) == parts  # each part once
+        again = read_rows(str(out))[0]
+        late = out / "metadata" / "part-z-again.parquet"
+        pq.write_table(pa.Table.from_pylist([again], schema=SCHEMA), late)
+        assert sorted(r["key"] for r in store.iter_rows(["key"], batch_size=10)) == sorted(
+            f"p{i}.jpg" for i in range(4))
+    finally:
+        store.fs.cat_file = cat_file
