@@ -8,6 +8,7 @@ specs both build these objects; nothing else reads flags.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -83,6 +84,14 @@ MAX_COUNT = 2**62  # limit, min_area, max_pixels, max_bytes: far past any real v
 
 def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _paths_as_text(config: Any, names: tuple[str, ...]) -> None:
+    """``pathlib.Path`` values (from Python callers) as the strings the settings are."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, os.PathLike):
+            object.__setattr__(config, name, os.fspath(value))
 
 
 def check_flag(name: str, value: Any) -> None:
@@ -228,6 +237,7 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
+        _paths_as_text(self, ("model", "cache_dir"))
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError("model must be a Hub id, a local directory or a checkpoint URL")
         for name in ("revision", "task", "device", "dtype", "cache_dir"):
@@ -312,6 +322,7 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "require_license", license_ids(self.require_license))
+        _paths_as_text(self, ("output", "input", "manifest"))
         if not self.output or not isinstance(self.output, str) or not self.output.strip():
             raise ConfigError("an output URL is required (--output)")
         for name in ("input", "manifest", "address"):
@@ -403,8 +414,6 @@ def load_spec(path: str) -> dict[str, Any]:
     Aliases are refused and the text is bounded (``MAX_SPEC_BYTES``): nested aliases make a few
     hundred bytes into a document of billions of nodes (a "billion laughs"), which every walk
     of the settings (the secret check, the config) would expand."""
-    import os
-
     import fsspec
     import yaml
 

@@ -69,6 +69,13 @@ def test_bad_settings_are_one_line_config_errors(values, message):
     assert isinstance(err.value, SeglabelError) and err.value.exit_status == 2
 
 
+def test_paths_from_python_are_taken_as_strings(tmp_path):
+    config = JobConfig.from_mapping({"input": tmp_path / "in", "output": tmp_path / "out",
+                                     "model": tmp_path / "m"})
+    given = tuple(str(tmp_path / n) for n in ("in", "out", "m"))
+    assert (config.input, config.output, config.engine.model) == given
+
+
 def test_labels_take_a_list_a_string_or_one_id():
     base = {"output": "o", "input": "i"}
     assert JobConfig.from_mapping({**base, "labels": 5}).engine.labels == ("5",)
