@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -55,6 +55,8 @@ class Committer:
     run_id: str
     rows_per_part: int
     pending: list[pa.Table]
+    # Called before each part is written: raises when this run may no longer commit (its lease lost).
+    guard: Callable[[], None] = lambda: None
     pending_rows: int = 0
     pending_bytes: int = 0
     part: int = 0
@@ -79,19 +81,21 @@ class Committer:
             self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
 
     def _write(self, table: pa.Table) -> None:
+        self.guard()
         name = f"part-{self.run_id}-{self.part:05d}.parquet"
         self.store.write_part(table.drop_columns(["actor", "index"]), name)
         self.part += 1
 
 
 def commit_rows(batches: Iterable[pa.Table], store: OutputStore, run_id: str, todo: int, rows_per_part: int,
-           max_errors: float | None, summary: Summary) -> None:
+                max_errors: float | None, summary: Summary, guard: Callable[[], None] = lambda: None) -> None:
     """Consume the pipeline's rows (this run's ``todo`` of them, each with its ``index`` in the
     to-do order and the ``actor`` that labeled it) and commit them; counts into ``summary``.
-    Stops with :class:`JobError`, once what is done is committed, past ``max_errors``."""
+    Stops with :class:`JobError`, once what is done is committed, past ``max_errors``; ``guard``
+    is called before each part is written."""
     from tqdm import tqdm
 
-    committer = Committer(store, run_id, rows_per_part, [])
+    committer = Committer(store, run_id, rows_per_part, [], guard=guard)
     counts = RowCounts()
     actors: Counter[str] = Counter()
     # One bit per row of this run's todo list (its "index" column), not a set of keys.

@@ -77,8 +77,8 @@ class Resolution:
 # Every setting's type is checked where a config is built: YAML templating writes
 # ``overwrite: "false"``, a string, which Python takes as true; ``max_pixels: 1e6`` is a string
 # to PyYAML; ``batch_size: true`` is a number to Python. Sane ranges bound the numbers.
-MAX_BATCH_SIZE = 4096
-MAX_ROWS_PER_PART = 10_000_000
+MAX_BATCH_SIZE = 1 << 16
+MAX_ROWS_PER_PART = 1_000_000_000
 MAX_COUNT = 2**62  # limit, min_area, max_pixels, max_bytes: far past any real value, and an int64
 
 
@@ -100,14 +100,17 @@ def check_flag(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
-def check_whole(name: str, value: Any, low: int, high: int = MAX_COUNT, optional: bool = False) -> None:
-    """A setting that must be a whole number (not a boolean) in ``low..high``."""
+def set_whole(config: Any, name: str, low: int, high: int = MAX_COUNT, optional: bool = False) -> None:
+    """A setting of a frozen ``config`` that must be a whole number (not a boolean) in
+    ``low..high``; a float with no fraction (YAML's ``1.0e+8``) is one, and is set as an int."""
+    value = getattr(config, name)
     if value is None and optional:
         return
-    if not _is_whole(value):
+    if not _is_whole(value) and not (isinstance(value, float) and value.is_integer()):
         raise ConfigError(f"{name} must be a whole number, got {value!r}")
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    object.__setattr__(config, name, int(value))
 
 
 def check_real(name: str, value: Any, low: float, high: float, optional: bool = False) -> None:
@@ -134,7 +137,7 @@ def label_names(text: str) -> tuple[str, ...]:
     import csv
 
     try:
-        fields = next(csv.reader([text], skipinitialspace=True, strict=True), [])
+        fields = next(csv.reader([text], skipinitialspace=True), [])
     except csv.Error as exc:
         raise ConfigError(f"cannot read the labels {text!r}: {exc}") from None
     return tuple(f.strip() for f in fields if f.strip())
@@ -238,6 +241,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _paths_as_text(self, ("model", "cache_dir"))
+        if type(self.device).__name__ == "device":  # a torch.device, from a Python caller
+            object.__setattr__(self, "device", str(self.device))
+        if _is_whole(self.revision):  # a short commit hash of digits, which YAML reads as a number
+            object.__setattr__(self, "revision", str(self.revision))
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError("model must be a Hub id, a local directory or a checkpoint URL")
         for name in ("revision", "task", "device", "dtype", "cache_dir"):
@@ -256,11 +263,11 @@ class EngineConfig:
             object.__setattr__(self, "stand_in", StandIn.parse(self.stand_in))
         elif not isinstance(self.stand_in, (StandIn, type(None))):
             raise ConfigError(f"stand_in must be a string such as 'segments=20', got {self.stand_in!r}")
-        check_whole("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        set_whole(self, "batch_size", 1, MAX_BATCH_SIZE)
         for name in ("score_threshold", "mask_threshold", "overlap_threshold"):
             check_real(name, getattr(self, name), 0.0, 1.0)
-        check_whole("min_area", self.min_area, 0)
-        check_whole("max_instances", self.max_instances, 1, optional=True)
+        set_whole(self, "min_area", 0)
+        set_whole(self, "max_instances", 1, optional=True)
         for name in ("thing_labels", "labels"):
             object.__setattr__(self, name, _names(name, getattr(self, name)))
 
@@ -347,11 +354,11 @@ class JobConfig:
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError(f"{name} must be a mapping of fsspec options, got {type(value).__name__}")
             object.__setattr__(self, name, dict(value or {}))
-        check_whole("num_gpus", self.num_gpus, 0, MAX_BATCH_SIZE, optional=True)
-        check_whole("limit", self.limit, 0, optional=True)
-        check_whole("rows_per_part", self.rows_per_part, 1, MAX_ROWS_PER_PART)
-        check_whole("max_pixels", self.max_pixels, 1, optional=True)
-        check_whole("max_bytes", self.max_bytes, 1, optional=True)
+        set_whole(self, "num_gpus", 0, MAX_BATCH_SIZE, optional=True)
+        set_whole(self, "limit", 0, optional=True)
+        set_whole(self, "rows_per_part", 1, MAX_ROWS_PER_PART)
+        set_whole(self, "max_pixels", 1, optional=True)
+        set_whole(self, "max_bytes", 1, optional=True)
         check_real("max_errors", self.max_errors, 0, MAX_COUNT, optional=True)
         if self.max_errors is not None and not (
             0 < self.max_errors < 1 or (self.max_errors >= 0 and float(self.max_errors).is_integer())
@@ -411,9 +418,11 @@ def load_spec(path: str) -> dict[str, Any]:
     """Read a YAML job spec (a mapping of settings) from a local path, an fsspec URL, or
     ``env:NAME`` (an environment variable holding the YAML, as ``seglabel submit`` ships it).
 
-    Aliases are refused and the text is bounded (``MAX_SPEC_BYTES``): nested aliases make a few
-    hundred bytes into a document of billions of nodes (a "billion laughs"), which every walk
-    of the settings (the secret check, the config) would expand."""
+    The text is bounded (``MAX_SPEC_BYTES``), and so is what its aliases expand to
+    (:func:`check_expansion`): nested aliases make a few hundred bytes into a document of
+    billions of values (a "billion laughs"), which every walk of the settings (the secret
+    check, the config) would expand. Anchors and merge keys that share storage options are
+    fine."""
     import fsspec
     import yaml
 
@@ -427,7 +436,7 @@ def load_spec(path: str) -> dict[str, Any]:
                 text = f.read(MAX_SPEC_BYTES + 1)
         if len(text) > MAX_SPEC_BYTES:
             raise ConfigError(f"job spec {path} is over {MAX_SPEC_BYTES >> 20} MiB: not a job spec")
-        values = yaml.load(text, Loader=yaml_loader())  # noqa: S506  (a SafeLoader, without aliases)
+        values = yaml.safe_load(text)
     except FileNotFoundError as exc:
         raise ConfigError(f"job spec {path} not found") from exc
     except UnicodeDecodeError as exc:
@@ -438,19 +447,26 @@ def load_spec(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"job spec {path} must be a mapping of settings, got {type(values).__name__}")
+    check_expansion(values, f"job spec {path}")
     return values
 
 
-def yaml_loader() -> type:
-    """PyYAML's SafeLoader refusing aliases (``*name``): a spec has no use for them."""
-    import yaml
+# Values a spec (or an option) may expand to through its aliases: far past any real spec.
+MAX_SPEC_VALUES = 100_000
 
-    class NoAliasLoader(yaml.SafeLoader):
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
-                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a job spec",
-                                                  event.start_mark)
-            return super().compose_node(parent, index)
 
-    return NoAliasLoader
+def check_expansion(value: Any, what: str) -> None:
+    """Refuse a YAML value whose aliases expand past ``MAX_SPEC_VALUES`` values: walked with a
+    budget, so that a bomb is refused after that many steps, not after billions."""
+    budget, stack = MAX_SPEC_VALUES, [value]
+    while stack:
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"{what} expands to more than {MAX_SPEC_VALUES} values (nested YAML aliases?): "
+                              "not a job spec")
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)

@@ -50,35 +50,53 @@ class Lease:
         self.store = store
         self.id = uuid.uuid4().hex
         self.holder = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": _now().isoformat(timespec="seconds")}
+                       "started": _now().isoformat(timespec="seconds"), **_process_space()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Set by the renewal thread when another run's lease replaced this one's.
+        self.lost: dict[str, Any] | None = None
 
     def take(self) -> Lease:
         """Take the lease, or raise :class:`OutputBusy` naming the run that holds it."""
         other = live_holder(self.store)
         if other is not None:
             raise OutputBusy(_busy(self.store, other))
-        self._write()
-        time.sleep(SETTLE_LOCAL_S if self.store.local else SETTLE_S)
-        now = self.store.read_json(LEASE_FILE)
-        if not isinstance(now, dict) or now.get("id") != self.id:
-            raise OutputBusy(_busy(self.store, now if isinstance(now, dict) else {}))
+        try:
+            self._write()
+            time.sleep(SETTLE_LOCAL_S if self.store.local else SETTLE_S)
+            now = self._read()
+            if now.get("id") != self.id:
+                raise OutputBusy(_busy(self.store, now))
+        except BaseException:  # refused, or interrupted (Ctrl-C in the settle): not left behind
+            self._remove_if_ours()
+            raise
         self._thread = threading.Thread(target=self._renew, name="seglabel-lease", daemon=True)
         self._thread.start()
         return self
+
+    def check(self) -> None:
+        """Raise :class:`OutputBusy` if another run has taken the lease (this run stalled past
+        its expiry, or wrote at the same instant as another): called before each commit."""
+        if self.lost is not None:
+            raise OutputBusy(_busy(self.store, self.lost) + "; this run lost its lease and stops here")
 
     def release(self) -> None:
         """Stop renewing, and remove the lease if it is still this run's."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._remove_if_ours()
+
+    def _remove_if_ours(self) -> None:
         try:
-            current = self.store.read_json(LEASE_FILE)
-            if isinstance(current, dict) and current.get("id") == self.id:
+            if self._read().get("id") == self.id:
                 self.store.remove(LEASE_FILE)
         except Exception as exc:  # the run is over either way; the lease expires by itself
             log.warning("cannot remove the lease on %s: %s", self.store.url, exc)
+
+    def _read(self) -> dict[str, Any]:
+        current = self.store.read_json(LEASE_FILE)
+        return current if isinstance(current, dict) else {}
 
     def __enter__(self) -> Lease:
         return self.take()
@@ -90,27 +108,33 @@ class Lease:
         self.store.write_json(LEASE_FILE, {**self.holder, "renewed": _now().isoformat()})
 
     def _renew(self) -> None:
+        """Renew while this run holds the lease; never take it back from another run."""
         while not self._stop.wait(RENEW_EVERY_S):
             try:
+                current = self._read()
+                if current.get("id") not in (self.id, None):
+                    self.lost = current
+                    log.error("%s", _busy(self.store, current) + "; this run lost its lease")
+                    return
                 self._write()
             except Exception as exc:  # a storage hiccup: the next renewal may succeed
                 log.warning("cannot renew the lease on %s: %s", self.store.url, exc)
 
 
 @contextlib.contextmanager
-def hold(store: OutputStore, dry_run: bool = False) -> Iterator[None]:
+def hold(store: OutputStore, dry_run: bool = False) -> Iterator[Lease | None]:
     """The output's lease for the ``with`` block: checked writable, taken, renewed, released. A
-    dry run writes nothing and takes none: it only says that a run holds it (its counts may
-    change under it)."""
+    dry run writes nothing and takes none (None): it only says that a run holds it (its counts
+    may change under it)."""
     if dry_run:
         holder = live_holder(store)
         if holder is not None:
             log.warning("%s", _busy(store, holder))
-        yield
+        yield None
         return
     store.check_writable()
-    with Lease(store):
-        yield
+    with Lease(store) as lease:
+        yield lease
 
 
 def live_holder(store: OutputStore) -> dict[str, Any] | None:
@@ -122,12 +146,27 @@ def live_holder(store: OutputStore) -> dict[str, Any] | None:
         renewed = datetime.fromisoformat(holder["renewed"])
     except Exception:
         return None
-    if renewed.tzinfo is None or (_now() - renewed).total_seconds() > TTL_S:
+    # Stale: not renewed for TTL_S, or renewed "in the future" past TTL_S (a clock far ahead).
+    if renewed.tzinfo is None or abs((_now() - renewed).total_seconds()) > TTL_S:
         return None
-    if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+    same_space = holder.get("host") == socket.gethostname() and all(
+        v != "unknown" and holder.get(k) == v for k, v in _process_space().items())
+    if same_space and not _alive(holder.get("pid")):
         log.info("the run that held %s (pid %s) is gone: taking over", store.url, holder.get("pid"))
         return None
     return holder
+
+
+def _process_space() -> dict[str, str]:
+    """What makes a pid name one process: this boot of the machine and the pid namespace
+    (containers sharing a host's network, and so its name, each have their own pids)."""
+    out = {}
+    for key, path in (("boot", "/proc/sys/kernel/random/boot_id"), ("pidns", "/proc/self/ns/pid")):
+        try:
+            out[key] = os.readlink(path) if key == "pidns" else open(path).read().strip()
+        except OSError:
+            out[key] = "unknown"  # never taken as the same: no takeover without proof
+    return out
 
 
 def _alive(pid: Any) -> bool:

@@ -22,12 +22,12 @@ from .cluster import connect
 from .commit import JobError, commit_rows
 from .config import ConfigError, EngineConfig, JobConfig, default_dtype
 from .errors import SeglabelError, get_logger, redact_url
-from .lease import hold
+from .lease import Lease, hold
 from .ledger import AttemptLedger
 from .plan import Model, Work, absolute_paths, check_output, input_refs, plan_work, prepare_output
 from .record import JobRecord
 from .report import Summary, stage_cpu
-from .sink import JOB_FILE, SUCCESS_FILE, OutputStore
+from .sink import JOB_FILE, MASKS_DIR, SUCCESS_FILE, OutputStore
 from .stages import SEGMENT_CALLS, STAGES, DecodeStage, EncodeStage, SegmentStage, TodoReader
 
 log = get_logger(__name__)
@@ -69,7 +69,7 @@ def run(config: JobConfig) -> Summary:
     model.announce(config.engine.model)
     store = OutputStore(config.output, config.output_storage_options)
     check_output(store, config)
-    with hold(store, config.dry_run):  # one run at a time on an output
+    with hold(store, config.dry_run) as lease:  # one run at a time on an output
         previous = prepare_output(store, config, model)
         work = plan_work(store, config, refs, resuming=previous is not None)
         summary.found, summary.already_done, summary.held_back = work.found, work.already_done, work.held_back
@@ -83,7 +83,7 @@ def run(config: JobConfig) -> Summary:
             # Every Segmenter loads the commit the driver resolved (a Hub branch may move meanwhile).
             config = config.replace(engine=config.engine.replace(revision=model.revision))
             started = time.perf_counter()
-            _label(config, store, model, work, summary, record, fresh=previous is None)
+            _label(config, store, model, work, summary, record, lease, fresh=previous is None)
             summary.seconds = time.perf_counter() - started
             _finish(store, summary, work)
         finally:
@@ -106,15 +106,16 @@ def _finish_idle(store: OutputStore, config: JobConfig, summary: Summary, record
 
 
 def _label(config: JobConfig, store: OutputStore, model: Model, work: Work, summary: Summary,
-           record: JobRecord, fresh: bool) -> None:
-    """Label the work; a new output whose Segmenters refused to label anything (their
-    checkpoint's weights are not the model's) is left empty, so that the next run starts as if
-    this one never had."""
+           record: JobRecord, lease: Lease, fresh: bool) -> None:
+    """Label the work under the output's lease; a new output whose Segmenters refused to label
+    anything (their checkpoint's weights are not the model's) is left empty, so that the next
+    run starts as if this one never had. One that holds masks keeps its record: without it, the
+    folder would not be seglabel's to resume or overwrite."""
     try:
-        _execute(config, store, model, work, summary,
+        _execute(config, store, model, work, summary, lease,
                  settle=lambda dtype: record.settle(store, dtype, model.revision, fresh))
     except SeglabelError:
-        if fresh and summary.processed == 0:
+        if fresh and summary.processed == 0 and not store.holds(MASKS_DIR):
             store.remove(JOB_FILE)
         raise
 
@@ -145,11 +146,11 @@ class Sizing:
         return "num_gpus" in self.resources and (engine.device or "cuda").startswith("cuda")
 
 
-def _execute(config: JobConfig, store: OutputStore, model: Model, work: Work, summary: Summary,
+def _execute(config: JobConfig, store: OutputStore, model: Model, work: Work, summary: Summary, lease: Lease,
              settle: Callable[[str], None]) -> None:
     """Connect to Ray, build the pipeline (todo files -> decode -> Segmenters -> encode) and
-    commit its rows. ``settle`` is called with the Segmenters' dtype once their device is
-    known, before any image is read."""
+    commit its rows while ``lease`` is this run's. ``settle`` is called with the Segmenters'
+    dtype once their device is known, before any image is read."""
     import ray
     from ray.data import DataContext
 
@@ -166,7 +167,8 @@ def _execute(config: JobConfig, store: OutputStore, model: Model, work: Work, su
         cpu = time.process_time()
         try:
             rows = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-            commit_rows(rows, store, work.run_id, work.todo, config.rows_per_part, config.max_errors, summary)
+            commit_rows(rows, store, work.run_id, work.todo, config.rows_per_part, config.max_errors, summary,
+                        guard=lease.check)
         except Exception as exc:
             if isinstance(exc, SeglabelError):
                 raise

@@ -121,6 +121,9 @@ def prepare_output(store: OutputStore, config: JobConfig, model: Model) -> JobRe
     if config.overwrite:
         if not config.dry_run and previous is not None:
             log.info("--overwrite: removed the previous job's %d masks and its metadata", store.clear())
+            # The new record at once: masks a killed run wrote but never committed stay, and a
+            # folder with masks and no record would be refused by the next run.
+            model.record(config).write(store)
         previous = None  # a dry run of --overwrite counts as the real one would: from scratch
     elif previous is not None:
         previous.check_resume(config, model.task, model.revision, model.family)
@@ -171,13 +174,15 @@ def output_places(input: str, output: str) -> list[str]:
         path, folder = path.rstrip("/"), folder.rstrip("/")
         return path == folder or path.startswith(folder + "/")
 
-    if inside(input, output):
+    local = split_protocol(input)[0] is None and split_protocol(output)[0] is None
+    one_file = local and os.path.isfile(input)  # a single image labeled into its own folder is fine
+    if inside(input, output) and not one_file:
         raise ConfigError(f"the input {redact_url(input)} is inside the output {redact_url(output)}: "
                           "choose an output outside the input's folder")
     places = [output]
-    if split_protocol(input)[0] is None and split_protocol(output)[0] is None:
+    if local:
         real_in, real_out = os.path.realpath(input), os.path.realpath(output)
-        if inside(real_in, real_out):
+        if inside(real_in, real_out) and not one_file:
             raise ConfigError(f"the input {input} is the output {output}, or inside it, through a symlink "
                               f"({real_in} in {real_out}): choose an output outside the input's folder")
         places.append(real_out)

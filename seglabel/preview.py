@@ -40,6 +40,8 @@ def preview(
     to: str,
     *,
     n: int = 50,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
     storage_options: Mapping[str, Any] | None = None,
     image_storage_options: Mapping[str, Any] | None = None,
     to_storage_options: Mapping[str, Any] | None = None,
@@ -48,10 +50,11 @@ def preview(
 
     ``storage_options`` are fsspec options for the output; images are read with
     ``image_storage_options``, or, when those are not given, with the output's options for
-    images on the output's protocol (as a job often keeps both in one bucket). An image that
-    cannot be read or decoded any more is skipped with a warning. Returns the overlay paths
-    written, in order. Raises :class:`~seglabel.sink.OutputError` (``ConfigError`` for ``n``)
-    with one readable line.
+    images on the output's protocol (as a job often keeps both in one bucket), with the run's
+    guards (``max_pixels``, ``max_bytes``: the run's defaults; give the run's own if they were
+    larger). An image that cannot be read or decoded any more is skipped with a warning.
+    Returns the overlay paths written, in order. Raises :class:`~seglabel.sink.OutputError`
+    (``ConfigError`` for ``n``) with one readable line.
     """
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
@@ -74,7 +77,7 @@ def preview(
         )
         # The run's guards: a regular file, a bounded size, a bounded number of pixels (a small
         # PNG may declare 16000x16000: 768 MB decoded).
-        fetched = fetch(uri, options, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES)
+        fetched = fetch(uri, options, max_pixels=max_pixels, max_bytes=max_bytes)
         if fetched.image is None:
             log.warning("skipping %s: cannot read its image %s: %s", key, uri, fetched.error)
             continue

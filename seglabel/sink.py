@@ -396,18 +396,24 @@ class OutputStore(Location):
         (so that an overwrite cut short is still an output of seglabel's, and can be run again).
         Other files in ``masks/`` or ``metadata/`` (a dataset's own masks, notes) stay. Returns
         how many masks went. The caller checks that the output is seglabel's (its record)."""
-        masks = []
-        for table in self.iter_part_columns(["key", "status"]):
+        removed = 0
+        for part in self.parts():  # one part's masks at a time: memory does not grow with the rows
+            try:
+                table = self.read_parquet(part, ["key", "status"])
+            except OutputError as exc:  # a damaged part: its masks cannot be named, and stay
+                log.warning("--overwrite: %s; its masks, if any, stay", exc)
+                table = pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string())})
             ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
-            masks += [self.path(self.mask_relpath(k)) for k in ok.column("key").to_pylist() if is_safe_key(k)]
-        for start in range(0, len(masks), REMOVE_BATCH):
-            self._remove_files(masks[start:start + REMOVE_BATCH])
+            masks = [self.path(self.mask_relpath(k)) for k in ok.column("key").to_pylist() if is_safe_key(k)]
+            for start in range(0, len(masks), REMOVE_BATCH):
+                self._remove_files(masks[start:start + REMOVE_BATCH])
+            removed += len(masks)
         self._remove_files(self.parts())
         self.remove(SUCCESS_FILE)
         self.remove(KEYS_CHECKED)
         self.clean_temporary()  # the scratch space's to-do lists; the run's own lease stays
         self.remove(JOB_FILE)
-        return len(masks)
+        return removed
 
     def _remove_files(self, paths: list[str]) -> None:
         """Delete files (one request a batch on an object store); those already gone are fine."""

@@ -22,7 +22,7 @@ import os
 import posixpath
 import tempfile
 import uuid
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Iterable, Iterator, Mapping
 
 from fsspec.core import split_protocol, url_to_fs
 
@@ -45,11 +45,19 @@ def with_defaults(url: str, storage_options: Mapping[str, Any] | None = None) ->
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("retries", {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
         options["config_kwargs"] = config
-    elif protocol in ("http", "https") and isinstance(options.get("headers"), Mapping) and options["headers"]:
+    elif protocol in ("http", "https"):
         client = dict(options.get("client_kwargs") or {})
-        client["middlewares"] = (*client.get("middlewares", ()), OriginHeaders(url, options["headers"]))
-        options["client_kwargs"] = client
+        # Headers reach aiohttp two ways: per request (``headers``) and as the session's
+        # defaults (``client_kwargs.headers``).
+        names = [*_names_of(options.get("headers")), *_names_of(client.get("headers"))]
+        if names:
+            client["middlewares"] = (*client.get("middlewares", ()), OriginHeaders(url, names))
+            options["client_kwargs"] = client
     return options
+
+
+def _names_of(headers: Any) -> list[str]:
+    return [str(name) for name in headers] if isinstance(headers, Mapping) else []
 
 
 class OriginHeaders:
@@ -61,19 +69,27 @@ class OriginHeaders:
     Picklable (options travel to Ray workers) and with a stable ``repr``, which fsspec's cache
     of filesystem instances keys on."""
 
-    def __init__(self, url: str, headers: Mapping[str, Any]):
+    def __init__(self, url: str, names: Iterable[str]):
         from yarl import URL
 
         self.origin = str(URL(url).origin())
-        self.names = tuple(sorted(str(name).lower() for name in headers))
+        self.host = URL(url).host
+        self.names = tuple(sorted({str(name).lower() for name in names}))
 
     async def __call__(self, request: Any, handler: Any) -> Any:
-        from yarl import URL
-
-        if str(URL(str(request.url)).origin()) != self.origin:
+        if not self.allows(request.url):
             for name in self.names:
                 request.headers.popall(name, None)
         return await handler(request)
+
+    def allows(self, url: Any) -> bool:
+        """The input's own origin, or its host upgraded from http to https (the headers went
+        out in the clear on the first hop anyway)."""
+        origin = url.origin()
+        if str(origin) == self.origin:
+            return True
+        return self.origin.startswith("http://") and url.scheme == "https" and url.host == self.host and (
+            url.port in (None, 443))
 
     def __repr__(self) -> str:
         return f"OriginHeaders({self.origin!r}, {self.names!r})"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,8 +50,9 @@ NOT_SECRET_SUFFIXES = ("keyid", "key_id")
 # are never packed (gitignore patterns, as Ray reads them), nor build leftovers.
 CREDENTIAL_FILES = [
     ".env", ".env.*", "*.env", ".aws/", ".azure/", ".config/gcloud/", ".docker/", ".kube/", ".ssh/",
-    ".gnupg/", ".netrc", ".git-credentials", ".npmrc", ".pypirc", "*.pem", "*.key", "*.p12", "*.pfx",
-    "id_rsa*", "id_ed25519*", "*credentials*", "service-account*.json", "service_account*.json",
+    ".gnupg/", ".netrc", ".git-credentials", ".npmrc", ".pypirc", "*key*.pem", "*.key", "*.p12", "*.pfx",
+    "id_rsa*", "id_ed25519*", "credentials", "credentials.json", "*-credentials.json",
+    "*_credentials.json", "client_secret*.json", "service-account*.json", "service_account*.json",
     "*-sa-key.json", "*.keytab",
 ]
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".carry",
@@ -135,6 +137,20 @@ def _secret_fields(value: Any, path: str) -> Iterator[str]:
             yield f"{path} (a key or signature)"
 
 
+def _url_credentials(value: str, path: str) -> Iterator[str]:
+    """``path`` once if ``value`` holds a URL with credentials: a password (``user:pass@``), or a
+    token as the user of an http(s) URL (``https://TOKEN@host``)."""
+    for match in re.finditer(r"([a-z][a-z0-9+.-]*)://([^/\s@]+)@", value, re.IGNORECASE):
+        if ":" in match[2] or match[1].lower().split("+")[-1] in ("http", "https"):
+            yield f"{path} (a URL with user information)"
+            return
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def check_no_secrets(values: Mapping[str, Any]) -> None:
     """Raise ConfigError, naming the fields (never their values), when a job spec's ``values``
     hold credentials: a submitted spec is readable by anyone who can list the cluster's jobs."""
@@ -157,9 +173,16 @@ def submit(
 ) -> str:
     """Submit a job with these settings (as in a YAML spec); returns the submission id."""
     config = JobConfig.from_mapping(values)  # the same validation as `seglabel run`, before sending
+    check_no_secrets(values)
     # Every field sent, not only the spec: a pip requirement or a working_dir URL may carry a
-    # token (git+https://oauth2:TOKEN@…, --extra-index-url https://user:pass@…).
-    check_no_secrets({**values, "working_dir": working_dir, "pip": list(pip or [])})
+    # token (git+https://oauth2:TOKEN@…, --extra-index-url https://user:pass@…). Only their
+    # URLs are checked: "tiktoken==0.7" is no secret, nor is git+ssh://git@host's user.
+    found = [f for i, r in enumerate(pip or []) for f in _url_credentials(str(r), f"pip[{i}]")]
+    found += list(_url_credentials(working_dir or "", "working_dir"))
+    if found:
+        raise ConfigError(f"the job holds credentials ({', '.join(found)}); a submitted job is visible to "
+                          "anyone who can read the cluster's jobs: use a token the cluster has, or a public "
+                          "index")
     if config.require_license is not None:
         # Checked here too, so that a refused checkpoint never reaches the cluster's queue.
         from .checkpoint import inspect_checkpoint
@@ -168,7 +191,9 @@ def submit(
         info = inspect_checkpoint(config.engine.model, config.engine.revision)
         license = checkpoint_license(config.engine.model, info.revision, info.family)
         check_allowed(license, config.require_license, config.engine.model)
-    spec = yaml.safe_dump(values, sort_keys=True)
+    # No anchors: the cluster's spec reader bounds what aliases expand to, and one dict given
+    # for two settings would otherwise travel as an alias.
+    spec = yaml.dump(values, Dumper=_NoAliases, sort_keys=True)
     runtime_env: dict[str, Any] = {"env_vars": {SPEC_ENV: spec}}
     if working_dir:
         runtime_env["working_dir"] = working_dir

@@ -369,13 +369,15 @@ def test_input_headers_reach_the_inputs_host_only_across_redirects(tmp_path):
         (302, {"Location": "/hop.png"}, b"") if path == "/a.png" else (302, {"Location": other_url}, b"")))
     try:
         url = f"http://127.0.0.1:{input_host.server_port}/a.png"
-        options = {"headers": {"X-Api-Key": "secret", "PRIVATE-TOKEN": "t0ken"}}
-        assert read_bytes(url, options, 1 << 20) == png
+        headers = {"X-Api-Key": "secret", "PRIVATE-TOKEN": "t0ken"}
+        # Per request, and as the session's defaults (aiohttp's client_kwargs).
+        for options in ({"headers": headers}, {"client_kwargs": {"headers": headers}}):
+            assert read_bytes(url, options, 1 << 20) == png
     finally:
         input_host.shutdown()
         other.shutdown()
-    assert seen["input"] == [("/a.png", "secret", "t0ken"), ("/hop.png", "secret", "t0ken")]
-    assert seen["other"] == [("/stolen.png", None, None)]
+    assert seen["input"] == [("/a.png", "secret", "t0ken"), ("/hop.png", "secret", "t0ken")] * 2
+    assert seen["other"] == [("/stolen.png", None, None)] * 2
 
 
 def test_a_storage_write_that_fails_names_its_file(checkpoints, tmp_path):
@@ -429,3 +431,93 @@ def test_readers_skip_the_repeated_key_pass_on_parts_a_run_checked(checkpoints, 
             f"p{i}.jpg" for i in range(4))
     finally:
         store.fs.cat_file = cat_file
+
+
+def test_a_lease_lost_to_another_run_stops_the_commit(tmp_path, monkeypatch):
+    """A run that stalled past its expiry (or wrote at the instant another did) finds another
+    run's lease at its next renewal: it never writes the lease back, and commits nothing more."""
+    from seglabel import lease as leases
+    from seglabel.sink import OutputStore
+
+    monkeypatch.setattr(leases, "RENEW_EVERY_S", 0.05)
+    store = OutputStore(str(tmp_path / "out"))
+    mine = leases.Lease(store).take()
+    other = {"id": "other", "host": "elsewhere", "pid": 1, "started": "",
+             "renewed": leases._now().isoformat()}  # private: a lease as another machine writes it
+    (tmp_path / "out" / leases.LEASE_FILE).write_text(json.dumps(other))
+    deadline = time.monotonic() + 10
+    while mine.lost is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(leases.OutputBusy, match="lost its lease"):
+        mine.check()
+    mine.release()
+    assert json.loads((tmp_path / "out" / leases.LEASE_FILE).read_text())["id"] == "other"
+
+
+def test_a_lease_from_the_future_or_another_pid_space_is_judged_right(tmp_path, monkeypatch):
+    """A lease "renewed" a year ahead (a clock far off) is stale, not a lock for a year; a gone
+    pid is taken over at once only in this pid namespace of this boot (containers sharing a
+    host name each have their own pids); an interrupted take leaves no lease behind."""
+    import socket
+    import subprocess
+    from datetime import timedelta
+
+    from seglabel import lease as leases
+    from seglabel.sink import OutputStore
+
+    store = OutputStore(str(tmp_path / "out"))
+    path = tmp_path / "out" / leases.LEASE_FILE
+    path.parent.mkdir(parents=True)
+    now = leases._now()  # private: the lease's own clock
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    space = leases._process_space()  # private: what a lease records of its process
+    base = {"id": "x", "host": socket.gethostname(), "started": "", **space}
+    ahead = (now + timedelta(days=365)).isoformat()
+    path.write_text(json.dumps({**base, "pid": os.getpid(), "renewed": ahead}))
+    assert leases.live_holder(store) is None
+    path.write_text(json.dumps({**base, "pid": gone.pid, "pidns": "pid:[1]", "renewed": now.isoformat()}))
+    assert leases.live_holder(store) is not None  # another namespace's pid: not known to be gone
+    path.write_text(json.dumps({**base, "pid": gone.pid, "renewed": now.isoformat()}))
+    assert leases.live_holder(store) is None
+    path.unlink()
+
+    def interrupted(_seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(leases.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        leases.Lease(store).take()
+    assert not path.exists()
+
+
+def test_a_single_image_is_labeled_into_its_own_folder(checkpoints, tmp_path):
+    images = photos(tmp_path / "photos", 2)
+    summary = run(checkpoints, images / "p0.jpg", images)
+    assert summary.processed == 1 and [r["key"] for r in read_rows(str(images))] == ["p0.jpg"]
+
+
+def test_an_output_stays_seglabels_through_a_failed_overwrite(checkpoints, tmp_path):
+    """--overwrite removes the old record; a masks/ PNG a killed run never committed stays. A run
+    that then fails before labeling once left a folder with masks and no record, which every
+    later run refused. The new record is written at once; a damaged part does not stop it."""
+    images = photos(tmp_path / "photos")
+    out = tmp_path / "labels"
+    run(checkpoints, images, out)
+    (out / "masks" / "uncommitted.jpg.png").write_bytes(b"a killed run's")
+    part = sorted((out / "metadata").glob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:100])
+    # The overwrite's own step, as a run that then fails (Ray unreachable, say) leaves it.
+    from seglabel.config import JobConfig
+    from seglabel.plan import Model, absolute_paths, prepare_output
+    from seglabel.sink import OutputStore
+
+    settings = {"input": str(images), "output": str(out), "overwrite": True,
+                "model": str(checkpoints["instance"]), "stand_in": "segments=2"}
+    config = absolute_paths(JobConfig.from_mapping(settings))
+    assert prepare_output(OutputStore(str(out)), config, Model.of(config)) is None
+    assert json.loads((out / "job.json").read_text())["task"] == "instance"
+    assert (out / "masks" / "uncommitted.jpg.png").exists()
+    assert not list((out / "metadata").glob("*.parquet"))
+    assert run(checkpoints, images, out).processed == 3
+    assert sorted(r["key"] for r in read_rows(str(out))) == ["p0.jpg", "p1.jpg", "p2.jpg"]

@@ -267,6 +267,24 @@ def test_every_field_sent_is_checked_for_secrets(flags, field, capsys):
     assert "SECRETVALUE" not in err[0]
 
 
+def test_harmless_pip_requirements_and_shared_options_are_sent(tmp_path):
+    """Only a requirement's URLs are checked ("tiktoken==0.7.0" holds "token="; git+ssh's "git@"
+    is a user, not a secret), and one options dict given for input and output travels without
+    YAML aliases, which the cluster's spec reader would have to expand."""
+    from seglabel.config import load_spec
+    from seglabel.submit import _NoAliases, _url_credentials  # private: the two halves of what submit sends
+
+    for requirement in ("tiktoken==0.7.0", "git+ssh://git@github.com/org/pkg.git", "https://h/pkg.whl"):
+        assert list(_url_credentials(requirement, "pip[0]")) == []
+    assert list(_url_credentials("git+https://TOKEN@github.com/org/pkg.git", "pip[0]"))
+    shared = {"endpoint_url": "http://127.0.0.1:9000"}
+    spec = yaml.dump({"input": "s3://b/in", "output": "s3://b/out", "input_storage_options": shared,
+                      "output_storage_options": shared}, Dumper=_NoAliases)
+    assert "&" not in spec and "*" not in spec
+    (tmp_path / "spec.yaml").write_text(spec)
+    assert load_spec(str(tmp_path / "spec.yaml"))["output_storage_options"] == shared
+
+
 def test_credential_files_are_never_packed_into_a_working_dir(tmp_path):
     """Ray's own packer, given seglabel's excludes, leaves out .env, cloud credentials and key
     files, and packs the rest of a checkout."""
@@ -278,9 +296,11 @@ def test_credential_files_are_never_packed_into_a_working_dir(tmp_path):
 
     wd = tmp_path / "checkout"
     secret = [".env", ".env.production", ".aws/credentials", "service-account.json", "deploy/key.pem",
+              "certs/server-key.pem", "gcp/credentials.json",
               ".config/gcloud/application_default_credentials.json", ".ssh/id_rsa", ".netrc",
               ".git-credentials"]
-    kept = ["jobs/run_job.py", "jobs/coco.yaml", "README.md", "src/keys.py", "model/config.json"]
+    kept = ["jobs/run_job.py", "jobs/coco.yaml", "README.md", "src/keys.py", "model/config.json",
+            "pkg/credentials.py", "certs/ca-bundle.pem", "model/tokenizer.json", "env.py"]
     for name in secret + kept:
         (wd / name).parent.mkdir(parents=True, exist_ok=True)
         (wd / name).write_text("x")

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..config import JobConfig, load_spec, yaml_loader
+from ..config import ConfigError, JobConfig, check_expansion, load_spec
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -28,10 +28,12 @@ def key_value(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key.strip(), yaml.load(value, Loader=yaml_loader()) if value else ""  # noqa: S506
-    except yaml.YAMLError as exc:
+        parsed = yaml.safe_load(value) if value else ""
+        check_expansion(parsed, f"the value of {text[:40]!r}")
+    except (yaml.YAMLError, ConfigError) as exc:
         reason = " ".join(str(exc).split())
         raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}: {reason}") from None
+    return key.strip(), parsed
 
 
 def positive_int(text: str) -> int:

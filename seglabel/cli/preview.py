@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..preview import INDEX_FILE, preview
-from .common import common, key_value
+from .common import common, key_value, positive_int
 
 
 def add_parsers(sub) -> None:
@@ -19,6 +20,11 @@ def add_parsers(sub) -> None:
     p.add_argument("output", metavar="OUTPUT", help="a job's output URL")
     p.add_argument("--to", required=True, metavar="DIR", help="folder for overlays/ and index.html")
     p.add_argument("--n", type=int, default=50, metavar="N", help="how many images (default 50)")
+    p.add_argument("--max-pixels", dest="max_pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                   metavar="N", help="skip photos over this many pixels, as the run does (give the run's "
+                   "value if it was larger)")
+    p.add_argument("--max-bytes", dest="max_bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
+                   metavar="N", help="skip photo files over this many bytes, as the run does")
     p.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=key_value,
                    action="append", default=[], help="fsspec storage option for OUTPUT; repeatable")
     p.add_argument(
@@ -39,6 +45,8 @@ def main(args: argparse.Namespace) -> int:
         args.output,
         args.to,
         n=args.n,
+        max_pixels=args.max_pixels,
+        max_bytes=args.max_bytes,
         storage_options=dict(args.output_storage_options),
         image_storage_options=dict(args.input_storage_options) if args.input_storage_options else None,
     )
