@@ -80,6 +80,11 @@ class OutputError(SeglabelError, RuntimeError):
     """The output cannot be read or written; the message is one readable line."""
 
 
+class WriteFailed(OutputError, OSError):
+    """A file of the output could not be written (a full disk, a permission, a folder in its
+    place): one line naming the file, and still the OSError that storage code catches."""
+
+
 def checked_key(key: str) -> str:
     """A row's key, which a reader is about to make a file name of: refused where it could
     leave the destination folder."""
@@ -165,7 +170,7 @@ class OutputStore(Location):
         try:
             self.write_file(self.path(rel), data)
         except OSError as exc:
-            raise OutputError(f"cannot write {self.uri(rel)}: {type(exc).__name__}: {one_line(exc)}") from exc
+            raise WriteFailed(f"cannot write {self.uri(rel)}: {type(exc).__name__}: {one_line(exc)}") from exc
 
     def write_json(self, rel: str, value: Any) -> None:
         self.write_bytes(rel, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())

@@ -318,13 +318,12 @@ def test_a_killed_runs_lease_expires_and_a_live_one_is_renewed(checkpoints, tmp_
     # A fresh lease of a process of this machine that is gone (a SIGKILLed driver): taken over
     # at once; one of a live process (this one) is not.
     import socket
-    import subprocess
 
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    gone = int(open("/proc/sys/kernel/pid_max").read()) + 1  # no process has it (a reaped pid is reused)
     now = datetime.now(timezone.utc).isoformat()
-    fresh = {"id": "x", "host": socket.gethostname(), "started": "", "renewed": now}
-    (out / leases.LEASE_FILE).write_text(json.dumps({**fresh, "pid": gone.pid}))
+    space = leases._process_space()  # private: what a lease records of its process
+    fresh = {"id": "x", "host": socket.gethostname(), "started": "", "renewed": now, **space}
+    (out / leases.LEASE_FILE).write_text(json.dumps({**fresh, "pid": gone}))
     assert run(checkpoints, images, out).found == 3
     (out / leases.LEASE_FILE).write_text(json.dumps({**fresh, "pid": os.getpid()}))
     with pytest.raises(leases.OutputBusy):
@@ -459,7 +458,6 @@ def test_a_lease_from_the_future_or_another_pid_space_is_judged_right(tmp_path, 
     pid is taken over at once only in this pid namespace of this boot (containers sharing a
     host name each have their own pids); an interrupted take leaves no lease behind."""
     import socket
-    import subprocess
     from datetime import timedelta
 
     from seglabel import lease as leases
@@ -469,16 +467,15 @@ def test_a_lease_from_the_future_or_another_pid_space_is_judged_right(tmp_path, 
     path = tmp_path / "out" / leases.LEASE_FILE
     path.parent.mkdir(parents=True)
     now = leases._now()  # private: the lease's own clock
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    gone = int(open("/proc/sys/kernel/pid_max").read()) + 1  # no process has it
     space = leases._process_space()  # private: what a lease records of its process
     base = {"id": "x", "host": socket.gethostname(), "started": "", **space}
     ahead = (now + timedelta(days=365)).isoformat()
     path.write_text(json.dumps({**base, "pid": os.getpid(), "renewed": ahead}))
     assert leases.live_holder(store) is None
-    path.write_text(json.dumps({**base, "pid": gone.pid, "pidns": "pid:[1]", "renewed": now.isoformat()}))
+    path.write_text(json.dumps({**base, "pid": gone, "pidns": "pid:[1]", "renewed": now.isoformat()}))
     assert leases.live_holder(store) is not None  # another namespace's pid: not known to be gone
-    path.write_text(json.dumps({**base, "pid": gone.pid, "renewed": now.isoformat()}))
+    path.write_text(json.dumps({**base, "pid": gone, "renewed": now.isoformat()}))
     assert leases.live_holder(store) is None
     path.unlink()
 
