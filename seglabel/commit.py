@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import pyarrow as pa
@@ -54,7 +54,7 @@ class Committer:
     store: OutputStore
     run_id: str
     rows_per_part: int
-    pending: list[pa.Table]
+    pending: list[pa.Table] = field(default_factory=list)
     # Called before each part is written: raises when this run may no longer commit (its lease lost).
     guard: Callable[[], None] = lambda: None
     pending_rows: int = 0
@@ -95,7 +95,7 @@ def commit_rows(batches: Iterable[pa.Table], store: OutputStore, run_id: str, to
     is called before each part is written."""
     from tqdm import tqdm
 
-    committer = Committer(store, run_id, rows_per_part, [], guard=guard)
+    committer = Committer(store, run_id, rows_per_part, guard=guard)
     counts = RowCounts()
     actors: Counter[str] = Counter()
     # One bit per row of this run's todo list (its "index" column), not a set of keys.

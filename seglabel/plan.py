@@ -30,7 +30,7 @@ from .labels import resolve_labels, thing_ids
 from .license import License, check_allowed, checkpoint_license
 from .record import JobRecord
 from .sink import JOB_FILE, MASKS_DIR, METADATA_DIR, SCRATCH_DIR, OutputError, OutputStore
-from .sources import ImageRef, iter_listing, iter_manifest
+from .sources import ImageRef, is_under, iter_listing, iter_manifest
 from .storage import absolute_local, absolute_model
 
 log = get_logger(__name__)
@@ -171,8 +171,7 @@ def output_places(input: str, output: str) -> list[str]:
     (a symlink either way round). An input inside the output (or the output itself, through a
     symlink) is refused."""
     def inside(path: str, folder: str) -> bool:
-        path, folder = path.rstrip("/"), folder.rstrip("/")
-        return path == folder or path.startswith(folder + "/")
+        return is_under(path.rstrip("/"), [folder.rstrip("/")])
 
     local = split_protocol(input)[0] is None and split_protocol(output)[0] is None
     one_file = local and os.path.isfile(input)  # a single image labeled into its own folder is fine

@@ -106,7 +106,7 @@ def _child_prefix(directory: str) -> str:
     return directory if directory.endswith("/") else directory + "/"
 
 
-def _is_under(path: str, prefixes: Iterable[str]) -> bool:
+def is_under(path: str, prefixes: Iterable[str]) -> bool:
     """Whether ``path`` is one of ``prefixes`` or inside one (whole segments: not 'output')."""
     return any(path == p or path.startswith(_child_prefix(p)) for p in prefixes)
 
@@ -182,7 +182,7 @@ def iter_listing(
         yield walk.single_image(single)
         return
     logger.info("listing images under %s", full_uri(fs, root))
-    if _is_under(root, walk.excluded):
+    if is_under(root, walk.excluded):
         logger.warning("input %s is inside an excluded path: nothing to list", input_url)
         return
     yield from walk.tree(root, entries)
@@ -312,7 +312,7 @@ class _Walk:
         if base.startswith("."):
             self.counts["hidden"] += 1
             return True
-        if _is_under(name.rstrip("/"), self.excluded):
+        if is_under(name.rstrip("/"), self.excluded):
             logger.debug("excluded: %s", name)
             return True
         return False
