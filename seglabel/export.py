@@ -324,23 +324,29 @@ class CocoWriter(Writer):
         coco.close()
 
     def annotations(self, row: dict, image_id: int) -> Iterator[dict]:
-        size = [row["height"], row["width"]]
         for seg in self.run.keep.apply(row["segments"]):
             self.ids.annotation += 1
-            ann = {
-                "id": self.ids.annotation,
-                "image_id": image_id,
-                "category_id": seg["label_id"] + 1,
-                # The job's RLE as it is (pycocotools compressed counts; size = height, width).
-                "segmentation": {"size": size, "counts": seg["rle"]},
-                "area": int(seg["area"]),
-                "bbox": [float(v) for v in seg["bbox"]],
-                # A semantic segment is every pixel of a label: possibly many objects, a "crowd".
-                "iscrowd": 1 if self.run.job.task == "semantic" else 0,
-            }
-            if self.scores and seg["score"] is not None:
-                ann["score"] = round(float(seg["score"]), 6)
+            ann = {"id": self.ids.annotation, "image_id": image_id}
+            ann.update(coco_annotation(row, seg, self.run.job.task, self.scores))
             yield ann
+
+
+def coco_annotation(row: Mapping[str, Any], seg: Mapping[str, Any], task: str, scores: bool = True) -> dict:
+    """One segment of a row as a COCO annotation, without ``id`` and ``image_id``: category
+    ``label_id + 1``, the job's RLE as it is, its area and box, and its score to 6 decimals
+    (what ``seglabel eval`` scores too, so that its AP is the exported JSON's)."""
+    ann = {
+        "category_id": seg["label_id"] + 1,
+        # pycocotools compressed counts; size = height, width.
+        "segmentation": {"size": [row["height"], row["width"]], "counts": seg["rle"]},
+        "area": int(seg["area"]),
+        "bbox": [float(v) for v in seg["bbox"]],
+        # A semantic segment is every pixel of a label: possibly many objects, a "crowd".
+        "iscrowd": 1 if task == "semantic" else 0,
+    }
+    if scores and seg["score"] is not None:
+        ann["score"] = round(float(seg["score"]), 6)
+    return ann
 
 
 class CvatWriter(CocoWriter):
@@ -635,6 +641,7 @@ __all__ = [
     "ExportOptions",
     "SegmentFilter",
     "Writer",
+    "coco_annotation",
     "export",
     "label_studio_rle",
     "palette_color",

@@ -16,12 +16,12 @@ import sys
 from typing import Sequence
 
 from ..errors import SeglabelError, get_logger, one_line
-from . import bench, export, inspect, preview, run, submit
+from . import bench, evaluate, export, inspect, preview, run, submit
 from .common import LOG_LEVELS, Parser, setup_logging
 
 log = get_logger("seglabel")
 
-COMMANDS = (run, inspect, export, preview, submit, bench)
+COMMANDS = (run, inspect, export, evaluate, preview, submit, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
