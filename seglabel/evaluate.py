@@ -38,7 +38,7 @@ import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -52,7 +52,7 @@ from .encode import decode_png
 from .errors import get_logger, one_line
 from .export import ROW_BATCH, coco_annotation
 from .record import JobRecord, open_output
-from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore
+from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, checked_key
 from .storage import open_url
 from .truth import (
     CocoTruth,
@@ -120,13 +120,19 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def _read_mask(store: OutputStore, row: Mapping[str, Any], task: str) -> np.ndarray:
+    """The job's mask of a row, of the row's size."""
+    key = checked_key(row["key"])
     try:
-        data = store.fs.cat_file(store.path(OutputStore.mask_relpath(row["key"])))
+        data = store.fs.cat_file(store.path(OutputStore.mask_relpath(key)))
+        mask = decode_png(data, task)
     except FileNotFoundError:
-        raise EvalError(f"the mask of {row['key']!r} is missing from the output") from None
-    except OSError as exc:
-        raise EvalError(f"cannot read the mask of {row['key']!r}: {one_line(exc)}") from exc
-    return decode_png(data, task)
+        raise EvalError(f"the mask of {key!r} is missing from the output") from None
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"cannot read the mask of {key!r}: {one_line(exc)}") from exc
+    if mask.shape[:2] != (row["height"], row["width"]):
+        raise EvalError(f"the mask of {key!r} is {mask.shape[1]}x{mask.shape[0]}, its row says "
+                        f"{row['width']}x{row['height']}: the output is damaged")
+    return mask
 
 
 def _check_size(image: TruthImage, row: Mapping[str, Any], truth: str) -> None:
@@ -183,7 +189,7 @@ def _quality(total: float, tp: int, fp: int, fn: int) -> float:
 class InstanceScorer:
     """Mask AP by COCOeval over the scored images; per image, :func:`match_quality`."""
 
-    def __init__(self, truth: CocoTruth, job: JobRecord):
+    def __init__(self, truth: CocoTruth):
         self.truth = truth
         self.gt = _quiet_coco(truth.dataset)
         self.to_truth = {model: cat for cat, model in truth.to_model.items()}
@@ -443,12 +449,22 @@ class SemanticScorer:
 # -- the run -----------------------------------------------------------------------------------
 
 
+class Scorer(Protocol):
+    """What each task's scorer does: score one matched image, then give the figures."""
+
+    left_out: int  # predicted segments of labels the truth does not list
+
+    def score(self, image: TruthImage, row: Mapping[str, Any], store: OutputStore) -> Scored: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class _Sample:
-    """The truth's images, the scorer, and how the output's rows matched them."""
+    """The truth's images, in its order, and the scorer for the job's task."""
 
     images: list[TruthImage]
-    scorer: Any
+    scorer: Scorer
     strip_extension: bool = False
 
 
@@ -484,7 +500,7 @@ def _sample(truth: str, job: JobRecord, options: EvalOptions) -> _Sample:
     if coco.kind != job.task:
         raise EvalError(f"the truth {truth} is COCO {coco.kind} and the output holds {job.task} masks")
     if coco.kind == "instance":
-        return _Sample(coco.images, InstanceScorer(coco, job))
+        return _Sample(coco.images, InstanceScorer(coco))
     images = [i for i in coco.images if i.annotation is not None]
     folder = PngFolder(panoptic_folder(coco, options.truth_masks), options.truth_storage_options,
                        options.max_bytes, "the truth PNG")

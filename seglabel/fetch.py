@@ -69,6 +69,12 @@ def read_bytes(
         return fs.cat_file(path)
     if split_protocol(uri)[0] in ("http", "https"):
         data = _read_stream(fs, path, max_bytes + 1)
+    elif size is not None and size < max_bytes:
+        # A local read of n bytes allocates n up front: ask for what the file holds (and one
+        # more byte, to see it grew), not --max-bytes (256 MiB a read, in tracemalloc's count).
+        data = _ranged_read(fs, path, size + 1)
+        if len(data) > size:  # it grew since it was measured: read it again, bounded
+            data = _ranged_read(fs, path, max_bytes + 1)
     else:
         data = _ranged_read(fs, path, max_bytes + 1)
     if len(data) > max_bytes:

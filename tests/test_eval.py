@@ -20,6 +20,7 @@ import copy
 import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,10 @@ from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 from skimage import data, measure
 
-from helpers import tool_python
+from helpers import ROOT, tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
-from seglabel.evaluate import evaluate
+from seglabel.evaluate import evaluate, panoptic_image_stats
 from seglabel.export import export
 from seglabel.truth import KeyMatcher
 
@@ -756,3 +757,33 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(instance_out, panoptic
         assert not any("Traceback" in line for line in lines), what
         assert not report.exists() and not table.exists(), what
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")], what
+
+
+@pytest.mark.parametrize("task", ["semantic", "panoptic"])
+def test_panoptic_and_semantic_memory_does_not_hold_the_pixels(task, tmp_path):
+    """bench/eval_memory.py at 20 and 200 images of 256²: holding each image's truth and masks
+    (over 1 MB an image in the arrays scoring uses) would add 200 MB; names and keys add little."""
+    figures = tmp_path / "memory.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "eval_memory.py"), "--task", task,
+                           "--images", "20,200", "--size", "256", "--json", str(figures)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    by_images = json.loads(figures.read_text())["by_images"]
+    assert by_images["200"]["scored"] == 200
+    assert by_images["200"]["traced_peak_mb"] - by_images["20"]["traced_peak_mb"] < 10, by_images
+
+
+def test_panoptic_match_needs_iou_over_half():
+    """panopticapi matches at IoU > 0.5, strictly: a prediction covering half its truth is a
+    miss and a false positive; one pixel more is a match."""
+    gt = np.zeros((2, 4), np.uint32)
+    gt[0, :] = 1
+    truth = {1: {"category_id": 3, "iscrowd": 0, "area": 4}}
+    half = np.zeros((2, 4), np.uint32)
+    half[0, :2] = 9
+    stats = panoptic_image_stats(gt, truth, half, {9: 3})[3]
+    assert (stats.tp, stats.fp, stats.fn) == (0, 1, 1)
+    more = half.copy()
+    more[0, 2] = 9
+    stats = panoptic_image_stats(gt, truth, more, {9: 3})[3]
+    assert (stats.tp, stats.fp, stats.fn, stats.iou) == (1, 0, 0, 0.75)

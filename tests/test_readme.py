@@ -21,6 +21,7 @@ What the blocks meet instead of the outside world, and the only substitutions ma
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import boto3
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -118,6 +120,7 @@ def world(s3_endpoint, tmp_path_factory):
     pq.write_table(pa.table({"uri": [f"s3://bucket/photos/{name}" for name in photos]}), manifest)
     s3.put_object(Bucket="bucket", Key="inventory/keys.parquet", Body=manifest.getvalue().to_pybytes())
     shutil.copytree(ROOT / "jobs", work / "jobs", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    write_truths(work, {name: Image.open(io.BytesIO(blob)).size for name, blob in photos.items()}, s3)
 
     env = dict(os.environ, HOME=str(home), HF_HOME=str(hf_home), HF_HUB_OFFLINE="1",
                README_CALLS=str(work / "calls.txt"))
@@ -128,6 +131,41 @@ def world(s3_endpoint, tmp_path_factory):
         yield {"work": work, "env": env, "head": head, "photos": sorted(photos), "street": 2}
     for bucket in ("bucket", "my-bucket"):
         fsspec.filesystem("s3").rm(bucket, recursive=True)
+
+
+def write_truths(work: Path, sizes: dict[str, tuple[int, int]], s3) -> None:
+    """The labeled samples "Evaluating on a labeled sample" scores against: COCO instances
+    (polygons) for ./labels, COCO panoptic on S3 for s3://bucket/labels, label PNGs for the
+    street frames (Cityscapes ids: road below, sky above, an ignored band)."""
+    images = [{"id": i + 1, "file_name": name, "width": w, "height": h}
+              for i, (name, (w, h)) in enumerate(sorted(sizes.items()))]
+    anns = [{"id": i["id"], "image_id": i["id"], "category_id": 1, "iscrowd": 0,
+             "segmentation": [[0, 0, i["width"] / 2, 0, i["width"] / 2, i["height"] / 2, 0, i["height"] / 2]],
+             "area": i["width"] * i["height"] / 4, "bbox": [0, 0, i["width"] / 2, i["height"] / 2]}
+            for i in images]
+    (work / "truth").mkdir()
+    (work / "truth" / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "person"}]}))
+    panoptic = []
+    for image in images:
+        ids = np.full((image["height"], image["width"]), 2, dtype=np.uint8)
+        ids[: image["height"] // 2, : image["width"] // 2] = 1
+        rgb = np.stack([ids, np.zeros_like(ids), np.zeros_like(ids)], axis=-1)
+        png = f"{image['file_name']}.png"
+        s3.put_object(Bucket="bucket", Key=f"truth/panoptic/{png}", Body=encode(Image.fromarray(rgb), "PNG"))
+        panoptic.append({"image_id": image["id"], "file_name": png, "segments_info": [
+            {"id": k, "category_id": k, "iscrowd": 0, "area": int((ids == k).sum())} for k in (1, 2)]})
+    categories = [{"id": 1, "name": "person", "isthing": 1},
+                  {"id": 2, "name": "sky-other-merged", "isthing": 0}]
+    s3.put_object(Bucket="bucket", Key="truth/panoptic.json", Body=json.dumps(
+        {"images": images, "annotations": panoptic, "categories": categories}).encode())
+    street = work / "gs" / "bucket" / "street-truth"
+    street.mkdir(parents=True)
+    for i in range(2):
+        labels = np.zeros((64, 128), dtype=np.uint8)  # road
+        labels[:32] = 10  # sky
+        labels[30:34] = 255
+        Image.fromarray(labels).save(street / f"frame{i}.png")
 
 
 def substituted(text: str, world: dict) -> str:
@@ -174,6 +212,10 @@ def test_every_readme_block_runs_as_written(world):
     assert len(read_rows(str(work / "labels-eomt"))) == len(photos)
     tasks = json.loads((work / "tasks.json").read_text())
     assert {t["data"]["image"] for t in tasks} == {f"https://cdn.example.com/photos/{p}" for p in photos}
+    # The evaluations scored every photo of the labeled samples, and wrote what they were asked.
+    report = json.loads((work / "eval.json").read_text())
+    assert report["task"] == "instance" and report["images"]["scored"] == len(photos)
+    assert sorted(pq.read_table(work / "worst.parquet").column("key").to_pylist()) == photos
     # The other runs, on S3, the local stand-in for GCS, and the Ray head.
     for output, task, n in (("s3://bucket/labels", "panoptic", len(photos)),
                             (str(work / "gs" / "bucket" / "street-labels"), "semantic", world["street"]),
