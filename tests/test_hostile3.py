@@ -518,3 +518,23 @@ def test_an_output_stays_seglabels_through_a_failed_overwrite(checkpoints, tmp_p
     assert not list((out / "metadata").glob("*.parquet"))
     assert run(checkpoints, images, out).processed == 3
     assert sorted(r["key"] for r in read_rows(str(out))) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+
+
+def test_a_local_file_that_grew_after_it_was_measured_is_read_whole_or_refused(tmp_path, monkeypatch):
+    """A local read asks for the file's measured size plus one byte; a file that grew since
+    (here: its size misreported) is read again, still bounded by --max-bytes."""
+    from seglabel import fetch
+
+    path = tmp_path / "grown.bin"
+    path.write_bytes(bytes(range(100)))
+    measure = fetch.regular_target
+
+    def stale(uri, options=None):
+        fs, where, _ = measure(uri, options)
+        return fs, where, 5  # measured before it grew
+
+    monkeypatch.setattr(fetch, "regular_target", stale)
+    uri = path.as_uri()
+    assert fetch.read_bytes(uri, {}, max_bytes=200) == bytes(range(100))
+    with pytest.raises(fetch.Unreadable, match="over --max-bytes 50"):
+        fetch.read_bytes(uri, {}, max_bytes=50)
