@@ -36,6 +36,12 @@ def key_value(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+def storage_option_flag(p: argparse.ArgumentParser, flag: str, dest: str, what: str) -> None:
+    """A repeatable ``--X-option KEY=VALUE`` flag: fsspec storage options for ``what``."""
+    p.add_argument(flag, dest=dest, metavar="KEY=VALUE", type=key_value, action="append", default=[],
+                   help=f"fsspec storage option for {what}; repeatable")
+
+
 def positive_int(text: str) -> int:
     """A whole number of at least 1."""
     try:

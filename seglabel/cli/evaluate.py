@@ -6,7 +6,7 @@ import argparse
 
 from ..config import DEFAULT_MAX_BYTES
 from ..evaluate import evaluate, report_table, summary_line
-from .common import common, key_value, positive_int
+from .common import common, positive_int, storage_option_flag
 
 
 def add_parsers(sub) -> None:
@@ -40,12 +40,9 @@ def add_parsers(sub) -> None:
                    help="write a Parquet table: key, quality, truth_segments, predicted_segments")
     p.add_argument("--max-bytes", dest="max_bytes", type=positive_int, default=DEFAULT_MAX_BYTES, metavar="N",
                    help="refuse truth PNGs larger than this")
-    p.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=key_value,
-                   action="append", default=[], help="fsspec storage option for OUTPUT; repeatable")
-    p.add_argument("--truth-option", dest="truth_storage_options", metavar="KEY=VALUE", type=key_value,
-                   action="append", default=[], help="fsspec storage option for the truth; repeatable")
-    p.add_argument("--to-option", dest="to_storage_options", metavar="KEY=VALUE", type=key_value,
-                   action="append", default=[], help="fsspec storage option for --json and --per-image")
+    storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
+    storage_option_flag(p, "--truth-option", "truth_storage_options", "the truth")
+    storage_option_flag(p, "--to-option", "to_storage_options", "--json and --per-image")
     p.set_defaults(handler=main)
 
 

@@ -6,7 +6,7 @@ import argparse
 
 from ..config import label_names
 from ..export import FORMATS, export
-from .common import common, key_value, positive_int
+from .common import common, positive_int, storage_option_flag
 
 
 def _prefix_pair(text: str) -> tuple[str, str]:
@@ -60,10 +60,8 @@ def add_parsers(sub) -> None:
         help="Label Studio: rewrite image URIs starting with OLD (e.g. s3://bucket/=https://cdn/); "
         "repeatable",
     )
-    p.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=key_value,
-                   action="append", default=[], help="fsspec storage option for OUTPUT; repeatable")
-    p.add_argument("--to-option", dest="to_storage_options", metavar="KEY=VALUE", type=key_value,
-                   action="append", default=[], help="fsspec storage option for DEST; repeatable")
+    storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
+    storage_option_flag(p, "--to-option", "to_storage_options", "DEST")
     p.set_defaults(handler=main)
 
 

@@ -6,7 +6,7 @@ import argparse
 
 from ..config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..preview import INDEX_FILE, preview
-from .common import common, key_value, positive_int
+from .common import common, key_value, positive_int, storage_option_flag
 
 
 def add_parsers(sub) -> None:
@@ -25,8 +25,7 @@ def add_parsers(sub) -> None:
                    "value if it was larger)")
     p.add_argument("--max-bytes", dest="max_bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
                    metavar="N", help="skip photo files over this many bytes, as the run does")
-    p.add_argument("--output-option", dest="output_storage_options", metavar="KEY=VALUE", type=key_value,
-                   action="append", default=[], help="fsspec storage option for OUTPUT; repeatable")
+    storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
     p.add_argument(
         "--input-option",
         dest="input_storage_options",
