@@ -34,7 +34,13 @@ class SeglabelError(Exception):
     exit_status = 2
 
     def __init__(self, *args: object):
-        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
+        # One line whatever a message quotes (a file name or an id from a user's file could
+        # otherwise forge a second line on stderr).
+        super().__init__(*(_one_line_text(redact(a)) if isinstance(a, str) else a for a in args))
+
+
+def _one_line_text(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def is_http(url: str) -> bool:

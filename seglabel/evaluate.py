@@ -36,9 +36,11 @@ import contextlib
 import io
 import json
 import math
+import shutil
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +53,7 @@ from .config import DEFAULT_MAX_BYTES
 from .encode import decode_png
 from .errors import get_logger, one_line
 from .export import ROW_BATCH, coco_annotation
+from .fetch import Unreadable, read_bytes
 from .record import JobRecord, open_output
 from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, checked_key
 from .storage import open_url
@@ -60,10 +63,11 @@ from .truth import (
     KeyMatcher,
     PngFolder,
     TruthImage,
-    model_label,
+    check_known,
     panoptic_folder,
     read_coco,
     read_truth_labels,
+    rle_length,
 )
 
 log = get_logger(__name__)
@@ -119,20 +123,28 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def _read_mask(store: OutputStore, row: Mapping[str, Any], task: str) -> np.ndarray:
-    """The job's mask of a row, of the row's size."""
+def _read_mask(store: OutputStore, row: Mapping[str, Any], task: str, max_bytes: int) -> np.ndarray:
+    """The job's mask of a row, of the row's size: read as the truth's PNGs are (a regular
+    file, at most ``max_bytes``), since an output can be damaged too."""
     key = checked_key(row["key"])
     try:
-        data = store.fs.cat_file(store.path(OutputStore.mask_relpath(key)))
+        data = read_bytes(store.uri(OutputStore.mask_relpath(key)), store.storage_options, max_bytes)
         mask = decode_png(data, task)
     except FileNotFoundError:
         raise EvalError(f"the mask of {key!r} is missing from the output") from None
-    except (OSError, ValueError) as exc:
+    except (Unreadable, OSError, ValueError, IndexError) as exc:
         raise EvalError(f"cannot read the mask of {key!r}: {one_line(exc)}") from exc
-    if mask.shape[:2] != (row["height"], row["width"]):
-        raise EvalError(f"the mask of {key!r} is {mask.shape[1]}x{mask.shape[0]}, its row says "
-                        f"{row['width']}x{row['height']}: the output is damaged")
+    if mask.ndim != 2 or mask.shape != (row["height"], row["width"]):
+        raise EvalError(f"the mask of {key!r} is not a {task} map of {row['width']}x{row['height']}, "
+                        "as its row says: the output is damaged")
     return mask
+
+
+def truth_categories(id2label: Mapping[int, str], names: Mapping[int, str]) -> dict[int, int]:
+    """Model label id -> the truth's category id of the same name (every model id of a name
+    the model's label set repeats); labels the truth lacks are absent."""
+    by_name = {name: cat for cat, name in names.items()}
+    return {label_id: by_name[name] for label_id, name in id2label.items() if name in by_name}
 
 
 def _check_size(image: TruthImage, row: Mapping[str, Any], truth: str) -> None:
@@ -189,10 +201,10 @@ def _quality(total: float, tp: int, fp: int, fn: int) -> float:
 class InstanceScorer:
     """Mask AP by COCOeval over the scored images; per image, :func:`match_quality`."""
 
-    def __init__(self, truth: CocoTruth):
+    def __init__(self, truth: CocoTruth, id2label: Mapping[int, str]):
         self.truth = truth
         self.gt = _quiet_coco(truth.dataset)
-        self.to_truth = {model: cat for cat, model in truth.to_model.items()}
+        self.to_truth = truth_categories(id2label, truth.names)
         self.results: list[dict] = []
         self.image_ids: list[int] = []
         self.left_out = 0
@@ -205,6 +217,9 @@ class InstanceScorer:
             if cat is None:
                 self.left_out += 1
                 continue
+            # A damaged row's RLE would send pycocotools past its buffers (or round forever).
+            if seg["score"] is None or rle_length(seg["rle"] or "") != row["width"] * row["height"]:
+                raise EvalError(f"the output's row of {row['key']!r} has a damaged segment {seg['id']}")
             ann = coco_annotation(row, seg, "instance")
             ann.update(category_id=cat, image_id=image.id)
             preds.append(ann)
@@ -319,6 +334,17 @@ def panoptic_image_stats(gt: np.ndarray, gt_segments: Mapping[int, Mapping[str, 
     return stats
 
 
+def _check_areas(gt: np.ndarray, segments: Sequence[Mapping[str, Any]], uri: str) -> None:
+    """A truth segment's JSON area is its pixel count in the PNG (panopticapi takes the JSON's
+    word for it; one that lies changes PQ without a word)."""
+    ids, counts = np.unique(gt, return_counts=True)
+    pixels = dict(zip(ids.tolist(), counts.tolist()))
+    for seg in segments:
+        if seg["area"] != pixels.get(seg["id"], 0):
+            raise EvalError(f"{uri}: segment {seg['id']} has area {seg['area']} in the JSON and "
+                            f"{pixels.get(seg['id'], 0)} pixels in the PNG")
+
+
 def _pq_average(stats: Mapping[int, PQStat], categories: Sequence[int]) -> dict[str, Any]:
     """Mean PQ, SQ, RQ over the categories that hold a segment (panopticapi's ``pq_average``),
     and ``n``, how many; figures None when there are none."""
@@ -331,17 +357,19 @@ def _pq_average(stats: Mapping[int, PQStat], categories: Sequence[int]) -> dict[
 class PanopticScorer:
     """PQ / SQ / RQ summed image by image."""
 
-    def __init__(self, truth: CocoTruth, folder: PngFolder):
+    def __init__(self, truth: CocoTruth, folder: PngFolder, id2label: Mapping[int, str]):
         self.truth, self.folder = truth, folder
-        self.to_truth = {model: cat for cat, model in truth.to_model.items()}
+        self.to_truth = truth_categories(id2label, truth.names)
         self.stats: dict[int, PQStat] = defaultdict(PQStat)
         self.left_out = 0
 
     def score(self, image: TruthImage, row: Mapping[str, Any], store: OutputStore) -> Scored:
         _check_size(image, row, self.truth.url)
         ann = image.annotation or {}
-        gt = self.folder.read(self.folder.uri(ann["file_name"]), row["width"], row["height"], "rgb")
-        pred = _read_mask(store, row, "panoptic")
+        uri = self.folder.uri(ann["file_name"])
+        gt = self.folder.read(uri, row["width"], row["height"], "rgb")
+        _check_areas(gt, ann["segments_info"], uri)
+        pred = _read_mask(store, row, "panoptic", self.folder.max_bytes)
         categories = {}
         for seg in row["segments"] or []:
             cat = self.to_truth.get(seg["label_id"])
@@ -393,7 +421,7 @@ def iou_per_class(confusion: np.ndarray) -> np.ndarray:
 class SemanticScorer:
     """A confusion matrix of truth classes × predicted classes, image by image."""
 
-    def __init__(self, folder: PngFolder, classes: Mapping[int, str], model_labels: Mapping[str, int],
+    def __init__(self, folder: PngFolder, classes: Mapping[int, str], id2label: Mapping[int, str],
                  ignore_index: int):
         self.folder, self.ignore_index = folder, ignore_index
         self.ids = sorted(classes)
@@ -406,8 +434,11 @@ class SemanticScorer:
         if 0 <= ignore_index < 1 << 16:
             self.truth_index[ignore_index] = -1
         self.pred_index = np.full(1 << 16, k, dtype=np.int64)
-        for index, name in enumerate(self.names):
-            self.pred_index[model_label(name, model_labels, "the truth's label")] = index
+        for name in self.names:
+            check_known(name, set(id2label.values()), "the truth's label")
+        for label_id, index in truth_categories(id2label, dict(enumerate(self.names))).items():
+            if 0 <= label_id < 1 << 16:
+                self.pred_index[label_id] = index
         self.confusion = np.zeros((k, k + 1), dtype=np.int64)
         self.uris: dict[str, str] = {}
         # Predicted labels the truth's classes lack are "no label" pixels: no segment is left out.
@@ -416,7 +447,7 @@ class SemanticScorer:
     def score(self, image: TruthImage, row: Mapping[str, Any], store: OutputStore) -> Scored:
         uri = self.uris[image.name]
         truth = self.folder.read(uri, row["width"], row["height"], "id")
-        pred = _read_mask(store, row, "semantic")
+        pred = _read_mask(store, row, "semantic", self.folder.max_bytes)
         index = self.truth_index[truth]
         if (index == -2).any():
             value = int(truth[index == -2][0])
@@ -478,9 +509,6 @@ def _is_folder(url: str, storage_options: Mapping[str, Any] | None) -> bool:
 
 def _sample(truth: str, job: JobRecord, options: EvalOptions) -> _Sample:
     """Read and check the truth, and the scorer for the job's task."""
-    model_labels: dict[str, int] = {}
-    for label_id, name in sorted(job.id2label.items()):
-        model_labels.setdefault(name, label_id)
     if _is_folder(truth, options.truth_storage_options):
         if job.task != "semantic":
             raise EvalError(f"the truth {truth} is a folder of label PNGs (semantic) and the output holds "
@@ -488,7 +516,7 @@ def _sample(truth: str, job: JobRecord, options: EvalOptions) -> _Sample:
         classes = (read_truth_labels(options.truth_labels, options.truth_storage_options)
                    if options.truth_labels else dict(job.id2label))
         folder = PngFolder(truth, options.truth_storage_options, options.max_bytes, "the truth PNG")
-        scorer = SemanticScorer(folder, classes, model_labels, options.ignore_index)
+        scorer = SemanticScorer(folder, classes, job.id2label, options.ignore_index)
         images = []
         for name, uri in folder.listing():
             scorer.uris[name] = uri
@@ -496,18 +524,18 @@ def _sample(truth: str, job: JobRecord, options: EvalOptions) -> _Sample:
         return _Sample(images, scorer, strip_extension=True)
     if options.truth_labels:
         raise EvalError("--truth-labels names a semantic truth's ids; a COCO truth names its categories")
-    coco = read_coco(truth, options.truth_storage_options, model_labels)
+    coco = read_coco(truth, options.truth_storage_options, set(job.id2label.values()))
     if coco.kind != job.task:
         raise EvalError(f"the truth {truth} is COCO {coco.kind} and the output holds {job.task} masks")
     if coco.kind == "instance":
-        return _Sample(coco.images, InstanceScorer(coco))
-    images = [i for i in coco.images if i.annotation is not None]
+        return _Sample(coco.images, InstanceScorer(coco, job.id2label))
+    images = coco.images
     folder = PngFolder(panoptic_folder(coco, options.truth_masks), options.truth_storage_options,
                        options.max_bytes, "the truth PNG")
     if not _is_folder(folder.url, options.truth_storage_options):
         raise EvalError(f"the folder of the truth's PNGs, {folder.url}, does not exist "
                         "(give it with --truth-masks)")
-    return _Sample(images, PanopticScorer(coco, folder))
+    return _Sample(images, PanopticScorer(coco, folder, job.id2label))
 
 
 @dataclass
@@ -519,58 +547,46 @@ class _Matched:
 
 
 def _match(store: OutputStore, sample: _Sample, limit: int | None) -> _Matched:
-    """Match the output's rows to the truth's images by key (a pass over keys and statuses)."""
+    """Match the output's rows to the truth's images by key (a pass over keys and statuses).
+    Every truth image is counted once, as scored or why not; every output row either is a
+    truth image's match or counts in ``output_only``."""
     matcher = KeyMatcher((i.name for i in sample.images), strip_extension=sample.strip_extension)
     status: dict[str, str] = {}
-    rows = output_only = 0
+    rows = 0
     for batch in store.iter_batches(["key", "status"], 8192):
         for key, state in zip(batch.column("key").to_pylist(), batch.column("status").to_pylist()):
             rows += 1
             if matcher.add(key):
                 status[key] = state
-            else:
-                output_only += 1
     matched = matcher.matched()
     selected: dict[str, TruthImage] = {}
-    truth_only = error_rows = over_limit = 0
+    counts = dict.fromkeys(("truth_only", "ambiguous", "error_rows", "unannotated", "over_limit"), 0)
     for index, image in enumerate(sample.images):
         key = matched.get(index)
         if key is None:
-            truth_only += 1
+            counts["ambiguous" if matcher.is_ambiguous(index) else "truth_only"] += 1
         elif status[key] != "ok":
-            error_rows += 1
+            counts["error_rows"] += 1
+        elif not image.scorable:
+            counts["unannotated"] += 1
         elif limit is not None and len(selected) >= limit:
-            over_limit += 1
+            counts["over_limit"] += 1
         else:
             selected[key] = image
-    ambiguous = matcher.ambiguous()
-    counts = {"truth_images": len(sample.images), "output_rows": rows, "scored": len(selected),
-              "truth_only": truth_only - ambiguous, "ambiguous": ambiguous, "output_only": output_only,
-              "error_rows": error_rows, "over_limit": over_limit}
-    return _Matched(selected, counts)
+    return _Matched(selected, {"truth_images": len(sample.images), "output_rows": rows,
+                               "scored": len(selected), **counts, "output_only": rows - len(matched)})
 
 
 class _PerImage:
     """The per-image table, written as rows come (a Parquet row group every 4096 rows) to a
-    file that appears only when the evaluation succeeds."""
+    local temporary file, published with the report once the evaluation succeeds."""
 
-    def __init__(self, url: str | None, storage_options: Mapping[str, Any] | None):
-        self.url = url
-        self.dest = Destination(url, storage_options) if url else None
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.writer = pq.ParquetWriter(self.file, PER_IMAGE_SCHEMA)
         self.rows: dict[str, list] = {name: [] for name in PER_IMAGE_SCHEMA.names}
 
-    @contextlib.contextmanager
-    def open(self) -> Iterator["_PerImage"]:
-        if self.dest is None:
-            yield self
-            return
-        with self.dest.open(self.dest.root) as out, pq.ParquetWriter(out, PER_IMAGE_SCHEMA) as self.writer:
-            yield self
-            self.flush()
-
     def add(self, key: str, scored: Scored) -> None:
-        if self.dest is None:
-            return
         for name, value in zip(PER_IMAGE_SCHEMA.names,
                                (key, scored.quality, scored.truth_segments, scored.predicted_segments)):
             self.rows[name].append(value)
@@ -582,13 +598,63 @@ class _PerImage:
             self.writer.write_table(pa.table(self.rows, schema=PER_IMAGE_SCHEMA))
             self.rows = {name: [] for name in PER_IMAGE_SCHEMA.names}
 
+    def close(self) -> None:
+        """Finish the Parquet file (and leave it to be copied)."""
+        self.flush()
+        self.writer.close()
+        self.file.seek(0)
+
+    def __enter__(self) -> "_PerImage":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.writer.is_open:  # an evaluation that failed: the table is thrown away
+            with contextlib.suppress(Exception):
+                self.writer.close()
+        self.file.close()
+
+
+class _Files:
+    """Where the report and the per-image table go: checked before anything is scored, and
+    written both or neither."""
+
+    def __init__(self, options: EvalOptions):
+        self.places = {}
+        for flag, url in (("--json", options.json), ("--per-image", options.per_image)):
+            if not url:
+                continue
+            dest = Destination(url, options.to_storage_options)
+            if url.endswith("/") or dest.is_dir():
+                raise EvalError(f"{flag} must name a file, and {url} is a folder")
+            self.places[flag] = dest
+        if len(self.places) == 2 and options.json == options.per_image:
+            raise EvalError("--json and --per-image name the same file")
+
+    def publish(self, report: Mapping[str, Any], table: _PerImage) -> None:
+        written = []
+        table.close()
+        try:
+            for flag, dest in self.places.items():
+                if flag == "--per-image":
+                    with dest.open(dest.root) as out:
+                        shutil.copyfileobj(table.file, out)
+                else:
+                    dest.write_file(dest.root, json.dumps(report, indent=2, allow_nan=False).encode("utf-8"))
+                written.append(dest)
+        except (OSError, OutputError) as exc:
+            for done in written:  # the other file alone would claim an evaluation that failed
+                with contextlib.suppress(OSError):
+                    done.fs.rm_file(done.root)
+            raise EvalError(f"cannot write {dest.url}: {type(exc).__name__}: {one_line(exc)}") from exc
+
 
 def evaluate(output: str, truth: str, **options: Any) -> dict[str, Any]:
     """Score a job's output (``output``, any fsspec URL) against the truth at ``truth``.
 
     ``options`` are :class:`EvalOptions`' fields by name. Returns the report: ``task``,
-    ``images`` (what was scored, and what was not: ``truth_only``, ``output_only``,
-    ``error_rows``, ``ambiguous``, ``over_limit``), ``overall`` figures, ``categories`` (sorted
+    ``images`` (``truth_images`` = ``scored`` + ``truth_only`` + ``ambiguous`` +
+    ``error_rows`` + ``unannotated`` + ``over_limit``; ``output_rows`` = matched rows +
+    ``output_only``), ``overall`` figures, ``categories`` (sorted
     worst first; a category with no figure last) and ``left_out_segments``. Writes the
     per-image table and the JSON report where asked, only when it succeeds. Raises
     :class:`~seglabel.truth.EvalError` with one readable line.
@@ -607,27 +673,22 @@ def evaluate(output: str, truth: str, **options: Any) -> dict[str, Any]:
 
 def _evaluate(output: str, truth: str, options: EvalOptions) -> dict[str, Any]:
     store, job = open_output(output, options.storage_options)
+    files = _Files(options)
     sample = _sample(truth, job, options)
     matched = _match(store, sample, options.limit)
     if not matched.selected:
         log.warning("no image of the truth matched an ok row of the output: nothing to score")
-    per_image = _PerImage(options.per_image, options.to_storage_options)
-    try:
-        with per_image.open() as table:
-            for row in store.iter_rows(LABEL_COLUMNS, ROW_BATCH):
-                image = matched.selected.get(row["key"])
-                if image is not None and row["status"] == "ok":
-                    table.add(row["key"], sample.scorer.score(image, row, store))
-    except OSError as exc:
-        raise EvalError(f"cannot write {options.per_image}: {type(exc).__name__}: {one_line(exc)}") from exc
-    result = sample.scorer.result()
-    figure = {"instance": "AP", "panoptic": "PQ", "semantic": "IoU"}[job.task]
-    result["categories"].sort(key=lambda c: (c[figure] is None, c[figure] if c[figure] is not None else 0))
-    report = {"task": job.task, "output": output, "truth": truth, "model": job.model_version,
-              "images": matched.counts, **result, "left_out_segments": sample.scorer.left_out}
-    if options.json:
-        dest = Destination(options.json, options.to_storage_options)
-        dest.write_file(dest.root, json.dumps(report, indent=2, allow_nan=False).encode("utf-8"))
+    with _PerImage() as table:
+        for row in store.iter_rows(LABEL_COLUMNS, ROW_BATCH):
+            image = matched.selected.get(row["key"])
+            if image is not None and row["status"] == "ok":
+                table.add(row["key"], sample.scorer.score(image, row, store))
+        result = sample.scorer.result()
+        figure = {"instance": "AP", "panoptic": "PQ", "semantic": "IoU"}[job.task]
+        result["categories"].sort(key=lambda c: (c[figure] is None, c[figure] or 0))
+        report = {"task": job.task, "output": output, "truth": truth, "model": job.model_version,
+                  "images": matched.counts, **result, "left_out_segments": sample.scorer.left_out}
+        files.publish(report, table)
     return report
 
 
@@ -656,7 +717,8 @@ def report_table(report: Mapping[str, Any]) -> str:
         f"{report['task']} labels of {report['output']} ({report['model']}) against {report['truth']}",
         f"images scored {images['scored']} of {images['truth_images']} in the truth; truth only "
         f"{images['truth_only']}, ambiguous {images['ambiguous']}, error rows {images['error_rows']}, "
-        f"over --limit {images['over_limit']}; output rows the truth lacks {images['output_only']}",
+        f"without a panoptic annotation {images['unannotated']}, over --limit {images['over_limit']}; "
+        f"output rows the truth lacks {images['output_only']} of {images['output_rows']}",
     ]
     if report["left_out_segments"]:
         lines.append(f"predicted segments of labels the truth lacks, left out: {report['left_out_segments']}")

@@ -24,20 +24,25 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
+from urllib.parse import urlsplit
 
 import numpy as np
 import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .errors import SeglabelError, one_line
+from .errors import SeglabelError, get_logger, one_line
 from .fetch import Unreadable, read_bytes
 from .keys import is_safe_key
 from .sources import SourceError, full_uri, iter_listing
 from .storage import open_url
+
+log = get_logger(__name__)
 
 # A truth JSON is read whole (pycocotools holds it whole too); COCO's largest, train2017
 # instances, is 448 MB.
@@ -80,13 +85,11 @@ def _whole(value: Any) -> bool:
 # -- labels ----------------------------------------------------------------------------------
 
 
-def model_label(name: str, model_labels: Mapping[str, int], what: str) -> int:
-    """The model's label id of a truth category's name; one line naming it when there is none."""
-    label_id = model_labels.get(name)
-    if label_id is None:
-        known = ", ".join(sorted(model_labels)[:12]) + (", ..." if len(model_labels) > 12 else "")
+def check_known(name: str, model_names: Collection[str], what: str) -> None:
+    """One line naming a truth category or class whose name is none of the model's labels."""
+    if name not in model_names:
+        known = ", ".join(sorted(model_names)[:12]) + (", ..." if len(model_names) > 12 else "")
         raise EvalError(f"{what} {name!r} is not one of the model's labels ({known})")
-    return label_id
 
 
 def read_truth_labels(url: str, storage_options: Mapping[str, Any] | None) -> dict[int, str]:
@@ -95,7 +98,7 @@ def read_truth_labels(url: str, storage_options: Mapping[str, Any] | None) -> di
     value: Any = _read(url, storage_options, MAX_TRUTH_LABELS_BYTES, "--truth-labels")
     try:
         value = yaml.safe_load(value)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:
         raise EvalError(f"--truth-labels {url} is neither YAML nor JSON: {one_line(exc)}") from None
     if isinstance(value, dict) and isinstance(value.get("categories"), list):
         value = {c.get("id"): c.get("name") for c in value["categories"] if isinstance(c, dict)}
@@ -105,12 +108,14 @@ def read_truth_labels(url: str, storage_options: Mapping[str, Any] | None) -> di
         raise EvalError(f"--truth-labels {url} must map ids to names ({{0: road, 1: car}}) or list names")
     out: dict[int, str] = {}
     for key, name in value.items():
-        try:
-            label_id = int(key)
-        except (TypeError, ValueError):
-            raise EvalError(f"--truth-labels {url}: {key!r} is not a label id") from None
+        # Whole numbers only: YAML reads 1.9, true and .inf as keys too.
+        if not (_whole(key) or (isinstance(key, str) and key.isdigit() and key.isascii())):
+            raise EvalError(f"--truth-labels {url}: {key!r} is not a label id")
+        label_id = int(key)
         if not 0 <= label_id < 65536 or not isinstance(name, str) or not name:
             raise EvalError(f"--truth-labels {url}: id {key!r} must be 0..65535 and named")
+        if label_id in out or name in out.values():
+            raise EvalError(f"--truth-labels {url}: id {label_id} or the name {name!r} is listed twice")
         out[label_id] = name
     return out
 
@@ -128,6 +133,8 @@ class TruthImage:
     width: int | None = None
     height: int | None = None
     annotation: dict | None = None
+    # A panoptic truth's image without an annotation has nothing to score against.
+    scorable: bool = True
 
 
 @dataclass
@@ -138,14 +145,13 @@ class CocoTruth:
     kind: str
     dataset: dict
     images: list[TruthImage]
-    # Truth category id -> model label id, and its name; panoptic: which are things.
-    to_model: dict[int, int]
+    # Truth category id -> its name; panoptic: which are things.
     names: dict[int, str]
     things: frozenset[int] = field(default_factory=frozenset)
 
 
 def read_coco(url: str, storage_options: Mapping[str, Any] | None,
-              model_labels: Mapping[str, int]) -> CocoTruth:
+              model_names: Collection[str]) -> CocoTruth:
     """Read and check a COCO instances or panoptic JSON; categories matched to the model's
     labels by name."""
     data = _json(_read(url, storage_options, MAX_TRUTH_JSON_BYTES, "the truth"), url)
@@ -159,7 +165,6 @@ def read_coco(url: str, storage_options: Mapping[str, Any] | None,
         raise EvalError(f"{url} is neither COCO instances (each annotation a 'segmentation') nor "
                         "COCO panoptic (each a 'segments_info')")
     names: dict[int, str] = {}
-    to_model: dict[int, int] = {}
     things = set()
     for cat in data["categories"]:
         if not isinstance(cat, dict) or not _whole(cat.get("id")) or not isinstance(cat.get("name"), str):
@@ -169,7 +174,9 @@ def read_coco(url: str, storage_options: Mapping[str, Any] | None,
         if cat["name"] in names.values():
             raise EvalError(f"{url}: two categories are named {cat['name']!r}")
         names[cat["id"]] = cat["name"]
-        to_model[cat["id"]] = model_label(cat["name"], model_labels, f"{url}: the truth's category")
+        check_known(cat["name"], model_names, f"{url}: the truth's category")
+        if cat.get("isthing", 0) not in (0, 1) or isinstance(cat.get("isthing"), bool):
+            raise EvalError(f"{url}: category {cat['name']!r} has isthing {cat['isthing']!r}, not 0 or 1")
         if cat.get("isthing") == 1:
             things.add(cat["id"])
     images = _coco_images(url, data["images"])
@@ -177,10 +184,12 @@ def read_coco(url: str, storage_options: Mapping[str, Any] | None,
     if kind == "panoptic":
         for ann in annotations:
             checker.panoptic(ann)
+        for image in images:
+            image.scorable = image.annotation is not None
     else:
         for ann in annotations:
             checker.instance(ann)
-    return CocoTruth(url, kind, data, images, to_model, names, frozenset(things))
+    return CocoTruth(url, kind, data, images, names, frozenset(things))
 
 
 def _coco_images(url: str, entries: list) -> list[TruthImage]:
@@ -209,9 +218,10 @@ class _AnnotationChecker:
 
     def __init__(self, url: str, images: dict[int, TruthImage], categories: Mapping[int, str]):
         self.url, self.images, self.categories = url, images, categories
+        self.ids: set[int] = set()
 
     def _where(self, ann: dict) -> str:
-        return f"{self.url}: annotation {str(ann.get('id', ann.get('file_name', '?')))[:40]}"
+        return f"{self.url}: annotation {repr(ann.get('id', ann.get('file_name', '?')))[:40]}"
 
     def _image(self, ann: dict) -> TruthImage:
         image = self.images.get(ann.get("image_id")) if _whole(ann.get("image_id")) else None
@@ -228,18 +238,34 @@ class _AnnotationChecker:
     def instance(self, ann: dict) -> None:
         image = self._image(ann)
         self._category(ann)
-        if not _whole(ann.get("id")):
-            raise EvalError(f"{self._where(ann)} has no whole 'id'")
-        ann.setdefault("iscrowd", 0)
-        if ann["iscrowd"] not in (0, 1):
-            raise EvalError(f"{self._where(ann)}: iscrowd must be 0 or 1")
+        # COCOeval keys annotations by id, and reads id 0 as "no match".
+        if not _whole(ann.get("id")) or ann["id"] < 1:
+            raise EvalError(f"{self._where(ann)} has no whole 'id' of at least 1")
+        if ann["id"] in self.ids:
+            raise EvalError(f"{self._where(ann)}: the id is used twice")
+        self.ids.add(ann["id"])
+        self._crowd(ann)
         problem = segmentation_problem(ann["segmentation"], image.height, image.width)
         if problem:
             raise EvalError(f"{self._where(ann)} ({image.name!r}): {problem}")
         if "area" not in ann:  # COCOeval sorts truth into small / medium / large by it
             ann["area"] = float(mask_utils.area(_as_rle(ann["segmentation"], image.height, image.width)))
-        elif not isinstance(ann["area"], (int, float)) or isinstance(ann["area"], bool):
-            raise EvalError(f"{self._where(ann)}: its area is not a number")
+        self._area(ann, image)
+
+    def _crowd(self, seg: dict) -> None:
+        seg.setdefault("iscrowd", 0)
+        if not _whole(seg["iscrowd"]) or seg["iscrowd"] not in (0, 1):
+            raise EvalError(f"{self._where(seg)}: iscrowd is {seg['iscrowd']!r}, not 0 or 1")
+
+    def _area(self, seg: dict, image: TruthImage) -> None:
+        """An area the image can hold: COCOeval ignores truth outside its area ranges, so a
+        wrong one changes the figures without a word."""
+        area = seg.get("area")
+        limit = 2 * (image.width or 0) * (image.height or 0)
+        if (not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area)
+                or not 0 <= area <= limit):
+            raise EvalError(f"{self._where(seg)} ({image.name!r}): its area {area!r} is not a pixel count "
+                            f"of a {image.width}x{image.height} image")
 
     def panoptic(self, ann: dict) -> None:
         image = self._image(ann)
@@ -259,24 +285,32 @@ class _AnnotationChecker:
                 raise EvalError(f"{self._where(ann)}: segment id {seg['id']} is listed twice")
             ids.add(seg["id"])
             self._category(seg)
-            seg.setdefault("iscrowd", 0)
-            if not _whole(seg.get("area")) or seg["area"] < 0:
+            self._crowd(seg)
+            # Checked against the PNG when the image is scored (panopticapi trusts it).
+            if not _whole(seg.get("area")):
                 raise EvalError(f"{self._where(ann)}: segment {seg['id']} has no whole 'area'")
+            self._area(seg, image)
         image.annotation = ann
 
 
-def segmentation_problem(segm: Any, height: int | None, width: int | None) -> str | None:
+def segmentation_problem(segm: Any, height: int, width: int) -> str | None:
     """Why ``segm`` is not a COCO mask of a ``height`` × ``width`` image (None if it is one)."""
     if isinstance(segm, list):
         if not segm:
             return "an empty polygon list"
         for poly in segm:
             if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                                for v in poly)):
                 return "a polygon must be a list of at least 3 finite x, y pairs"
+            # pycocotools rasterises a polygon edge in steps of a pixel: a point 1e8 pixels out
+            # takes gigabytes (and a crash) before clipping.
+            xs, ys = poly[0::2], poly[1::2]
+            if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+                return "a polygon point lies far outside the image"
         return None
-    if not isinstance(segm, dict) or list(segm.get("size") or ()) != [height, width]:
+    size = segm.get("size") if isinstance(segm, dict) else None
+    if not isinstance(size, list) or not all(_whole(v) for v in size) or size != [height, width]:
         return f"its RLE is not of size [{height}, {width}] (the image's height and width)"
     counts = segm.get("counts")
     if isinstance(counts, list):
@@ -365,14 +399,23 @@ class PngFolder:
             raise EvalError(f"{self.what} {uri} cannot be decoded: {one_line(exc)}") from exc
 
     def listing(self) -> Iterator[tuple[str, str]]:
-        """(name without ``.png``, URI) of every PNG under the folder, recursively."""
+        """(name without ``.png``, URI) of every PNG under the folder, recursively, as a job's
+        listing walks (regular files and links to them; FIFOs and devices skipped with a
+        warning). A name no key can have is skipped with a warning too."""
+        # The listing's progress lines are a job's; here they would only precede the report.
+        sources_log = logging.getLogger("seglabel.sources")
+        level = sources_log.level
+        sources_log.setLevel(max(level, logging.WARNING))
         try:
             for ref in iter_listing(self.url, storage_options=self.storage_options, extensions=("png",)):
                 if ref.error:
-                    raise EvalError(f"{self.what} {ref.uri}: its name is unsafe to read")
+                    log.warning("skipping %s: no image key can have its name", ref.uri)
+                    continue
                 yield ref.key[: -len(".png")], ref.uri
         except SourceError as exc:
             raise EvalError(f"{self.what}: {exc}") from exc
+        finally:
+            sources_log.setLevel(level)
 
 
 def _pixels(image: Image.Image, mode: str, uri: str, what: str) -> np.ndarray:
@@ -402,12 +445,16 @@ def panoptic_folder(truth: CocoTruth, masks: str | None) -> str:
 
 
 def _normal(name: str) -> str:
-    """A truth name as a key would have it: no scheme, no leading './' or '/'."""
-    if "://" in name:
+    """A truth name as a key would have it: no scheme (nor an http(s) URL's query, which keys
+    never hold), no leading './' or '/'."""
+    if name.startswith(("http://", "https://")):
+        parts = urlsplit(name)
+        name = parts.netloc.rsplit("@", 1)[-1] + parts.path
+    elif "://" in name:
         name = name.split("://", 1)[1]
     name = name.lstrip("/")
     while name.startswith("./"):
-        name = name[2:]
+        name = name[2:].lstrip("/")
     return name
 
 
@@ -418,7 +465,12 @@ def _tails(path: str) -> Iterator[str]:
         yield "/".join(parts[i:])
 
 
+def _segments(path: str) -> int:
+    return path.count("/") + 1
+
+
 _AMBIGUOUS = -1
+_EXACT = 1 << 30
 
 
 class KeyMatcher:
@@ -428,11 +480,12 @@ class KeyMatcher:
     input was the folder the truth's names are relative to), else, by whole '/' segments, a
     key that ends with it (the job's input was a parent folder: ``val2017/x.jpg`` for
     ``x.jpg``) or that it ends with (the truth names a parent folder, or is a full path or URL
-    of the image: ``s3://b/photos/x.jpg`` or ``photos/x.jpg`` for the key ``x.jpg``). An exact
-    match wins over a partial one; two partial ones of one truth image make it ambiguous
-    (reported, never scored). ``strip_extension``: a key also matches without its extension
-    (semantic truth PNGs are named ``x.png`` for ``x.jpg``; ``x.jpg.png``, as the job's masks,
-    works too).
+    of the image: ``s3://b/photos/x.jpg`` or ``photos/x.jpg`` for the key ``x.jpg``). The match
+    sharing the most segments wins, an exact one over any; where two share the most, neither is
+    taken: a truth image two keys fit equally is ambiguous (reported, never scored), and a key
+    two truth images fit equally matches none. ``strip_extension``: a key also matches without
+    its extension (semantic truth PNGs are named ``x.png`` for ``x.jpg``; ``x.jpg.png``, as the
+    job's masks, works too).
     """
 
     def __init__(self, names: Iterable[str], strip_extension: bool = False):
@@ -440,46 +493,54 @@ class KeyMatcher:
         self.exact: dict[str, int] = {}
         self.tails: dict[str, int] = {}
         for index, name in enumerate(names):
-            name = _normal(name)
-            self.exact.setdefault(name, index)
-            for tail in _tails(name):
+            normal = _normal(name)
+            if normal in self.exact:
+                raise EvalError(f"the truth names one image twice: {name!r}")
+            self.exact[normal] = index
+            for tail in _tails(normal):
                 self.tails[tail] = _AMBIGUOUS if tail in self.tails else index
-        # truth index -> (rank, key); rank 0 exact, 1 partial; key None: ambiguous.
+        # truth index -> (segments shared, key); key None: two keys share the most.
         self.found: dict[int, tuple[int, str | None]] = {}
 
     def _find(self, key: str) -> tuple[int, int] | None:
-        """(truth index, rank) of a key, or None."""
+        """(truth index, segments shared) of the truth image a key fits best, or None."""
         names = [key, posixpath.splitext(key)[0]] if self.strip_extension else [key]
+        candidates: dict[int, int] = {}
         for name in names:
-            if name in self.exact:
-                return self.exact[name], 0
-        for name in names:
-            index = self.tails.get(name)
-            if index is None:
-                index = next((self.exact[t] for t in _tails(name) if t in self.exact), None)
-            if index is not None:
-                return (index, 1) if index != _AMBIGUOUS else None
-        return None
+            fits = [(self.exact.get(name), _EXACT), (self.tails.get(name), _segments(name))]
+            fits += [(self.exact[t], _segments(t)) for t in _tails(name) if t in self.exact]
+            for index, shared in fits:
+                if index is not None:
+                    candidates[index] = max(shared, candidates.get(index, 0))
+        if not candidates:
+            return None
+        best = max(candidates.values())
+        winners = [index for index, shared in candidates.items() if shared == best]
+        if len(winners) > 1 or winners[0] == _AMBIGUOUS:
+            return None
+        return winners[0], best
 
     def add(self, key: str) -> bool:
-        """Record an output key; whether it matches a truth image."""
+        """Record an output key; whether it fits a truth image (it may still lose it to a key
+        that fits it better)."""
         found = self._find(key)
         if found is None:
             return False
-        index, rank = found
+        index, shared = found
         before = self.found.get(index)
-        if before is None or rank < before[0]:
-            self.found[index] = (rank, key)
-        elif rank == before[0] and before[1] != key:
-            self.found[index] = (rank, None)
+        if before is None or shared > before[0]:
+            self.found[index] = (shared, key)
+        elif shared == before[0] and before[1] != key:
+            self.found[index] = (shared, None)
         return True
 
     def matched(self) -> dict[int, str]:
         """Truth index -> its key, for the truth images matched without ambiguity."""
         return {index: key for index, (_, key) in self.found.items() if key is not None}
 
-    def ambiguous(self) -> int:
-        return sum(1 for _, key in self.found.values() if key is None)
+    def is_ambiguous(self, index: int) -> bool:
+        """Whether two keys fit truth image ``index`` equally well."""
+        return index in self.found and self.found[index][1] is None
 
 
 __all__ = [
@@ -488,7 +549,7 @@ __all__ = [
     "KeyMatcher",
     "PngFolder",
     "TruthImage",
-    "model_label",
+    "check_known",
     "panoptic_folder",
     "read_coco",
     "read_truth_labels",

@@ -19,11 +19,14 @@ import contextlib
 import copy
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -36,9 +39,9 @@ from skimage import data, measure
 from helpers import ROOT, tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
-from seglabel.evaluate import evaluate, panoptic_image_stats
+from seglabel.evaluate import evaluate, panoptic_image_stats, truth_categories
 from seglabel.export import export
-from seglabel.truth import KeyMatcher
+from seglabel.truth import EvalError, KeyMatcher
 
 # Keys with a space, '#', '%', non-ASCII and nested folders; one file that is not an image.
 PHOTOS = {
@@ -143,7 +146,7 @@ def quiet(fn, *args):
 
 # Truth category ids that are not the export's (label_id + 1), in another order: categories are
 # matched by name.
-def truth_categories(names) -> list[dict]:
+def coco_categories(names) -> list[dict]:
     return [{"id": 100 - i, "name": name, "supercategory": ""} for i, name in enumerate(names)]
 
 
@@ -151,7 +154,7 @@ def instance_truth(rows: list[dict], perturb=None) -> dict:
     """COCO instances truth holding the rows' segments exactly; ``perturb(row, seg, mask, ann)``
     may change an annotation (return None to drop it)."""
     names = sorted({s["label"] for r in rows for s in r["segments"]} | {f"label{i}" for i in range(5)})
-    cats = truth_categories(names)
+    cats = coco_categories(names)
     by_name = {c["name"]: c["id"] for c in cats}
     images, anns = [], []
     for i, row in enumerate(rows):
@@ -659,17 +662,33 @@ def test_keys_match_by_path_and_limit(boxes_out, corpus, tmp_path):
     report = evaluate(boxes_out, path, limit=3, per_image=str(tmp_path / "q.parquet"))
     assert report["images"]["scored"] == 3
     assert report["images"]["over_limit"] == len(rows) - 3
+    assert report["images"]["output_only"] == 1  # the broken file's error row
+    assert_counts_add_up(report["images"])
     assert sorted(r["key"] for r in pq.read_table(tmp_path / "q.parquet").to_pylist()) == sorted(
         r["key"] for r in rows[:3])
 
 
-def test_a_name_two_keys_end_with_is_ambiguous():
-    matcher = KeyMatcher(["a.jpg", "b/c.jpg", "d.jpg"])
-    assert matcher.add("x/a.jpg") and matcher.add("y/a.jpg")  # both end with a.jpg
+def test_key_matching_takes_the_closest_fit_and_never_guesses():
+    matcher = KeyMatcher(["a.jpg", "b/c.jpg", "d.jpg", "https://h.example/p/e.jpg?X-Amz-Signature=1",
+                          "photos/f.jpg", "q/photos/f.jpg"])
+    assert matcher.add("x/a.jpg") and matcher.add("y/a.jpg")  # both end with a.jpg: ambiguous
     assert matcher.add("b/c.jpg") and matcher.add("z/b/c.jpg")  # the exact key wins
     assert not matcher.add("d.jpg.png") and not matcher.add("xd.jpg")  # whole segments only
-    assert matcher.matched() == {1: "b/c.jpg"}
-    assert matcher.ambiguous() == 1
+    assert matcher.add("h.example/p/e.jpg")  # an http(s) image's key: host and path, no query
+    assert matcher.add("data/q/photos/f.jpg")  # three segments shared with one, two with the other
+    assert matcher.matched() == {1: "b/c.jpg", 3: "h.example/p/e.jpg", 5: "data/q/photos/f.jpg"}
+    assert matcher.is_ambiguous(0) and not matcher.is_ambiguous(4)
+    stems = KeyMatcher(["photos/x", "x.jpg"], strip_extension=True)
+    stems.add("data/photos/x.jpg")  # photos/x shares two segments, x.jpg one
+    assert stems.matched() == {0: "data/photos/x.jpg"}
+    both = KeyMatcher(["p/x.jpg", "q/x.jpg"])
+    assert not both.add("x.jpg")  # a key two truth images fit equally matches neither
+    with pytest.raises(EvalError, match="twice"):
+        KeyMatcher(["x.jpg", "./x.jpg"])
+
+
+def test_a_label_set_that_repeats_a_name_maps_every_id():
+    assert truth_categories({0: "a", 1: "a", 2: "b", 3: "c"}, {5: "a", 6: "b"}) == {0: 5, 1: 5, 2: 6}
 
 
 def test_error_rows_and_unmatched_names_are_counted(boxes_out, tmp_path):
@@ -678,9 +697,16 @@ def test_error_rows_and_unmatched_names_are_counted(boxes_out, tmp_path):
     truth["images"].append({"id": 1, "file_name": BROKEN, "width": 10, "height": 10})
     truth["images"].append({"id": 2, "file_name": "coffee 1.png.other", "width": 10, "height": 10})
     report = evaluate(boxes_out, write_json(tmp_path / "truth.json", truth))
-    assert report["images"]["error_rows"] == 1
-    assert report["images"]["truth_only"] == 1
-    assert report["images"]["scored"] == len(rows)
+    images = report["images"]
+    assert (images["error_rows"], images["truth_only"], images["scored"]) == (1, 1, len(rows))
+    assert_counts_add_up(images)
+    assert images["output_only"] == 0  # every row, the error row too, is a truth image's
+
+
+def assert_counts_add_up(images: dict) -> None:
+    """Every truth image counted once, as scored or why not."""
+    assert images["truth_images"] == sum(images[k] for k in (
+        "scored", "truth_only", "ambiguous", "error_rows", "unannotated", "over_limit"))
 
 
 def test_cli_table_json_and_summary_line(boxes_out, tmp_path, capsys):
@@ -739,6 +765,54 @@ def bad_cases(instance_out, panoptic_out, semantic_out, root: Path):
     Image.fromarray(np.zeros((7, 9), np.uint8)).save(first)
     cases.append(("semantic PNG of another size", semantic_out, sized, [], "is 9x7, its image"))
     cases.append(("semantic truth for an instance output", instance_out, sized, [], "folder of label PNGs"))
+    cases += hostile_cases(good, instance_out, prow, panoptic_out, srows, semantic_out, root)
+    return cases
+
+
+def variant(base: dict, change) -> dict:
+    value = copy.deepcopy(base)
+    change(value)
+    return value
+
+
+def hostile_cases(good, instance_out, prow, panoptic_out, srows, semantic_out, root: Path):
+    """What a hostile or careless truth holds that would change the figures without a word, or
+    crash pycocotools' C code, or forge a line of output."""
+    ann = lambda t: t["annotations"][0]  # noqa: E731
+    instance = {
+        "far polygon": (lambda t: ann(t).update(segmentation=[[0, 0, 1e8, 0, 0, 10]]),
+                        "far outside the image"),
+        "twice the same id": (lambda t: t["annotations"][1].update(id=ann(t)["id"]), "the id is used twice"),
+        "id 0": (lambda t: ann(t).update(id=0), "of at least 1"),
+        "area over the image": (lambda t: ann(t).update(area=1e12), "is not a pixel count"),
+        "negative area": (lambda t: ann(t).update(area=-1), "is not a pixel count"),
+        "iscrowd 2": (lambda t: ann(t).update(iscrowd=2), "not 0 or 1"),
+        "RLE size as floats": (lambda t: ann(t)["segmentation"].update(
+            size=[float(v) for v in ann(t)["segmentation"]["size"]]), "not of size"),
+        "a newline in an id": (lambda t: ann(t).update(id="7\nseglabel-eval task=instance AP=1.000000"),
+                               "no whole 'id'"),
+    }
+    cases = [(what, instance_out, write_json(root / f"i-{i}.json", variant(good, change)), [], words)
+             for i, (what, (change, words)) in enumerate(instance.items())]
+    panoptic = json.loads(Path(panoptic_truth(prow, root / "pan3")).read_text())
+    seg = lambda t: t["annotations"][0]["segments_info"][0]  # noqa: E731
+    for i, (what, change, words) in enumerate([
+        ("panoptic area 0", lambda t: seg(t).update(area=0), "pixels in the PNG"),
+        ("panoptic area 1", lambda t: seg(t).update(area=1), "pixels in the PNG"),
+        ("panoptic iscrowd '1'", lambda t: seg(t).update(iscrowd="1"), "not 0 or 1"),
+        ("isthing '1'", lambda t: t["categories"][0].update(isthing="1"), "not 0 or 1"),
+    ]):
+        path = write_json(root / "pan3" / f"p-{i}.json", variant(panoptic, change))
+        cases.append((what, panoptic_out, path, ["--truth-masks", str(root / "pan3" / "truth")], words))
+    truth = semantic_truth(srows, root / "sem2")
+    for i, (what, text, words) in enumerate([
+        ("a name twice in --truth-labels", "0: label0\n1: label1\n7: label0\n", "listed twice"),
+        ("an .inf key in --truth-labels", ".inf: label0\n", "is not a label id"),
+        ("a 1.9 key in --truth-labels", "1.9: label0\n", "is not a label id"),
+        ("--truth-labels nested past the limit", "[" * 5000 + "]" * 5000, "neither YAML nor JSON"),
+    ]):
+        (root / f"labels-{i}.yaml").write_text(text)
+        cases.append((what, semantic_out, truth, ["--truth-labels", str(root / f"labels-{i}.yaml")], words))
     return cases
 
 
@@ -787,3 +861,45 @@ def test_panoptic_match_needs_iou_over_half():
     more[0, 2] = 9
     stats = panoptic_image_stats(gt, truth, more, {9: 3})[3]
     assert (stats.tp, stats.fp, stats.fn, stats.iou) == (1, 0, 0, 0.75)
+
+
+def test_a_damaged_output_is_one_line_too(boxes_out, semantic_out, tmp_path, capsys):
+    """The output's own rows and masks are read with the truth's guards: an RLE whose runs do
+    not cover its image (pycocotools would read past it, or spin), a mask that is not a label
+    map, a FIFO where a mask should be."""
+    damaged = tmp_path / "boxes"
+    shutil.copytree(boxes_out, damaged)
+    part = sorted((damaged / "metadata").glob("*.parquet"))[0]
+    table = pq.read_table(part).to_pylist()
+    table[0]["segments"][0]["rle"] = "0ooooooo1"
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(part)), part)
+    truth = write_json(tmp_path / "truth.json", instance_truth(ok_rows(boxes_out)))
+    semantic = tmp_path / "semantic"
+    shutil.copytree(semantic_out, semantic)
+    rows = ok_rows(semantic_out)
+    truth_pngs = semantic_truth(rows, tmp_path / "sem-truth")
+    mask = semantic / "masks" / f"{rows[0]['key']}.png"
+    Image.new("RGB", (rows[0]["width"], rows[0]["height"])).save(mask)
+    fifo = semantic.parent / "fifo-out"
+    shutil.copytree(semantic_out, fifo)
+    fifo_mask = fifo / "masks" / f"{rows[0]['key']}.png"
+    fifo_mask.unlink()
+    os.mkfifo(fifo_mask)
+    for output, truth_url, words in ((str(damaged), truth, "damaged segment"),
+                                     (str(semantic), truth_pngs, "the output is damaged"),
+                                     (str(fifo), truth_pngs, "not a regular file")):
+        capsys.readouterr()
+        assert main(["eval", output, "--truth", truth_url]) == 2, words
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("seglabel: error: ") and words in lines[-1], lines
+
+
+def test_files_appear_both_or_neither(boxes_out, tmp_path):
+    truth = write_json(tmp_path / "truth.json", instance_truth(ok_rows(boxes_out)))
+    (tmp_path / "a-file").write_text("")
+    table = tmp_path / "per-image.parquet"
+    with pytest.raises(EvalError, match="cannot write"):
+        evaluate(boxes_out, truth, per_image=str(table), json=str(tmp_path / "a-file" / "report.json"))
+    assert not table.exists()
+    with pytest.raises(EvalError, match="must name a file"):
+        evaluate(boxes_out, truth, per_image=str(tmp_path))
