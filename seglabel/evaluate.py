@@ -54,6 +54,7 @@ from .encode import decode_png
 from .errors import get_logger, one_line
 from .export import ROW_BATCH, coco_annotation
 from .fetch import Unreadable, read_bytes
+from .labelmap import LabelMapError, LabelSpace, remap_ids
 from .record import JobRecord, open_output
 from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, checked_key
 from .storage import open_url
@@ -95,11 +96,14 @@ class EvalOptions:
     """How to score, beyond the output and the truth: ``truth_masks`` (a panoptic truth's PNG
     folder), ``truth_labels`` (names of a semantic truth's ids), ``ignore_index``, ``limit``
     (score the first N matched images, in the truth's order), ``per_image`` (a Parquet file of
-    one row per scored image) and ``json`` (the report), ``max_bytes`` (per truth PNG), and
+    one row per scored image) and ``json`` (the report), ``max_bytes`` (per truth PNG),
+    ``label_map`` and ``unmapped`` (score in a team's labels: :mod:`seglabel.labelmap`), and
     fsspec options for the output, the truth, and where the files go."""
 
     truth_masks: str | None = None
     truth_labels: str | None = None
+    label_map: str | None = None
+    unmapped: str = "drop"
     ignore_index: int = 255
     limit: int | None = None
     per_image: str | None = None
@@ -201,10 +205,10 @@ def _quality(total: float, tp: int, fp: int, fn: int) -> float:
 class InstanceScorer:
     """Mask AP by COCOeval over the scored images; per image, :func:`match_quality`."""
 
-    def __init__(self, truth: CocoTruth, id2label: Mapping[int, str]):
-        self.truth = truth
+    def __init__(self, truth: CocoTruth, space: LabelSpace):
+        self.truth, self.space = truth, space
         self.gt = _quiet_coco(truth.dataset)
-        self.to_truth = truth_categories(id2label, truth.names)
+        self.to_truth = truth_categories(space.names, truth.names)
         self.results: list[dict] = []
         self.image_ids: list[int] = []
         self.left_out = 0
@@ -212,7 +216,7 @@ class InstanceScorer:
     def score(self, image: TruthImage, row: Mapping[str, Any], store: OutputStore) -> Scored:
         _check_size(image, row, self.truth.url)
         preds = []
-        for seg in row["segments"] or []:
+        for seg in self.space.apply(row)[0]:
             cat = self.to_truth.get(seg["label_id"])
             if cat is None:
                 self.left_out += 1
@@ -357,9 +361,9 @@ def _pq_average(stats: Mapping[int, PQStat], categories: Sequence[int]) -> dict[
 class PanopticScorer:
     """PQ / SQ / RQ summed image by image."""
 
-    def __init__(self, truth: CocoTruth, folder: PngFolder, id2label: Mapping[int, str]):
-        self.truth, self.folder = truth, folder
-        self.to_truth = truth_categories(id2label, truth.names)
+    def __init__(self, truth: CocoTruth, folder: PngFolder, space: LabelSpace):
+        self.truth, self.folder, self.space = truth, folder, space
+        self.to_truth = truth_categories(space.names, truth.names)
         self.stats: dict[int, PQStat] = defaultdict(PQStat)
         self.left_out = 0
 
@@ -370,8 +374,11 @@ class PanopticScorer:
         gt = self.folder.read(uri, row["width"], row["height"], "rgb")
         _check_areas(gt, ann["segments_info"], uri)
         pred = _read_mask(store, row, "panoptic", self.folder.max_bytes)
+        segments, remap = self.space.apply(row)
+        if self.space.from_model is not None:  # fused and dropped segments' pixels
+            pred = remap_ids(pred, remap)
         categories = {}
-        for seg in row["segments"] or []:
+        for seg in segments:
             cat = self.to_truth.get(seg["label_id"])
             if cat is None:
                 self.left_out += 1
@@ -421,8 +428,7 @@ def iou_per_class(confusion: np.ndarray) -> np.ndarray:
 class SemanticScorer:
     """A confusion matrix of truth classes × predicted classes, image by image."""
 
-    def __init__(self, folder: PngFolder, classes: Mapping[int, str], id2label: Mapping[int, str],
-                 ignore_index: int):
+    def __init__(self, folder: PngFolder, classes: Mapping[int, str], space: LabelSpace, ignore_index: int):
         self.folder, self.ignore_index = folder, ignore_index
         self.ids = sorted(classes)
         self.names = [classes[i] for i in self.ids]
@@ -435,10 +441,12 @@ class SemanticScorer:
             self.truth_index[ignore_index] = -1
         self.pred_index = np.full(1 << 16, k, dtype=np.int64)
         for name in self.names:
-            check_known(name, set(id2label.values()), "the truth's label")
-        for label_id, index in truth_categories(id2label, dict(enumerate(self.names))).items():
-            if 0 <= label_id < 1 << 16:
-                self.pred_index[label_id] = index
+            check_known(name, set(space.names.values()), "the truth's label")
+        to_class = truth_categories(space.names, dict(enumerate(self.names)))
+        for model_id in space.model:
+            index = to_class.get(space.label_of(model_id))
+            if index is not None and 0 <= model_id < 1 << 16:
+                self.pred_index[model_id] = index
         self.confusion = np.zeros((k, k + 1), dtype=np.int64)
         self.uris: dict[str, str] = {}
         # Predicted labels the truth's classes lack are "no label" pixels: no segment is left out.
@@ -509,14 +517,15 @@ def _is_folder(url: str, storage_options: Mapping[str, Any] | None) -> bool:
 
 def _sample(truth: str, job: JobRecord, options: EvalOptions) -> _Sample:
     """Read and check the truth, and the scorer for the job's task."""
+    space = LabelSpace.of_output(job, options.label_map, options.unmapped)
     if _is_folder(truth, options.truth_storage_options):
         if job.task != "semantic":
             raise EvalError(f"the truth {truth} is a folder of label PNGs (semantic) and the output holds "
                             f"{job.task} masks: give a COCO {job.task} JSON")
         classes = (read_truth_labels(options.truth_labels, options.truth_storage_options)
-                   if options.truth_labels else dict(job.id2label))
+                   if options.truth_labels else dict(space.names))
         folder = PngFolder(truth, options.truth_storage_options, options.max_bytes, "the truth PNG")
-        scorer = SemanticScorer(folder, classes, job.id2label, options.ignore_index)
+        scorer = SemanticScorer(folder, classes, space, options.ignore_index)
         images = []
         for name, uri in folder.listing():
             scorer.uris[name] = uri
@@ -524,18 +533,18 @@ def _sample(truth: str, job: JobRecord, options: EvalOptions) -> _Sample:
         return _Sample(images, scorer, strip_extension=True)
     if options.truth_labels:
         raise EvalError("--truth-labels names a semantic truth's ids; a COCO truth names its categories")
-    coco = read_coco(truth, options.truth_storage_options, set(job.id2label.values()))
+    coco = read_coco(truth, options.truth_storage_options, set(space.names.values()))
     if coco.kind != job.task:
         raise EvalError(f"the truth {truth} is COCO {coco.kind} and the output holds {job.task} masks")
     if coco.kind == "instance":
-        return _Sample(coco.images, InstanceScorer(coco, job.id2label))
+        return _Sample(coco.images, InstanceScorer(coco, space))
     images = coco.images
     folder = PngFolder(panoptic_folder(coco, options.truth_masks), options.truth_storage_options,
                        options.max_bytes, "the truth PNG")
     if not _is_folder(folder.url, options.truth_storage_options):
         raise EvalError(f"the folder of the truth's PNGs, {folder.url}, does not exist "
                         "(give it with --truth-masks)")
-    return _Sample(images, PanopticScorer(coco, folder, job.id2label))
+    return _Sample(images, PanopticScorer(coco, folder, space))
 
 
 @dataclass
@@ -667,7 +676,7 @@ def evaluate(output: str, truth: str, **options: Any) -> dict[str, Any]:
         raise EvalError(f"--limit must be at least 1, got {settings.limit}")
     try:
         return _evaluate(output, truth, settings)
-    except OutputError as exc:
+    except (OutputError, LabelMapError) as exc:
         raise EvalError(str(exc)) from exc
 
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import posixpath
 import shutil
 import tempfile
 import zipfile
@@ -64,6 +65,7 @@ from pycocotools import mask as mask_utils
 from . import __version__
 from .encode import decode_png, encode_png
 from .errors import SeglabelError, get_logger, one_line
+from .labelmap import LabelMapError, LabelSpace, remap_ids
 from .labels import palette_color, resolve_labels
 from .record import JobRecord, open_output
 from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, RowCounts, checked_key
@@ -93,6 +95,25 @@ def ok_rows(rows: Iterable[dict], counts: RowCounts) -> Iterator[dict]:
             yield row
 
 
+def mapped_rows(rows: Iterable[dict], space: LabelSpace) -> Iterator[dict]:
+    """Rows in ``space``'s labels, each with ``remap``, its segment ids -> the ids they become
+    (:meth:`LabelSpace.apply`); the rows as they are without a label map."""
+    if space.record is None:
+        yield from rows
+        return
+    for row in rows:
+        segments, remap = space.apply(row)
+        yield {**row, "segments": segments, "remap": remap}
+
+
+def _write_label_map(dest: Destination, folder: bool, record: Mapping[str, Any]) -> str:
+    """The label map an export used, beside it: ``DEST/label-map.json`` for a folder,
+    ``<DEST without its extension>.label-map.json`` for a file."""
+    path = dest.path("label-map.json") if folder else posixpath.splitext(dest.root)[0] + ".label-map.json"
+    dest.write_file(path, json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8"))
+    return path
+
+
 # -- filters ---------------------------------------------------------------------------------
 
 
@@ -118,10 +139,11 @@ class SegmentFilter:
         return [s for s in segments or () if self.keep(s)]
 
 
-def _segment_filter(job: JobRecord, things_only: bool, min_score: float | None,
+def _segment_filter(space: LabelSpace, things_only: bool, min_score: float | None,
                     labels: Sequence[str] | None) -> SegmentFilter:
-    """The segments to export; ``things_only``: the format's instances are things only."""
-    if min_score is not None and job.task == "semantic":
+    """The segments to export (``labels`` name the export's labels: the team's, with a label
+    map); ``things_only``: the format's instances are things only."""
+    if min_score is not None and space.task == "semantic":
         raise ExportError("--min-score does not apply: semantic outputs have no scores")
     label_ids = None
     if labels is not None:
@@ -129,11 +151,11 @@ def _segment_filter(job: JobRecord, things_only: bool, min_score: float | None,
         if not names:
             raise ExportError("--labels is empty: name at least one label")
         try:
-            label_ids = resolve_labels(job.id2label, names)
+            label_ids = resolve_labels(space.names, names)
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
-    things_only = things_only and job.task == "panoptic"
-    if things_only and job.things is None:
+    things_only = things_only and space.task == "panoptic"
+    if things_only and space.things is None:
         log.warning(
             "the label set's things are unknown (give --thing-labels when running the job): "
             "exporting every panoptic segment as an instance"
@@ -141,16 +163,16 @@ def _segment_filter(job: JobRecord, things_only: bool, min_score: float | None,
     return SegmentFilter(min_score, label_ids, things_only)
 
 
-def _categories(job: JobRecord, label_ids: frozenset[int] | None, panoptic: bool) -> list[dict]:
+def _categories(space: LabelSpace, label_ids: frozenset[int] | None, panoptic: bool) -> list[dict]:
     """COCO categories: id = label_id + 1 (COCO reserves 0), only the labels kept."""
     out = []
-    for label_id, name in sorted(job.id2label.items()):
+    for label_id, name in sorted(space.names.items()):
         if label_ids is not None and label_id not in label_ids:
             continue
         category: dict[str, Any] = {"id": label_id + 1, "name": name, "supercategory": ""}
         if panoptic:
             # Unknown things: every segment is its own region (nothing was fused), as things are.
-            category["isthing"] = 1 if job.things is None or label_id in job.things else 0
+            category["isthing"] = 1 if space.things is None or label_id in space.things else 0
             category["color"] = list(palette_color(label_id))
         out.append(category)
     return out
@@ -220,8 +242,9 @@ def _shards(rows: Iterator[dict], size: int | None) -> Iterator[tuple[int | None
         first = next(rows, None)
 
 
-def _info(output: str, job: JobRecord) -> dict:
+def _info(output: str, job: JobRecord, space: LabelSpace) -> dict:
     now = datetime.now(timezone.utc)
+    mapping = {"label_map": space.record} if space.record else {}
     return {
         "description": f"seglabel {job.task} labels from {output}",
         "contributor": "seglabel",
@@ -231,6 +254,7 @@ def _info(output: str, job: JobRecord) -> dict:
         "date_created": now.isoformat(timespec="seconds"),
         "model": job.model_version,
         "task": job.task,
+        **mapping,
     }
 
 
@@ -243,7 +267,8 @@ class ExportOptions:
     filter segments; ``shard_size`` splits the export into numbered files of at most that many
     images; ``from_name`` / ``to_name`` are the Label Studio control and object tag names;
     ``image_prefix_map`` rewrites image URIs for Label Studio
-    (``{"s3://bucket/": "https://cdn.example/"}``)."""
+    (``{"s3://bucket/": "https://cdn.example/"}``); ``label_map`` (a file's URL) and
+    ``unmapped`` put the export in a team's labels (:mod:`seglabel.labelmap`)."""
 
     min_score: float | None = None
     labels: Sequence[str] | None = None
@@ -251,6 +276,8 @@ class ExportOptions:
     from_name: str = "label"
     to_name: str = "image"
     image_prefix_map: Mapping[str, str] | None = None
+    label_map: str | None = None
+    unmapped: str = "drop"
 
 
 @dataclass
@@ -259,6 +286,7 @@ class ExportRun:
 
     output: str
     job: JobRecord
+    space: LabelSpace
     store: OutputStore
     dest: Destination
     keep: SegmentFilter
@@ -310,7 +338,7 @@ class CocoWriter(Writer):
     def __init__(self, run: ExportRun):
         super().__init__(run)
         self.ids = _Ids()
-        self.head = _coco_head(run.output, run.job, run.keep)
+        self.head = _coco_head(run, panoptic=False)
 
     def write_shard(self, out: IO[bytes], rows: Iterable[dict]) -> None:
         coco = _CocoFile(out, self.head)
@@ -369,12 +397,12 @@ def _coco_image(row: dict, ids: _Ids) -> dict:
     return {"id": ids.image, "file_name": row["key"], "width": row["width"], "height": row["height"]}
 
 
-def _coco_head(output: str, job: JobRecord, keep: SegmentFilter, panoptic: bool = False) -> dict:
+def _coco_head(run: ExportRun, panoptic: bool) -> dict:
     return {
-        "info": _info(output, job),
+        "info": _info(run.output, run.job, run.space),
         # CVAT's own COCO export carries one empty licence; some importers expect the key.
         "licenses": [{"id": 0, "name": "", "url": ""}],
-        "categories": _categories(job, keep.label_ids, panoptic),
+        "categories": _categories(run.space, run.keep.label_ids, panoptic),
     }
 
 
@@ -388,7 +416,7 @@ class PanopticWriter(Writer):
     def __init__(self, run: ExportRun):
         super().__init__(run)
         self.ids = _Ids()
-        self.head = _coco_head(run.output, run.job, run.keep, panoptic=True)
+        self.head = _coco_head(run, panoptic=True)
 
     def shard_path(self, index: int | None) -> str:
         return self.run.dest.shard(index, PANOPTIC_JSON)
@@ -401,8 +429,11 @@ class PanopticWriter(Writer):
             coco.images.add(image)
             segments = row["segments"] or []
             kept = self.run.keep.apply(segments)
+            kept_ids = {int(s["id"]) for s in kept}
+            remap = row.get("remap") or {int(s["id"]): int(s["id"]) for s in segments}
             png_name = f"{key}.png"
-            png = _panoptic_png(self.run.store, row, segments, kept)
+            png = _panoptic_png(self.run.store, row, {old: new if new in kept_ids else 0
+                                                      for old, new in remap.items()})
             dest.write_file(dest.path(PANOPTIC_PNG_DIR, png_name), png)
             counts["masks"] += 1
             coco.annotations.add({
@@ -424,18 +455,16 @@ class PanopticWriter(Writer):
         coco.close()
 
 
-def _panoptic_png(store: OutputStore, row: dict, segments: list, kept: list) -> bytes:
-    """The job's panoptic PNG (already COCO's encoding), with dropped segments made void."""
+def _panoptic_png(store: OutputStore, row: dict, remap: Mapping[int, int]) -> bytes:
+    """The job's panoptic PNG (already COCO's encoding), each segment id made ``remap``'s: a
+    segment fused into another takes its id, a dropped one is void (0)."""
     try:
         data = store.fs.cat_file(store.path(OutputStore.mask_relpath(row["key"])))
     except FileNotFoundError as exc:
         raise ExportError(f"the mask of {row['key']!r} is missing from the output") from exc
-    if len(kept) == len(segments):
+    if all(old == new for old, new in remap.items()):
         return data
-    id_map = decode_png(data, "panoptic")
-    kept_ids = np.array([s["id"] for s in kept], dtype=id_map.dtype)
-    id_map = np.where(np.isin(id_map, kept_ids), id_map, 0)
-    return encode_png(id_map, "panoptic")
+    return encode_png(remap_ids(decode_png(data, "panoptic"), remap), "panoptic")
 
 
 # -- Label Studio ----------------------------------------------------------------------------
@@ -615,15 +644,21 @@ def _export(output: str, writer: type[Writer], fmt: str, to: str, options: Expor
         needs = " or ".join(writer.tasks)
         raise ExportError(f"{fmt} needs a {needs} output; {output} holds {job.task} masks "
                           "(use --format coco)")
-    keep = _segment_filter(job, writer.things_only, options.min_score, options.labels)
+    try:
+        space = LabelSpace.of_output(job, options.label_map, options.unmapped)
+    except LabelMapError as exc:
+        raise ExportError(str(exc)) from exc
+    keep = _segment_filter(space, writer.things_only, options.min_score, options.labels)
     dest = Destination(to, to_storage_options)
     if not writer.folder and (to.endswith("/") or dest.is_dir()):
         raise ExportError(f"--to must name a file for {fmt}, and {to} is a folder")
     counts: dict[str, Any] = {"format": fmt, "images": 0, "annotations": 0, "masks": 0, "files": []}
     rows = RowCounts()
     try:
-        run = ExportRun(output, job, store, dest, keep, options, counts)
-        writer(run).write(ok_rows(store.iter_rows(LABEL_COLUMNS, ROW_BATCH), rows))
+        run = ExportRun(output, job, space, store, dest, keep, options, counts)
+        writer(run).write(mapped_rows(ok_rows(store.iter_rows(LABEL_COLUMNS, ROW_BATCH), rows), space))
+        if space.record is not None:
+            counts["label_map"] = _write_label_map(dest, writer.folder, space.record)
     except OSError as exc:  # storage: permissions, a full disk, an unreachable endpoint
         raise ExportError(f"export to {to} failed: {type(exc).__name__}: {one_line(exc)}") from exc
     counts["error_rows"] = rows.error

@@ -22,6 +22,7 @@ from pycocotools import mask as mask_utils
 from .config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ConfigError
 from .errors import get_logger
 from .fetch import fetch, options_for
+from .labelmap import LabelSpace
 from .labels import palette_color
 from .record import JobRecord, open_output
 from .sink import LABEL_COLUMNS, Destination, checked_key
@@ -35,6 +36,7 @@ INDEX_FILE = "index.html"
 ALPHA = 0.5
 
 
+# Keyword options, one per flag of `seglabel preview` (three places' storage options).
 def preview(
     output: str,
     to: str,
@@ -45,6 +47,8 @@ def preview(
     storage_options: Mapping[str, Any] | None = None,
     image_storage_options: Mapping[str, Any] | None = None,
     to_storage_options: Mapping[str, Any] | None = None,
+    label_map: str | None = None,
+    unmapped: str = "drop",
 ) -> list[str]:
     """Write overlays of the first ``n`` ok images of ``output`` and an index under ``to``.
 
@@ -53,12 +57,14 @@ def preview(
     images on the output's protocol (as a job often keeps both in one bucket), with the run's
     guards (``max_pixels``, ``max_bytes``: the run's defaults; give the run's own if they were
     larger). An image that cannot be read or decoded any more is skipped with a warning.
+    ``label_map`` and ``unmapped`` show the segments in a team's labels (:mod:`seglabel.labelmap`).
     Returns the overlay paths written, in order. Raises :class:`~seglabel.sink.OutputError`
     (``ConfigError`` for ``n``) with one readable line.
     """
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     store, job = open_output(output, storage_options)
+    space = LabelSpace.of_output(job, label_map, unmapped)
     dest = Destination(to, to_storage_options)
     font = ImageFont.load_default()
     written: list[str] = []
@@ -88,7 +94,7 @@ def preview(
                 key, photo.shape[1], photo.shape[0], row["width"], row["height"],
             )
             continue
-        segments = row["segments"] or []
+        segments, _ = space.apply(row)
         image = overlay(photo, segments, job, font)
         buf = io.BytesIO()
         image.save(buf, format="PNG", compress_level=1)

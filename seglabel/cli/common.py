@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, JobConfig, check_expansion, load_spec
+from ..labelmap import UNMAPPED
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -40,6 +41,15 @@ def storage_option_flag(p: argparse.ArgumentParser, flag: str, dest: str, what: 
     """A repeatable ``--X-option KEY=VALUE`` flag: fsspec storage options for ``what``."""
     p.add_argument(flag, dest=dest, metavar="KEY=VALUE", type=key_value, action="append", default=[],
                    help=f"fsspec storage option for {what}; repeatable")
+
+
+def label_map_flags(p: argparse.ArgumentParser) -> None:
+    """``--label-map`` and ``--unmapped``: read an output in a team's own labels."""
+    p.add_argument("--label-map", dest="label_map", metavar="FILE",
+                   help="YAML or JSON {model_label: team_label} (many to one; null drops a label): "
+                   "work in the team's labels; the job's own files are not changed")
+    p.add_argument("--unmapped", choices=UNMAPPED, default="drop",
+                   help="model labels the map does not name: drop them (default) or keep their names")
 
 
 def positive_int(text: str) -> int:

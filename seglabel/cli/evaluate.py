@@ -6,7 +6,7 @@ import argparse
 
 from ..config import DEFAULT_MAX_BYTES
 from ..evaluate import evaluate, report_table, summary_line
-from .common import common, positive_int, storage_option_flag
+from .common import common, label_map_flags, positive_int, storage_option_flag
 
 
 def add_parsers(sub) -> None:
@@ -40,6 +40,7 @@ def add_parsers(sub) -> None:
                    help="write a Parquet table: key, quality, truth_segments, predicted_segments")
     p.add_argument("--max-bytes", dest="max_bytes", type=positive_int, default=DEFAULT_MAX_BYTES, metavar="N",
                    help="refuse truth PNGs larger than this")
+    label_map_flags(p)
     storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
     storage_option_flag(p, "--truth-option", "truth_storage_options", "the truth")
     storage_option_flag(p, "--to-option", "to_storage_options", "--json and --per-image")
@@ -53,6 +54,8 @@ def main(args: argparse.Namespace) -> int:
         args.truth,
         truth_masks=args.truth_masks,
         truth_labels=args.truth_labels,
+        label_map=args.label_map,
+        unmapped=args.unmapped,
         ignore_index=args.ignore_index,
         limit=args.limit,
         per_image=args.per_image,

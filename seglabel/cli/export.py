@@ -6,7 +6,7 @@ import argparse
 
 from ..config import label_names
 from ..export import FORMATS, export
-from .common import common, positive_int, storage_option_flag
+from .common import common, label_map_flags, positive_int, storage_option_flag
 
 
 def _prefix_pair(text: str) -> tuple[str, str]:
@@ -60,6 +60,7 @@ def add_parsers(sub) -> None:
         help="Label Studio: rewrite image URIs starting with OLD (e.g. s3://bucket/=https://cdn/); "
         "repeatable",
     )
+    label_map_flags(p)
     storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
     storage_option_flag(p, "--to-option", "to_storage_options", "DEST")
     p.set_defaults(handler=main)
@@ -78,6 +79,8 @@ def main(args: argparse.Namespace) -> int:
         from_name=args.from_name,
         to_name=args.to_name,
         image_prefix_map=dict(args.image_prefix_map),
+        label_map=args.label_map,
+        unmapped=args.unmapped,
         to_storage_options=dict(args.to_storage_options),
     )
     files = counts["files"]

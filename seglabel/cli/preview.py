@@ -6,7 +6,7 @@ import argparse
 
 from ..config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..preview import INDEX_FILE, preview
-from .common import common, key_value, positive_int, storage_option_flag
+from .common import common, key_value, label_map_flags, positive_int, storage_option_flag
 
 
 def add_parsers(sub) -> None:
@@ -25,6 +25,7 @@ def add_parsers(sub) -> None:
                    "value if it was larger)")
     p.add_argument("--max-bytes", dest="max_bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
                    metavar="N", help="skip photo files over this many bytes, as the run does")
+    label_map_flags(p)
     storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
     p.add_argument(
         "--input-option",
@@ -48,6 +49,8 @@ def main(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes,
         storage_options=dict(args.output_storage_options),
         image_storage_options=dict(args.input_storage_options) if args.input_storage_options else None,
+        label_map=args.label_map,
+        unmapped=args.unmapped,
     )
     print(f"wrote {len(paths)} overlays; open {args.to.rstrip('/')}/{INDEX_FILE}")
     return 0
