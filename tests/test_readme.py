@@ -212,6 +212,9 @@ def test_every_readme_block_runs_as_written(world):
     assert len(read_rows(str(work / "labels-eomt"))) == len(photos)
     tasks = json.loads((work / "tasks.json").read_text())
     assert {t["data"]["image"] for t in tasks} == {f"https://cdn.example.com/photos/{p}" for p in photos}
+    # The export in the team's labels has those labels only, in the map's order.
+    team = json.loads((work / "team.json").read_text())
+    assert [c["name"] for c in team["categories"]] == ["people", "vehicle"]
     # The evaluations scored every photo of the labeled samples, and wrote what they were asked.
     report = json.loads((work / "eval.json").read_text())
     assert report["task"] == "instance" and report["images"]["scored"] == len(photos)
