@@ -67,6 +67,7 @@ from .encode import decode_png, encode_png
 from .errors import SeglabelError, get_logger, one_line
 from .labelmap import LabelMapError, LabelSpace, remap_ids
 from .labels import palette_color, resolve_labels
+from .polygons import DEFAULT_TOLERANCE, coco_polygons, outline
 from .record import JobRecord, open_output
 from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, RowCounts, checked_key
 
@@ -268,7 +269,9 @@ class ExportOptions:
     images; ``from_name`` / ``to_name`` are the Label Studio control and object tag names;
     ``image_prefix_map`` rewrites image URIs for Label Studio
     (``{"s3://bucket/": "https://cdn.example/"}``); ``label_map`` (a file's URL) and
-    ``unmapped`` put the export in a team's labels (:mod:`seglabel.labelmap`)."""
+    ``unmapped`` put the export in a team's labels (:mod:`seglabel.labelmap`); ``mask_format``
+    ``"polygon"`` writes polygons (:mod:`seglabel.polygons`) simplified within
+    ``polygon_tolerance`` pixels, for COCO, CVAT and Label Studio."""
 
     min_score: float | None = None
     labels: Sequence[str] | None = None
@@ -278,6 +281,8 @@ class ExportOptions:
     image_prefix_map: Mapping[str, str] | None = None
     label_map: str | None = None
     unmapped: str = "drop"
+    mask_format: str = "rle"
+    polygon_tolerance: float = DEFAULT_TOLERANCE
 
 
 @dataclass
@@ -356,7 +361,18 @@ class CocoWriter(Writer):
             self.ids.annotation += 1
             ann = {"id": self.ids.annotation, "image_id": image_id}
             ann.update(coco_annotation(row, seg, self.run.job.task, self.scores))
+            options = self.run.options
+            if options.mask_format == "polygon" and not ann["iscrowd"]:
+                ann["segmentation"] = _polygons_or_rle(ann["segmentation"], options.polygon_tolerance)
             yield ann
+
+
+def _polygons_or_rle(rle: dict, tolerance: float) -> Any:
+    """A COCO segmentation as polygons: each outer contour of the mask; a mask with holes stays
+    RLE (COCO's polygons would fill them; RLE is exact)."""
+    mask = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
+    shape = outline(mask, tolerance)
+    return rle if shape.holes or not shape.polygons else coco_polygons(shape.polygons)
 
 
 def coco_annotation(row: Mapping[str, Any], seg: Mapping[str, Any], task: str, scores: bool = True) -> dict:
@@ -570,25 +586,38 @@ class LabelStudioWriter(Writer):
         scores = []
         for seg in self.run.keep.apply(row["segments"]):
             mask = mask_utils.decode({"size": [height, width], "counts": seg["rle"].encode("ascii")})
-            result: dict[str, Any] = {
-                "id": f"seg{seg['id']}",
+            base: dict[str, Any] = {
                 "from_name": self.run.options.from_name,
                 "to_name": self.run.options.to_name,
-                "type": "brushlabels",
                 "original_width": width,
                 "original_height": height,
                 "image_rotation": 0,
-                "value": {"format": "rle", "rle": label_studio_rle(mask), "brushlabels": [seg["label"]]},
             }
             if seg["score"] is not None:
-                result["score"] = round(float(seg["score"]), 6)
-                scores.append(result["score"])
-            results.append(result)
+                base["score"] = round(float(seg["score"]), 6)
+                scores.append(base["score"])
+            results += [{"id": f"seg{seg['id']}{suffix}", **base, **value}
+                        for suffix, value in self.regions(mask, seg["label"])]
         prediction: dict[str, Any] = {"model_version": self.run.job.model_version, "result": results}
         if scores:
             # The task-level score Label Studio sorts and samples by: the mean segment score.
             prediction["score"] = round(sum(scores) / len(scores), 6)
         return {"data": {"image": self.uri(row["image_uri"]), "key": row["key"]}, "predictions": [prediction]}
+
+    def regions(self, mask: np.ndarray, label: str) -> list[tuple[str, dict]]:
+        """A segment's Label Studio regions (id suffix, type and value): one brush mask, or one
+        polygon per outer contour, in percent of the image, holes filled (a Label Studio
+        polygon has none)."""
+        if self.run.options.mask_format == "rle":
+            return [("", {"type": "brushlabels",
+                          "value": {"format": "rle", "rle": label_studio_rle(mask), "brushlabels": [label]}})]
+        height, width = mask.shape
+        shape = outline(mask, self.run.options.polygon_tolerance)
+        return [(f"-{k}", {"type": "polygonlabels", "value": {
+                    "points": [[round(float(x) * 100 / width, 4), round(float(y) * 100 / height, 4)]
+                               for x, y in polygon],
+                    "closed": True, "polygonlabels": [label]}})
+                for k, polygon in enumerate(shape.polygons)]
 
 
 WRITERS: dict[str, type[Writer]] = {
@@ -598,6 +627,7 @@ WRITERS: dict[str, type[Writer]] = {
     "cvat": CvatWriter,
 }
 FORMATS = tuple(WRITERS)
+MASK_FORMATS = ("rle", "polygon")
 
 
 # -- the entry point -------------------------------------------------------------------------
@@ -629,6 +659,13 @@ def export(
     writer = WRITERS.get(fmt)
     if writer is None:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if settings.mask_format not in MASK_FORMATS:
+        raise ExportError(f"--mask-format must be one of {', '.join(MASK_FORMATS)}, "
+                          f"got {settings.mask_format!r}")
+    if settings.mask_format == "polygon" and fmt == "coco-panoptic":
+        raise ExportError("--mask-format polygon: COCO panoptic holds its masks as PNGs")
+    if not settings.polygon_tolerance >= 0:
+        raise ExportError(f"--polygon-tolerance must be 0 or more, got {settings.polygon_tolerance}")
     if settings.shard_size is not None and settings.shard_size < 1:
         raise ExportError(f"--shard-size must be at least 1, got {settings.shard_size}")
     try:
@@ -671,6 +708,7 @@ def _export(output: str, writer: type[Writer], fmt: str, to: str, options: Expor
 
 __all__ = [
     "FORMATS",
+    "MASK_FORMATS",
     "WRITERS",
     "ExportError",
     "ExportOptions",

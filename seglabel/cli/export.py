@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import label_names
-from ..export import FORMATS, export
+from ..export import FORMATS, MASK_FORMATS, export
+from ..polygons import DEFAULT_TOLERANCE
 from .common import common, label_map_flags, positive_int, storage_option_flag
 
 
@@ -60,6 +61,12 @@ def add_parsers(sub) -> None:
         help="Label Studio: rewrite image URIs starting with OLD (e.g. s3://bucket/=https://cdn/); "
         "repeatable",
     )
+    p.add_argument("--mask-format", dest="mask_format", choices=MASK_FORMATS, default="rle",
+                   help="coco, cvat, label-studio: masks as RLE (default; Label Studio brushes) or "
+                   "polygons (each outer contour; COCO and CVAT keep a mask with holes as RLE, Label Studio "
+                   "fills them)")
+    p.add_argument("--polygon-tolerance", dest="polygon_tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   metavar="PX", help="simplify polygons within PX pixels (default 1)")
     label_map_flags(p)
     storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
     storage_option_flag(p, "--to-option", "to_storage_options", "DEST")
@@ -80,6 +87,8 @@ def main(args: argparse.Namespace) -> int:
         to_name=args.to_name,
         image_prefix_map=dict(args.image_prefix_map),
         label_map=args.label_map,
+        mask_format=args.mask_format,
+        polygon_tolerance=args.polygon_tolerance,
         unmapped=args.unmapped,
         to_storage_options=dict(args.to_storage_options),
     )
