@@ -215,6 +215,10 @@ def test_every_readme_block_runs_as_written(world):
     # The export in the team's labels has those labels only, in the map's order.
     team = json.loads((work / "team.json").read_text())
     assert [c["name"] for c in team["categories"]] == ["people", "vehicle"]
+    team_tasks = json.loads((work / "team-tasks.json").read_text())
+    results = [r for t in team_tasks for r in t["predictions"][0]["result"]]
+    assert {r["type"] for r in results} <= {"polygonlabels"}
+    assert {r["value"]["polygonlabels"][0] for r in results} <= {"people", "vehicle"}
     # The evaluations scored every photo of the labeled samples, and wrote what they were asked.
     report = json.loads((work / "eval.json").read_text())
     assert report["task"] == "instance" and report["images"]["scored"] == len(photos)
