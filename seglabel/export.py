@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote
+from xml.sax.saxutils import quoteattr
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -568,6 +569,17 @@ class LabelStudioWriter(Writer):
     def __init__(self, run: ExportRun):
         super().__init__(run)
         self.uri: Callable[[str], str] = _UriMap(run.options.image_prefix_map)
+        self.seen: dict[int, str] = {}  # the labels the tasks hold, for the labeling config
+
+    def write(self, rows: Iterator[dict]) -> None:
+        """The tasks, then the labeling config that shows them (``<DEST stem>.labeling-config.xml``)."""
+        super().write(rows)
+        path = posixpath.splitext(self.run.dest.root)[0] + ".labeling-config.xml"
+        labels = self.seen or self.run.space.names
+        config = labeling_config(labels, self.run.options.mask_format, self.run.options.from_name,
+                                 self.run.options.to_name)
+        self.run.dest.write_file(path, config.encode("utf-8"))
+        self.run.counts["labeling_config"] = path
 
     def write_shard(self, out: IO[bytes], rows: Iterable[dict]) -> None:
         out.write(b"[")
@@ -585,6 +597,7 @@ class LabelStudioWriter(Writer):
         results = []
         scores = []
         for seg in self.run.keep.apply(row["segments"]):
+            self.seen[seg["label_id"]] = seg["label"]
             mask = mask_utils.decode({"size": [height, width], "counts": seg["rle"].encode("ascii")})
             base: dict[str, Any] = {
                 "from_name": self.run.options.from_name,
@@ -618,6 +631,20 @@ class LabelStudioWriter(Writer):
                                for x, y in polygon],
                     "closed": True, "polygonlabels": [label]}})
                 for k, polygon in enumerate(shape.polygons)]
+
+
+def labeling_config(labels: Mapping[int, str], mask_format: str, from_name: str, to_name: str) -> str:
+    """The Label Studio labeling config for tasks of these labels (id -> name): an Image tag named
+    ``to_name`` over ``$image``, and BrushLabels (RLE) or PolygonLabels named ``from_name`` with a
+    Label per label value, coloured as the label's palette colour (as COCO panoptic's
+    categories). Label Studio shows no prediction whose labels its config lacks."""
+    tag = "PolygonLabels" if mask_format == "polygon" else "BrushLabels"
+    items = "".join(
+        f"    <Label value={quoteattr(name)} background=\"#{bytes(palette_color(label_id)).hex()}\"/>\n"
+        for label_id, name in sorted(labels.items()))
+    control = f"<{tag} name={quoteattr(from_name)} toName={quoteattr(to_name)}>"
+    return (f"<View>\n  <Image name={quoteattr(to_name)} value=\"$image\" zoom=\"true\"/>\n"
+            f"  {control}\n{items}  </{tag}>\n</View>\n")
 
 
 WRITERS: dict[str, type[Writer]] = {
@@ -717,5 +744,6 @@ __all__ = [
     "coco_annotation",
     "export",
     "label_studio_rle",
+    "labeling_config",
     "palette_color",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -238,3 +239,66 @@ def tool_python(name: str) -> str:
     if os.environ.get("SEGLABEL_REQUIRE_TOOLS") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+# -- Label Studio -----------------------------------------------------------------------------
+
+
+@dataclass
+class LabelStudio:
+    """A running Label Studio server on loopback, and its REST API with the admin's token."""
+
+    url: str
+    token: str
+
+    def call(self, method: str, path: str, body=None):
+        """One REST call; its JSON answer (an HTTP error fails with the server's own words)."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            self.url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Token {self.token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"Label Studio {method} {path}: {exc.code} {exc.read()[:2000]!r}") from None
+
+
+@contextmanager
+def label_studio(data_dir: Path, timeout: float = 240) -> Iterator[LabelStudio]:
+    """Label Studio (its own virtual environment, see tool_python) on 127.0.0.1 with sqlite in
+    ``data_dir``, an admin with a legacy API token (new organisations have those off), stopped
+    at the end. About 40 s to start on this machine."""
+    python = Path(tool_python("label-studio"))
+    port = free_port()
+    token = uuid.uuid4().hex + uuid.uuid4().hex[:8]
+    env = dict(os.environ, LABEL_STUDIO_BASE_DATA_DIR=str(data_dir), LABEL_STUDIO_USERNAME="test@example.com",
+               LABEL_STUDIO_PASSWORD=uuid.uuid4().hex, LABEL_STUDIO_USER_TOKEN=token,
+               LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true", LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true")
+    log = open(data_dir / "server.log", "wb")
+    server = subprocess.Popen([str(python.with_name("label-studio")), "start", "--no-browser",
+                               "--internal-host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    studio = LabelStudio(f"http://127.0.0.1:{port}", token)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                studio.call("GET", "/api/projects")
+                break
+            except (OSError, AssertionError):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    said = (data_dir / "server.log").read_text(errors="replace")[-2000:]
+                    raise AssertionError(f"Label Studio did not start: {said}") from None
+                time.sleep(2)
+        yield studio
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()

@@ -1,0 +1,77 @@
+"""Label Studio, the real server (issue 26, part 3): a project created with the labeling config
+`seglabel export --format label-studio` writes, the tasks imported over the REST API, and every
+prediction read back from Label Studio with its score and only labels its config holds: brush
+masks and polygons, in the model's labels and in a team's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from skimage import data
+
+from helpers import label_studio
+from seglabel.export import export
+
+
+@pytest.fixture(scope="module")
+def output(ray_session, tmp_path_factory, checkpoints) -> str:
+    from seglabel.pipeline import label
+
+    images = tmp_path_factory.mktemp("ls-images")
+    Image.fromarray(data.astronaut()).save(images / "astronaut.jpg")
+    Image.fromarray(data.coffee()).save(images / "coffee, 'hot' #1.png")
+    out = tmp_path_factory.mktemp("ls-out") / "labels"
+    label(str(images), str(out), model=str(checkpoints["instance"]), stand_in="segments=6,coverage=0.03")
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    with label_studio(tmp_path_factory.mktemp("label-studio")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("mask_format, label_map", [("rle", None), ("polygon", None), ("polygon", "team")])
+def test_label_studio_imports_the_tasks_with_the_generated_config(output, studio, tmp_path, mask_format,
+                                                                   label_map):
+    options = {}
+    if label_map:
+        (tmp_path / "team.yaml").write_text('label0: "person, \\"adult\\""\nlabel1: thing\nlabel2: thing\n')
+        options = {"label_map": str(tmp_path / "team.yaml")}
+    to = tmp_path / "tasks.json"
+    counts = export(output, "label-studio", str(to), mask_format=mask_format, from_name="mask",
+                    to_name="photo", **options)
+    config = Path(counts["labeling_config"])
+    assert config == tmp_path / "tasks.labeling-config.xml"
+    project = studio.call("POST", "/api/projects", {"title": f"seglabel {mask_format} {label_map}",
+                                                    "label_config": config.read_text(encoding="utf-8")})
+    # Label Studio's own reading of the config: one control of the kind the tasks use.
+    parsed = project["parsed_label_config"]
+    tag = "PolygonLabels" if mask_format == "polygon" else "BrushLabels"
+    assert list(parsed) == ["mask"] and parsed["mask"]["type"] == tag
+    assert parsed["mask"]["to_name"] == ["photo"]
+    tasks = json.loads(to.read_text())
+    exported = {t["data"]["key"]: t["predictions"][0] for t in tasks}
+    labels = {r["value"][tag.lower()][0] for p in exported.values() for r in p["result"]}
+    assert set(parsed["mask"]["labels"]) == labels  # every label that occurs, and no other
+    if label_map:
+        assert labels == {'person, "adult"', "thing"}
+    imported = studio.call("POST", f"/api/projects/{project['id']}/import?commit_to_project=true", tasks)
+    assert (imported["task_count"], imported["prediction_count"]) == (len(tasks), len(tasks))
+    listed = studio.call("GET", f"/api/tasks?project={project['id']}&page_size=100")
+    listed = listed["tasks"] if isinstance(listed, dict) else listed
+    assert len(listed) == len(tasks)
+    for task in listed:
+        predictions = studio.call("GET", f"/api/predictions?task={task['id']}")
+        assert len(predictions) == 1
+        mine = exported[task["data"]["key"]]
+        assert predictions[0]["score"] == pytest.approx(mine["score"])
+        results = predictions[0]["result"]
+        assert len(results) == len(mine["result"]) > 0
+        for result in results:
+            assert result["type"] == tag.lower()
+            assert (result["from_name"], result["to_name"]) == ("mask", "photo")
+            assert result["value"][tag.lower()][0] in parsed["mask"]["labels"]
