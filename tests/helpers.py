@@ -302,3 +302,16 @@ def label_studio(data_dir: Path, timeout: float = 240) -> Iterator[LabelStudio]:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+def photo_job(root: Path, checkpoint: Path, photos: dict[str, np.ndarray], **settings) -> str:
+    """A job over ``photos`` (name -> RGB array, written as files under ``root/images``) into
+    ``root/labels`` with ``checkpoint``; the output's path. Needs a Ray (``ray_session``)."""
+    from seglabel.pipeline import label
+
+    for name, pixels in photos.items():
+        path = root / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+    label(str(root / "images"), str(root / "labels"), model=str(checkpoint), **settings)
+    return str(root / "labels")

@@ -9,23 +9,17 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from skimage import data
 
-from helpers import label_studio
+from helpers import label_studio, photo_job
 from seglabel.export import export
 
 
 @pytest.fixture(scope="module")
 def output(ray_session, tmp_path_factory, checkpoints) -> str:
-    from seglabel.pipeline import label
-
-    images = tmp_path_factory.mktemp("ls-images")
-    Image.fromarray(data.astronaut()).save(images / "astronaut.jpg")
-    Image.fromarray(data.coffee()).save(images / "coffee, 'hot' #1.png")
-    out = tmp_path_factory.mktemp("ls-out") / "labels"
-    label(str(images), str(out), model=str(checkpoints["instance"]), stand_in="segments=6,coverage=0.03")
-    return str(out)
+    photos = {"astronaut.jpg": data.astronaut(), "coffee, 'hot' #1.png": data.coffee()}
+    return photo_job(tmp_path_factory.mktemp("ls"), checkpoints["instance"], photos,
+                     stand_in="segments=6,coverage=0.03")
 
 
 @pytest.fixture(scope="module")

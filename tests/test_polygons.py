@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from scipy import ndimage
 from skimage import data, filters
 
-from helpers import tool_python
+from helpers import photo_job, tool_python
 from outputs import read_rows
 from seglabel.export import ExportError, export
 from seglabel.polygons import MIN_IOU, coco_polygons, outline
@@ -80,14 +79,9 @@ def test_split_masks_holes_and_the_image_edge():
 
 @pytest.fixture(scope="module")
 def boxes(ray_session, tmp_path_factory, checkpoints) -> str:
-    from seglabel.pipeline import label
-
-    images = tmp_path_factory.mktemp("poly-images")
-    Image.fromarray(data.astronaut()).save(images / "astronaut.jpg")
-    Image.fromarray(data.coffee()).save(images / "coffee #1.png")
-    out = tmp_path_factory.mktemp("poly-out") / "labels"
-    label(str(images), str(out), model=str(checkpoints["instance"]), stand_in="segments=6,coverage=0.03")
-    return str(out)
+    photos = {"astronaut.jpg": data.astronaut(), "coffee #1.png": data.coffee()}
+    return photo_job(tmp_path_factory.mktemp("poly"), checkpoints["instance"], photos,
+                     stand_in="segments=6,coverage=0.03")
 
 
 def job_masks(output: str) -> dict[str, list[tuple[str, np.ndarray]]]:
@@ -141,14 +135,9 @@ def test_coco_cvat_and_label_studio_polygons(boxes, tmp_path):
 
 
 def test_masks_with_holes_stay_rle_in_coco_and_are_filled_in_label_studio(checkpoints, ray_session, tmp_path):
-    from seglabel.pipeline import label
-
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(data.astronaut()).save(images / "astronaut.jpg")
-    out = tmp_path / "labels"
     # The tiny random model's masks are ragged and hold holes.
-    label(str(images), str(out), model=str(checkpoints["instance"]), score_threshold=0.3)
+    out = photo_job(tmp_path, checkpoints["instance"], {"astronaut.jpg": data.astronaut()},
+                    score_threshold=0.3)
     export(str(out), "coco", str(tmp_path / "coco.json"), mask_format="polygon")
     anns = json.loads((tmp_path / "coco.json").read_text())["annotations"]
     masks = job_masks(str(out))["astronaut.jpg"]
