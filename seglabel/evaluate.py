@@ -515,9 +515,10 @@ def _is_folder(url: str, storage_options: Mapping[str, Any] | None) -> bool:
         raise EvalError(f"cannot open the truth {url}: {one_line(exc)}") from exc
 
 
-def _sample(truth: str, job: JobRecord, options: EvalOptions) -> _Sample:
+def _sample(truth: str, job: JobRecord, options: EvalOptions, job_url: str) -> _Sample:
     """Read and check the truth, and the scorer for the job's task."""
-    space = LabelSpace.of_output(job, options.label_map, options.unmapped)
+    space = LabelSpace.of_output(job, options.label_map, options.unmapped,
+                                 (job_url, options.storage_options))
     if _is_folder(truth, options.truth_storage_options):
         if job.task != "semantic":
             raise EvalError(f"the truth {truth} is a folder of label PNGs (semantic) and the output holds "
@@ -683,7 +684,7 @@ def evaluate(output: str, truth: str, **options: Any) -> dict[str, Any]:
 def _evaluate(output: str, truth: str, options: EvalOptions) -> dict[str, Any]:
     store, job = open_output(output, options.storage_options)
     files = _Files(options)
-    sample = _sample(truth, job, options)
+    sample = _sample(truth, job, options, output)
     matched = _match(store, sample, options.limit)
     if not matched.selected:
         log.warning("no image of the truth matched an ok row of the output: nothing to score")

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import posixpath
 import shutil
 import tempfile
@@ -153,7 +154,8 @@ def _segment_filter(space: LabelSpace, things_only: bool, min_score: float | Non
         if not names:
             raise ExportError("--labels is empty: name at least one label")
         try:
-            label_ids = resolve_labels(space.names, names)
+            owner = "the label map" if space.record is not None else "this model"
+            label_ids = resolve_labels(space.names, names, owner=owner)
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
     things_only = things_only and space.task == "panoptic"
@@ -372,7 +374,7 @@ def _polygons_or_rle(rle: dict, tolerance: float) -> Any:
     """A COCO segmentation as polygons: each outer contour of the mask; a mask with holes stays
     RLE (COCO's polygons would fill them; RLE is exact)."""
     mask = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
-    shape = outline(mask, tolerance)
+    shape = outline(mask, tolerance, holes_stop=True)
     return rle if shape.holes or not shape.polygons else coco_polygons(shape.polygons)
 
 
@@ -569,13 +571,15 @@ class LabelStudioWriter(Writer):
     def __init__(self, run: ExportRun):
         super().__init__(run)
         self.uri: Callable[[str], str] = _UriMap(run.options.image_prefix_map)
-        self.seen: dict[int, str] = {}  # the labels the tasks hold, for the labeling config
 
     def write(self, rows: Iterator[dict]) -> None:
-        """The tasks, then the labeling config that shows them (``<DEST stem>.labeling-config.xml``)."""
+        """The tasks, then the labeling config that shows them (``<DEST stem>.labeling-config.xml``):
+        every label the export can hold (``--labels``' or all), so that annotators can also draw
+        what the model missed."""
         super().write(rows)
         path = posixpath.splitext(self.run.dest.root)[0] + ".labeling-config.xml"
-        labels = self.seen or self.run.space.names
+        kept = self.run.keep.label_ids
+        labels = {i: name for i, name in self.run.space.names.items() if kept is None or i in kept}
         config = labeling_config(labels, self.run.options.mask_format, self.run.options.from_name,
                                  self.run.options.to_name)
         self.run.dest.write_file(path, config.encode("utf-8"))
@@ -597,7 +601,6 @@ class LabelStudioWriter(Writer):
         results = []
         scores = []
         for seg in self.run.keep.apply(row["segments"]):
-            self.seen[seg["label_id"]] = seg["label"]
             mask = mask_utils.decode({"size": [height, width], "counts": seg["rle"].encode("ascii")})
             base: dict[str, Any] = {
                 "from_name": self.run.options.from_name,
@@ -691,8 +694,11 @@ def export(
                           f"got {settings.mask_format!r}")
     if settings.mask_format == "polygon" and fmt == "coco-panoptic":
         raise ExportError("--mask-format polygon: COCO panoptic holds its masks as PNGs")
-    if not settings.polygon_tolerance >= 0:
-        raise ExportError(f"--polygon-tolerance must be 0 or more, got {settings.polygon_tolerance}")
+    if not (math.isfinite(settings.polygon_tolerance) and settings.polygon_tolerance >= 0):
+        raise ExportError("--polygon-tolerance must be a number of pixels, 0 or more, "
+                          f"got {settings.polygon_tolerance}")
+    if settings.unmapped != "drop" and settings.label_map is None:
+        raise ExportError("--unmapped applies with --label-map only")
     if settings.shard_size is not None and settings.shard_size < 1:
         raise ExportError(f"--shard-size must be at least 1, got {settings.shard_size}")
     try:
@@ -709,7 +715,7 @@ def _export(output: str, writer: type[Writer], fmt: str, to: str, options: Expor
         raise ExportError(f"{fmt} needs a {needs} output; {output} holds {job.task} masks "
                           "(use --format coco)")
     try:
-        space = LabelSpace.of_output(job, options.label_map, options.unmapped)
+        space = LabelSpace.of_output(job, options.label_map, options.unmapped, (output, storage_options))
     except LabelMapError as exc:
         raise ExportError(str(exc)) from exc
     keep = _segment_filter(space, writer.things_only, options.min_score, options.labels)

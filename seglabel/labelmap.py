@@ -23,19 +23,22 @@ What a mapping does to a row's segments (:meth:`LabelSpace.apply`):
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import yaml
 from pycocotools import mask as mask_utils
 
 from .config import ConfigError, check_expansion
-from .errors import SeglabelError, one_line, redact_url
-from .fetch import Unreadable, read_bytes
+from .errors import SeglabelError, get_logger, one_line, redact_url
+from .fetch import options_for, read_bytes
 from .record import JobRecord
 from .sources import full_uri
 from .storage import open_url
+
+log = get_logger(__name__)
 
 UNMAPPED = ("drop", "keep")
 MAX_LABEL_MAP_BYTES = 1 << 20
@@ -45,19 +48,37 @@ class LabelMapError(SeglabelError):
     """A label map that cannot be read or does not fit the model; one readable line."""
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (YAML and JSON readers
+    keep the last one without a word: a map's first line for a label would be lost)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is mapped twice",
+                                                        key_node.start_mark)
+            if isinstance(key, str):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_label_map(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str | None]:
     """``{model_label: team_label or None}`` from a YAML or JSON file (at most 1 MiB; what its
     aliases expand to is bounded, as for job specs). Names may hold commas, quotes and any
-    Unicode: they are YAML or JSON strings."""
+    Unicode: they are YAML or JSON strings; not control characters (XML, and so Label Studio's
+    config, cannot hold them), nor spaces at either end, and at most 1,000 characters."""
     try:
         fs, path = open_url(url, storage_options)
         data = read_bytes(full_uri(fs, path), storage_options, MAX_LABEL_MAP_BYTES)
     except FileNotFoundError:
         raise LabelMapError(f"the label map {url} does not exist") from None
-    except (Unreadable, OSError, ValueError) as exc:
-        raise LabelMapError(f"cannot read the label map {url}: {one_line(exc)}") from exc
+    except Exception as exc:  # storage: permissions, an endpoint, credentials, a FIFO
+        reason = f"{type(exc).__name__}: {one_line(exc)}"
+        raise LabelMapError(f"cannot read the label map {url}: {reason}") from exc
     try:
-        value = yaml.safe_load(data)
+        value = yaml.load(data, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
     except (yaml.YAMLError, RecursionError) as exc:
         raise LabelMapError(f"the label map {url} is neither YAML nor JSON: {one_line(exc)}") from None
     try:
@@ -68,10 +89,21 @@ def read_label_map(url: str, storage_options: Mapping[str, Any] | None = None) -
         raise LabelMapError(f"the label map {url} must map model labels to team labels "
                             "({car: vehicle, frisbee: null})")
     for model, team in value.items():
-        if not isinstance(model, str) or not (team is None or (isinstance(team, str) and team.strip())):
-            raise LabelMapError(f"the label map {url}: {model!r}: {team!r} is not a model label mapped to a "
-                                "team label's name or null")
+        if not isinstance(model, str) or not (team is None or _good_name(team)):
+            raise LabelMapError(f"the label map {url}: {_short(model)}: {_short(team)} is not a model label "
+                                "mapped to a team label's name (no control characters, no spaces at either "
+                                "end, at most 1,000 characters) or null")
     return dict(value)
+
+
+def _good_name(name: Any) -> bool:
+    return (isinstance(name, str) and 0 < len(name) <= 1000 and name == name.strip()
+            and not any(unicodedata.category(c) == "Cc" for c in name))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -91,11 +123,14 @@ class LabelSpace:
 
     @classmethod
     def of_output(cls, job: JobRecord, label_map: str | None = None, unmapped: str = "drop",
-                  storage_options: Mapping[str, Any] | None = None) -> LabelSpace:
-        """An output's labels: the model's, or through the label map at ``label_map``."""
+                  output: tuple[str, Mapping[str, Any] | None] | None = None) -> LabelSpace:
+        """An output's labels: the model's, or through the label map at ``label_map``, read with
+        the ``output``'s (URL, storage options) where it lies on the output's storage (a map
+        kept in the job's bucket), as images are read with the input's."""
         if label_map is None:
             return cls(job.task, dict(job.id2label), job.things, dict(job.id2label))
-        mapping = read_label_map(label_map, storage_options)
+        url, options = output or ("", None)
+        mapping = read_label_map(label_map, options_for(label_map, url, options or {}) if url else None)
         return cls.mapped(job.task, job.id2label, job.things, mapping, unmapped, source=label_map)
 
     @classmethod
@@ -113,6 +148,7 @@ class LabelSpace:
         for team in mapping.values():
             if team is not None:
                 team_ids.setdefault(team, len(team_ids))
+        _warn_lookalikes(team_ids)
         from_model: dict[int, int] = {}
         for label_id, name in sorted(id2label.items()):
             if name in mapping:
@@ -121,6 +157,8 @@ class LabelSpace:
                 team = name if unmapped == "keep" else None
             if team is not None:
                 from_model[label_id] = team_ids.setdefault(team, len(team_ids))
+        if not from_model:
+            raise LabelMapError("the label map keeps none of the model's labels: each is null or unmapped")
         team_things = None
         if things is not None:
             team_things = frozenset(from_model[i] for i in things if i in from_model)
@@ -165,6 +203,16 @@ class LabelSpace:
             remap[int(seg["id"])] = int(groups[label_id][0]["id"]) if label_id in groups else int(seg["id"])
         size = [row["height"], row["width"]]
         return [_merge(groups[s["label_id"]], size) if s["label_id"] in groups else s for s in out], remap
+
+
+def _warn_lookalikes(names: Iterable[str]) -> None:
+    """Two team labels that differ only in case or Unicode form look alike in every tool."""
+    seen: dict[str, str] = {}
+    for name in names:
+        folded = unicodedata.normalize("NFC", name).casefold()
+        if folded in seen:
+            log.warning("the label map names two team labels that look alike: %r and %r", seen[folded], name)
+        seen.setdefault(folded, name)
 
 
 def _merge(segments: Sequence[dict], size: list[int]) -> dict:

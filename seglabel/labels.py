@@ -171,9 +171,10 @@ def thing_ids(
 
 
 def resolve_labels(
-    id2label: Mapping[int, str], explicit: Iterable[int | str], what: str = "label"
+    id2label: Mapping[int, str], explicit: Iterable[int | str], what: str = "label", owner: str = "this model"
 ) -> frozenset[int]:
-    """Label ids for ids or names of a checkpoint's labels; an unknown one raises ValueError."""
+    """Label ids for ids or names of a checkpoint's labels (``owner``'s, in the message: a label
+    map's labels are a team's); an unknown one raises ValueError."""
     labels = _as_int_keys(id2label)
     by_name: dict[str, list[int]] = {}
     by_norm: dict[str, list[int]] = {}
@@ -190,7 +191,7 @@ def resolve_labels(
                 continue
             if not item.strip().isdigit():
                 raise ValueError(
-                    f"unknown {what} {item!r}: not a label of this model "
+                    f"unknown {what} {item!r}: not a label of {owner} "
                     f"({len(labels)} labels, e.g. {list(labels.values())[:5]})"
                 )
             item = int(item)
@@ -198,7 +199,7 @@ def resolve_labels(
             raise ValueError(f"{what} must be an id or a name, got {item!r}")
         if item not in labels:
             raise ValueError(
-                f"unknown {what} id {item}: this model's ids are {min(labels, default=None)}"
+                f"unknown {what} id {item}: the ids of {owner} are {min(labels, default=None)}"
                 f"..{max(labels, default=None)}"
             )
         out.add(item)

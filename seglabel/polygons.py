@@ -30,6 +30,7 @@ DEFAULT_TOLERANCE = 1.0
 # The polygons of a mask cover it at least this well, rasterised back (see outline()).
 MIN_IOU = 0.95
 MIN_TOLERANCE = 0.125
+MAX_CHECKED_POINTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -41,13 +42,15 @@ class Outline:
     holes: bool
 
 
-def outline(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> Outline:
+def outline(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE, holes_stop: bool = False) -> Outline:
     """The outer polygons of a binary (H, W) mask, simplified within ``tolerance`` pixels.
 
     Douglas-Peucker at a pixel cuts across the staircase of a small or ragged region's edge:
     where the polygons rasterised back (by pycocotools, as the tools and COCO's own code do)
     would cover the mask, holes filled, with an IoU under :data:`MIN_IOU`, the tolerance is
-    halved, down to none, until they do.
+    halved, down to none, until they do. An outline of over :data:`MAX_CHECKED_POINTS` points
+    (a mask of noise) is simplified once, unchecked: each check costs a pass over every point.
+    ``holes_stop``: a mask with holes returns no polygons at once (its caller keeps the RLE).
     """
     mask = np.asarray(mask, dtype=bool)
     padded = np.pad(mask, 1).astype(np.float32)
@@ -59,14 +62,17 @@ def outline(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> Outline:
             holes = True
         else:
             outer.append(xy)
-    if not outer:
+    if not outer or (holes and holes_stop):
         return Outline([], holes)
-    filled = ndimage.binary_fill_holes(mask) if holes else mask
+    # The contours see the background 8-connected (a pocket open at a corner is outside): so
+    # must the filling, or the check would count such a pocket against the polygons.
+    filled = ndimage.binary_fill_holes(mask, structure=np.ones((3, 3))) if holes else mask
     target = mask_utils.encode(np.asfortranarray(filled.astype(np.uint8)))
+    checked = sum(len(xy) for xy in outer) <= MAX_CHECKED_POINTS
     while True:
         polygons = [_simplified(xy, tolerance) for xy in outer]
         polygons = [p for p in polygons if len(p) >= 3]
-        if tolerance <= MIN_TOLERANCE or _iou(polygons, target) >= MIN_IOU:
+        if not checked or tolerance <= MIN_TOLERANCE or _iou(polygons, target) >= MIN_IOU:
             return Outline(polygons, holes)
         tolerance = tolerance / 2 if tolerance / 2 > MIN_TOLERANCE else 0.0
 

@@ -64,7 +64,7 @@ def preview(
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     store, job = open_output(output, storage_options)
-    space = LabelSpace.of_output(job, label_map, unmapped)
+    space = LabelSpace.of_output(job, label_map, unmapped, (output, storage_options))
     dest = Destination(to, to_storage_options)
     font = ImageFont.load_default()
     written: list[str] = []

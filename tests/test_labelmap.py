@@ -110,13 +110,34 @@ def test_a_label_space_from_a_map():
         f"{n}: &{n} [{','.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcde", "bcdef")),
      "expands to more than"),
     ("{label0: [", "neither YAML nor JSON"),
+    ('label0: "a\\x00b"', "no control characters"),
+    ('label0: "a\\nb"', "no control characters"),
+    ("label0: ' padded'", "no spaces at either end"),
+    ("label0: " + "x" * 1001, "at most 1,000 characters"),
+    ("label0: [" + ", ".join(["x"] * 9000) + "]", "is not a model label"),
+    ("label0: a\nlabel0: b\n", "mapped twice"),
+    ('{"label0": "a", "label0": "b"}', "mapped twice"),
 ])
 def test_a_bad_label_map_is_one_line(tmp_path, text, words):
     path = tmp_path / "map.yaml"
     path.write_text(text)
     with pytest.raises(LabelMapError, match=words) as caught:
         read_label_map(str(path))
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_a_map_that_keeps_nothing_or_names_lookalikes(caplog):
+    with pytest.raises(LabelMapError, match="keeps none of the model's labels"):
+        LabelSpace.mapped("instance", LABELS, None, {"label0": None})
+    LabelSpace.mapped("instance", LABELS, None, {"label0": "Car", "label1": "car", "label2": "cafe\u0301",
+                                                 "label3": "caf\u00e9"})
+    assert "'Car' and 'car'" in caplog.text and "look alike" in caplog.text
+    assert caplog.text.count("look alike") == 2
+
+
+def test_an_unreadable_map_is_one_line(s3_endpoint):
+    with pytest.raises(LabelMapError, match="map s3://no-such-bucket/team.yaml (does not exist|cannot)"):
+        read_label_map("s3://no-such-bucket/team.yaml")
 
 
 def test_json_maps_read_too(tmp_path):

@@ -61,6 +61,20 @@ def test_polygons_of_real_photos_cover_their_masks():
     assert sum(map(len, horse.polygons)) < sum(map(len, unsimplified.polygons)) / 3
 
 
+def test_a_pocket_open_at_a_corner_is_outside_for_the_check_too():
+    """The contours see the background 8-connected; the check's hole filling must as well, or a
+    pocket open only at a corner counts against the polygons and undoes their simplification."""
+    mask = np.zeros((40, 40), bool)
+    mask[2:38, 2:38] = True
+    mask[20, 20] = False  # a real hole
+    mask[3:15, 3:15] = False  # a 12x12 pocket ...
+    mask[2, 2] = False  # ... open to the outside through the corner (1, 1) -> (2, 2) -> (3, 3)
+    with_hole = outline(mask)
+    mask[20, 20] = True
+    without = outline(mask)
+    assert with_hole.holes and sum(map(len, with_hole.polygons)) <= sum(map(len, without.polygons)) + 4
+
+
 def test_split_masks_holes_and_the_image_edge():
     mask = np.zeros((40, 60), bool)
     mask[0:10, 0:15] = True  # touches two edges
@@ -155,6 +169,10 @@ def test_polygon_options_that_cannot_apply(boxes, tmp_path):
         export(boxes, "coco-panoptic", str(tmp_path / "p"), mask_format="polygon")
     with pytest.raises(ExportError, match="--mask-format must be one of rle, polygon"):
         export(boxes, "coco", str(tmp_path / "c.json"), mask_format="svg")
-    with pytest.raises(ExportError, match="--polygon-tolerance"):
-        export(boxes, "coco", str(tmp_path / "c.json"), mask_format="polygon", polygon_tolerance=float("nan"))
+    for tolerance in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ExportError, match="--polygon-tolerance"):
+            export(boxes, "coco", str(tmp_path / "c.json"), mask_format="polygon",
+                   polygon_tolerance=tolerance)
+    with pytest.raises(ExportError, match="--unmapped applies with --label-map only"):
+        export(boxes, "coco", str(tmp_path / "c.json"), unmapped="keep")
     assert not list(Path(tmp_path).iterdir())
