@@ -108,8 +108,8 @@ def _short(value: Any) -> str:
 
 @dataclass(frozen=True)
 class LabelSpace:
-    """The labels a reader of an output works in: the model's own (:meth:`of_model`), or a
-    team's (:meth:`mapped`). ``names``: label id -> name; ``things``: the thing ids of a
+    """The labels a reader of an output works in: the model's own, or a team's
+    (:meth:`of_output`, :meth:`mapped`). ``names``: label id -> name; ``things``: the thing ids of a
     panoptic output (None where unknown or not panoptic); ``record``: the mapping as written
     beside an export (None without one)."""
 
@@ -143,7 +143,8 @@ class LabelSpace:
         model_names = set(id2label.values())
         unknown = [name for name in mapping if name not in model_names]
         if unknown:
-            raise LabelMapError(f"the label map names {unknown[0]!r}, which is not one of the model's labels")
+            raise LabelMapError(f"the label map names {_short(unknown[0])}, which is not one of the model's "
+                                "labels")
         team_ids: dict[str, int] = {}
         for team in mapping.values():
             if team is not None:
