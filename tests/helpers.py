@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 import zlib
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -296,11 +296,14 @@ def label_studio(data_dir: Path, timeout: float = 240) -> Iterator[LabelStudio]:
                 time.sleep(2)
         yield studio
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        # A server that died at start-up is gone already: its log says why, not this.
+        with suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
         log.close()
 
 
