@@ -53,7 +53,6 @@ from .config import DEFAULT_MAX_BYTES
 from .encode import decode_png
 from .errors import get_logger, one_line
 from .export import ROW_BATCH, coco_annotation
-from .fetch import Unreadable, read_bytes
 from .labelmap import LabelMapError, LabelSpace, remap_ids
 from .record import JobRecord, open_output
 from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, checked_key
@@ -131,12 +130,10 @@ def _read_mask(store: OutputStore, row: Mapping[str, Any], task: str, max_bytes:
     """The job's mask of a row, of the row's size: read as the truth's PNGs are (a regular
     file, at most ``max_bytes``), since an output can be damaged too."""
     key = checked_key(row["key"])
+    data = store.read_mask(key, max_bytes)
     try:
-        data = read_bytes(store.uri(OutputStore.mask_relpath(key)), store.storage_options, max_bytes)
         mask = decode_png(data, task)
-    except FileNotFoundError:
-        raise EvalError(f"the mask of {key!r} is missing from the output") from None
-    except (Unreadable, OSError, ValueError, IndexError) as exc:
+    except (OSError, ValueError, IndexError) as exc:
         raise EvalError(f"cannot read the mask of {key!r}: {one_line(exc)}") from exc
     if mask.ndim != 2 or mask.shape != (row["height"], row["width"]):
         raise EvalError(f"the mask of {key!r} is not a {task} map of {row['width']}x{row['height']}, "

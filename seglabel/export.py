@@ -477,10 +477,7 @@ class PanopticWriter(Writer):
 def _panoptic_png(store: OutputStore, row: dict, remap: Mapping[int, int]) -> bytes:
     """The job's panoptic PNG (already COCO's encoding), each segment id made ``remap``'s: a
     segment fused into another takes its id, a dropped one is void (0)."""
-    try:
-        data = store.fs.cat_file(store.path(OutputStore.mask_relpath(row["key"])))
-    except FileNotFoundError as exc:
-        raise ExportError(f"the mask of {row['key']!r} is missing from the output") from exc
+    data = store.read_mask(row["key"])
     if all(old == new for old, new in remap.items()):
         return data
     return encode_png(remap_ids(decode_png(data, "panoptic"), remap), "panoptic")

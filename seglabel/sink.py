@@ -29,6 +29,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .errors import SeglabelError, get_logger, one_line
+from .fetch import Unreadable, read_bytes
 from .keys import HashSpool, SortedHashes, is_safe_key, key_hashes, repeated
 from .storage import is_local, is_temporary, open_atomic, open_url, write_atomic
 
@@ -180,6 +181,17 @@ class OutputStore(Location):
         rel = self.mask_relpath(key)
         self.write_bytes(rel, png)
         return self.uri(rel)
+
+    def read_mask(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The PNG of ``key``'s mask, for the readers of an output (exports, eval): a regular
+        file, at most ``max_bytes``, as an image is read (an output can be damaged too);
+        missing or unreadable is an OutputError naming the key."""
+        try:
+            return read_bytes(self.uri(self.mask_relpath(key)), self.storage_options, max_bytes)
+        except FileNotFoundError:
+            raise OutputError(f"the mask of {key!r} is missing from the output") from None
+        except (Unreadable, OSError) as exc:
+            raise OutputError(f"cannot read the mask of {key!r}: {one_line(exc)}") from exc
 
     def remove_mask(self, key: str) -> None:
         """Delete the mask of ``key`` if there is one (a folder of that name is left alone)."""
