@@ -59,6 +59,8 @@ class Prediction:
     task: str
     id_map: np.ndarray
     segments: list[Segment] = field(default_factory=list)
+    # How soon a person should look at it (seglabel.review); None where it is not known.
+    review_score: float | None = None
 
     @property
     def height(self) -> int:
@@ -152,7 +154,8 @@ class RawPrediction:
     ``id_map`` holds segment ids (semantic: label ids) at the original resolution; ``ids``,
     ``label_ids`` and ``scores`` describe the segments; ``masks`` holds the exact, possibly
     overlapping, instance masks (instance task only), packed on the device
-    (:class:`PackedMasks`; an (N, H, W) boolean array is accepted too).
+    (:class:`PackedMasks`; an (N, H, W) boolean array is accepted too); ``review_score`` how
+    soon a person should look at it (:mod:`seglabel.review`), None where it is not known.
     """
 
     id_map: np.ndarray
@@ -160,6 +163,7 @@ class RawPrediction:
     label_ids: np.ndarray
     scores: np.ndarray | None
     masks: PackedMasks | np.ndarray | None = None
+    review_score: float | None = None
 
     def dumps(self) -> bytes:
         """The prediction as one value for a block's column: a pickle (protocol 5) with its

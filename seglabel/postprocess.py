@@ -24,6 +24,10 @@ query's probability is under the mask threshold is void. Semantic images cut int
 their crops' class scores averaged back together. ``compat`` adds what HF's EoMT code does that
 the default does not: instance mask scores taken at the original resolution, and a semantic
 canvas resized whole, its padding included, to the image.
+
+Every prediction carries its review score (:mod:`seglabel.review`): the pixel counts it needs
+are taken from tensors the post-processing holds anyway (model-scale mask logits, the
+full-resolution chunks) and come back with the transfers each task already waits for.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 
 from .encode import PackedMasks, RawPrediction
 from .preprocess import Layout, host_to_device
+from .review import BAND, mask_band, review_score, score_doubt, share
 
 # HF's post-processing resizes mask logits to this canvas whatever the model input was.
 HF_CANVAS = (384, 384)
@@ -178,13 +183,33 @@ def row_extents(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _panoptic_prediction(size: tuple[int, int], entry: tuple | None) -> RawPrediction:
-    """An image's panoptic result from its fetched (id map, ids, labels, scores); None: no
-    query was kept, an empty map."""
+    """An image's panoptic result from its fetched (id map, ids, labels, scores, review
+    score); None: no query was kept, an empty map."""
     if entry is None:
         empty = np.zeros(size, dtype=np.int32)
-        return RawPrediction(empty, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))
-    id_map, ids, labels, seg_scores = entry
-    return RawPrediction(id_map.numpy().astype(np.int32), ids, labels, seg_scores)
+        return RawPrediction(empty, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32),
+                             review_score=review_score(0, 0, 0, 0))
+    id_map, ids, labels, seg_scores, review = entry
+    return RawPrediction(id_map.numpy().astype(np.int32), ids, labels, seg_scores, review_score=review)
+
+
+def band_counts(logits: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """(K, 2) per mask of (K, h, w) logits: its pixels in the undecided band (lo, hi), and those
+    over lo (in the band or above it): :func:`seglabel.review.mask_band`'s logits."""
+    above = logits.flatten(1) > lo
+    near = above & (logits.flatten(1) < hi)
+    return torch.stack([near.sum(1), above.sum(1)], dim=1)
+
+
+def class_doubt(scores: torch.Tensor) -> torch.Tensor:
+    """(2,) for (C, h, w) semantic class scores: the mean over pixels of the winning class's
+    share of the scores, and the share of pixels whose two best classes' shares differ by less
+    than twice the review band."""
+    shares = scores / scores.sum(0, keepdim=True).clamp(min=1e-12)
+    if shares.shape[0] < 2:
+        return torch.stack([shares.amax(0).mean(), torch.zeros((), device=scores.device)])
+    top = shares.topk(2, dim=0).values
+    return torch.stack([top[0].mean(), ((top[0] - top[1]) < 2 * BAND).float().mean()])
 
 
 class Postprocessor:
@@ -301,12 +326,15 @@ class Postprocessor:
                 label_map = lut[label_map]
             # Brought back in the smallest type that holds it (pinned host memory is kept).
             small = label_map.to(torch.uint8) if dtype == np.uint8 else label_map
-            fetched.append((to_host(small), to_host(kept)))
+            fetched.append((to_host(small), to_host(kept), to_host(class_doubt(scores))))
         to_host.wait()
         results = []
-        for label_map, kept in fetched:
+        for label_map, kept, doubt in fetched:
             ids = np.flatnonzero(kept.numpy()).astype(np.int32)
-            results.append(RawPrediction(label_map.numpy().astype(dtype), ids, ids.copy(), None))
+            confidence, undecided = doubt.numpy().tolist()
+            review = review_score(len(ids), 1 - confidence, undecided, 0)
+            results.append(
+                RawPrediction(label_map.numpy().astype(dtype), ids, ids.copy(), None, review_score=review))
         return results
 
     # -- instance ---------------------------------------------------------------------------
@@ -317,12 +345,15 @@ class Postprocessor:
         top_scores, top_labels, top_queries = self._top_queries(class_logits, mask_logits.device)
         # First every image's query scores, then one wait for all of them: which queries are
         # kept is the host's decision, made once a batch.
-        finals = []
+        finals, bands = [], []
+        lo, hi = self._band()
         for b, (size, layout) in enumerate(zip(sizes, layouts)):
             logits = self._image_logits(mask_logits, layout, top_queries[b], canvas)
             finals.append(top_scores[b] * self._query_mask_scores(logits, size, threshold))
+            bands.append(band_counts(logits, lo, hi))
         to_host = _ToHost(mask_logits.device, self)
-        final_host, labels_host, queries_host = to_host.fetch(torch.stack(finals), top_labels, top_queries)
+        final_host, labels_host, queries_host, bands_host = to_host.fetch(
+            torch.stack(finals), top_labels, top_queries, torch.stack(bands))
         fetched = []
         for b, (size, layout) in enumerate(zip(sizes, layouts)):
             sel = np.flatnonzero(final_host[b] >= spec.score_threshold)
@@ -331,10 +362,13 @@ class Postprocessor:
             fetched.append((b, sel, *self._instance_maps(masks, to_host)))
         to_host.wait()
         results = []
-        for b, sel, id_map, packed, extents, ok in fetched:
+        for b, sel, id_map, packed, extents, ok, cover in fetched:
             ok = ok.numpy()
             sel = sel[ok]
             width = sizes[b][1]
+            near, around = bands_host[b, sel].sum(0) if len(sel) else (0, 0)
+            covered, doubled = cover.numpy().tolist()
+            doubts = score_doubt(final_host[b, sel], spec.score_threshold), share(near, around)
             results.append(
                 RawPrediction(
                     id_map=id_map.numpy().astype(np.uint16),
@@ -342,9 +376,14 @@ class Postprocessor:
                     label_ids=labels_host[b, sel].astype(np.int32),
                     scores=final_host[b, sel].astype(np.float32),
                     masks=PackedMasks.from_rows(packed.numpy()[ok], width, extents.numpy()[ok]),
+                    review_score=review_score(len(sel), *doubts, share(doubled, covered)),
                 )
             )
         return results
+
+    def _band(self) -> tuple[float, float]:
+        """The review's undecided band around the mask threshold, as logits."""
+        return mask_band(1 / (1 + math.exp(-self._mask_logit_threshold())))
 
     def _top_queries(self, class_logits, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(B, Q) scores, labels and query indices of each image's candidate instances."""
@@ -396,7 +435,8 @@ class Postprocessor:
         return masks
 
     def _instance_maps(self, masks: torch.Tensor, to_host: _ToHost) -> tuple[torch.Tensor, ...]:
-        """An image's id map, packed masks, their extents and which masks stay, their copies to
+        """An image's id map, packed masks, their extents, which masks stay, and how many pixels
+        the staying masks cover once and twice or more (the review's overlap), their copies to
         the host queued (not waited for)."""
         spec = self.spec
         k, height, width = masks.shape
@@ -415,14 +455,17 @@ class Postprocessor:
         # The masks leave the device packed, an eighth of their size, with their extents,
         # so that the host only cuts out their boxes.
         packed = torch.empty((k, height, (width + 7) // 8), dtype=torch.uint8, device=device)
+        cover = torch.zeros(2, dtype=torch.int64, device=device)
         for r0, r1 in row_chunks(k, height, width, spec.chunk_elements) if k else ():
             best = (masks[:, r0:r1] * rank).amax(0)
             id_map[r0:r1] = torch.where(best > 0, count + 1 - best, 0)
             packed[:, r0:r1] = pack_rows(masks[:, r0:r1])
+            hits = (masks[:, r0:r1] & ok.view(-1, 1, 1)).sum(0, dtype=torch.int32)
+            cover += torch.stack([(hits > 0).sum(), (hits > 1).sum()])
         extents = row_extents(packed)
         # int16 holds the ids (at most one a query) in half the pinned memory of int32.
         id_map = id_map.to(torch.int16)
-        return to_host(id_map), to_host(packed), to_host(extents), to_host(ok)
+        return to_host(id_map), to_host(packed), to_host(extents), to_host(ok), to_host(cover)
 
     def _mask_logit_threshold(self) -> float:
         """The mask threshold as a logit (HF's EoMT code thresholds logits at 0, whatever the
@@ -462,25 +505,40 @@ class Postprocessor:
                 continue
             sel_device = host_to_device(sel, mask_logits.device)
             logits = self._image_logits(mask_logits, layout, sel_device, canvas)
-            owners.append((sel, *self._panoptic_owner(logits, pred_scores[b, sel_device], size, to_host)))
+            band = to_host(band_counts(logits, *self._band()))
+            ownership = self._panoptic_owner(logits, pred_scores[b, sel_device], size, to_host)
+            owners.append((sel, band, *ownership))
         to_host.wait()
         fetched = []
         for b, entry in enumerate(owners):
             if entry is None:
                 fetched.append(None)
                 continue
-            sel, owner, inside, areas, original, final = entry
+            sel, band, owner, inside, areas, original, final = entry
             lut, ids, labels, seg_scores = self._merge(
                 areas.numpy(), original.numpy(), labels_host[b, sel], scores_host[b, sel],
                 final.numpy() if final is not None else None,
             )
+            review = self._panoptic_review(lut > 0, band.numpy(), areas.numpy(), original.numpy(), seg_scores)
             # int16: ids, one a query at most, in half the pinned memory of int32.
             id_map = host_to_device(lut.astype(np.int16), owner.device)[owner.long()]
             if inside is not None:
                 id_map = torch.where(inside, id_map, 0)
-            fetched.append((to_host(id_map), ids, labels, seg_scores))
+            fetched.append((to_host(id_map), ids, labels, seg_scores, review))
         to_host.wait()
         return [_panoptic_prediction(size, entry) for size, entry in zip(sizes, fetched)]
+
+    def _panoptic_review(self, used: np.ndarray, band: np.ndarray, areas: np.ndarray,
+                         original: np.ndarray, seg_scores: np.ndarray) -> float:
+        """An image's panoptic review score from its kept queries' (K,) vectors; ``used``: the
+        queries that became segments. Overlap: the share of the used queries' own pixels that
+        other segments took, relative to the share the overlap threshold lets one lose."""
+        near, around = band[used].sum(0) if used.any() else (0, 0)
+        own = original[used].astype(np.float64)
+        lost = (own - np.minimum(areas[used], own)).sum()
+        d_overlap = share(lost, own.sum()) / max(1.0 - self.spec.overlap_threshold, 1e-6)
+        return review_score(len(seg_scores), score_doubt(seg_scores, self.spec.score_threshold),
+                            share(near, around), d_overlap)
 
     def _panoptic_owner(self, logits, scores, size: tuple[int, int], to_host: _ToHost) -> tuple:
         """Which of an image's K kept queries owns each pixel, and the per-query areas the merge

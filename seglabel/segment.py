@@ -211,7 +211,8 @@ class Segmenter:
     def to_prediction(self, raw: RawPrediction) -> Prediction:
         """Attach segment records (labels, RLE, area, bbox) to a raw prediction."""
         return Prediction(
-            self.task, raw.id_map, build_segments(raw, self.task, self.id2label, self.thing_ids)
+            self.task, raw.id_map, build_segments(raw, self.task, self.id2label, self.thing_ids),
+            raw.review_score,
         )
 
     def __call__(self, images: Sequence[Any]) -> list[Prediction]:

@@ -60,11 +60,15 @@ SCHEMA = pa.schema(
         ("task", pa.string()),
         ("model", pa.string()),
         ("segments", pa.list_(SEGMENT_TYPE)),
+        # Added after v1's first outputs: parts written before it lack it (read as nulls).
+        ("review_score", pa.float32()),
     ]
 )
+# Columns a part written by an earlier seglabel may lack: a reader that asks for one gets nulls.
+OPTIONAL_COLUMNS = frozenset({"review_score"})
 
 # The columns a reader of labels takes (exports, preview).
-LABEL_COLUMNS = ("key", "image_uri", "status", "width", "height", "segments")
+LABEL_COLUMNS = ("key", "image_uri", "status", "width", "height", "segments", "review_score")
 
 JOB_FILE = "job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -269,7 +273,11 @@ class OutputStore(Location):
         dropped = self.superseded()
         for path in self.parts():
             parquet = self._part(path, columns)
-            batches = parquet.iter_batches(batch_size=batch_size, columns=columns, use_threads=False)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            batches = (
+                _with_columns(batch, columns)
+                for batch in parquet.iter_batches(batch_size=batch_size, columns=present, use_threads=False)
+            )
             if path not in dropped:
                 yield from batches
                 continue
@@ -291,7 +299,10 @@ class OutputStore(Location):
         # keeps pyarrow off Python file objects (see iter_part_columns).
         parquet = self._part(path, columns)
         try:
-            return parquet.read(columns=columns, use_threads=False)
+            if columns is None:
+                return parquet.read(use_threads=False)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            return _with_columns(parquet.read(columns=present, use_threads=False), columns)
         except (pa.ArrowException, OSError) as exc:
             raise OutputError(f"{self.fs.unstrip_protocol(path)} cannot be read: {one_line(exc)}") from exc
 
@@ -303,7 +314,8 @@ class OutputStore(Location):
             parquet = pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path)))
         except (pa.ArrowException, OSError) as exc:
             raise OutputError(f"{where} is not a readable Parquet file: {one_line(exc)}") from exc
-        missing = [c for c in columns or () if c not in parquet.schema_arrow.names]
+        present = parquet.schema_arrow.names
+        missing = [c for c in columns or () if c not in present and c not in OPTIONAL_COLUMNS]
         if missing:
             raise OutputError(f"{where} has no column {missing[0]!r}: not a part of seglabel's metadata")
         return parquet
@@ -542,6 +554,19 @@ class RowCounts:
             "error": self.error,
             "errors_by_reason": dict(sorted((k, v) for k, v in self.reasons.items() if v)),
         }
+
+
+def _with_columns(data: pa.RecordBatch | pa.Table, columns: Sequence[str]) -> pa.RecordBatch | pa.Table:
+    """``data`` with ``columns`` in that order, an optional column it lacks (a part written
+    before the column was) added as nulls of the contract's type."""
+    if list(data.schema.names) == list(columns):
+        return data
+    arrays = [
+        data.column(name) if name in data.schema.names
+        else pa.nulls(data.num_rows, SCHEMA.field(name).type)
+        for name in columns
+    ]
+    return type(data).from_arrays(arrays, names=list(columns))
 
 
 def _names(paths: list[str]) -> list[str]:

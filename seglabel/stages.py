@@ -388,7 +388,7 @@ class EncodeStage(Stage):
         error = error_cell(error)
         row = {"key": key, "image_uri": redact_url(uri), "task": self.task, "model": self.model,
                "status": "error", "error": error, "width": None, "height": None, "mask_uri": None,
-               "segments": None}
+               "segments": None, "review_score": None}
         if error is None:
             try:
                 prediction = RawPrediction.loads(raw)
@@ -405,7 +405,8 @@ class EncodeStage(Stage):
                     log.warning("cannot write mask for %s: %s", key, exc)
                     row["error"] = reason("write", exc)
                 else:
-                    row.update(status="ok", segments=[s.to_row() for s in segments])
+                    row.update(status="ok", segments=[s.to_row() for s in segments],
+                               review_score=prediction.review_score)
             row["width"], row["height"] = int(width), int(height)
         if row["status"] != "ok" and is_safe_key(key):
             # An error row has no mask: not even one an earlier, interrupted run wrote for it.

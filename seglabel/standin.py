@@ -4,7 +4,8 @@
 image and at the image's own size, ``segments`` segments each covering ``coverage`` of it,
 through the same :class:`~seglabel.encode.RawPrediction` the real Segmenter returns
 (instance: N exact, overlapping masks, packed, and a 16-bit id map; semantic: a label map; panoptic:
-segment ids with labels and scores). Everything around the model (reading, decoding, moving
+segment ids with labels and scores), with a review score of its own (the photo's
+brightness). Everything around the model (reading, decoding, moving
 results between processes, encoding, writing, committing) then runs as in a real job, so that
 the pipeline's own cost can be measured on any machine, and a fault can be injected:
 ``kill=WxH`` makes the process kill itself (SIGKILL, as the kernel's OOM killer does) on an
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +26,7 @@ import numpy as np
 from .checkpoint import detect_task, inspect_checkpoint
 from .config import EngineConfig, StandIn
 from .encode import PackedMasks, RawPrediction
+from .review import review_score
 
 # What the made predictions may hold at once (counted as segments × H × W bytes a size: what
 # making one takes, more than a packed prediction keeps).
@@ -58,8 +61,16 @@ class StandInSegmenter:
                 if len(self._made) * height * width * max(1, self.spec.segments) > STAND_IN_CACHE_BYTES:
                     self._made.clear()  # photos of many sizes: bounded memory
                 made = self._made[(height, width)] = self._predict(height, width)
-            out.append(made)
+            out.append(replace(made, review_score=self._review(image, made)))
         return out
+
+    @staticmethod
+    def _review(image: np.ndarray, made: RawPrediction) -> float:
+        """The stand-in's review score: 1 for no segments, else the photo's mean brightness (a
+        sample of its pixels), so that images differ and an order by it can be checked."""
+        if len(made.ids) == 0:
+            return review_score(0, 0, 0, 0)
+        return float(image[::8, ::8].mean()) / 255.0
 
     def _predict(self, height: int, width: int) -> RawPrediction:
         n = self.spec.segments

@@ -25,6 +25,7 @@ CONTRACT_COLUMNS = [
     "task",
     "model",
     "segments",
+    "review_score",
 ]
 
 
@@ -38,6 +39,12 @@ def read_rows(output: str) -> list[dict]:
         table = pq.read_table(pa.BufferReader(fs.cat_file(path)))
         assert table.column_names == CONTRACT_COLUMNS
         rows.extend(table.to_pylist())
+    for row in rows:
+        # The contract: every ok row's review score is in [0, 1]; an error row has none.
+        if row["status"] == "ok":
+            assert 0.0 <= row["review_score"] <= 1.0, row
+        else:
+            assert row["review_score"] is None, row
     return rows
 
 
