@@ -25,6 +25,10 @@ rows the truth lacks, error rows and ambiguous names are counted and reported. P
 segments of labels the truth's categories do not list are left out, and counted (pycocotools
 ignores them too; panopticapi would stop).
 
+The review order is checked too: Spearman's rank correlation of each scored image's review score
+(:mod:`seglabel.review`) and its quality, over the images that have both (-1: the images the
+score puts first are exactly the worst ones).
+
 Memory: panoptic and semantic stream image by image (one image's truth and masks at a time,
 plus per image a key and a row of the per-image table); instance holds the sample, truth and
 predictions, as COCOeval does.
@@ -48,6 +52,7 @@ import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from scipy.stats import spearmanr
 
 from .config import DEFAULT_MAX_BYTES
 from .encode import decode_png
@@ -87,6 +92,7 @@ PER_IMAGE_SCHEMA = pa.schema([
     ("quality", pa.float64()),
     ("truth_segments", pa.int64()),
     ("predicted_segments", pa.int64()),
+    ("review_score", pa.float64()),
 ])
 
 
@@ -592,13 +598,28 @@ class _PerImage:
         self.file = tempfile.TemporaryFile()
         self.writer = pq.ParquetWriter(self.file, PER_IMAGE_SCHEMA)
         self.rows: dict[str, list] = {name: [] for name in PER_IMAGE_SCHEMA.names}
+        # (review score, quality) of each image that has both: 16 bytes an image.
+        self.pairs: list[tuple[float, float]] = []
 
-    def add(self, key: str, scored: Scored) -> None:
-        for name, value in zip(PER_IMAGE_SCHEMA.names,
-                               (key, scored.quality, scored.truth_segments, scored.predicted_segments)):
+    def add(self, key: str, scored: Scored, review: float | None) -> None:
+        values = (key, scored.quality, scored.truth_segments, scored.predicted_segments, review)
+        for name, value in zip(PER_IMAGE_SCHEMA.names, values):
             self.rows[name].append(value)
+        if review is not None and scored.quality is not None:
+            self.pairs.append((review, scored.quality))
         if len(self.rows["key"]) >= 4096:
             self.flush()
+
+    def review_order(self) -> dict[str, Any]:
+        """How well the review score orders the scored images: Spearman's rank correlation of
+        review score and quality (-1: the most doubtful are exactly the worst), over the images
+        that have both; None where it is undefined (fewer than 2, or one side constant)."""
+        rho = None
+        if len(self.pairs) >= 2:
+            review, quality = np.array(self.pairs).T
+            if np.ptp(review) > 0 and np.ptp(quality) > 0:
+                rho = float(spearmanr(review, quality).statistic)
+        return {"spearman": rho, "images": len(self.pairs)}
 
     def flush(self) -> None:
         if self.rows["key"]:
@@ -689,12 +710,13 @@ def _evaluate(output: str, truth: str, options: EvalOptions) -> dict[str, Any]:
         for row in store.iter_rows(LABEL_COLUMNS, ROW_BATCH):
             image = matched.selected.get(row["key"])
             if image is not None and row["status"] == "ok":
-                table.add(row["key"], sample.scorer.score(image, row, store))
+                table.add(row["key"], sample.scorer.score(image, row, store), row["review_score"])
         result = sample.scorer.result()
         figure = {"instance": "AP", "panoptic": "PQ", "semantic": "IoU"}[job.task]
         result["categories"].sort(key=lambda c: (c[figure] is None, c[figure] or 0))
         report = {"task": job.task, "output": output, "truth": truth, "model": job.model_version,
-                  "images": matched.counts, **result, "left_out_segments": sample.scorer.left_out}
+                  "images": matched.counts, **result, "left_out_segments": sample.scorer.left_out,
+                  "review_order": table.review_order()}
         files.publish(report, table)
     return report
 
@@ -714,6 +736,8 @@ def summary_line(report: Mapping[str, Any]) -> str:
     for name in HEADLINE[report["task"]]:
         value = report["overall"][name]
         words.append(f"{name}={'nan' if value is None else f'{value:.6f}'}")
+    rho = report["review_order"]["spearman"]
+    words.append(f"review_spearman={'nan' if rho is None else f'{rho:.6f}'}")
     return "seglabel-eval " + " ".join(words)
 
 
@@ -729,6 +753,10 @@ def report_table(report: Mapping[str, Any]) -> str:
     ]
     if report["left_out_segments"]:
         lines.append(f"predicted segments of labels the truth lacks, left out: {report['left_out_segments']}")
+    order = report["review_order"]
+    lines.append(f"review order: Spearman correlation of review score and image quality "
+                 f"{_figure(order['spearman'])} over {order['images']} images (-1: the most doubtful are "
+                 "exactly the worst; 0: no better than chance)")
     lines.append("")
     overall = report["overall"]
     width = max(len(name) for name in overall)

@@ -32,6 +32,9 @@ Decisions (also in ``export --help``):
   (memory, then disk) until the images are done.
 * Only ``ok`` rows are exported; ``error`` rows (which have no masks) are counted and skipped,
   which also drops an error row that a ``--retry-errors`` run replaced by an ok row.
+* Images come in the output's order, or with ``order="review"`` most doubtful first (review
+  score descending; the rows are spooled to a local temporary file first). A Label Studio
+  task's prediction ``score`` is the row's review score.
 * COCO ``file_name`` is the image's key; image ids count 1..N across all shards; category id
   = ``label_id + 1`` (COCO reserves 0), names from ``job.json``'s ``id2label``.
 * COCO from **instance** outputs: one annotation per segment (the exact, possibly overlapping
@@ -71,6 +74,7 @@ from .labelmap import LabelMapError, LabelSpace, remap_ids
 from .labels import palette_color, resolve_labels
 from .polygons import DEFAULT_TOLERANCE, coco_polygons, outline
 from .record import JobRecord, open_output
+from .review import ORDERS, rows_in_order
 from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, RowCounts, checked_key
 
 log = get_logger(__name__)
@@ -274,7 +278,8 @@ class ExportOptions:
     (``{"s3://bucket/": "https://cdn.example/"}``); ``label_map`` (a file's URL) and
     ``unmapped`` put the export in a team's labels (:mod:`seglabel.labelmap`); ``mask_format``
     ``"polygon"`` writes polygons (:mod:`seglabel.polygons`) simplified within
-    ``polygon_tolerance`` pixels, for COCO, CVAT and Label Studio."""
+    ``polygon_tolerance`` pixels, for COCO, CVAT and Label Studio; ``order`` ``"review"``
+    writes the images most doubtful first (:func:`seglabel.review.rows_in_order`)."""
 
     min_score: float | None = None
     labels: Sequence[str] | None = None
@@ -286,6 +291,7 @@ class ExportOptions:
     unmapped: str = "drop"
     mask_format: str = "rle"
     polygon_tolerance: float = DEFAULT_TOLERANCE
+    order: str = "output"
 
 
 @dataclass
@@ -596,7 +602,6 @@ class LabelStudioWriter(Writer):
         """One image's Label Studio task, its segments as one prediction."""
         width, height = row["width"], row["height"]
         results = []
-        scores = []
         for seg in self.run.keep.apply(row["segments"]):
             mask = mask_utils.decode({"size": [height, width], "counts": seg["rle"].encode("ascii")})
             base: dict[str, Any] = {
@@ -608,13 +613,13 @@ class LabelStudioWriter(Writer):
             }
             if seg["score"] is not None:
                 base["score"] = round(float(seg["score"]), 6)
-                scores.append(base["score"])
             results += [{"id": f"seg{seg['id']}{suffix}", **base, **value}
                         for suffix, value in self.regions(mask, seg["label"])]
         prediction: dict[str, Any] = {"model_version": self.run.job.model_version, "result": results}
-        if scores:
-            # The task-level score Label Studio sorts and samples by: the mean segment score.
-            prediction["score"] = round(sum(scores) / len(scores), 6)
+        if row.get("review_score") is not None:
+            # The task-level score Label Studio sorts and samples by: the review score, highest
+            # first = most doubtful first (a row written before seglabel had it carries none).
+            prediction["score"] = round(float(row["review_score"]), 6)
         return {"data": {"image": self.uri(row["image_uri"]), "key": row["key"]}, "predictions": [prediction]}
 
     def regions(self, mask: np.ndarray, label: str) -> list[tuple[str, dict]]:
@@ -694,6 +699,8 @@ def export(
     if not (math.isfinite(settings.polygon_tolerance) and settings.polygon_tolerance >= 0):
         raise ExportError("--polygon-tolerance must be a number of pixels, 0 or more, "
                           f"got {settings.polygon_tolerance}")
+    if settings.order not in ORDERS:
+        raise ExportError(f"--order must be one of {', '.join(ORDERS)}, got {settings.order!r}")
     if settings.unmapped != "drop" and settings.label_map is None:
         raise ExportError("--unmapped applies with --label-map only")
     if settings.shard_size is not None and settings.shard_size < 1:
@@ -723,7 +730,8 @@ def _export(output: str, writer: type[Writer], fmt: str, to: str, options: Expor
     rows = RowCounts()
     try:
         run = ExportRun(output, job, space, store, dest, keep, options, counts)
-        writer(run).write(mapped_rows(ok_rows(store.iter_rows(LABEL_COLUMNS, ROW_BATCH), rows), space))
+        ordered = rows_in_order(store, LABEL_COLUMNS, ROW_BATCH, options.order)
+        writer(run).write(mapped_rows(ok_rows(ordered, rows), space))
         if space.record is not None:
             counts["label_map"] = _write_label_map(dest, writer.folder, space.record)
     except OSError as exc:  # storage: permissions, a full disk, an unreachable endpoint

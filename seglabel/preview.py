@@ -1,17 +1,27 @@
-"""Look at a job's labels: overlay PNGs and an ``index.html`` contact sheet.
+"""Look at a job's labels: overlay PNGs, thumbnails and an ``index.html`` review page.
 
-``seglabel preview OUTPUT --to DIR [--n 50]`` takes the first N ``ok`` rows of an output (in
-part order), reads each photo from its ``image_uri``, blends the segments' colours over it
-(with each segment's outline in full colour), writes its label and score at the segment's box
-with Pillow's default font, and saves ``DIR/overlays/<key>.png`` at the photo's own size. A
-contact sheet, ``DIR/index.html``, links every overlay with relative, escaped links, so the
-folder can be opened from disk, copied, or served as it is.
+``seglabel preview OUTPUT --to DIR [--n 50] [--order review]`` takes the first N ``ok`` rows of
+an output (in part order, or most doubtful first), reads each photo from its ``image_uri``,
+blends its segments' label colours over it (each segment outlined in full colour, so that
+touching instances of one label stay apart), writes each label and score at its segment's box
+in a font scaled to the photo, and saves ``DIR/overlays/<key>.png`` at the photo's own size and
+``DIR/thumbs/<key>.jpg`` within a ``THUMB``-pixel square (its labels written at that scale).
+
+``DIR/index.html`` is the page a reviewer works from: a grid of thumbnails of one size, each
+with its key, segment count, review score and a link to the full-size overlay; a legend of the
+labels and their colours (the palette the Label Studio config and COCO panoptic categories
+use); sorting (review score, key, segment count) and a filter by label, done in the browser by
+an inline script, its state in the address's fragment (``#sort=key&label=car``), so that a view
+can be linked. No network access: no external script, style or font; every link relative and
+escaped, so the folder opens from disk or object storage as it is.
 """
 
 from __future__ import annotations
 
 import html
 import io
+import json
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
@@ -25,15 +35,32 @@ from .fetch import fetch, options_for
 from .labelmap import LabelSpace
 from .labels import palette_color
 from .record import JobRecord, open_output
+from .review import ORDERS, rows_in_order
 from .sink import LABEL_COLUMNS, Destination, checked_key
 
 log = get_logger(__name__)
 
 OVERLAY_DIR = "overlays"
+THUMB_DIR = "thumbs"
 INDEX_FILE = "index.html"
+# Thumbnails fit in a square of this many pixels: every cell of the grid is one size.
+THUMB = 256
 # How much of a segment's colour shows over the photo: enough to see the region, little
 # enough to see what it covers.
 ALPHA = 0.5
+
+
+@dataclass(frozen=True)
+class Card:
+    """One image on the review page: its key, its overlay's and thumbnail's relative paths,
+    its labels (id -> name, in the label space shown), segment count and review score."""
+
+    key: str
+    overlay: str
+    thumb: str
+    labels: Mapping[int, str]
+    segments: int
+    review: float | None
 
 
 # Keyword options, one per flag of `seglabel preview` (three places' storage options).
@@ -49,27 +76,31 @@ def preview(
     to_storage_options: Mapping[str, Any] | None = None,
     label_map: str | None = None,
     unmapped: str = "drop",
+    order: str = "output",
 ) -> list[str]:
-    """Write overlays of the first ``n`` ok images of ``output`` and an index under ``to``.
+    """Write overlays and thumbnails of the first ``n`` ok images of ``output`` and the review
+    page under ``to``.
 
     ``storage_options`` are fsspec options for the output; images are read with
     ``image_storage_options``, or, when those are not given, with the output's options for
     images on the output's protocol (as a job often keeps both in one bucket), with the run's
     guards (``max_pixels``, ``max_bytes``: the run's defaults; give the run's own if they were
     larger). An image that cannot be read or decoded any more is skipped with a warning.
-    ``label_map`` and ``unmapped`` show the segments in a team's labels (:mod:`seglabel.labelmap`).
+    ``label_map`` and ``unmapped`` show the segments in a team's labels (:mod:`seglabel.labelmap`);
+    ``order`` ``"review"`` takes the most doubtful images first (:mod:`seglabel.review`).
     Returns the overlay paths written, in order. Raises :class:`~seglabel.sink.OutputError`
-    (``ConfigError`` for ``n``) with one readable line.
+    (``ConfigError`` for ``n`` or ``order``) with one readable line.
     """
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
+    if order not in ORDERS:
+        raise ConfigError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
     store, job = open_output(output, storage_options)
     space = LabelSpace.of_output(job, label_map, unmapped, (output, storage_options))
     dest = Destination(to, to_storage_options)
-    font = ImageFont.load_default()
     written: list[str] = []
-    entries: list[tuple[str, str, list[str]]] = []  # (key, relative link, labels), at most n
-    for row in store.iter_rows(LABEL_COLUMNS, batch_size=64):
+    cards: list[Card] = []
+    for row in rows_in_order(store, LABEL_COLUMNS, 64, order):
         if len(written) >= n:
             break
         if row["status"] != "ok":
@@ -95,22 +126,49 @@ def preview(
             )
             continue
         segments, _ = space.apply(row)
-        image = overlay(photo, segments, job, font)
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=1)
-        rel = f"{OVERLAY_DIR}/{key}.png"
-        path = dest.path(rel)
-        dest.write_file(path, buf.getvalue())
+        blended = blend(photo, segments, job)
+        thumb = thumbnail(photo, segments, job, blended)
+        image = write_labels(blended, segments, label_font(photo.shape[1], photo.shape[0]))
+        card = Card(key, f"{OVERLAY_DIR}/{key}.png", f"{THUMB_DIR}/{key}.jpg",
+                    {int(s["label_id"]): s["label"] for s in segments}, len(segments), row["review_score"])
+        path = dest.path(card.overlay)
+        dest.write_file(path, _encoded(image, "PNG", compress_level=1))
+        dest.write_file(dest.path(card.thumb), _encoded(thumb, "JPEG", quality=85))
         written.append(path)
-        entries.append((key, rel, sorted({s["label"] for s in segments})))
-    dest.write_file(dest.path(INDEX_FILE), index_html(output, job, entries).encode("utf-8"))
+        cards.append(card)
+    page = index_html(output, job, cards)
+    dest.write_file(dest.path(INDEX_FILE), page.encode("utf-8"))
     log.info("wrote %d overlays and %s", len(written), dest.path(INDEX_FILE))
     return written
 
 
+def _encoded(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
 def overlay(photo: np.ndarray, segments: Sequence[Mapping[str, Any]], job: JobRecord,
             font: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None) -> Image.Image:
-    """The photo with its segments blended over it, outlined, and labelled at their boxes."""
+    """The photo with its segments blended over it in their labels' colours, each outlined,
+    and labelled at their boxes (in a font scaled to the photo unless ``font`` is given)."""
+    image = blend(photo, segments, job)
+    return write_labels(image, segments, font or label_font(*image.size))
+
+
+def thumbnail(photo: np.ndarray, segments: Sequence[Mapping[str, Any]], job: JobRecord,
+              blended: Image.Image | None = None) -> Image.Image:
+    """The overlay fitted into a ``THUMB`` square, its labels written at the thumbnail's own
+    scale (a photo's labels shrunk with it would not read)."""
+    image = (blended or blend(photo, segments, job)).copy()
+    image.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+    scale = image.width / photo.shape[1]
+    shrunk = [{**seg, "bbox": [v * scale for v in seg["bbox"]]} for seg in segments]
+    return write_labels(image, shrunk, label_font(0, 0))
+
+
+def blend(photo: np.ndarray, segments: Sequence[Mapping[str, Any]], job: JobRecord) -> Image.Image:
+    """The photo with its segments' label colours blended over it, each segment outlined."""
     height, width = photo.shape[:2]
     # owner: 1 + the index of the segment shown at each pixel, 0 = none. Instance masks
     # overlap: painted from the lowest score up, the best one shows, as in the instance PNG.
@@ -119,26 +177,41 @@ def overlay(photo: np.ndarray, segments: Sequence[Mapping[str, Any]], job: JobRe
     for i in order:
         mask = mask_utils.decode({"size": [height, width], "counts": segments[i]["rle"].encode("ascii")})
         owner[mask.astype(bool)] = i + 1
-    # Colour by segment id: adjacent instances of one label stay apart (semantic ids are labels).
-    colors = np.array([(0, 0, 0)] + [palette_color(int(s["id"])) for s in segments], dtype=np.float32)
+    # Colour by label, as the legend and the Label Studio config show them; the outlines
+    # (between different segments) keep touching instances of one label apart.
+    colors = np.array([(0, 0, 0)] + [palette_color(int(s["label_id"])) for s in segments], dtype=np.float32)
     shown = owner > 0
     out = photo.astype(np.float32)
     out[shown] = (1 - ALPHA) * out[shown] + ALPHA * colors[owner[shown]]
     edge = shown & _boundary(owner)
     out[edge] = colors[owner[edge]]
-    image = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
 
+
+def write_labels(image: Image.Image, segments: Sequence[Mapping[str, Any]],
+                 font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> Image.Image:
+    """Each segment's label and score written at its box (``bbox`` in ``image``'s pixels), in
+    place; returns ``image``."""
     draw = ImageDraw.Draw(image)
-    font = font or ImageFont.load_default()
     taken: list[tuple[int, int, int, int]] = []
     for seg in segments:
         text = seg["label"] if seg["score"] is None else f"{seg['label']} {seg['score']:.2f}"
         x, y = int(seg["bbox"][0]), int(seg["bbox"][1])
-        box = _place(draw, font, text, x, y, width, height, taken)
+        box = _place(draw, font, text, x, y, image.width, image.height, taken)
         taken.append(box)
         draw.rectangle(box, fill=(0, 0, 0))
         draw.text((box[0] + 2, box[1] + 1), text, fill=(255, 255, 255), font=font)
     return image
+
+
+def label_font(width: int, height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at a size that reads at the photo's own scale: a 50th of its
+    shorter side, at least 11 pixels (Pillow 10.0, which takes no size: its bitmap font)."""
+    size = max(11, round(min(width, height) / 50))
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
 
 
 def _boundary(owner: np.ndarray) -> np.ndarray:
@@ -173,29 +246,131 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> boo
     return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
 
 
-def index_html(output: str, job: JobRecord, entries: Sequence[tuple[str, str, list[str]]]) -> str:
-    """The contact sheet: every overlay as a thumbnail linking to it (relative, escaped)."""
-    figures = []
-    for key, rel, labels in entries:
-        link = html.escape(quote(rel, safe="/"), quote=True)
-        figures.append(
-            f'<figure><a href="{link}"><img src="{link}" loading="lazy" alt="{html.escape(key)}"></a>'
-            f"<figcaption>{html.escape(key)}<br>"
-            f"<small>{html.escape(', '.join(labels) or 'no segments')}</small>"
-            "</figcaption></figure>"
-        )
+SORTS = {"review": "review score, most doubtful first", "key": "key", "segments": "segment count, most first"}
+
+# The page's script: sorts and filters the cards the HTML already holds (in the order the
+# preview took them, so the page reads without scripts too). The state lives in the fragment.
+_SCRIPT = """
+(function () {
+  var grid = document.getElementById("grid");
+  var cards = Array.prototype.slice.call(grid.children);
+  var sort = document.getElementById("sort"), label = document.getElementById("label");
+  var shown = document.getElementById("shown");
+  function num(card, name) { return parseFloat(card.getAttribute(name)); }
+  function first(name) {
+    return function (a, b) { return num(b, name) - num(a, name) || num(a, "data-at") - num(b, "data-at"); };
+  }
+  var by = {
+    review: first("data-review"),
+    key: function (a, b) { return num(a, "data-key-rank") - num(b, "data-key-rank"); },
+    segments: first("data-segments")
+  };
+  function state() {
+    var p = new URLSearchParams(location.hash.slice(1));
+    return {sort: by[p.get("sort")] ? p.get("sort") : sort.value, label: p.get("label") || ""};
+  }
+  function apply() {
+    var s = state();
+    sort.value = s.sort;
+    var known = Array.prototype.some.call(label.options, function (o) { return o.value === s.label; });
+    label.value = known ? s.label : "";
+    var count = 0;
+    cards.slice().sort(by[sort.value]).forEach(function (card) {
+      var labels = JSON.parse(card.getAttribute("data-labels"));
+      var hide = label.value !== "" && labels.indexOf(label.value) < 0;
+      card.hidden = hide;
+      if (!hide) { count += 1; }
+      grid.appendChild(card);
+    });
+    shown.textContent = String(count);
+  }
+  function update() {
+    var p = new URLSearchParams();
+    p.set("sort", sort.value);
+    if (label.value) { p.set("label", label.value); }
+    history.replaceState(null, "", "#" + p.toString());
+    apply();
+  }
+  sort.addEventListener("change", update);
+  label.addEventListener("change", update);
+  window.addEventListener("hashchange", apply);
+  apply();
+})();
+"""
+
+_STYLE = (
+    "body{font-family:sans-serif;margin:1em;background:#fafafa}"
+    "header p{margin:.3em 0}.controls{margin:.6em 0}.controls label{margin-right:1.5em}"
+    ".legend{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:.4em 1.2em;font-size:13px}"
+    ".swatch{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:-.1em;"
+    "border:1px solid #0003}"
+    f".grid{{display:grid;grid-template-columns:repeat(auto-fill,{THUMB + 12}px);gap:12px}}"
+    "figure{margin:0;padding:6px;background:#fff;border:1px solid #ddd}"
+    f"figure img{{width:{THUMB}px;height:{THUMB}px;object-fit:contain;background:#222;display:block}}"
+    "figcaption{font-size:12px;word-break:break-all;margin-top:4px}figure[hidden]{display:none}"
+    ".score{font-weight:bold}"
+)
+
+
+def index_html(output: str, job: JobRecord, cards: Sequence[Card]) -> str:
+    """The review page: a grid of ``cards`` (thumbnails of one size linking to the overlays),
+    a legend of their labels' colours, and sorting (by review score at first) and filtering by
+    an inline script."""
+    legend: dict[int, str] = {}
+    for card in cards:
+        legend.update(card.labels)
+    key_rank = {key: rank for rank, key in enumerate(sorted(card.key for card in cards))}
+    figures = [_figure(at, card, key_rank[card.key]) for at, card in enumerate(cards)]
+    legend_items = "".join(
+        f'<li><span class="swatch" style="background:#{bytes(palette_color(label_id)).hex()}"></span>'
+        f"{html.escape(name)}</li>"
+        for label_id, name in sorted(legend.items(), key=lambda item: item[1])
+    )
+    sort_options = "".join(f'<option value="{name}">{html.escape(text)}</option>'
+                           for name, text in SORTS.items())
+    label_options = '<option value="">all labels</option>' + "".join(
+        f'<option value="{html.escape(name, quote=True)}">{html.escape(name)}</option>'
+        for name in sorted(set(legend.values()))
+    )
     title = f"seglabel preview: {output}"
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title>\n<style>"
-        "body{font-family:sans-serif;margin:1em}"
-        ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:12px}"
-        "figure{margin:0}img{width:100%;height:auto;display:block}"
-        "figcaption{font-size:12px;word-break:break-all}</style></head><body>\n"
-        f"<h1>{html.escape(title)}</h1>\n"
-        f"<p>{html.escape(job.task)} labels by {html.escape(job.model_version)}; {len(entries)} images</p>\n"
-        "<div class=\"grid\">\n" + "\n".join(figures) + "\n</div>\n</body></html>\n"
+        # Nothing but this file and the folder beside it: no request leaves the page.
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'self'; img-src 'self'; "
+        "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
+        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style></head><body>\n"
+        f"<header><h1>{html.escape(title)}</h1>\n"
+        f"<p>{html.escape(job.task)} labels by {html.escape(job.model_version)}; "
+        f"<span id=\"shown\">{len(cards)}</span> of {len(cards)} images shown</p>\n"
+        f'<div class="controls"><label>sort by <select id="sort">{sort_options}</select></label>'
+        f'<label>label <select id="label">{label_options}</select></label></div>\n'
+        f'<ul class="legend">{legend_items}</ul></header>\n'
+        '<main class="grid" id="grid">\n' + "\n".join(figures) + "\n</main>\n"
+        f"<script>{_SCRIPT}</script>\n</body></html>\n"
     )
 
 
-__all__ = ["index_html", "overlay", "preview"]
+def _figure(at: int, card: Card, key_rank: int) -> str:
+    """One card: its thumbnail linking to the full-size overlay, key, segment count and review
+    score; its data attributes hold what the script sorts and filters by."""
+    overlay_link = html.escape(quote(card.overlay, safe="/"), quote=True)
+    thumb_link = html.escape(quote(card.thumb, safe="/"), quote=True)
+    names = sorted(set(card.labels.values()))
+    review = "-1" if card.review is None else repr(float(card.review))
+    shown = "none" if card.review is None else f"{card.review:.3f}"
+    attrs = {
+        "data-at": str(at), "data-key-rank": str(key_rank), "data-segments": str(card.segments),
+        "data-review": review, "data-labels": json.dumps(names, ensure_ascii=False),
+    }
+    attributes = " ".join(f'{name}="{html.escape(value, quote=True)}"' for name, value in attrs.items())
+    return (
+        f"<figure {attributes}><a href=\"{overlay_link}\">"
+        f'<img src="{thumb_link}" width="{THUMB}" height="{THUMB}" loading="lazy" '
+        f'alt="{html.escape(card.key)}"></a>'
+        f"<figcaption>{html.escape(card.key)}<br>{card.segments} segments · review "
+        f'<span class="score">{shown}</span> · <a href="{overlay_link}">full size</a><br>'
+        f"<small>{html.escape(', '.join(names) or 'no segments')}</small></figcaption></figure>"
+    )
+
+
+__all__ = ["Card", "blend", "index_html", "label_font", "overlay", "preview", "thumbnail", "write_labels"]

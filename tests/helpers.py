@@ -229,16 +229,47 @@ def tool_python(name: str) -> str:
     ``.ci/run`` installs them; elsewhere a missing tool skips the test, except with
     ``SEGLABEL_REQUIRE_TOOLS=1`` (set by ``.ci/run``), where it fails.
     """
-    import pytest
-
     root = Path(os.environ.get("SEGLABEL_TOOLS_DIR") or ROOT / ".venv-tools")
     python = root / name / "bin" / "python"
     if python.exists():
         return str(python)
-    message = f"{name} is not installed in {root / name} (.ci/run installs it there)"
+    _missing_tool(f"{name} is not installed in {root / name} (.ci/run installs it there)")
+
+
+# -- Chromium ---------------------------------------------------------------------------------
+
+
+def _missing_tool(message: str) -> None:
+    import pytest
+
     if os.environ.get("SEGLABEL_REQUIRE_TOOLS") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def chromium(url: str, workdir: Path, *, screenshot: Path | None = None, size: str = "1400,1000") -> str:
+    """Open ``url`` (a file:// page) in the distribution's headless Chromium and return the DOM
+    after its scripts ran (``--dump-dom``), or write a ``screenshot`` PNG. The browser may not
+    reach the network: every request goes to a proxy on a closed loopback port and names do not
+    resolve. ``.ci/run`` installs Chromium (apt); elsewhere a missing one skips the test, except
+    with ``SEGLABEL_REQUIRE_TOOLS=1``."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        _missing_tool("chromium is not installed (.ci/run installs it with apt-get install chromium)")
+    profile = workdir / f"chromium-profile-{uuid.uuid4().hex[:8]}"
+    args = [
+        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--no-first-run", "--disable-extensions", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--metrics-recording-only",
+        "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
+        f"--user-data-dir={profile}", f"--window-size={size}", "--hide-scrollbars",
+        "--virtual-time-budget=5000",
+    ]
+    args += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+    done = subprocess.run([*args, url], capture_output=True, text=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 # -- Label Studio -----------------------------------------------------------------------------

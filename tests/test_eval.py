@@ -355,6 +355,42 @@ def test_instance_changes_worked_out_by_hand(boxes_out, tmp_path):
     assert quality[last] == pytest.approx((9 + iou) / 10)
 
 
+def test_review_order_correlation_worked_out_by_hand(boxes_out, corpus, tmp_path):
+    """The stand-in's review score is each photo's brightness (four different values); truths
+    that drop k of an image's 10 boxes give it quality (10 - k) / 10 (k false positives at IoU
+    1 besides 10 - k matches), so that the rank correlation is known."""
+    rows = ok_rows(boxes_out)
+    review = {r["key"]: r["review_score"] for r in rows}
+    for key, score in review.items():
+        photo = np.asarray(Image.open(corpus / key).convert("RGB"))
+        assert score == pytest.approx(photo[::8, ::8].mean() / 255, abs=1e-6)
+    least_doubtful_first = sorted(review, key=review.get)
+    assert len(set(review.values())) == len(rows) == 4
+
+    def spearman(dropped: list[int], name: str) -> dict:
+        k = dict(zip(least_doubtful_first, dropped))
+        truth = instance_truth(rows, lambda row, seg, mask, ann, _: None if seg["id"] <= k[row["key"]]
+                               else ann)
+        report = evaluate(boxes_out, write_json(tmp_path / f"{name}.json", truth),
+                          per_image=str(tmp_path / f"{name}.parquet"))
+        table = pq.read_table(tmp_path / f"{name}.parquet").to_pylist()
+        assert {r["key"]: r["quality"] for r in table} == pytest.approx({key: (10 - k[key]) / 10
+                                                                        for key in k})
+        assert {r["key"]: r["review_score"] for r in table} == pytest.approx(review)
+        assert report["review_order"]["images"] == 4
+        return report["review_order"]["spearman"]
+
+    # The more doubtful, the worse: the order is exactly right.
+    assert spearman([0, 1, 2, 3], "right") == pytest.approx(-1.0)
+    # The more doubtful, the better: exactly wrong.
+    assert spearman([3, 2, 1, 0], "wrong") == pytest.approx(1.0)
+    # Qualities .9, 1, .7, .8 in review order: quality ranks 3, 4, 1, 2 against 1, 2, 3, 4;
+    # 1 - 6 * (4 + 4 + 4 + 4) / (4 * (16 - 1)) = -0.6.
+    assert spearman([1, 0, 3, 2], "mixed") == pytest.approx(-0.6)
+    # Every image equally good: no order to check.
+    assert spearman([0, 0, 0, 0], "flat") is None
+
+
 # -- panoptic ----------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import posixpath
 import shutil
 import subprocess
@@ -20,18 +21,19 @@ import zipfile
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from skimage import data
 
-from helpers import tool_python
+from helpers import chromium, tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel import export as export_module
 from seglabel.cli import main
@@ -379,7 +381,7 @@ def test_label_studio_tasks(instance_out, tmp_path):
         assert prediction["model_version"] == job["model"]
         results = prediction["result"]
         assert len(results) == len(row["segments"])
-        assert prediction["score"] == pytest.approx(np.mean([s["score"] for s in row["segments"]]), abs=1e-5)
+        assert prediction["score"] == pytest.approx(row["review_score"], abs=1e-6)  # the review score
         for result, seg in zip(results, row["segments"]):
             assert {
                 k: result[k]
@@ -619,9 +621,19 @@ def test_preview_overlays_and_index(semantic_out, corpus, tmp_path):
     html = (to / "index.html").read_text(encoding="utf-8")
     links = Links()
     links.feed(html)
-    assert sorted(links.hrefs) == sorted(links.srcs)
     assert {str((to / unquote(h)).resolve()) for h in links.hrefs} == {str(Path(p).resolve()) for p in paths}
-    assert all(not h.startswith(("/", "file:")) and " " not in h for h in links.hrefs)  # relative, escaped
+    # Each card: a thumbnail of its overlay, fitted into the grid's square, as a JPEG.
+    assert len(links.srcs) == len(paths)
+    for src in links.srcs:
+        key = unquote(src)[len("thumbs/"):-len(".jpg")]
+        with Image.open(to / unquote(src)) as thumb:
+            assert thumb.format == "JPEG"
+            width, height = rows[key]["width"], rows[key]["height"]
+            scale = min(256 / width, 256 / height, 1.0)
+            assert abs(thumb.width - width * scale) <= 1 and abs(thumb.height - height * scale) <= 1
+            assert max(thumb.size) <= 256
+    links_all = links.hrefs + links.srcs
+    assert all(not h.startswith(("/", "file:")) and " " not in h for h in links_all)  # relative, escaped
     assert "tom &amp; jerry&#x27;s #1.png" in html and "tom & jerry" not in html
 
 
@@ -640,7 +652,7 @@ def test_preview_of_instances_and_first_n(instance_out, corpus, tmp_path):
         assert union.any() and (over != photo(corpus, key)).any(axis=-1)[union].mean() > 0.95
     links = Links()
     links.feed((tmp_path / "p" / "index.html").read_text(encoding="utf-8"))
-    assert len(links.hrefs) == 2
+    assert len(set(links.hrefs)) == 2 and len(links.srcs) == 2
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -669,3 +681,186 @@ def test_cli(instance_out, semantic_out, tmp_path, capsys):
 
     assert main(["preview", semantic_out, "--to", str(tmp_path / "prev"), "--n", "1"]) == 0
     assert len(list((tmp_path / "prev" / "overlays").rglob("*.png"))) == 1
+
+
+# -- review order, outputs made before review scores, the review page ------------------------
+
+
+def review_first(rows: dict[str, dict]) -> list[str]:
+    """Keys most doubtful first, as the contract documents the order (scores here all differ)."""
+    scores = [r["review_score"] for r in rows.values()]
+    assert len(set(scores)) == len(scores), "tied review scores: the order would rest on ties"
+    return sorted(rows, key=lambda k: -rows[k]["review_score"])
+
+
+def test_exports_and_preview_in_review_order(instance_out, panoptic_out, tmp_path):
+    rows = ok_rows(instance_out)
+    expected = review_first(rows)
+    export(instance_out, "coco", str(tmp_path / "c.json"), order="review", shard_size=3)
+    shards = [json.loads((tmp_path / f"c-0000{i}.json").read_text()) for i in range(2)]
+    assert [im["file_name"] for doc in shards for im in doc["images"]] == expected
+    export(instance_out, "label-studio", str(tmp_path / "ls.json"), order="review")
+    tasks = json.loads((tmp_path / "ls.json").read_text())
+    assert [t["data"]["key"] for t in tasks] == expected
+    assert [t["predictions"][0]["score"] for t in tasks] == pytest.approx(
+        [rows[k]["review_score"] for k in expected], abs=1e-6)
+    export(instance_out, "cvat", str(tmp_path / "cvat.zip"), order="review")
+    with zipfile.ZipFile(tmp_path / "cvat.zip") as archive:
+        doc = json.loads(archive.read("annotations/instances_default.json"))
+    assert [im["file_name"] for im in doc["images"]] == expected
+    # The default stays the output's order (a different one here).
+    export(instance_out, "label-studio", str(tmp_path / "plain.json"))
+    plain = [t["data"]["key"] for t in json.loads((tmp_path / "plain.json").read_text())]
+    assert plain == [r["key"] for r in read_rows(instance_out) if r["status"] == "ok"] != expected
+
+    prows = ok_rows(panoptic_out)
+    export(panoptic_out, "coco-panoptic", str(tmp_path / "pan"), order="review")
+    doc = json.loads((tmp_path / "pan" / "panoptic.json").read_text())
+    assert [im["file_name"] for im in doc["images"]] == review_first(prows)
+
+    paths = preview(instance_out, str(tmp_path / "prev"), n=2, order="review")
+    shown = [str(Path(p).relative_to(tmp_path / "prev" / "overlays"))[: -len(".png")] for p in paths]
+    assert shown == expected[:2]
+    with pytest.raises(ExportError, match="--order must be one of output, review"):
+        export(instance_out, "coco", str(tmp_path / "x.json"), order="worst")
+
+
+def strip_review_scores(output: Path) -> None:
+    """Rewrite every part as seglabel wrote them before review scores: without the column."""
+    for part in sorted((output / "metadata").glob("*.parquet")):
+        table = pq.read_table(part)
+        pq.write_table(table.drop_columns(["review_score"]), part)
+
+
+def test_outputs_without_review_scores_export_inspect_and_resume(instance_out, corpus, job_checkpoints,
+                                                                 tmp_path, capsys):
+    """An output written before the column existed: exports, preview and inspect read it (no
+    score, no failure); a resumed run adds rows with scores; the review order puts those first."""
+    from seglabel.pipeline import label
+
+    old = tmp_path / "old"
+    shutil.copytree(instance_out, old)
+    strip_review_scores(old)
+    # One image's row is lost, as if the old run had stopped before it: a resume labels it anew.
+    parts = sorted((old / "metadata").glob("*.parquet"))
+    last = pq.read_table(parts[-1])
+    redo = last.column("key")[0].as_py()
+    pq.write_table(last.slice(1), parts[-1])
+    (old / "_SUCCESS").unlink()
+    assert main(["inspect", str(old)]) == 0
+    capsys.readouterr()
+    export(str(old), "label-studio", str(tmp_path / "before.json"), order="review")
+    before = json.loads((tmp_path / "before.json").read_text())
+    assert before and all("score" not in t["predictions"][0] for t in before)
+
+    summary = label(str(corpus), str(old), model=str(job_checkpoints["instance"]), score_threshold=0.3,
+                    rows_per_part=2)
+    assert (summary.ok, summary.error) == (1, 0)  # the lost row only
+    rows = {r["key"]: r for r in pq.read_table(sorted((old / "metadata").glob("*.parquet"))[-1]).to_pylist()}
+    assert list(rows) == [redo] and 0 <= rows[redo]["review_score"] <= 1
+    export(str(old), "label-studio", str(tmp_path / "after.json"), order="review")
+    after = json.loads((tmp_path / "after.json").read_text())
+    assert after[0]["data"]["key"] == redo and after[0]["predictions"][0]["score"] == pytest.approx(
+        rows[redo]["review_score"], abs=1e-6)
+    # The rest, without scores, in the output's order.
+    assert [t["data"]["key"] for t in after[1:]] == [t["data"]["key"] for t in before]
+    assert all("score" not in t["predictions"][0] for t in after[1:])
+    preview(str(old), str(tmp_path / "prev"), order="review")
+    assert "review <span class=\"score\">none</span>" in (tmp_path / "prev" / "index.html").read_text()
+
+
+class Cards(HTMLParser):
+    """The review page's cards, in document order, as the browser left them."""
+
+    def __init__(self):
+        super().__init__()
+        self.cards: list[dict] = []
+        self.shown: str | None = None
+        self._in_shown = False
+        self.legend: dict[str, str] = {}
+        self._swatch: str | None = None
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.refs += [attrs[a] for a in ("src", "href") if a in attrs]
+        if tag == "figure":
+            self.cards.append({**attrs, "hidden": "hidden" in attrs})
+        if tag == "img" and self.cards:
+            self.cards[-1]["key"] = attrs["alt"]
+        if attrs.get("id") == "shown":
+            self._in_shown = True
+        if attrs.get("class") == "swatch":
+            self._swatch = attrs["style"].split("#")[1]
+
+    def handle_data(self, data):
+        if self._in_shown:
+            self.shown, self._in_shown = data, False
+        elif self._swatch is not None:
+            self.legend[data] = self._swatch
+            self._swatch = None
+
+
+def without_label(output: str, label: str, keys: set[str], to: Path) -> str:
+    """A copy of ``output`` whose rows of ``keys`` lost their segments of ``label`` (the tiny
+    model finds every label in every image; a reviewer's corpus does not)."""
+    shutil.copytree(output, to)
+    for part in sorted((to / "metadata").glob("*.parquet")):
+        rows = pq.read_table(part).to_pylist()
+        for row in rows:
+            if row["key"] in keys:
+                row["segments"] = [s for s in row["segments"] if s["label"] != label]
+        pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(part)), part)
+    return str(to)
+
+
+def test_review_page_sorts_and_filters_in_chromium(instance_out, tmp_path):
+    """The page in the distribution's headless Chromium, offline: sorted by review score at
+    first, by key or segment count on asking, filtered by a label; a screenshot for a person."""
+    label = "label1"
+    lacking = set(sorted(ok_rows(instance_out))[:2])
+    output = without_label(instance_out, label, lacking, tmp_path / "labels")
+    rows = ok_rows(output)
+    keys = {k for k, r in rows.items() if any(s["label"] == label for s in r["segments"])}
+    assert keys == set(rows) - lacking and keys
+    to = tmp_path / "review"
+    preview(output, str(to))
+    page = (to / "index.html").as_uri()
+
+    def view(**state) -> Cards:
+        cards = Cards()
+        cards.feed(chromium(page + ("#" + urlencode(state) if state else ""), tmp_path))
+        assert len(cards.cards) == len(rows)
+        return cards
+
+    first = view()
+    assert [c["key"] for c in first.cards] == review_first(rows)
+    assert not any(c["hidden"] for c in first.cards) and first.shown == str(len(rows))
+    # Nothing the page loads lies outside its folder.
+    assert all(not ref.startswith(("http:", "https:", "//", "/", "file:")) for ref in first.refs)
+    assert [c["key"] for c in view(sort="key").cards] == sorted(rows)
+    by_count = [c["key"] for c in view(sort="segments").cards]
+    counts = [len(rows[k]["segments"]) for k in by_count]
+    assert counts == sorted(counts, reverse=True) and sorted(by_count) == sorted(rows)
+
+    filtered = view(sort="key", label=label)
+    assert [c["key"] for c in filtered.cards if not c["hidden"]] == sorted(keys)
+    assert {c["key"] for c in filtered.cards if c["hidden"]} == set(rows) - keys
+    assert filtered.shown == str(len(keys))
+
+    # The legend's colours are the Label Studio config's (the palette both use).
+    counts = export(output, "label-studio", str(tmp_path / "ls.json"))
+    config = Path(counts["labeling_config"]).read_text(encoding="utf-8")
+    assert first.legend and all(f'value="{name}" background="#{colour}"' in config
+                                for name, colour in first.legend.items())
+    assert set(first.legend) == {s["label"] for r in rows.values() for s in r["segments"]}
+
+    # For a person to look at: under SEGLABEL_ARTIFACTS where set.
+    folder = Path(os.environ.get("SEGLABEL_ARTIFACTS") or tmp_path)
+    shot = folder / f"review-{Path(instance_out).parent.name}.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    chromium(page, tmp_path, screenshot=shot)
+    with Image.open(shot) as image:
+        assert image.size == (1400, 1000)
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.std() > 20  # thumbnails and text, not a blank page

@@ -11,6 +11,7 @@ import yaml
 
 from ..config import ConfigError, JobConfig, check_expansion, load_spec
 from ..labelmap import UNMAPPED
+from ..review import ORDERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -50,6 +51,13 @@ def label_map_flags(p: argparse.ArgumentParser) -> None:
                    "work in the team's labels; the job's own files are not changed")
     p.add_argument("--unmapped", choices=UNMAPPED, default="drop",
                    help="model labels the map does not name: drop them (default) or keep their names")
+
+
+def order_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """``--order``: the output's order, or the review score's (most doubtful first)."""
+    p.add_argument("--order", choices=ORDERS, default="output",
+                   help=f"{what} in the output's order (default) or by review score, most doubtful "
+                   "first (rows spooled to a local temporary file)")
 
 
 def positive_int(text: str) -> int:

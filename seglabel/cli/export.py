@@ -7,7 +7,7 @@ import argparse
 from ..config import label_names
 from ..export import FORMATS, MASK_FORMATS, export
 from ..polygons import DEFAULT_TOLERANCE
-from .common import common, label_map_flags, positive_int, storage_option_flag
+from .common import common, label_map_flags, order_flag, positive_int, storage_option_flag
 
 
 def _prefix_pair(text: str) -> tuple[str, str]:
@@ -68,6 +68,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--polygon-tolerance", dest="polygon_tolerance", type=float, default=DEFAULT_TOLERANCE,
                    metavar="PX", help="simplify polygons within PX pixels (default 1)")
     label_map_flags(p)
+    order_flag(p, "images")
     storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
     storage_option_flag(p, "--to-option", "to_storage_options", "DEST")
     p.set_defaults(handler=main)
@@ -90,6 +91,7 @@ def main(args: argparse.Namespace) -> int:
         mask_format=args.mask_format,
         polygon_tolerance=args.polygon_tolerance,
         unmapped=args.unmapped,
+        order=args.order,
         to_storage_options=dict(args.to_storage_options),
     )
     files = counts["files"]

@@ -6,7 +6,7 @@ import argparse
 
 from ..config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..preview import INDEX_FILE, preview
-from .common import common, key_value, label_map_flags, positive_int, storage_option_flag
+from .common import common, key_value, label_map_flags, order_flag, positive_int, storage_option_flag
 
 
 def add_parsers(sub) -> None:
@@ -14,8 +14,9 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "preview",
         parents=[common()],
-        help="overlay PNGs of the first images of an output and an index.html to look at them",
-        description="Blend the masks of the first N ok images over their photos and write an index.html.",
+        help="overlay PNGs of the first images of an output and an index.html review page",
+        description="Blend the masks of the first N ok images over their photos and write thumbnails and "
+        "an index.html to review them: sort by review score, key or segment count, filter by label.",
     )
     p.add_argument("output", metavar="OUTPUT", help="a job's output URL")
     p.add_argument("--to", required=True, metavar="DIR", help="folder for overlays/ and index.html")
@@ -26,6 +27,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-bytes", dest="max_bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
                    metavar="N", help="skip photo files over this many bytes, as the run does")
     label_map_flags(p)
+    order_flag(p, "take the first N images")
     storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
     p.add_argument(
         "--input-option",
@@ -51,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
         image_storage_options=dict(args.input_storage_options) if args.input_storage_options else None,
         label_map=args.label_map,
         unmapped=args.unmapped,
+        order=args.order,
     )
     print(f"wrote {len(paths)} overlays; open {args.to.rstrip('/')}/{INDEX_FILE}")
     return 0
