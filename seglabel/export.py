@@ -34,7 +34,8 @@ Decisions (also in ``export --help``):
   which also drops an error row that a ``--retry-errors`` run replaced by an ok row.
 * Images come in the output's order, or with ``order="review"`` most doubtful first (review
   score descending; the rows are spooled to a local temporary file first). A Label Studio
-  task's prediction ``score`` is the row's review score.
+  task's prediction ``score`` is one minus the row's review score (Label Studio takes it for
+  confidence and serves the lowest first), and its data holds ``review_score`` itself.
 * COCO ``file_name`` is the image's key; image ids count 1..N across all shards; category id
   = ``label_id + 1`` (COCO reserves 0), names from ``job.json``'s ``id2label``.
 * COCO from **instance** outputs: one annotation per segment (the exact, possibly overlapping
@@ -616,11 +617,16 @@ class LabelStudioWriter(Writer):
             results += [{"id": f"seg{seg['id']}{suffix}", **base, **value}
                         for suffix, value in self.regions(mask, seg["label"])]
         prediction: dict[str, Any] = {"model_version": self.run.job.model_version, "result": results}
+        data = {"image": self.uri(row["image_uri"]), "key": row["key"]}
         if row.get("review_score") is not None:
-            # The task-level score Label Studio sorts and samples by: the review score, highest
-            # first = most doubtful first (a row written before seglabel had it carries none).
-            prediction["score"] = round(float(row["review_score"]), 6)
-        return {"data": {"image": self.uri(row["image_uri"]), "key": row["key"]}, "predictions": [prediction]}
+            # Label Studio reads a prediction's score as the model's confidence: its uncertainty
+            # sampling serves the lowest first (projects/functions/next_task.py orders by
+            # predictions__score). 1 - review score puts the most doubtful first there; the
+            # review score itself is a data column the Data Manager shows and sorts by. A row
+            # written before seglabel had it carries neither.
+            prediction["score"] = round(1.0 - float(row["review_score"]), 6)
+            data["review_score"] = round(float(row["review_score"]), 6)
+        return {"data": data, "predictions": [prediction]}
 
     def regions(self, mask: np.ndarray, label: str) -> list[tuple[str, dict]]:
         """A segment's Label Studio regions (id suffix, type and value): one brush mask, or one

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .encode import PackedMasks, RawPrediction
 from .preprocess import Layout, host_to_device
-from .review import BAND, mask_band, review_score, score_doubt, share
+from .review import BAND, logit, mask_band, review_score, score_doubt, share
 
 # HF's post-processing resizes mask logits to this canvas whatever the model input was.
 HF_CANVAS = (384, 384)
@@ -107,11 +107,6 @@ def row_chunks(channels: int, out_h: int, out_w: int, budget: int) -> Iterator[t
     rows = max(1, budget // max(1, channels * out_w))
     for r0 in range(0, out_h, rows):
         yield r0, min(out_h, r0 + rows)
-
-
-def _logit(p: float) -> float:
-    p = min(max(p, 1e-7), 1 - 1e-7)
-    return math.log(p / (1 - p))
 
 
 class _ToHost:
@@ -382,8 +377,9 @@ class Postprocessor:
         return results
 
     def _band(self) -> tuple[float, float]:
-        """The review's undecided band around the mask threshold, as logits."""
-        return mask_band(1 / (1 + math.exp(-self._mask_logit_threshold())))
+        """The review's undecided band around the mask threshold, as logits (HF's EoMT code's
+        threshold in compat: logit 0)."""
+        return mask_band(0.5 if self.spec.eomt and self.spec.compat else self.spec.mask_threshold)
 
     def _top_queries(self, class_logits, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(B, Q) scores, labels and query indices of each image's candidate instances."""
@@ -470,7 +466,7 @@ class Postprocessor:
     def _mask_logit_threshold(self) -> float:
         """The mask threshold as a logit (HF's EoMT code thresholds logits at 0, whatever the
         mask threshold: compat does too)."""
-        return 0.0 if self.spec.eomt and self.spec.compat else _logit(self.spec.mask_threshold)
+        return 0.0 if self.spec.eomt and self.spec.compat else logit(self.spec.mask_threshold)
 
     def _full_size_mask_scores(self, logits, height, width, threshold) -> torch.Tensor:
         """(K,) mean mask probabilities over each mask at the original size, in row chunks (HF's

@@ -256,6 +256,9 @@ _SCRIPT = """
   var cards = Array.prototype.slice.call(grid.children);
   var sort = document.getElementById("sort"), label = document.getElementById("label");
   var shown = document.getElementById("shown");
+  // Label names from JSON, not from the HTML (whose parser rewrites some characters in them);
+  // the select's values and the cards' data-labels are indices into this list.
+  var names = JSON.parse(document.getElementById("label-names").textContent);
   function num(card, name) { return parseFloat(card.getAttribute(name)); }
   function first(name) {
     return function (a, b) { return num(b, name) - num(a, name) || num(a, "data-at") - num(b, "data-at"); };
@@ -267,17 +270,19 @@ _SCRIPT = """
   };
   function state() {
     var p = new URLSearchParams(location.hash.slice(1));
-    return {sort: by[p.get("sort")] ? p.get("sort") : sort.value, label: p.get("label") || ""};
+    var asked = p.get("sort");
+    var known = asked !== null && Object.prototype.hasOwnProperty.call(by, asked);
+    var index = p.get("label") === null ? -1 : names.indexOf(p.get("label"));
+    return {sort: known ? asked : sort.value, label: index < 0 ? "" : String(index)};
   }
   function apply() {
     var s = state();
     sort.value = s.sort;
-    var known = Array.prototype.some.call(label.options, function (o) { return o.value === s.label; });
-    label.value = known ? s.label : "";
+    label.value = s.label;
     var count = 0;
     cards.slice().sort(by[sort.value]).forEach(function (card) {
       var labels = JSON.parse(card.getAttribute("data-labels"));
-      var hide = label.value !== "" && labels.indexOf(label.value) < 0;
+      var hide = label.value !== "" && labels.indexOf(Number(label.value)) < 0;
       card.hidden = hide;
       if (!hide) { count += 1; }
       grid.appendChild(card);
@@ -287,7 +292,7 @@ _SCRIPT = """
   function update() {
     var p = new URLSearchParams();
     p.set("sort", sort.value);
-    if (label.value) { p.set("label", label.value); }
+    if (label.value) { p.set("label", names[Number(label.value)]); }
     history.replaceState(null, "", "#" + p.toString());
     apply();
   }
@@ -320,7 +325,8 @@ def index_html(output: str, job: JobRecord, cards: Sequence[Card]) -> str:
     for card in cards:
         legend.update(card.labels)
     key_rank = {key: rank for rank, key in enumerate(sorted(card.key for card in cards))}
-    figures = [_figure(at, card, key_rank[card.key]) for at, card in enumerate(cards)]
+    index_of = {name: i for i, name in enumerate(sorted(set(legend.values())))}
+    figures = [_figure(at, card, key_rank[card.key], index_of) for at, card in enumerate(cards)]
     legend_items = "".join(
         f'<li><span class="swatch" style="background:#{bytes(palette_color(label_id)).hex()}"></span>'
         f"{html.escape(name)}</li>"
@@ -328,10 +334,11 @@ def index_html(output: str, job: JobRecord, cards: Sequence[Card]) -> str:
     )
     sort_options = "".join(f'<option value="{name}">{html.escape(text)}</option>'
                            for name, text in SORTS.items())
+    names = sorted(set(legend.values()))
     label_options = '<option value="">all labels</option>' + "".join(
-        f'<option value="{html.escape(name, quote=True)}">{html.escape(name)}</option>'
-        for name in sorted(set(legend.values()))
-    )
+        f'<option value="{i}">{html.escape(name)}</option>' for i, name in enumerate(names))
+    # JSON inside a script element: "<" escaped, so that no name can close the element.
+    names_json = json.dumps(names).replace("<", "\\u003c")
     title = f"seglabel preview: {output}"
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -346,13 +353,15 @@ def index_html(output: str, job: JobRecord, cards: Sequence[Card]) -> str:
         f'<label>label <select id="label">{label_options}</select></label></div>\n'
         f'<ul class="legend">{legend_items}</ul></header>\n'
         '<main class="grid" id="grid">\n' + "\n".join(figures) + "\n</main>\n"
+        f'<script type="application/json" id="label-names">{names_json}</script>\n'
         f"<script>{_SCRIPT}</script>\n</body></html>\n"
     )
 
 
-def _figure(at: int, card: Card, key_rank: int) -> str:
+def _figure(at: int, card: Card, key_rank: int, index_of: Mapping[str, int]) -> str:
     """One card: its thumbnail linking to the full-size overlay, key, segment count and review
-    score; its data attributes hold what the script sorts and filters by."""
+    score; its data attributes hold what the script sorts and filters by (its labels as indices
+    into the page's list of names, ``index_of``)."""
     overlay_link = html.escape(quote(card.overlay, safe="/"), quote=True)
     thumb_link = html.escape(quote(card.thumb, safe="/"), quote=True)
     names = sorted(set(card.labels.values()))
@@ -360,7 +369,7 @@ def _figure(at: int, card: Card, key_rank: int) -> str:
     shown = "none" if card.review is None else f"{card.review:.3f}"
     attrs = {
         "data-at": str(at), "data-key-rank": str(key_rank), "data-segments": str(card.segments),
-        "data-review": review, "data-labels": json.dumps(names, ensure_ascii=False),
+        "data-review": review, "data-labels": json.dumps(sorted(index_of[name] for name in names)),
     }
     attributes = " ".join(f'{name}="{html.escape(value, quote=True)}"' for name, value in attrs.items())
     return (

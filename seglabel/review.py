@@ -10,14 +10,15 @@ doubts, each in [0, 1], so that any one of them alone can bring an image forward
   (instance, panoptic). Semantic maps have no segment scores: one minus the mean, over the
   image's pixels, of the winning class's share of the class scores.
 * ``d_boundary``, how much of the masks is undecided: the share of mask pixels whose mask
-  probability lies within ``BAND`` of the mask threshold, over all pixels within ``BAND`` of
-  it or above (instance, panoptic; at model scale, where the probabilities are); semantic:
-  the share of pixels whose two best classes' shares differ by less than ``2 * BAND``.
+  probability lies within ``BAND`` of the mask threshold (or half the way to 0 or 1, where that
+  is nearer: :func:`mask_band`), over all pixels within that of it or above (instance,
+  panoptic; at model scale, where the probabilities are); semantic: the share of pixels whose
+  two best classes' shares differ by less than ``2 * BAND``.
 * ``d_overlap``, how much the segments fought over pixels: instance, the share of the kept
   masks' pixels that two or more masks cover; panoptic, the share of the kept queries' own
-  pixels (probability over the threshold) that other segments took, relative to what the
-  overlap threshold lets a segment lose (a segment that barely survived the merge counts 1);
-  semantic: 0.
+  pixels (probability over the threshold) that other segments took, pooled over the segments,
+  relative to the share the overlap threshold lets a segment lose (1: every segment barely
+  survived the merge); semantic: 0.
 
 An image with no segments at all scores 1: the model found nothing, which a person should
 confirm. The device computes the pixel counts with the work it does anyway and brings them
@@ -35,7 +36,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .sink import OutputStore
+from .errors import one_line
+from .sink import OutputError, OutputStore
 
 # How near the mask threshold a probability is "undecided".
 BAND = 0.15
@@ -45,8 +47,8 @@ ORDERS = ("output", "review")
 
 
 def combine(*doubts: float) -> float:
-    """``1 - prod(1 - d)`` over the doubts, each clipped to [0, 1] (a NaN counts as full doubt:
-    a broken number should bring the image forward, not hide it)."""
+    """``1 - prod(1 - d)`` over the doubts, each clipped to [0, 1] (a NaN, from a device's
+    broken number, counts as full doubt: it should bring the image forward, not hide it)."""
     keep = 1.0
     for doubt in doubts:
         doubt = 1.0 if math.isnan(doubt) else min(1.0, max(0.0, doubt))
@@ -73,24 +75,29 @@ def review_score(segments: int, d_score: float, d_boundary: float, d_overlap: fl
     return 1.0 if segments == 0 else combine(d_score, d_boundary, d_overlap)
 
 
-def mask_band(threshold: float) -> tuple[float, float]:
-    """The mask probabilities that count as undecided around ``threshold``, as logits (lo, hi):
-    a logit in (lo, hi) is within ``BAND`` of it; one over lo is within ``BAND`` or above."""
-    def logit(p: float) -> float:
-        p = min(max(p, 1e-6), 1 - 1e-6)
-        return math.log(p / (1 - p))
+def logit(p: float) -> float:
+    """``log(p / (1 - p))``, ``p`` kept 1e-7 away from 0 and 1."""
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return math.log(p / (1 - p))
 
-    return logit(threshold - BAND), logit(threshold + BAND)
+
+def mask_band(threshold: float) -> tuple[float, float]:
+    """The mask probabilities that count as undecided around the probability ``threshold``, as
+    logits (lo, hi): within ``BAND`` of it, or half the way to 0 or 1 where that is nearer (a
+    band that reached 0 or 1 would call a crisp mask undecided). A logit in (lo, hi) is in the
+    band; one over lo is in it or above."""
+    half = min(BAND, threshold / 2, (1 - threshold) / 2)
+    return logit(threshold - half), logit(threshold + half)
 
 
 # -- rows in review order ----------------------------------------------------------------------
 
 
 class _Order:
-    """Collects each batch's rows' positions, statuses and scores, then gives the positions in
-    review order: ok rows by review score descending, ties in output order; then ok rows
-    without a score (written before seglabel had it), then error rows, each in output order.
-    17 bytes per row."""
+    """Collects each batch's rows' statuses and scores (17 bytes a row), then gives the
+    positions in review order: ok rows by review score descending, ties in output order; then
+    ok rows without a score (written before seglabel had it), then error rows, each in output
+    order (the sort itself takes about 45 bytes a row for a moment)."""
 
     def __init__(self) -> None:
         self.scores: list[np.ndarray] = []
@@ -119,13 +126,17 @@ def rows_in_order(store: OutputStore, columns: Sequence[str], batch_size: int,
     rows without a score (written before seglabel had it), then error rows.
 
     The review order needs every row before the first: one pass over the output spools the
-    rows, as Arrow, to a local temporary file (the decoded size of those columns), read back
-    through a memory map ``batch_size`` rows at a time; memory holds 17 bytes per row besides."""
+    rows, as Arrow, to a local temporary file (the decoded size of those columns; ``TMPDIR``
+    says where), read back through a memory map ``batch_size`` rows at a time. A spool that
+    cannot be written (a full disk) is an OutputError."""
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}")
     if order == "output":
-        yield from store.iter_rows(columns, batch_size)
-        return
+        return store.iter_rows(columns, batch_size)
+    return _in_review_order(store, list(columns), batch_size)
+
+
+def _in_review_order(store: OutputStore, columns: list[str], batch_size: int) -> Iterator[dict]:
     read = list(dict.fromkeys([*columns, "status", REVIEW_COLUMN]))
     with tempfile.TemporaryDirectory(prefix="seglabel-order-") as folder:
         path = os.path.join(folder, "rows.arrow")
@@ -136,9 +147,11 @@ def rows_in_order(store: OutputStore, columns: Sequence[str], batch_size: int,
                 ranking.add(batch)
                 writer = writer or pa.ipc.new_file(path, batch.schema)
                 writer.write_batch(batch)
-        finally:
             if writer is not None:
                 writer.close()
+        except OSError as exc:  # the temporary folder's disk, not the output's
+            raise OutputError(f"cannot spool the rows to {folder} for the review order (set TMPDIR "
+                              f"to a disk with room): {type(exc).__name__}: {one_line(exc)}") from exc
         wanted = ranking.positions()
         if not len(wanted):
             return
@@ -163,5 +176,5 @@ def _take(reader: pa.ipc.RecordBatchFileReader, ends: np.ndarray, positions: np.
     return rows  # type: ignore[return-value]
 
 
-__all__ = ["BAND", "ORDERS", "REVIEW_COLUMN", "combine", "mask_band", "review_score",
+__all__ = ["BAND", "ORDERS", "REVIEW_COLUMN", "combine", "logit", "mask_band", "review_score",
            "rows_in_order", "score_doubt", "share"]

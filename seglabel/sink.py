@@ -274,8 +274,9 @@ class OutputStore(Location):
         for path in self.parts():
             parquet = self._part(path, columns)
             present = [c for c in columns if c in parquet.schema_arrow.names]
+            where = self.fs.unstrip_protocol(path)
             batches = (
-                _with_columns(batch, columns)
+                _with_columns(batch, columns, where)
                 for batch in parquet.iter_batches(batch_size=batch_size, columns=present, use_threads=False)
             )
             if path not in dropped:
@@ -302,7 +303,8 @@ class OutputStore(Location):
             if columns is None:
                 return parquet.read(use_threads=False)
             present = [c for c in columns if c in parquet.schema_arrow.names]
-            return _with_columns(parquet.read(columns=present, use_threads=False), columns)
+            table = parquet.read(columns=present, use_threads=False)
+            return _with_columns(table, columns, self.fs.unstrip_protocol(path))
         except (pa.ArrowException, OSError) as exc:
             raise OutputError(f"{self.fs.unstrip_protocol(path)} cannot be read: {one_line(exc)}") from exc
 
@@ -556,17 +558,46 @@ class RowCounts:
         }
 
 
-def _with_columns(data: pa.RecordBatch | pa.Table, columns: Sequence[str]) -> pa.RecordBatch | pa.Table:
-    """``data`` with ``columns`` in that order, an optional column it lacks (a part written
-    before the column was) added as nulls of the contract's type."""
-    if list(data.schema.names) == list(columns):
-        return data
-    arrays = [
-        data.column(name) if name in data.schema.names
-        else pa.nulls(data.num_rows, SCHEMA.field(name).type)
-        for name in columns
-    ]
+def _with_columns(data: pa.RecordBatch | pa.Table, columns: Sequence[str],
+                  where: str) -> pa.RecordBatch | pa.Table:
+    """``data`` with ``columns`` in that order and the contract's types (a part written with
+    another integer width reads as every other part does, so that parts can be written out
+    together), an optional column it lacks (a part written before the column was) added as
+    nulls. An optional column it holds is checked, since readers sort and publish it: numbers
+    in [0, 1] or nulls. A column that is not the contract's is an OutputError naming the part
+    (``where``)."""
+    arrays = []
+    for name in columns:
+        if name not in data.schema.names:
+            arrays.append(pa.nulls(data.num_rows, SCHEMA.field(name).type))
+            continue
+        column = data.column(name)
+        if name in OPTIONAL_COLUMNS:
+            column = _unit_interval(column, name, where)
+        elif name in SCHEMA.names and column.type != SCHEMA.field(name).type:
+            try:
+                column = column.cast(SCHEMA.field(name).type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                raise OutputError(f"{where}: column {name!r} holds {column.type}, not "
+                                  f"{SCHEMA.field(name).type}: not a part of seglabel's metadata") from exc
+        arrays.append(column)
     return type(data).from_arrays(arrays, names=list(columns))
+
+
+def _unit_interval(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> pa.Array | pa.ChunkedArray:
+    """A column of numbers in [0, 1] or nulls, as the contract's type."""
+    kind = column.type
+    if not (pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_null(kind)):
+        raise OutputError(f"{where}: column {name!r} holds {kind}, not numbers: "
+                          "not a part of seglabel's metadata")
+    valid = pa.compute.drop_null(column)
+    # Checked before the cast (a double past float32's range would not survive it); NaN
+    # compares false, so it is refused with the values out of range.
+    inside = pa.compute.and_(pa.compute.greater_equal(valid, 0), pa.compute.less_equal(valid, 1))
+    if len(valid) and not pa.compute.all(inside).as_py():
+        raise OutputError(f"{where}: column {name!r} holds values outside [0, 1]: "
+                          "not a part of seglabel's metadata")
+    return column.cast(SCHEMA.field(name).type, safe=False)
 
 
 def _names(paths: list[str]) -> list[str]:

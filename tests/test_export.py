@@ -381,7 +381,9 @@ def test_label_studio_tasks(instance_out, tmp_path):
         assert prediction["model_version"] == job["model"]
         results = prediction["result"]
         assert len(results) == len(row["segments"])
-        assert prediction["score"] == pytest.approx(row["review_score"], abs=1e-6)  # the review score
+        # Label Studio's confidence, lowest first in its uncertainty sampling: 1 - the review score.
+        assert prediction["score"] == pytest.approx(1 - row["review_score"], abs=1e-6)
+        assert task["data"]["review_score"] == pytest.approx(row["review_score"], abs=1e-6)
         for result, seg in zip(results, row["segments"]):
             assert {
                 k: result[k]
@@ -702,7 +704,7 @@ def test_exports_and_preview_in_review_order(instance_out, panoptic_out, tmp_pat
     export(instance_out, "label-studio", str(tmp_path / "ls.json"), order="review")
     tasks = json.loads((tmp_path / "ls.json").read_text())
     assert [t["data"]["key"] for t in tasks] == expected
-    assert [t["predictions"][0]["score"] for t in tasks] == pytest.approx(
+    assert [t["data"]["review_score"] for t in tasks] == pytest.approx(
         [rows[k]["review_score"] for k in expected], abs=1e-6)
     export(instance_out, "cvat", str(tmp_path / "cvat.zip"), order="review")
     with zipfile.ZipFile(tmp_path / "cvat.zip") as archive:
@@ -751,7 +753,8 @@ def test_outputs_without_review_scores_export_inspect_and_resume(instance_out, c
     capsys.readouterr()
     export(str(old), "label-studio", str(tmp_path / "before.json"), order="review")
     before = json.loads((tmp_path / "before.json").read_text())
-    assert before and all("score" not in t["predictions"][0] for t in before)
+    assert before and all("score" not in t["predictions"][0] and "review_score" not in t["data"]
+                          for t in before)
 
     summary = label(str(corpus), str(old), model=str(job_checkpoints["instance"]), score_threshold=0.3,
                     rows_per_part=2)
@@ -760,7 +763,7 @@ def test_outputs_without_review_scores_export_inspect_and_resume(instance_out, c
     assert list(rows) == [redo] and 0 <= rows[redo]["review_score"] <= 1
     export(str(old), "label-studio", str(tmp_path / "after.json"), order="review")
     after = json.loads((tmp_path / "after.json").read_text())
-    assert after[0]["data"]["key"] == redo and after[0]["predictions"][0]["score"] == pytest.approx(
+    assert after[0]["data"]["key"] == redo and after[0]["data"]["review_score"] == pytest.approx(
         rows[redo]["review_score"], abs=1e-6)
     # The rest, without scores, in the output's order.
     assert [t["data"]["key"] for t in after[1:]] == [t["data"]["key"] for t in before]
@@ -864,3 +867,64 @@ def test_review_page_sorts_and_filters_in_chromium(instance_out, tmp_path):
         assert image.size == (1400, 1000)
         pixels = np.asarray(image.convert("L"))
     assert pixels.std() > 20  # thumbnails and text, not a blank page
+
+
+def test_review_page_with_hostile_names_in_chromium(instance_out, tmp_path):
+    """Team labels that are markup, URL syntax and non-ASCII: shown as text, never run, and
+    each one filters the page through the address's fragment."""
+    lacking = set(sorted(ok_rows(instance_out))[:2])
+    output = without_label(instance_out, "label1", lacking, tmp_path / "labels")
+    rows = ok_rows(output)
+    present = sorted({s["label"] for r in rows.values() for s in r["segments"]} - {"label1"})
+    names = ['a&b "q" </script><img src=x onerror="document.title=1">', "ünï 日本"]
+    hostile = {"label1": "p+q%20=#r&label=x", **dict(zip(present, names))}
+    assert len(hostile) == 3, present
+    (tmp_path / "team.json").write_text(json.dumps(hostile), encoding="utf-8")
+    to = tmp_path / "review"
+    preview(output, str(to), label_map=str(tmp_path / "team.json"))
+    page = (to / "index.html").as_uri()
+    for model_label, name in hostile.items():
+        holders = {k for k, r in rows.items() if any(s["label"] == model_label for s in r["segments"])}
+        cards = Cards()
+        dom = chromium(page + "#" + urlencode({"sort": "key", "label": name}), tmp_path)
+        cards.feed(dom)
+        assert [c["key"] for c in cards.cards if not c["hidden"]] == sorted(holders), name
+        assert cards.shown == str(len(holders))
+        assert set(cards.legend) == set(hostile.values())
+        # The markup stayed text: no element it names, no title its handler would set.
+        assert "<img src=\"x\"" not in dom and "<title>1</title>" not in dom
+    partly = {k for k, r in rows.items() if any(s["label"] == "label1" for s in r["segments"])}
+    assert 0 < len(partly) < len(rows)
+
+
+def rewrite_part(part: Path, column: str, values) -> None:
+    table = pq.read_table(part)
+    at = table.schema.get_field_index(column)
+    pq.write_table(table.set_column(at, column, values), part)
+
+
+def test_parts_of_other_types_and_damaged_review_scores(instance_out, tmp_path, capsys):
+    """Parts an older or another writer made with other integer or float widths read as the
+    contract's, in any order; review scores that are not numbers in [0, 1] are one line, exit 2."""
+    out = tmp_path / "labels"
+    shutil.copytree(instance_out, out)
+    parts = sorted((out / "metadata").glob("*.parquet"))
+    rows = ok_rows(instance_out)
+    first = pq.read_table(parts[0])
+    rewrite_part(parts[0], "width", first.column("width").cast(pa.int64()))
+    rewrite_part(parts[0], "review_score", first.column("review_score").cast(pa.float64()))
+    export(str(out), "label-studio", str(tmp_path / "ls.json"), order="review")
+    assert [t["data"]["key"] for t in json.loads((tmp_path / "ls.json").read_text())] == review_first(rows)
+
+    capsys.readouterr()  # what the library calls above logged (through an earlier main's handler)
+    for bad in (pa.array([float("nan")] * first.num_rows), pa.array([1.5] * first.num_rows),
+                pa.array(["0.9"] * first.num_rows)):
+        rewrite_part(parts[0], "review_score", bad)
+        for argv in (["export", str(out), "--format", "label-studio", "--to", str(tmp_path / "x.json")],
+                     ["export", str(out), "--format", "coco", "--to", str(tmp_path / "y.json"),
+                      "--order", "review"],
+                     ["preview", str(out), "--to", str(tmp_path / "p")]):
+            assert main(argv) == 2, (bad.type, argv)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "review_score" in err and parts[0].name in err, err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()

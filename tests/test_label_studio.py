@@ -17,7 +17,8 @@ from seglabel.export import export
 
 @pytest.fixture(scope="module")
 def output(ray_session, tmp_path_factory, checkpoints) -> str:
-    photos = {"astronaut.jpg": data.astronaut(), "coffee, 'hot' #1.png": data.coffee()}
+    photos = {"astronaut.jpg": data.astronaut(), "coffee, 'hot' #1.png": data.coffee(),
+              "cat.png": data.chelsea()}
     return photo_job(tmp_path_factory.mktemp("ls"), checkpoints["instance"], photos,
                      stand_in="segments=6,coverage=0.03")
 
@@ -69,3 +70,21 @@ def test_label_studio_imports_the_tasks_with_the_generated_config(output, studio
             assert result["type"] == tag.lower()
             assert (result["from_name"], result["to_name"]) == ("mask", "photo")
             assert result["value"][tag.lower()][0] in parsed["mask"]["labels"]
+
+
+def test_label_studio_serves_the_most_doubtful_task_first(output, studio, tmp_path):
+    """Label Studio's uncertainty sampling serves the task whose prediction scores lowest: with
+    the exported scores (1 - review score), the image of the highest review score comes first."""
+    to = tmp_path / "tasks.json"
+    counts = export(output, "label-studio", str(to))
+    tasks = json.loads(to.read_text())
+    review = {t["data"]["key"]: t["data"]["review_score"] for t in tasks}
+    assert len(set(review.values())) == len(tasks) == 3
+    config = Path(counts["labeling_config"]).read_text(encoding="utf-8")
+    project = studio.call("POST", "/api/projects", {"title": "seglabel review order", "label_config": config})
+    studio.call("POST", f"/api/projects/{project['id']}/import?commit_to_project=true", tasks)
+    model_version = tasks[0]["predictions"][0]["model_version"]
+    studio.call("PATCH", f"/api/projects/{project['id']}",
+                {"sampling": "Uncertainty sampling", "model_version": model_version})
+    served = studio.call("GET", f"/api/projects/{project['id']}/next")
+    assert served["data"]["key"] == max(review, key=review.get)

@@ -144,3 +144,13 @@ def test_semantic_ties_between_classes_bring_the_image_forward():
     assert tied.review_score == pytest.approx(1.0, abs=1e-4)
     # Half the image tied: d_score = 1 - (0.5 * 0.5 + 0.5 * 1) = 0.25, undecided 0.5.
     assert half.review_score == pytest.approx(combine(0.25, 0.5, 0.0), abs=1e-3)
+
+
+@pytest.mark.parametrize("threshold", [0.02, 0.1, 0.5, 0.9, 0.98])
+@pytest.mark.parametrize("task", ["instance", "panoptic"])
+def test_crisp_masks_stay_decided_at_any_mask_threshold(task, threshold):
+    """The undecided band never reaches 0 or 1: a crisp, confident mask is decided whatever the
+    mask threshold (a band clipped at 1 - 1e-6 called every pixel of such a mask undecided)."""
+    r = run(task, [(0, 12.0, A), (1, 12.0, B)], mask_threshold=threshold)
+    assert len(r.ids) == 2
+    assert r.review_score < 0.01
