@@ -98,7 +98,7 @@ def big_rows(start: int, n: int, rle_bytes: int) -> pa.Table:
     table = pa.Table.from_pylist([
         {"key": f"{i}.jpg", "image_uri": f"file:///in/{i}.jpg", "status": "ok", "error": None, "width": 1,
          "height": 1, "mask_uri": f"file:///out/masks/{i}.jpg.png", "task": "instance", "model": "m",
-         "segments": [segment]}
+         "segments": [segment], "review_score": 0.5}
         for i in range(start, start + n)
     ], schema=SCHEMA)
     table = table.append_column("actor", pa.array(["a"] * n, pa.string()))

@@ -78,6 +78,7 @@ def make_corpus(root: Path, entries: int) -> dict[str, str]:
             "task": ["instance"] * n,
             "model": [str(checkpoint)] * n,
             "segments": pa.nulls(n, SCHEMA.field("segments").type),
+            "review_score": pa.array([0.5] * n, pa.float32()),
         }, schema=SCHEMA)
         store.write_part(rows, f"part-bench-{start // ROWS_PER_PART:05d}.parquet")
     if writer is not None:
