@@ -17,6 +17,8 @@
 #   pytest  pytest -m gpu for the repo (modules that need moto / scikit-image fail to import
 #           there and are reported as collection errors; the gpu-marked tests of the rest run)
 #   nan     the tiny model's outputs in fp32 / bf16 / fp16 at batch 1 and 2: NaN or finite
+#   review  bench/review_cost.py: post-processing with and without the review score's device work
+#           (REVIEW_DEVICE, default cuda; REVIEW_REPEATS, default 7)
 #   plumb   seglabel bench --stand-in --images PLUMB_IMAGES --size 480x640 --batch-size BS (as the
 #           2-core figures in bench/README.md): the pipeline without the
 #           model on every core (issue 10: >= 800 images/s on the 16-core machine) and its efficiency
@@ -68,7 +70,7 @@ fi
 OUT=${OUT:-$(mktemp -d /tmp/seglabel-gpu-check.XXXXXX)}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-STEPS=${STEPS:-"pytest nan s384 plumb s800 l384 e640"}
+STEPS=${STEPS:-"pytest nan review s384 plumb s800 l384 e640"}
 BUDGET_S=${BUDGET_S:-440}
 IMAGES=${IMAGES:-512}
 BS=${BS:-32}
@@ -205,6 +207,9 @@ for step in $STEPS; do
                 "${PIPELINE_FLAGS[@]}" --json "$OUT/$ARCH_E-panoptic-640-compiled.json" ;;
         nan)
             run_step nan 90 "$PY" "$OUT/nan_check.py" ;;
+        review)
+            run_step review 90 "$PY" bench/review_cost.py --device "${REVIEW_DEVICE:-cuda}" --repeats "${REVIEW_REPEATS:-7}" \
+                --json "$OUT/review-cost.json" ;;
         plumb)
             if [[ ${#PIPELINE_FLAGS[@]} -gt 0 ]]; then
                 printf 'plumb\tskipped\t0\t(no ray)\n' >> "$OUT/steps.tsv"
@@ -215,7 +220,7 @@ for step in $STEPS; do
         mem)
             run_step mem 120 "${BENCH[@]}" --memory --json "$OUT/memory.json" ;;
         *)
-            echo "unknown step $step (pytest nan s384 s384c plumb s800 l384 e640 e640c mem)" ;;
+            echo "unknown step $step (pytest nan review s384 s384c plumb s800 l384 e640 e640c mem)" ;;
     esac
 done
 

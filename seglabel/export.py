@@ -73,9 +73,9 @@ from .encode import decode_png, encode_png
 from .errors import SeglabelError, get_logger, one_line
 from .labelmap import LabelMapError, LabelSpace, remap_ids
 from .labels import palette_color, resolve_labels
+from .order import ORDERS, rows_in_order
 from .polygons import DEFAULT_TOLERANCE, coco_polygons, outline
 from .record import JobRecord, open_output
-from .review import ORDERS, rows_in_order
 from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, RowCounts, checked_key
 
 log = get_logger(__name__)
@@ -280,7 +280,7 @@ class ExportOptions:
     ``unmapped`` put the export in a team's labels (:mod:`seglabel.labelmap`); ``mask_format``
     ``"polygon"`` writes polygons (:mod:`seglabel.polygons`) simplified within
     ``polygon_tolerance`` pixels, for COCO, CVAT and Label Studio; ``order`` ``"review"``
-    writes the images most doubtful first (:func:`seglabel.review.rows_in_order`)."""
+    writes the images most doubtful first (:func:`seglabel.order.rows_in_order`)."""
 
     min_score: float | None = None
     labels: Sequence[str] | None = None

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .encode import PackedMasks, RawPrediction
 from .preprocess import Layout, host_to_device
-from .review import BAND, logit, mask_band, review_score, score_doubt, share
+from .review import BAND, GRID, logit, mask_band, review_score, score_doubt, share
 
 # HF's post-processing resizes mask logits to this canvas whatever the model input was.
 HF_CANVAS = (384, 384)
@@ -189,18 +189,21 @@ def _panoptic_prediction(size: tuple[int, int], entry: tuple | None) -> RawPredi
 
 
 def band_counts(logits: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """(K, 2) per mask of (K, h, w) logits: its pixels in the undecided band (lo, hi), and those
-    over lo (in the band or above it): :func:`seglabel.review.mask_band`'s logits."""
-    above = logits.flatten(1) > lo
-    near = above & (logits.flatten(1) < hi)
+    """(K, 2) per mask of (K, h, w) logits, on the review's grid: its pixels in the undecided
+    band (lo, hi), and those over lo (in the band or above it): :func:`seglabel.review.mask_band`'s
+    logits."""
+    grid = logits[:, ::GRID, ::GRID].flatten(1)
+    above = grid > lo
+    near = above & (grid < hi)
     return torch.stack([near.sum(1), above.sum(1)], dim=1)
 
 
 def class_doubt(scores: torch.Tensor) -> torch.Tensor:
-    """(2,) for (C, h, w) semantic class scores: the mean over pixels of the winning class's
-    share of the scores, and the share of pixels whose two best classes' shares differ by less
-    than twice the review band."""
-    shares = scores / scores.sum(0, keepdim=True).clamp(min=1e-12)
+    """(2,) for (C, h, w) semantic class scores, on the review's grid: the mean over pixels of
+    the winning class's share of the scores, and the share of pixels whose two best classes'
+    shares differ by less than twice the review band."""
+    grid = scores[:, ::GRID, ::GRID]
+    shares = grid / grid.sum(0, keepdim=True).clamp(min=1e-12)
     if shares.shape[0] < 2:
         return torch.stack([shares.amax(0).mean(), torch.zeros((), device=scores.device)])
     top = shares.topk(2, dim=0).values

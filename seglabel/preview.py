@@ -34,8 +34,8 @@ from .errors import get_logger
 from .fetch import fetch, options_for
 from .labelmap import LabelSpace
 from .labels import palette_color
+from .order import ORDERS, rows_in_order
 from .record import JobRecord, open_output
-from .review import ORDERS, rows_in_order
 from .sink import LABEL_COLUMNS, Destination, checked_key
 
 log = get_logger(__name__)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from seglabel.postprocess import Postprocessor, PostprocessSpec
-from seglabel.review import BAND, combine
+from seglabel.review import BAND, GRID, combine
 
 SIZE = 32
 LABELS = 3
@@ -50,8 +50,9 @@ def margin_doubt(scores, threshold: float) -> float:
 
 
 def undecided(fields, threshold: float = 0.5) -> float:
-    """The share of the masks' pixels within BAND of the threshold among those within or above."""
-    probs = [1 / (1 + np.exp(-f.astype(np.float64))) for f in fields]
+    """The share of the masks' pixels within BAND of the threshold among those within or above,
+    on the review's grid of pixels."""
+    probs = [1 / (1 + np.exp(-f[::GRID, ::GRID].astype(np.float64))) for f in fields]
     near = sum(int((np.abs(p - threshold) < BAND).sum()) for p in probs)
     around = sum(int((p > threshold - BAND).sum()) for p in probs)
     return near / around

@@ -11,7 +11,7 @@ import yaml
 
 from ..config import ConfigError, JobConfig, check_expansion, load_spec
 from ..labelmap import UNMAPPED
-from ..review import ORDERS
+from ..order import ORDERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
