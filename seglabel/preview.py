@@ -342,8 +342,9 @@ def index_html(output: str, job: JobRecord, cards: Sequence[Card]) -> str:
     title = f"seglabel preview: {output}"
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        # Nothing but this file and the folder beside it: no request leaves the page.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'self'; img-src 'self'; "
+        # Nothing but the thumbnails beside it (served, or opened from disk: file:) and its own
+        # inline style and script: no other request leaves the page, whatever a name holds.
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src 'self' file:; "
         "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
         f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style></head><body>\n"
         f"<header><h1>{html.escape(title)}</h1>\n"

@@ -865,8 +865,10 @@ def test_review_page_sorts_and_filters_in_chromium(instance_out, tmp_path):
     chromium(page, tmp_path, screenshot=shot)
     with Image.open(shot) as image:
         assert image.size == (1400, 1000)
-        pixels = np.asarray(image.convert("L"))
-    assert pixels.std() > 20  # thumbnails and text, not a blank page
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    # The thumbnails loaded (photos hold thousands of colours; text, borders and empty image
+    # boxes a few dozen).
+    assert len(np.unique(pixels, axis=0)) > 2000
 
 
 def test_review_page_with_hostile_names_in_chromium(instance_out, tmp_path):
