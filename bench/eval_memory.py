@@ -63,7 +63,7 @@ def _rgb(ids: np.ndarray) -> np.ndarray:
 
 def write_sample(root: Path, task: str, images: int, size: int, segments: int) -> tuple[str, str]:
     """A job output of ``images`` rows and its truth; returns (output, truth) paths."""
-    from seglabel.sink import SCHEMA
+    from seglabel.outputs.store import SCHEMA
 
     out, truth_dir = root / "out", root / "truth"
     (out / "metadata").mkdir(parents=True)

@@ -156,9 +156,9 @@ run_step() {
 # and fp16 give NaN at batch 1 (torch's reduced-precision grid_sample), which empties the masks.
 NAN_CHECK='
 import tempfile, numpy as np, torch
-from seglabel.preprocess import preprocess, to_device
-from seglabel.segment import Segmenter
-from seglabel.synthetic import save_random_checkpoint
+from seglabel.engine.preprocess import preprocess, to_device
+from seglabel.engine.segmenter import Segmenter
+from seglabel.engine.synthetic import save_random_checkpoint
 images = [np.random.default_rng(i).integers(0, 255, (384, 384, 3), dtype=np.uint8) for i in range(2)]
 device = "cuda" if torch.cuda.is_available() else "cpu"
 for arch in ("tiny", "eomt-tiny"):

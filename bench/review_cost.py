@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import seglabel.postprocess as pp
+import seglabel.engine.postprocess as pp
 
 
 def outputs(device: str):

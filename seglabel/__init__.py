@@ -10,25 +10,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import EngineConfig, JobConfig, Resolution
-from .errors import SeglabelError
-
-__version__ = "0.1.0"
+from .core.config import EngineConfig, JobConfig, Resolution
+from .core.errors import SeglabelError
+from .core.version import __version__
 
 # Public names that live in modules importing torch or Ray, loaded on first use.
 _LAZY = {
-    "Segmenter": "segment",
-    "Prediction": "encode",
-    "Segment": "encode",
-    "label": "pipeline",
-    "run": "pipeline",
-    "Summary": "pipeline",
+    "Segmenter": "engine.segmenter",
+    "Prediction": "core.results",
+    "Segment": "core.results",
+    "label": "job.pipeline",
+    "run": "job.pipeline",
+    "Summary": "job.pipeline",
 }
 
 if TYPE_CHECKING:
-    from .encode import Prediction, Segment
-    from .pipeline import Summary, label, run
-    from .segment import Segmenter
+    from .core.results import Prediction, Segment
+    from .engine.segmenter import Segmenter
+    from .job.pipeline import Summary, label, run
 
 
 def __getattr__(name: str) -> Any:

@@ -29,14 +29,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from .config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ConfigError
-from .errors import get_logger
-from .fetch import fetch, options_for
-from .labelmap import LabelSpace
-from .labels import palette_color
-from .order import ORDERS, rows_in_order
-from .record import JobRecord, open_output
-from .sink import LABEL_COLUMNS, Destination, checked_key
+from .core.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ConfigError
+from .core.errors import get_logger
+from .core.labels import palette_color
+from .outputs.labelmap import LabelSpace
+from .outputs.order import ORDERS, rows_in_order
+from .outputs.record import JobRecord, open_output
+from .outputs.store import LABEL_COLUMNS, Destination, checked_key
+from .storage.read import fetch, options_for
 
 log = get_logger(__name__)
 

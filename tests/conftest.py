@@ -137,7 +137,7 @@ def head(s3_endpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Tiny random-weight checkpoints, one per task, named as the Hub names them."""
-    from seglabel.synthetic import save_random_checkpoint
+    from seglabel.engine.synthetic import save_random_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {
@@ -152,7 +152,7 @@ def eomt_checkpoints(tmp_path_factory):
     (``coco_panoptic_eomt_large_640``): panoptic and instance pad images to the model's square;
     semantic cuts them into overlapping crops, as the Hub's semantic preprocessor configs do.
     Their model cards declare MIT, as the Hub's DINOv2-based EoMT cards do."""
-    from seglabel.synthetic import save_random_checkpoint
+    from seglabel.engine.synthetic import save_random_checkpoint
 
     root = tmp_path_factory.mktemp("eomt-checkpoints")
     return {

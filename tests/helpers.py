@@ -341,7 +341,7 @@ def label_studio(data_dir: Path, timeout: float = 240) -> Iterator[LabelStudio]:
 def photo_job(root: Path, checkpoint: Path, photos: dict[str, np.ndarray], **settings) -> str:
     """A job over ``photos`` (name -> RGB array, written as files under ``root/images``) into
     ``root/labels`` with ``checkpoint``; the output's path. Needs a Ray (``ray_session``)."""
-    from seglabel.pipeline import label
+    from seglabel.job.pipeline import label
 
     for name, pixels in photos.items():
         path = root / "images" / name

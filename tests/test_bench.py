@@ -14,7 +14,7 @@ import yaml
 from helpers import ROOT
 from seglabel.bench import BenchConfig, bench_images, memory_report, parse_size, report, run_bench
 from seglabel.cli import main
-from seglabel.config import ConfigError, EngineConfig
+from seglabel.core.config import ConfigError, EngineConfig
 
 TASKS = ("instance", "semantic", "panoptic")
 

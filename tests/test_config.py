@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT
-from seglabel.config import DEFAULT_EXTENSIONS, ConfigError, EngineConfig, JobConfig, Resolution, load_spec
-from seglabel.errors import SeglabelError, one_line
+from seglabel.core.config import (
+    DEFAULT_EXTENSIONS,
+    ConfigError,
+    EngineConfig,
+    JobConfig,
+    Resolution,
+    load_spec,
+)
+from seglabel.core.errors import SeglabelError, one_line
 
 
 def test_defaults_and_normalisation():
@@ -141,11 +148,11 @@ def test_yaml_alias_bombs_are_refused_at_once(tmp_path, capsys):
 
 
 def test_job_record_holds_each_setting_once():
-    from seglabel.record import JobRecord
+    from seglabel.outputs.record import JobRecord
 
     config = JobConfig.from_mapping({"input": "/in", "output": "/out", "model": "/ckpt/m-instance",
                                      "score_threshold": 0.3, "resolution": "384x384", "labels": "a,b"})
-    from seglabel.license import License
+    from seglabel.engine.card import License
 
     mit = License("mit", "its card")
     record = JobRecord.new(config, "instance", "abc123", {0: "a", 1: "b"}, "eomt", mit).values
@@ -164,11 +171,11 @@ def test_job_record_holds_each_setting_once():
 
 
 def test_resume_check_reads_new_and_old_job_records():
-    from seglabel.record import JobRecord
+    from seglabel.outputs.record import JobRecord
 
     engine = EngineConfig(model="/ckpt/m-instance", score_threshold=0.3)
     config = JobConfig(output="/out", input="/in", engine=engine)
-    from seglabel.license import License
+    from seglabel.engine.card import License
 
     record = JobRecord.new(config, "instance", None, {}, "mask2former", License("unknown", "no card"))
     record.check_settings(engine, "instance", None, "/out")  # same: nothing raised
@@ -187,8 +194,8 @@ def test_resume_check_reads_new_and_old_job_records():
 
 def test_an_old_record_with_a_relative_checkpoint_path_still_resumes(tmp_path, monkeypatch):
     """seglabel 0.1.0 recorded a local checkpoint as typed; the driver now makes it absolute."""
-    from seglabel.plan import absolute_paths
-    from seglabel.record import JobRecord
+    from seglabel.job.plan import absolute_paths
+    from seglabel.outputs.record import JobRecord
 
     (tmp_path / "ckpt-instance").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -203,7 +210,7 @@ def test_an_old_record_with_a_relative_checkpoint_path_still_resumes(tmp_path, m
 
 
 def test_absolute_paths_in_the_driver(tmp_path, monkeypatch):
-    from seglabel.plan import absolute_paths
+    from seglabel.job.plan import absolute_paths
 
     (tmp_path / "ckpt-instance").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -217,12 +224,12 @@ def test_absolute_paths_in_the_driver(tmp_path, monkeypatch):
 
 
 def test_errors_are_one_line_and_share_one_base():
-    from seglabel.checkpoint import CheckpointError
-    from seglabel.commit import JobError
-    from seglabel.decode import DecodeError
-    from seglabel.export import ExportError
-    from seglabel.sink import OutputError
-    from seglabel.sources import SourceError
+    from seglabel.engine.checkpoint import CheckpointError
+    from seglabel.formats.export import ExportError
+    from seglabel.inputs.decode import DecodeError
+    from seglabel.inputs.listing import SourceError
+    from seglabel.job.commit import JobError
+    from seglabel.outputs.store import OutputError
 
     for cls in (ConfigError, SourceError, CheckpointError, OutputError, ExportError, JobError, DecodeError):
         assert issubclass(cls, SeglabelError)
@@ -259,8 +266,8 @@ def test_nothing_below_the_cli_imports_it_and_config_imports_no_stage():
         if path in entry_points:
             continue
         assert not any(m == "seglabel.cli" or m.startswith("seglabel.cli.") for m in _imports(path)), path
-    own = {m for m in _imports(ROOT / "seglabel" / "config.py") if m.startswith("seglabel")}
-    assert own <= {"seglabel.errors", "seglabel.errors.SeglabelError"}, own
+    own = {m for m in _imports(ROOT / "seglabel" / "core" / "config.py") if m.startswith("seglabel")}
+    assert own <= {"seglabel.core.errors", "seglabel.core.errors.SeglabelError"}, own
 
 
 # The shape the code keeps (issue 23): limits a newcomer can read by.
@@ -299,7 +306,7 @@ def test_no_module_or_test_reaches_into_another_modules_private_names():
 def test_the_driver_reads_in_one_screen_and_no_function_is_long_without_a_reason():
     """pipeline.py stays short; a function over the limits carries a comment right above its
     ``def`` (or decorators) saying why it is one piece."""
-    assert len((ROOT / "seglabel" / "pipeline.py").read_text().splitlines()) < PIPELINE_MAX_LINES
+    assert len((ROOT / "seglabel" / "job" / "pipeline.py").read_text().splitlines()) < PIPELINE_MAX_LINES
     long = []
     for path in (ROOT / "seglabel").rglob("*.py"):
         lines = path.read_text().splitlines()
@@ -329,7 +336,7 @@ def test_help_does_not_load_torch_or_ray():
 def test_resume_accepts_an_old_url_checkpoint_record_and_refuses_a_stand_in_on_real_masks():
     """seglabel recorded no revision for URL checkpoints before fingerprints: accepted (and
     recorded by the run). A stand-in never adds fake rows to an output a real model made."""
-    from seglabel.record import JobRecord, mask_settings
+    from seglabel.outputs.record import JobRecord, mask_settings
 
     engine = EngineConfig(model="s3://b/m-instance")
     old = {**mask_settings(engine, "instance", None)}

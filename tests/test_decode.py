@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from helpers import encode, huge_png, oriented
-from seglabel.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, image_size
+from seglabel.inputs.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, image_size
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -76,7 +76,7 @@ def test_misuse_and_bugs_are_not_decode_errors(monkeypatch):
     def bug(im):
         raise TypeError("a bug, not a bad file")
 
-    monkeypatch.setattr("seglabel.decode._to_rgb", bug)
+    monkeypatch.setattr("seglabel.inputs.decode._to_rgb", bug)
     with pytest.raises(TypeError, match="a bug"):
         decode_image(_PNG)
 

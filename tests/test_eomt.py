@@ -21,11 +21,11 @@ from transformers import EomtImageProcessorPil
 from transformers.image_transforms import get_size_with_aspect_ratio
 
 from seglabel import Segmenter
-from seglabel.checkpoint import CheckpointError
-from seglabel.config import ConfigError
-from seglabel.postprocess import Postprocessor, PostprocessSpec
-from seglabel.preprocess import Layout
-from seglabel.synthetic import save_random_checkpoint
+from seglabel.core.config import ConfigError
+from seglabel.engine.checkpoint import CheckpointError
+from seglabel.engine.postprocess import Postprocessor, PostprocessSpec
+from seglabel.engine.preprocess import Layout
+from seglabel.engine.synthetic import save_random_checkpoint
 
 NUM_LABELS = 6
 SIZES = [(120, 180), (37, 200), (1, 40), (300, 7), (64, 64)]
@@ -276,7 +276,7 @@ def test_rles_decode_to_the_map(eomt_checkpoints):
 
 
 def test_dinov3_variant_runs_through_its_own_class(tmp_path):
-    from seglabel.license import checkpoint_license
+    from seglabel.engine.card import checkpoint_license
 
     path = save_random_checkpoint(tmp_path / "tiny_coco_panoptic_eomt_dinov3", "eomt-dinov3-tiny",
                                   license="mit")
@@ -310,7 +310,7 @@ def test_split_checkpoint_refuses_other_tasks(eomt_checkpoints):
 
 @pytest.mark.parametrize("model_type", ["maskformer", "oneformer", "segformer", "", None, 7])
 def test_other_architectures_are_refused_in_one_line(eomt_checkpoints, tmp_path, model_type):
-    from seglabel.checkpoint import inspect_checkpoint
+    from seglabel.engine.checkpoint import inspect_checkpoint
 
     folder = tmp_path / "tiny_coco_instance_other"
     folder.mkdir()
@@ -356,7 +356,7 @@ def edited_checkpoint(source, tmp_path, name, config=None, processor=None):
 )
 def test_preprocessor_configs_that_do_not_fit_the_model_are_refused(eomt_checkpoints, tmp_path, processor,
                                                                     expected):
-    from seglabel.checkpoint import inspect_checkpoint
+    from seglabel.engine.checkpoint import inspect_checkpoint
 
     folder = edited_checkpoint(eomt_checkpoints["panoptic"], tmp_path, "bad_coco_panoptic_eomt",
                                processor=processor)
@@ -368,7 +368,7 @@ def test_preprocessor_configs_that_do_not_fit_the_model_are_refused(eomt_checkpo
 
 @pytest.mark.parametrize("model_type", [["eomt"], {"a": 1}, True, 3.5])
 def test_model_type_of_any_json_type_is_one_line(eomt_checkpoints, tmp_path, model_type):
-    from seglabel.checkpoint import inspect_checkpoint
+    from seglabel.engine.checkpoint import inspect_checkpoint
 
     folder = edited_checkpoint(eomt_checkpoints["instance"], tmp_path, "odd_coco_instance",
                                config={"model_type": model_type})
@@ -380,8 +380,8 @@ def test_a_fifo_config_or_card_does_not_hang_the_driver(eomt_checkpoints, tmp_pa
     import os
     import threading
 
-    from seglabel.checkpoint import inspect_checkpoint
-    from seglabel.license import checkpoint_license
+    from seglabel.engine.card import checkpoint_license
+    from seglabel.engine.checkpoint import inspect_checkpoint
 
     folder = edited_checkpoint(eomt_checkpoints["instance"], tmp_path, "fifo_coco_instance_eomt")
     (folder / "README.md").unlink()
@@ -407,7 +407,7 @@ def test_a_fifo_config_or_card_does_not_hang_the_driver(eomt_checkpoints, tmp_pa
 
 @pytest.mark.parametrize("long_side", [4481, 4480, 3000, 641, 640])
 def test_crops_cover_the_whole_image(long_side):
-    from seglabel.preprocess import crop_starts
+    from seglabel.engine.preprocess import crop_starts
 
     starts = crop_starts(long_side, 640)
     covered = np.zeros(long_side, bool)
@@ -441,8 +441,8 @@ def test_eomt_max_instances_ranks_by_the_score_it_reports():
 
 
 def test_authors_statement_also_for_a_cached_copy_and_unknown_cannot_be_allowed():
-    from seglabel.config import JobConfig
-    from seglabel.license import checkpoint_license
+    from seglabel.core.config import JobConfig
+    from seglabel.engine.card import checkpoint_license
 
     snapshot = ("/root/.cache/huggingface/hub/models--facebook--mask2former-swin-small-coco-instance"
                 "/snapshots/abc")

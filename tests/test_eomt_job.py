@@ -15,9 +15,9 @@ from PIL import Image
 from helpers import EXPECTED, write_corpus
 from outputs import check_output, read_rows
 from seglabel.cli import main
-from seglabel.config import ConfigError
-from seglabel.pipeline import label
-from seglabel.synthetic import save_random_checkpoint
+from seglabel.core.config import ConfigError
+from seglabel.engine.synthetic import save_random_checkpoint
+from seglabel.job.pipeline import label
 
 TASKS = ("instance", "semantic", "panoptic")
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -39,9 +39,9 @@ from skimage import data, measure
 from helpers import ROOT, tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
-from seglabel.evaluate import evaluate, panoptic_image_stats, truth_categories
-from seglabel.export import export
-from seglabel.truth import EvalError, KeyMatcher
+from seglabel.evaluation.evaluate import evaluate, panoptic_image_stats, truth_categories
+from seglabel.evaluation.truth import EvalError, KeyMatcher
+from seglabel.formats.export import export
 
 # Keys with a space, '#', '%', non-ASCII and nested folders; one file that is not an image.
 PHOTOS = {
@@ -66,7 +66,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def run_job(tmp_path_factory, corpus, checkpoint, name: str, **settings) -> str:
-    from seglabel.pipeline import label
+    from seglabel.job.pipeline import label
 
     out = tmp_path_factory.mktemp(f"eval-{name}") / "labels"
     summary = label(str(corpus), str(out), model=str(checkpoint), **settings)

@@ -35,9 +35,9 @@ from skimage import data
 
 from helpers import chromium, tool_python
 from outputs import id_map, read_png, read_rows
-from seglabel import export as export_module
 from seglabel.cli import main
-from seglabel.export import ExportError, export, label_studio_rle
+from seglabel.formats import export as export_module
+from seglabel.formats.export import ExportError, export, label_studio_rle
 from seglabel.preview import preview
 
 # Key -> (file bytes maker, format). Nested folders, a space, non-ASCII, HTML-special characters,
@@ -69,7 +69,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def run_job(tmp_path_factory, corpus, checkpoint, task: str, **settings) -> str:
-    from seglabel.pipeline import label
+    from seglabel.job.pipeline import label
 
     out = tmp_path_factory.mktemp(f"out-{task}") / "labels"
     summary = label(str(corpus), str(out), model=str(checkpoint), score_threshold=0.3, **settings)
@@ -518,7 +518,7 @@ def synthetic_output(root: Path, rows: int, template: str) -> str:
     """An output with many small rows (a real job.json, parts written with pyarrow)."""
     import pyarrow.parquet as pq
 
-    from seglabel.sink import SCHEMA
+    from seglabel.outputs.store import SCHEMA
 
     (root / "metadata").mkdir(parents=True)
     shutil.copy(Path(template) / "job.json", root / "job.json")
@@ -738,7 +738,7 @@ def test_outputs_without_review_scores_export_inspect_and_resume(instance_out, c
                                                                  tmp_path, capsys):
     """An output written before the column existed: exports, preview and inspect read it (no
     score, no failure); a resumed run adds rows with scores; the review order puts those first."""
-    from seglabel.pipeline import label
+    from seglabel.job.pipeline import label
 
     old = tmp_path / "old"
     shutil.copytree(instance_out, old)

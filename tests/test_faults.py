@@ -27,7 +27,7 @@ from faultproxy import FaultProxy
 from helpers import drawn, encode, huge_png, oriented
 from outputs import check_output, read_rows
 from seglabel.cli import main
-from seglabel.pipeline import label
+from seglabel.job.pipeline import label
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -188,7 +188,7 @@ def test_a_url_checkpoint_replaced_at_its_url_is_not_mixed_in(checkpoints, s3_bu
     import boto3
     from safetensors.torch import load_file, save_file
 
-    from seglabel.checkpoint import CheckpointError, fetch_checkpoint
+    from seglabel.engine.checkpoint import CheckpointError, fetch_checkpoint
 
     client = boto3.client("s3")
     url = f"s3://{s3_bucket}/ckpt-semantic"
@@ -279,7 +279,7 @@ def test_an_image_that_kills_its_worker_is_given_up_after_three_tries(checkpoint
     """A stand-in Segmenter that SIGKILLs its own process on one image (as an OOM kill does):
     Ray would retry that batch forever. The image gets an error row after MAX_ATTEMPTS deaths,
     and the other images of its batch are labeled."""
-    from seglabel.ledger import MAX_ATTEMPTS
+    from seglabel.job.ledger import MAX_ATTEMPTS
 
     root = tmp_path / "in"
     expected = many_images(root, 7)
@@ -302,8 +302,8 @@ def test_the_ledger_actor_process_loads_no_pipeline(ray_session):
     shared libraries it maps; numpy and pyarrow come with Ray's own serialization)."""
     import ray
 
-    from seglabel import pipeline
-    from seglabel.ledger import AttemptLedger
+    from seglabel.job import pipeline
+    from seglabel.job.ledger import AttemptLedger
 
     assert pipeline.AttemptLedger is AttemptLedger and AttemptLedger.__module__ == "seglabel.ledger"
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
@@ -324,8 +324,8 @@ def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
     """The ledger's count, with a death simulated as an exception that skips the stage's end."""
     import ray
 
-    from seglabel.ledger import MAX_ATTEMPTS, AttemptLedger
-    from seglabel.stages import bounded
+    from seglabel.job.ledger import MAX_ATTEMPTS, AttemptLedger
+    from seglabel.job.stages import bounded
 
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     indices = np.array([10, 11, 12, 13])
@@ -358,8 +358,8 @@ def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session
     innocent one in the other call."""
     import ray
 
-    from seglabel.ledger import AttemptLedger
-    from seglabel.stages import bounded
+    from seglabel.job.ledger import AttemptLedger
+    from seglabel.job.stages import bounded
 
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     batches = [np.array([20, 21, 22]), np.array([30, 31, 32])]
@@ -396,9 +396,9 @@ def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints
     """The ledger holds work in flight only: after a batch, the Segmenter stage ended it."""
     import ray
 
-    from seglabel.config import EngineConfig
-    from seglabel.ledger import AttemptLedger
-    from seglabel.stages import SegmentStage
+    from seglabel.core.config import EngineConfig
+    from seglabel.job.ledger import AttemptLedger
+    from seglabel.job.stages import SegmentStage
 
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     engine = EngineConfig(model=str(checkpoints["instance"]), stand_in="segments=2")
@@ -418,9 +418,9 @@ def test_the_segment_stage_runs_two_batches_at_once_and_loses_nothing(ray_sessio
     rows in order; an image the model refuses is an error row, and its batch-mates are labeled."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from seglabel.config import EngineConfig
-    from seglabel.encode import RawPrediction
-    from seglabel.stages import SegmentStage
+    from seglabel.core.config import EngineConfig
+    from seglabel.core.results import RawPrediction
+    from seglabel.job.stages import SegmentStage
 
     stage = SegmentStage(EngineConfig(model=str(checkpoints["instance"]), score_threshold=0.3))
     rng = np.random.default_rng(3)
@@ -449,10 +449,10 @@ def test_the_segment_stage_runs_two_batches_at_once_and_loses_nothing(ray_sessio
 
 
 def test_segmenter_actor_killed_mid_run_is_replaced(checkpoints, tmp_path, monkeypatch):
-    import seglabel.pipeline
+    import seglabel.job.pipeline
 
     # Blocks of a few rows, so that 60 images make enough of them for a kill to land mid-run.
-    monkeypatch.setattr(seglabel.pipeline, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(seglabel.job.pipeline, "BLOCK_ROWS", 4)
     root = tmp_path / "in"
     expected = many_images(root, 60)
     out = tmp_path / "out"
@@ -469,9 +469,9 @@ def test_worker_node_lost_from_cluster(checkpoints, tmp_path, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
-    import seglabel.pipeline
+    import seglabel.job.pipeline
 
-    monkeypatch.setattr(seglabel.pipeline, "BLOCK_ROWS", 4)  # enough blocks for two Segmenters
+    monkeypatch.setattr(seglabel.job.pipeline, "BLOCK_ROWS", 4)  # enough blocks for two Segmenters
 
     root = tmp_path / "in"
     expected = many_images(root, 60)

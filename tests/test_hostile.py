@@ -15,7 +15,7 @@ from PIL import Image
 from helpers import drawn, encode
 from outputs import check_output, read_rows
 from seglabel.cli import main
-from seglabel.pipeline import label
+from seglabel.job.pipeline import label
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 MAX_BYTES = 4000
@@ -217,7 +217,7 @@ def test_resuming_from_another_input_is_refused(checkpoints, tmp_path, capsys):
 
 
 def test_storage_options_go_to_the_inputs_host_only():
-    from seglabel.fetch import options_for
+    from seglabel.storage.read import options_for
 
     secret = {"headers": {"Authorization": "Bearer t"}}
     base = "https://images.example.com/list.txt"
@@ -232,7 +232,7 @@ def test_max_bytes_stops_reading_an_http_body_that_never_ends():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from seglabel.fetch import fetch
+    from seglabel.storage.read import fetch
 
     small = encode(drawn(20, 10, 1), "PNG")
 
@@ -266,7 +266,7 @@ def test_max_bytes_stops_reading_an_http_body_that_never_ends():
 
 
 def test_redact_url_hides_passwords_and_signatures_only():
-    from seglabel.errors import redact, redact_url
+    from seglabel.core.errors import redact, redact_url
 
     assert redact_url("https://u:pw@h.example/a.jpg?X-Amz-Signature=s1&w=2&X-Amz-Credential=c#f") == (
         "https://REDACTED@h.example/a.jpg?X-Amz-Signature=REDACTED&w=2&X-Amz-Credential=REDACTED#f"
@@ -285,7 +285,7 @@ def test_redact_url_hides_passwords_and_signatures_only():
 
 
 def test_log_records_and_their_tracebacks_are_redacted(caplog):
-    from seglabel.errors import get_logger
+    from seglabel.core.errors import get_logger
 
     log = get_logger("seglabel.test_redaction")
     caplog.set_level("DEBUG", logger="seglabel.test_redaction")

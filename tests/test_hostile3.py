@@ -17,9 +17,9 @@ import pytest
 from helpers import drawn, encode
 from outputs import read_rows
 from seglabel.cli import main
-from seglabel.config import ConfigError
-from seglabel.pipeline import label
-from seglabel.sink import OutputError
+from seglabel.core.config import ConfigError
+from seglabel.job.pipeline import label
+from seglabel.outputs.store import OutputError
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -176,7 +176,7 @@ def test_inspect_skips_a_killed_runs_temporaries(checkpoints, tmp_path, capsys):
 
 def hand_made_output(root, rows: list[dict], id2label: dict[str, str]):
     """An output written with pyarrow alone: job.json and one part of contract rows."""
-    from seglabel.sink import SCHEMA
+    from seglabel.outputs.store import SCHEMA
 
     (root / "metadata").mkdir(parents=True)
     (root / "job.json").write_text(json.dumps({"task": "instance", "id2label": id2label, "model": "m"}))
@@ -203,7 +203,7 @@ def test_label_studio_local_files_urls_carry_the_whole_key(tmp_path):
     left the rest unencoded: "sp ace#frag?q=1.png" reached Label Studio as "in1/sp ace"."""
     from urllib.parse import parse_qs, urlsplit
 
-    from seglabel.export import export
+    from seglabel.formats.export import export
 
     keys = ["in1/sp ace#frag?q=1.png", "a&b+c=d.png", "plain.png"]
     out = hand_made_output(tmp_path / "out", [ok_row(k, f"file:///data/{k}") for k in keys], {"0": "x"})
@@ -219,7 +219,7 @@ def test_label_studio_local_files_urls_carry_the_whole_key(tmp_path):
 
 def test_label_names_with_commas_can_be_chosen(tmp_path, capsys):
     """"gown, evening" cannot be named in a comma-separated list: a quoted form, as in CSV."""
-    from seglabel.config import JobConfig
+    from seglabel.core.config import JobConfig
 
     config = JobConfig.from_mapping({"input": "i", "output": "o", "labels": '"gown, evening", person',
                                      "thing_labels": ["gown, evening"]})
@@ -263,7 +263,7 @@ def test_a_second_run_on_a_live_output_refuses_and_touches_nothing(checkpoints, 
     first, and leaves its files be; the first labels every image once."""
     import threading
 
-    from seglabel.lease import LEASE_FILE, OutputBusy
+    from seglabel.job.lease import LEASE_FILE, OutputBusy
 
     images = photos(tmp_path / "photos", 40)
     out = tmp_path / "labels"
@@ -289,8 +289,8 @@ def test_a_second_run_on_a_live_output_refuses_and_touches_nothing(checkpoints, 
 def test_a_killed_runs_lease_expires_and_a_live_one_is_renewed(checkpoints, tmp_path, monkeypatch):
     from datetime import datetime, timedelta, timezone
 
-    from seglabel import lease as leases
-    from seglabel.sink import OutputStore
+    from seglabel.job import lease as leases
+    from seglabel.outputs.store import OutputStore
 
     images = photos(tmp_path / "photos")
     out = tmp_path / "labels"
@@ -337,7 +337,7 @@ def test_input_headers_reach_the_inputs_host_only_across_redirects(tmp_path):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from seglabel.fetch import read_bytes
+    from seglabel.storage.read import read_bytes
 
     seen: dict[str, list] = {"input": [], "other": []}
     png = encode(drawn(8, 6, 1), "PNG")
@@ -409,7 +409,7 @@ def test_readers_skip_the_repeated_key_pass_on_parts_a_run_checked(checkpoints, 
     """The end of a run checks its parts for repeated keys and remembers which; a reader then
     reads each part once, not a second time for the keys. A part committed since (here one
     repeating a key, as two runs at once once wrote) is checked again, and the key counts once."""
-    from seglabel.sink import SCHEMA, OutputStore
+    from seglabel.outputs.store import SCHEMA, OutputStore
 
     images = photos(tmp_path / "photos", 4)
     out = tmp_path / "labels"
@@ -435,8 +435,8 @@ def test_readers_skip_the_repeated_key_pass_on_parts_a_run_checked(checkpoints, 
 def test_a_lease_lost_to_another_run_stops_the_commit(tmp_path, monkeypatch):
     """A run that stalled past its expiry (or wrote at the instant another did) finds another
     run's lease at its next renewal: it never writes the lease back, and commits nothing more."""
-    from seglabel import lease as leases
-    from seglabel.sink import OutputStore
+    from seglabel.job import lease as leases
+    from seglabel.outputs.store import OutputStore
 
     monkeypatch.setattr(leases, "RENEW_EVERY_S", 0.05)
     store = OutputStore(str(tmp_path / "out"))
@@ -460,8 +460,8 @@ def test_a_lease_from_the_future_or_another_pid_space_is_judged_right(tmp_path, 
     import socket
     from datetime import timedelta
 
-    from seglabel import lease as leases
-    from seglabel.sink import OutputStore
+    from seglabel.job import lease as leases
+    from seglabel.outputs.store import OutputStore
 
     store = OutputStore(str(tmp_path / "out"))
     path = tmp_path / "out" / leases.LEASE_FILE
@@ -505,9 +505,9 @@ def test_an_output_stays_seglabels_through_a_failed_overwrite(checkpoints, tmp_p
     part = sorted((out / "metadata").glob("part-*.parquet"))[0]
     part.write_bytes(part.read_bytes()[:100])
     # The overwrite's own step, as a run that then fails (Ray unreachable, say) leaves it.
-    from seglabel.config import JobConfig
-    from seglabel.plan import Model, absolute_paths, prepare_output
-    from seglabel.sink import OutputStore
+    from seglabel.core.config import JobConfig
+    from seglabel.job.plan import Model, absolute_paths, prepare_output
+    from seglabel.outputs.store import OutputStore
 
     settings = {"input": str(images), "output": str(out), "overwrite": True,
                 "model": str(checkpoints["instance"]), "stand_in": "segments=2"}
@@ -523,7 +523,7 @@ def test_an_output_stays_seglabels_through_a_failed_overwrite(checkpoints, tmp_p
 def test_a_local_file_that_grew_after_it_was_measured_is_read_whole_or_refused(tmp_path, monkeypatch):
     """A local read asks for the file's measured size plus one byte; a file that grew since
     (here: its size misreported) is read again, still bounded by --max-bytes."""
-    from seglabel import fetch
+    from seglabel.storage import read as fetch
 
     path = tmp_path / "grown.bin"
     path.write_bytes(bytes(range(100)))

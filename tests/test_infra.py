@@ -497,7 +497,7 @@ def test_rayjob_runs_the_spec_from_its_configmap():
     values = yaml.safe_load(configmap["data"][str(config_path.relative_to(mount["mountPath"]))])
 
     # It is a real seglabel job spec: every key a known setting, values valid.
-    from seglabel.config import JobConfig
+    from seglabel.core.config import JobConfig
 
     config = JobConfig.from_mapping(values)
     assert config.input_storage_options == {} and config.output_storage_options == {}, (

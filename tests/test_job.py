@@ -17,7 +17,7 @@ from helpers import EXPECTED, corpus_files, drawn, write_corpus
 from outputs import check_output, read_png, read_rows
 from seglabel.cli import main
 from seglabel.cli.common import job_config
-from seglabel.pipeline import label
+from seglabel.job.pipeline import label
 
 TASKS = ("instance", "semantic", "panoptic")
 pytestmark = pytest.mark.usefixtures("ray_session")

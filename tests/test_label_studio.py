@@ -12,7 +12,7 @@ import pytest
 from skimage import data
 
 from helpers import label_studio, photo_job
-from seglabel.export import export
+from seglabel.formats.export import export
 
 
 @pytest.fixture(scope="module")

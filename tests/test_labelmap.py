@@ -20,9 +20,9 @@ from skimage import data
 from helpers import tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
-from seglabel.evaluate import evaluate
-from seglabel.export import export
-from seglabel.labelmap import LabelMapError, LabelSpace, read_label_map
+from seglabel.evaluation.evaluate import evaluate
+from seglabel.formats.export import export
+from seglabel.outputs.labelmap import LabelMapError, LabelSpace, read_label_map
 from seglabel.preview import preview
 
 LABELS = {i: f"label{i}" for i in range(5)}
@@ -55,7 +55,7 @@ def label_map(tmp_path_factory) -> str:
 
 
 def job(tmp_path_factory, corpus, checkpoint, name, **settings) -> str:
-    from seglabel.pipeline import label
+    from seglabel.job.pipeline import label
 
     out = tmp_path_factory.mktemp(f"map-{name}") / "labels"
     summary = label(str(corpus), str(out), model=str(checkpoint), **settings)

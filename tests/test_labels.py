@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seglabel.labels import LABEL_SETS, match_label_set, thing_ids
+from seglabel.core.labels import LABEL_SETS, match_label_set, thing_ids
 
 
 def id2label_of(key: str) -> dict[int, str]:

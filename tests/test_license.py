@@ -8,8 +8,15 @@ import time
 import fsspec
 import pytest
 
-from seglabel.config import ConfigError, JobConfig
-from seglabel.license import MAX_CARD_BYTES, UNKNOWN, License, card_license, check_allowed, checkpoint_license
+from seglabel.core.config import ConfigError, JobConfig
+from seglabel.engine.card import (
+    MAX_CARD_BYTES,
+    UNKNOWN,
+    License,
+    card_license,
+    check_allowed,
+    checkpoint_license,
+)
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ from skimage import data, filters
 
 from helpers import photo_job, tool_python
 from outputs import read_rows
-from seglabel.export import ExportError, export
-from seglabel.polygons import MIN_IOU, coco_polygons, outline
+from seglabel.formats.export import ExportError, export
+from seglabel.formats.polygons import MIN_IOU, coco_polygons, outline
 
 
 def drawn_back(polygons, height: int, width: int) -> np.ndarray:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Mask2FormerImageProcessorPil
 
-from seglabel.encode import PackedMasks
-from seglabel.postprocess import Postprocessor, PostprocessSpec, bilinear_rows, pack_rows, row_extents
+from seglabel.core.results import PackedMasks
+from seglabel.engine.postprocess import Postprocessor, PostprocessSpec, bilinear_rows, pack_rows, row_extents
 
 NUM_LABELS = 6
 SIZES = [(120, 180), (37, 200), (1, 40), (300, 7)]
@@ -326,7 +326,7 @@ def test_cuda_eomt_post_processing_and_segmenter(task, eomt_checkpoints):
     from transformers.image_transforms import get_size_with_aspect_ratio
 
     from seglabel import Segmenter
-    from seglabel.preprocess import Layout
+    from seglabel.engine.preprocess import Layout
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

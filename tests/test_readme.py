@@ -41,8 +41,8 @@ from skimage import data
 
 from helpers import ROOT, drawn, encode, ray_head, write_token
 from outputs import read_rows
-from seglabel.labels import LABEL_SETS
-from seglabel.synthetic import save_random_checkpoint
+from seglabel.core.labels import LABEL_SETS
+from seglabel.engine.synthetic import save_random_checkpoint
 
 README = ROOT / "README.md"
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from seglabel.postprocess import Postprocessor, PostprocessSpec
-from seglabel.review import BAND, GRID, combine
+from seglabel.core.review import BAND, GRID, combine
+from seglabel.engine.postprocess import Postprocessor, PostprocessSpec
 
 SIZE = 32
 LABELS = 3

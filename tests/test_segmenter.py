@@ -17,10 +17,10 @@ from pycocotools import mask as mask_utils
 from skimage import data
 
 from seglabel import Segmenter
-from seglabel.checkpoint import CheckpointError, detect_task
-from seglabel.config import ConfigError, Resolution
-from seglabel.labels import LABEL_SETS
-from seglabel.synthetic import save_random_checkpoint
+from seglabel.core.config import ConfigError, Resolution
+from seglabel.core.labels import LABEL_SETS
+from seglabel.engine.checkpoint import CheckpointError, detect_task
+from seglabel.engine.synthetic import save_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("instance", "semantic", "panoptic")
@@ -189,7 +189,7 @@ def test_resolution_override_matches_hf_sizes(checkpoints):
 def test_preprocessing_matches_hf_pixels(segmenters):
     from transformers import Mask2FormerImageProcessorPil
 
-    from seglabel.preprocess import preprocess, to_device
+    from seglabel.engine.preprocess import preprocess, to_device
 
     seg = segmenters["semantic"]
     processor = Mask2FormerImageProcessorPil.from_pretrained(seg.config.model)
@@ -246,7 +246,7 @@ def test_task_detection_and_errors(checkpoints, tmp_path):
     with pytest.raises(ConfigError, match="--task"):
         Segmenter(str(plain))
     assert Segmenter(str(plain), task="semantic").task == "semantic"
-    from seglabel.checkpoint import CheckpointError
+    from seglabel.engine.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="no checkpoint"):
         Segmenter(str(tmp_path / "missing-instance"))

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from seglabel.encode import RawPrediction
-from seglabel.errors import SeglabelError
-from seglabel.keys import HashSet, HashSpool, SortedHashes, hash64, key_hashes, repeated
-from seglabel.sink import SCHEMA, OutputError, OutputStore
-from seglabel.storage import absolute_local, is_temporary, open_atomic, write_atomic
+from seglabel.core.errors import SeglabelError
+from seglabel.core.keys import HashSet, HashSpool, SortedHashes, hash64, key_hashes, repeated
+from seglabel.core.results import RawPrediction
+from seglabel.outputs.store import SCHEMA, OutputError, OutputStore
+from seglabel.storage.filesystem import absolute_local, is_temporary, open_atomic, write_atomic
 
 
 def rows(*specs: tuple[str, str, str | None]) -> pa.Table:
@@ -73,7 +73,7 @@ def test_batches_are_bounded_and_cover_every_row(store):
 
 
 def test_job_files_and_inspect(store):
-    from seglabel.record import inspect_output
+    from seglabel.outputs.record import inspect_output
 
     assert store.read_json("job.json") is None
     store.write_json("job.json", {"task": "instance", "model": "m", "input": "/in"})
@@ -188,7 +188,7 @@ def test_counts_let_the_later_row_of_a_repeated_key_win(store):
 def test_an_export_shows_a_repeated_key_once_with_its_later_row(tmp_path):
     """Two rows of one key (a part replaced while another run wrote): the COCO export and the
     preview's reader list the image once, with the later row's size."""
-    from seglabel.export import export
+    from seglabel.formats.export import export
 
     store = OutputStore(str(tmp_path / "out"))
     store.write_json("job.json", {"task": "instance", "id2label": {"0": "thing"}, "model": "m"})
@@ -228,7 +228,7 @@ def encoder_block(raw: RawPrediction, key: str = "k.jpg", index: int = 0, error:
 
 
 def encode_batch(tmp_path, raw: RawPrediction):
-    from seglabel.stages import EncodeStage
+    from seglabel.job.stages import EncodeStage
 
     store = OutputStore(str(tmp_path / "out"))
     block = encoder_block(raw)
@@ -242,8 +242,8 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     from ray.data.block import BlockAccessor
 
     from outputs import id_map, read_png
-    from seglabel.encode import column_cells
-    from seglabel.stages import EncodeStage
+    from seglabel.core.results import column_cells
+    from seglabel.job.stages import EncodeStage
 
     def instance(seed: int) -> RawPrediction:
         rng = np.random.default_rng(seed)
@@ -305,7 +305,7 @@ def test_the_segment_stage_writes_its_predictions_into_one_buffer(monkeypatch, l
     """The predictions column is one Arrow buffer, each value written once at a multiple of 64
     bytes (its arrays aligned in the block); a failed row's value is empty; past int32 offsets
     it is large_binary; every value loads back to its prediction."""
-    from seglabel import encode
+    from seglabel.core import results as encode
 
     if large:
         monkeypatch.setattr(encode, "BINARY_MAX_BYTES", 100)
@@ -333,7 +333,7 @@ def test_the_segment_stage_writes_its_predictions_into_one_buffer(monkeypatch, l
 
 def test_an_unreadable_prediction_is_an_encode_error_row(tmp_path):
     """A prediction cell that does not load (cut short, say) fails its row, not the block."""
-    from seglabel.stages import EncodeStage
+    from seglabel.job.stages import EncodeStage
 
     ids = np.zeros(0, np.int32)
     good = RawPrediction(np.zeros((3, 4), np.uint16), ids, ids, np.zeros(0, np.float32), None)

@@ -11,9 +11,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from seglabel import sources
-from seglabel.keys import is_safe_key
-from seglabel.sources import (
+from seglabel.core.keys import is_safe_key
+from seglabel.inputs import listing as sources
+from seglabel.inputs.listing import (
     DEFAULT_EXTENSIONS,
     ImageRef,
     SourceError,
@@ -233,7 +233,7 @@ def test_s3_listing(s3_bucket, monkeypatch, caplog):
         return await real_call(self, method, *args, **kwargs)
 
     monkeypatch.setattr(S3FileSystem, "_call_s3", spy_call)
-    with caplog.at_level("WARNING", logger="seglabel.sources"):
+    with caplog.at_level("WARNING", logger="seglabel.inputs.listing"):
         refs = list(iter_listing(f"s3://{s3_bucket}/pre"))
     # "pre//x.jpg" cannot be listed through fsspec: said, not looped on, not silently lost.
     assert any("empty path segment" in r.getMessage() for r in caplog.records)
@@ -414,7 +414,7 @@ def test_s3_flat_prefix_is_streamed_page_by_page(s3_bucket, monkeypatch):
 
 
 def test_a_malformed_manifest_line_is_an_error_row_not_a_stopped_job(tmp_path):
-    from seglabel.sources import iter_manifest
+    from seglabel.inputs.listing import iter_manifest
 
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"http://[/x.jpg\n{tmp_path}/a.jpg\n")

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from seglabel.config import EngineConfig, StandIn
-from seglabel.encode import build_segments, encode_png
-from seglabel.labels import thing_ids
-from seglabel.standin import StandInSegmenter
+from seglabel.core.config import EngineConfig, StandIn
+from seglabel.core.labels import thing_ids
+from seglabel.core.results import build_segments, encode_png
+from seglabel.engine.standin import StandInSegmenter
 
 
 @pytest.mark.parametrize("task", ["instance", "semantic", "panoptic"])
@@ -61,7 +61,7 @@ def test_stand_in_spec_round_trips():
 def test_packed_masks_give_the_same_rles_as_the_full_array():
     """What the Segmenter ships (boxes and bits) decodes to exactly the masks, and pycocotools
     gives the same RLEs from both: empty, full, one-pixel and ragged masks included."""
-    from seglabel.encode import PackedMasks, encode_rle
+    from seglabel.core.results import PackedMasks, encode_rle
 
     rng = np.random.default_rng(0)
     masks = rng.random((7, 37, 53)) > 0.7
@@ -93,7 +93,7 @@ def test_an_encode_task_needs_no_torch(checkpoints, tmp_path):
     (raw,) = StandInSegmenter(engine).predict_raw([np.zeros((30, 40, 3), np.uint8)])
     (tmp_path / "raw.pickle").write_bytes(raw.dumps())
     code = (
-        "import sys; import seglabel.pipeline; from seglabel import encode; "
+        "import sys; import seglabel.job.pipeline; from seglabel.core import results as encode; "
         f"raw = encode.RawPrediction.loads(open({str(tmp_path / 'raw.pickle')!r}, 'rb').read()); "
         "segments = encode.build_segments(raw, 'instance', {0: 'a', 1: 'b'}, None); "
         "encode.encode_png(raw.id_map, 'instance'); print(len(segments), 'torch' in sys.modules)"
@@ -127,7 +127,7 @@ def test_a_dumped_prediction_loads_as_views_of_its_buffer(masks):
     truncated value or some other pickle is refused."""
     import pickle
 
-    from seglabel.encode import PackedMasks, RawPrediction
+    from seglabel.core.results import PackedMasks, RawPrediction
 
     rng = np.random.default_rng(1)
     bits = rng.random((3, 17, 29)) > 0.6

@@ -14,7 +14,7 @@ import yaml
 from helpers import EXPECTED, ROOT, drawn, write_corpus
 from outputs import check_output
 from seglabel.cli import main
-from seglabel.config import JobConfig
+from seglabel.core.config import JobConfig
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +68,7 @@ def test_submit_no_wait_with_working_dir_then_status_and_logs(address, checkpoin
     )
     submission_id = capsys.readouterr().out.strip().splitlines()[-1]
     assert wait_status(address, submission_id, capsys) == "SUCCEEDED"
-    from seglabel.submit import client
+    from seglabel.job.submit import client
 
     info = client(address).get_job_info(submission_id)
     assert info.entrypoint.startswith("python jobs/run_job.py")  # the shipped checkout's script ran
@@ -174,7 +174,7 @@ def test_a_wrong_token_is_refused_in_one_line(address, tmp_path, monkeypatch, ca
 
 @pytest.mark.parametrize("where", ["home", "env"])
 def test_token_from_home_or_environment(head, tmp_path, monkeypatch, where):
-    from seglabel.submit import client, find_token
+    from seglabel.job.submit import client, find_token
 
     address, home = head.dashboard, head.home
     token = (home / ".ray" / "auth_token").read_text().strip()
@@ -242,7 +242,7 @@ def test_submit_finds_nested_secrets_and_names_them_without_their_values(flags, 
 
 def test_key_ids_are_not_secrets_but_bearer_values_are(capsys):
     argv = ["submit", "--address", "http://127.0.0.1:9", "--input", "s3://b/in", "--output", "s3://b/out"]
-    from seglabel.submit import check_no_secrets
+    from seglabel.job.submit import check_no_secrets
 
     check_no_secrets({"output_storage_options": {"s3_additional_kwargs": {"SSEKMSKeyId": "alias/labels"}}})
     assert main(argv + ["--input-option", "headers={X-Auth: Bearer SECRETVALUE}"]) == 2
@@ -271,8 +271,11 @@ def test_harmless_pip_requirements_and_shared_options_are_sent(tmp_path):
     """Only a requirement's URLs are checked ("tiktoken==0.7.0" holds "token="; git+ssh's "git@"
     is a user, not a secret), and one options dict given for input and output travels without
     YAML aliases, which the cluster's spec reader would have to expand."""
-    from seglabel.config import load_spec
-    from seglabel.submit import _NoAliases, _url_credentials  # private: the two halves of what submit sends
+    from seglabel.core.config import load_spec
+    from seglabel.job.submit import (  # private: the two halves of what submit sends
+        _NoAliases,
+        _url_credentials,
+    )
 
     for requirement in ("tiktoken==0.7.0", "git+ssh://git@github.com/org/pkg.git", "https://h/pkg.whl"):
         assert list(_url_credentials(requirement, "pip[0]")) == []
@@ -292,7 +295,7 @@ def test_credential_files_are_never_packed_into_a_working_dir(tmp_path):
 
     from ray._private.runtime_env.packaging import create_package
 
-    from seglabel.submit import WORKING_DIR_EXCLUDES
+    from seglabel.job.submit import WORKING_DIR_EXCLUDES
 
     wd = tmp_path / "checkout"
     secret = [".env", ".env.production", ".aws/credentials", "service-account.json", "deploy/key.pem",

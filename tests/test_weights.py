@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from seglabel.checkpoint import CheckpointError, inspect_checkpoint, load_checkpoint
 from seglabel.cli import main
+from seglabel.engine.checkpoint import CheckpointError, inspect_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

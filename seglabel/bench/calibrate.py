@@ -16,13 +16,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..config import ConfigError, EngineConfig
+from ..core.config import ConfigError, EngineConfig
 
 
 def bench_labels(task: str) -> dict[int, str]:
     """A realistic label set per task: COCO's 80 things (instance), COCO panoptic's 133
     (panoptic; stuff is fused), ADE20K's 150 (semantic)."""
-    from ..labels import LABEL_SETS
+    from ..core.labels import LABEL_SETS
 
     table = {"instance": LABEL_SETS["coco-panoptic"][:80], "panoptic": LABEL_SETS["coco-panoptic"],
              "semantic": LABEL_SETS["ade20k"]}[task]
@@ -30,8 +30,8 @@ def bench_labels(task: str) -> dict[int, str]:
 
 
 def _postprocessor(task: str, id2label: Mapping[int, str], engine: EngineConfig, family: str = "mask2former"):
-    from ..labels import thing_ids
-    from ..postprocess import Postprocessor, PostprocessSpec
+    from ..core.labels import thing_ids
+    from ..engine.postprocess import Postprocessor, PostprocessSpec
 
     things = thing_ids(id2label)
     fuse = (
@@ -130,7 +130,7 @@ def calibrate_random_model(
     """
     import torch
 
-    from ..preprocess import PreprocessSpec
+    from ..engine.preprocess import PreprocessSpec
 
     family = getattr(model.config, "model_type", "mask2former")
     eomt = family != "mask2former"
@@ -165,7 +165,7 @@ def _forward_pass(model: Any, spec: Any, images: Sequence[np.ndarray], device: A
     (outputs, original size, input size) for each."""
     import torch
 
-    from ..preprocess import preprocess, to_device
+    from ..engine.preprocess import preprocess, to_device
 
     batches = []
     for image in images:
@@ -314,8 +314,8 @@ def build_checkpoint(
     """A random-weight, confident checkpoint of ``arch`` for ``task`` (its preprocessor resizes
     to ``input_size``), calibrated as ``calibration`` says (:func:`calibrate_random_model`)
     when it names images and a target or a coverage."""
-    from ..checkpoint import processor_class
-    from ..synthetic import (
+    from ..engine.checkpoint import processor_class
+    from ..engine.synthetic import (
         ARCHITECTURES,
         build_random_model,
         eomt_preprocessor_config,

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..config import ConfigError, EngineConfig, load_spec
+from ..core.config import ConfigError, EngineConfig, load_spec
 
 ARCHS = ("tiny", "swin-s", "swin-l", "eomt-tiny", "eomt-s", "eomt-l")
 # The engine settings a bench takes by name (its checkpoint is ``model`` or one built here).
@@ -116,7 +116,7 @@ class BenchConfig:
     @property
     def task(self) -> str:
         """The task: ``--task``, else the one ``--model``'s name ends with, else instance."""
-        from ..checkpoint import detect_task
+        from ..engine.checkpoint import detect_task
 
         if self.model:
             return detect_task(self.model, self.engine.task)

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..config import EngineConfig, Resolution
+from ..core.config import EngineConfig, Resolution
 from .measure import CpuShare, GpuSampler, free, ms_per_image, rate, sync
 
 
@@ -66,7 +66,7 @@ class _HfLoop:
     def __init__(self, engine: EngineConfig, device: Any) -> None:
         import torch
 
-        from ..checkpoint import inspect_checkpoint, model_class, processor_class
+        from ..engine.checkpoint import inspect_checkpoint, model_class, processor_class
 
         kwargs = {"revision": engine.revision} if engine.revision else {}
         family = inspect_checkpoint(engine.model, engine.revision).family
@@ -107,7 +107,7 @@ class _HfPost:
     engine's thresholds; stuff labels fused in panoptic as the Segmenter fuses them."""
 
     def __init__(self, processor: Any, engine: EngineConfig, id2label: dict[int, str], eomt: bool) -> None:
-        from ..labels import thing_ids
+        from ..core.labels import thing_ids
 
         self.processor = processor
         self.task = engine.task

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..config import ConfigError
-from ..errors import get_logger
+from ..core.config import ConfigError
+from ..core.errors import get_logger
 
 log = get_logger(__name__)
 

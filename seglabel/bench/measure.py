@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .. import __version__
+from ..core.version import __version__
 
 # How often GPU utilisation is sampled.
 GPU_SAMPLE_S = 0.1

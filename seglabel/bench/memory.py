@@ -50,10 +50,10 @@ def make_corpus(root: Path, entries: int) -> dict[str, str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..config import EngineConfig, JobConfig
-    from ..license import License
-    from ..record import JobRecord
-    from ..sink import SCHEMA, OutputStore
+    from ..core.config import EngineConfig, JobConfig
+    from ..engine.card import License
+    from ..outputs.record import JobRecord
+    from ..outputs.store import SCHEMA, OutputStore
 
     manifest, output, checkpoint = root / "manifest.parquet", root / "out", root / CHECKPOINT
     checkpoint.mkdir(parents=True)
@@ -121,10 +121,10 @@ def child(kind: str, paths: dict[str, str], entries: int) -> dict[str, Any]:
 
     import numpy as np
 
-    from ..keys import Bits, SortedHashes
-    from ..plan import Tally, new_refs
-    from ..sink import OutputStore
-    from ..sources import iter_manifest
+    from ..core.keys import Bits, SortedHashes
+    from ..inputs.listing import iter_manifest
+    from ..job.plan import Tally, new_refs
+    from ..outputs.store import OutputStore
 
     store = OutputStore(paths["output"])
     gc.collect()
@@ -241,7 +241,7 @@ def memory_report(entries: int = 1_200_000, workdir: str | None = None) -> dict[
         small, large = runs[name][sizes[0]], runs[name][sizes[1]]
         report["measures"][name] = {"what": what, "runs": {str(n): runs[name][n] for n in sizes},
                                     **_slope(small, large, *sizes)}
-    from ..commit import PART_MAX_BYTES
+    from ..job.commit import PART_MAX_BYTES
 
     report["part_buffer"] = {"rows": ROWS_PER_PART, "max_bytes": PART_MAX_BYTES}
     return report

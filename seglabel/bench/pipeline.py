@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..config import EngineConfig
-from ..errors import get_logger
+from ..core.config import EngineConfig
+from ..core.errors import get_logger
 from .images import PNG_EVERY, write_images
 from .measure import GpuSampler, rate, torch_device
 
@@ -32,7 +32,7 @@ def _read_parts(fs: Any, output_root: str) -> dict[str, Any]:
     times the parts appeared (the first part's rows are left out: they carry the start-up)."""
     import pyarrow.compute as pc
 
-    from ..sink import OutputStore
+    from ..outputs.store import OutputStore
 
     store = OutputStore(fs.unstrip_protocol(output_root))
     parts = store.parts()
@@ -71,7 +71,7 @@ def _read_parts(fs: Any, output_root: str) -> dict[str, Any]:
 
 def _decode_cost(paths: Sequence[str], fs: Any, limit: int = 32) -> float | None:
     """Milliseconds per image to read and decode the written files, here on one core."""
-    from ..fetch import fetch
+    from ..storage.read import fetch
 
     chosen = list(paths[:limit])
     if not chosen:
@@ -191,9 +191,9 @@ def _run_jobs(
 ) -> _Jobs:
     """The warm-up job (when ``options.warm_up``), then the timed one, in one Ray: from
     ``root_path``'s input/ to its output/."""
-    from ..cluster import connect
-    from ..config import JobConfig
-    from ..pipeline import run
+    from ..core.config import JobConfig
+    from ..job.cluster import connect
+    from ..job.pipeline import run
 
     if options.warm_up:
         warm = [images[i % len(images)] for i in range(options.warm_up)]

@@ -32,8 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..config import EngineConfig
-from ..errors import get_logger
+from ..core.config import EngineConfig
+from ..core.errors import get_logger
 from .measure import cpu_name, rate
 
 log = get_logger(__name__)
@@ -42,11 +42,11 @@ log = get_logger(__name__)
 def raw_loop(paths: Sequence[str], engine: EngineConfig, workdir: str) -> dict[str, Any]:
     """(r): the pipeline's per-image CPU work on ``paths`` (local files), one image at a time
     on this one thread; CPU seconds per image by stage, and images per second."""
-    from ..encode import build_segments, encode_png
-    from ..fetch import fetch
-    from ..labels import thing_ids
-    from ..sink import OutputStore
-    from ..standin import StandInSegmenter
+    from ..core.labels import thing_ids
+    from ..core.results import build_segments, encode_png
+    from ..engine.standin import StandInSegmenter
+    from ..outputs.store import OutputStore
+    from ..storage.read import fetch
 
     segmenter = StandInSegmenter(engine)
     things = thing_ids(segmenter.id2label, engine.thing_labels)

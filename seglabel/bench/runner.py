@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, EngineConfig
-from ..errors import get_logger
+from ..core.config import ConfigError, EngineConfig
+from ..core.errors import get_logger
 from .calibrate import Calibration, build_checkpoint
 from .config import BenchConfig
 from .hf_loop import run_hf_loop
@@ -133,7 +133,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
 def run_plumbing_bench(config: BenchConfig) -> dict[str, Any]:
     """``--stand-in``: the pipeline without the model (``bench.plumbing``) on the bench's
     images, with a tiny random checkpoint (or ``--model``) naming the task and labels."""
-    from ..synthetic import save_random_checkpoint
+    from ..engine.synthetic import save_random_checkpoint
     from .plumbing import run_plumbing
 
     task = config.task

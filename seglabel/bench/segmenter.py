@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..config import EngineConfig
+from ..core.config import EngineConfig
 from .measure import CpuShare, GpuSampler, free, ms_per_image, rate
 
 
@@ -24,8 +24,8 @@ def run_segmenter(engine: EngineConfig, images: Sequence[np.ndarray], *, warmup:
     ``with_png_images_per_s`` includes the PNG.
     """
 
-    from ..encode import encode_png
-    from ..segment import Segmenter
+    from ..core.results import encode_png
+    from ..engine.segmenter import Segmenter
 
     batch_size = engine.batch_size
     load_started = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DTYPES, TASKS
+from ..core.config import DTYPES, TASKS
 from .common import common
 
 # Flags that are not bench settings.

@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, JobConfig, check_expansion, load_spec
-from ..labelmap import UNMAPPED
-from ..order import ORDERS
+from ..core.config import ConfigError, JobConfig, check_expansion, load_spec
+from ..outputs.labelmap import UNMAPPED
+from ..outputs.order import ORDERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

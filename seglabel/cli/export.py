@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import label_names
-from ..export import FORMATS, MASK_FORMATS, export
-from ..polygons import DEFAULT_TOLERANCE
+from ..core.config import label_names
+from ..formats.export import FORMATS, MASK_FORMATS, export
+from ..formats.polygons import DEFAULT_TOLERANCE
 from .common import common, label_map_flags, order_flag, positive_int, storage_option_flag
 
 

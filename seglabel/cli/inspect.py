@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..record import inspect_output
-from ..sink import OutputStore
+from ..outputs.record import inspect_output
+from ..outputs.store import OutputStore
 from .common import common, key_value
 
 

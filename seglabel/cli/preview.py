@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ..core.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..preview import INDEX_FILE, preview
 from .common import common, key_value, label_map_flags, order_flag, positive_int, storage_option_flag
 

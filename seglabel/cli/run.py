@@ -22,7 +22,7 @@ def add_parsers(sub) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the job the flags (and ``--config``) describe and print its summary."""
-    from ..pipeline import run  # the job's modules (torch, Ray) only when a job runs
+    from ..job.pipeline import run  # the job's modules (torch, Ray) only when a job runs
 
     summary = run(job_config(args))
     print(summary.report())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import submit as jobs
+from ..job import submit as jobs
 from .common import add_job_flags, common, job_values
 
 # Flags of `submit` that are not job settings.

@@ -68,15 +68,15 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from . import __version__
-from .encode import decode_png, encode_png
-from .errors import SeglabelError, get_logger, one_line
-from .labelmap import LabelMapError, LabelSpace, remap_ids
-from .labels import palette_color, resolve_labels
-from .order import ORDERS, rows_in_order
+from ..core.errors import SeglabelError, get_logger, one_line
+from ..core.labels import palette_color, resolve_labels
+from ..core.results import decode_png, encode_png
+from ..core.version import __version__
+from ..outputs.labelmap import LabelMapError, LabelSpace, remap_ids
+from ..outputs.order import ORDERS, rows_in_order
+from ..outputs.record import JobRecord, open_output
+from ..outputs.store import LABEL_COLUMNS, Destination, OutputError, OutputStore, RowCounts, checked_key
 from .polygons import DEFAULT_TOLERANCE, coco_polygons, outline
-from .record import JobRecord, open_output
-from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, RowCounts, checked_key
 
 log = get_logger(__name__)
 

@@ -18,17 +18,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..core.config import ConfigError, EngineConfig, JobConfig, default_dtype
+from ..core.errors import SeglabelError, get_logger, redact_url
+from ..outputs.record import JobRecord
+from ..outputs.store import JOB_FILE, MASKS_DIR, SUCCESS_FILE, OutputStore
 from .cluster import connect
 from .commit import JobError, commit_rows
-from .config import ConfigError, EngineConfig, JobConfig, default_dtype
-from .errors import SeglabelError, get_logger, redact_url
 from .lease import Lease, hold
 from .ledger import AttemptLedger
 from .plan import Model, Work, absolute_paths, check_output, input_refs, plan_work, prepare_output
-from .record import JobRecord
-from .report import Summary, stage_cpu
-from .sink import JOB_FILE, MASKS_DIR, SUCCESS_FILE, OutputStore
 from .stages import SEGMENT_CALLS, STAGES, DecodeStage, EncodeStage, SegmentStage, TodoReader
+from .summary import Summary, stage_cpu
 
 log = get_logger(__name__)
 

@@ -54,14 +54,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.stats import spearmanr
 
-from .config import DEFAULT_MAX_BYTES
-from .encode import decode_png
-from .errors import get_logger, one_line
-from .export import ROW_BATCH, coco_annotation
-from .labelmap import LabelMapError, LabelSpace, remap_ids
-from .record import JobRecord, open_output
-from .sink import LABEL_COLUMNS, Destination, OutputError, OutputStore, checked_key
-from .storage import open_url
+from ..core.config import DEFAULT_MAX_BYTES
+from ..core.errors import get_logger, one_line
+from ..core.results import decode_png
+from ..formats.export import ROW_BATCH, coco_annotation
+from ..outputs.labelmap import LabelMapError, LabelSpace, remap_ids
+from ..outputs.record import JobRecord, open_output
+from ..outputs.store import LABEL_COLUMNS, Destination, OutputError, OutputStore, checked_key
+from ..storage.filesystem import open_url
 from .truth import (
     CocoTruth,
     EvalError,

@@ -32,10 +32,10 @@ import fsspec
 from fsspec.core import split_protocol
 from fsspec.utils import infer_compression
 
-from .config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
-from .errors import SeglabelError, get_logger, is_http, one_line, redact_url
-from .keys import UNSAFE_KEY_ERROR, is_safe_key, printable
-from .storage import is_local, open_url, protocols
+from ..core.config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
+from ..core.errors import SeglabelError, get_logger, is_http, one_line, redact_url
+from ..core.keys import UNSAFE_KEY_ERROR, is_safe_key, printable
+from ..storage.filesystem import is_local, open_url, protocols
 
 logger = get_logger(__name__)
 
@@ -627,7 +627,7 @@ def iter_manifest(
     ``error="key: unsafe"``.
 
     Repeated entries are yielded as they come: the job counts each key once (it de-duplicates
-    the keys it has not labeled yet as 64-bit hashes, ``seglabel.pipeline``), so that nothing
+    the keys it has not labeled yet as 64-bit hashes, ``seglabel.job.pipeline``), so that nothing
     here grows with the manifest.
 
     Raises SourceError (one line) when the manifest is missing, unreadable, of an unknown

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .errors import SeglabelError, one_line
+from ..core.errors import SeglabelError, one_line
 
 AUTH_HINT = (
     "; if the cluster requires a token (Ray 2.60's default), set RAY_AUTH_MODE=token, with the token in "

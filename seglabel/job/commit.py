@@ -15,10 +15,10 @@ from typing import Callable, Iterable
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from .errors import SeglabelError, get_logger
-from .keys import Bits
-from .report import Summary
-from .sink import OutputStore, RowCounts
+from ..core.errors import SeglabelError, get_logger
+from ..core.keys import Bits
+from ..outputs.store import OutputStore, RowCounts
+from .summary import Summary
 
 log = get_logger(__name__)
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.config import Resolution
 from .checkpoint import check_family_settings, eomt_input
-from .config import Resolution
 
 
 @dataclass(frozen=True)

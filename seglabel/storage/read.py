@@ -16,9 +16,9 @@ import fsspec
 import numpy as np
 from fsspec.core import split_protocol
 
-from .decode import DecodeError, decode_image
-from .errors import get_logger, one_line
-from .storage import is_local, with_defaults
+from ..core.errors import get_logger, one_line
+from ..inputs.decode import DecodeError, decode_image
+from .filesystem import is_local, with_defaults
 
 log = get_logger(__name__)
 

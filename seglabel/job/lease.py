@@ -24,8 +24,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from .errors import get_logger
-from .sink import SCRATCH_DIR, OutputError, OutputStore
+from ..core.errors import get_logger
+from ..outputs.store import SCRATCH_DIR, OutputError, OutputStore
 
 log = get_logger(__name__)
 

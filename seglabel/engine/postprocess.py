@@ -40,9 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .encode import PackedMasks, RawPrediction
+from ..core.results import PackedMasks, RawPrediction
+from ..core.review import BAND, GRID, logit, mask_band, review_score, score_doubt, share
 from .preprocess import Layout, host_to_device
-from .review import BAND, GRID, logit, mask_band, review_score, score_doubt, share
 
 # HF's post-processing resizes mask logits to this canvas whatever the model input was.
 HF_CANVAS = (384, 384)

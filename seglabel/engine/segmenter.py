@@ -27,11 +27,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..core.config import ConfigError, EngineConfig, default_dtype
+from ..core.errors import get_logger
+from ..core.labels import resolve_labels, thing_ids
+from ..core.results import Prediction, RawPrediction, build_segments
 from .checkpoint import check_family_settings, detect_task, load_checkpoint
-from .config import ConfigError, EngineConfig, default_dtype
-from .encode import Prediction, RawPrediction, build_segments
-from .errors import get_logger
-from .labels import resolve_labels, thing_ids
 from .postprocess import Postprocessor, PostprocessSpec
 from .preprocess import PreprocessSpec, crop_starts, preprocess, to_device
 

@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from .errors import SeglabelError, get_logger, one_line
-from .fetch import Unreadable, read_bytes
-from .keys import HashSpool, SortedHashes, is_safe_key, key_hashes, repeated
-from .storage import is_local, is_temporary, open_atomic, open_url, write_atomic
+from ..core.errors import SeglabelError, get_logger, one_line
+from ..core.keys import HashSpool, SortedHashes, is_safe_key, key_hashes, repeated
+from ..storage.filesystem import is_local, is_temporary, open_atomic, open_url, write_atomic
+from ..storage.read import Unreadable, read_bytes
 
 log = get_logger(__name__)
 

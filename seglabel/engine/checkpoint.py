@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .config import TASKS, ConfigError
-from .errors import SeglabelError, get_logger
+from ..core.config import TASKS, ConfigError
+from ..core.errors import SeglabelError, get_logger
 
 log = get_logger(__name__)
 
@@ -449,7 +449,7 @@ def _check_class_head(model: str, labels: dict[int, str]) -> None:
     head is missing or has another number of rows than its config has labels (+1 for "no
     object"). Checkpoints with no safetensors file (pickled weights in a local folder) are left
     to the Segmenter's load, which checks every tensor."""
-    from .fetch import Unreadable
+    from ..storage.read import Unreadable
 
     index, _ = _config_file(model, "model.safetensors.index.json", None, False)
     name = "model.safetensors"
@@ -485,7 +485,7 @@ def _safetensors_header(url: str) -> dict:
     local disk only a regular file is read."""
     import json
 
-    from .fetch import regular_target
+    from ..storage.read import regular_target
 
     fs, path, _ = regular_target(url)
     size = int.from_bytes(fs.cat_file(path, start=0, end=8), "little")
@@ -506,7 +506,7 @@ def _config_file(
     ``required`` file the Hub cannot give is one line that says how to run offline."""
     import json
 
-    from .fetch import Unreadable, read_bytes
+    from ..storage.read import Unreadable, read_bytes
 
     commit = None
     if hub:

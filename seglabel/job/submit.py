@@ -28,8 +28,8 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from .config import ConfigError, JobConfig
-from .errors import SIGNED_URL_PARAMS, get_logger, one_line
+from ..core.config import ConfigError, JobConfig
+from ..core.errors import SIGNED_URL_PARAMS, get_logger, one_line
 
 log = get_logger(__name__)
 
@@ -185,8 +185,8 @@ def submit(
                           "index")
     if config.require_license is not None:
         # Checked here too, so that a refused checkpoint never reaches the cluster's queue.
-        from .checkpoint import inspect_checkpoint
-        from .license import check_allowed, checkpoint_license
+        from ..engine.card import check_allowed, checkpoint_license
+        from ..engine.checkpoint import inspect_checkpoint
 
         info = inspect_checkpoint(config.engine.model, config.engine.revision)
         license = checkpoint_license(config.engine.model, info.revision, info.family)

@@ -19,13 +19,13 @@ from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any, Mapping
 
-from . import __version__
-from .config import TASKS, ConfigError, EngineConfig, JobConfig
-from .errors import get_logger, one_line, redact_url, url_identity
-from .labels import thing_ids
-from .license import License
-from .sink import JOB_FILE, SUCCESS_FILE, OutputError, OutputStore
-from .storage import absolute_local, absolute_model
+from ..core.config import TASKS, ConfigError, EngineConfig, JobConfig
+from ..core.errors import get_logger, one_line, redact_url, url_identity
+from ..core.labels import thing_ids
+from ..core.version import __version__
+from ..engine.card import License
+from ..storage.filesystem import absolute_local, absolute_model
+from .store import JOB_FILE, SUCCESS_FILE, OutputError, OutputStore
 
 log = get_logger(__name__)
 

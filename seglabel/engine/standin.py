@@ -23,10 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..core.config import EngineConfig, StandIn
+from ..core.results import PackedMasks, RawPrediction
+from ..core.review import review_score
 from .checkpoint import detect_task, inspect_checkpoint
-from .config import EngineConfig, StandIn
-from .encode import PackedMasks, RawPrediction
-from .review import review_score
 
 # What the made predictions may hold at once (counted as segments × H × W bytes a size: what
 # making one takes, more than a packed prediction keeps).

@@ -36,11 +36,11 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .errors import SeglabelError, get_logger, one_line
-from .fetch import Unreadable, read_bytes
-from .keys import is_safe_key
-from .sources import SourceError, full_uri, iter_listing
-from .storage import open_url
+from ..core.errors import SeglabelError, get_logger, one_line
+from ..core.keys import is_safe_key
+from ..inputs.listing import SourceError, full_uri, iter_listing
+from ..storage.filesystem import open_url
+from ..storage.read import Unreadable, read_bytes
 
 log = get_logger(__name__)
 
@@ -403,7 +403,7 @@ class PngFolder:
         listing walks (regular files and links to them; FIFOs and devices skipped with a
         warning). A name no key can have is skipped with a warning too."""
         # The listing's progress lines are a job's; here they would only precede the report.
-        sources_log = logging.getLogger("seglabel.sources")
+        sources_log = logging.getLogger(iter_listing.__module__)
         level = sources_log.level
         sources_log.setLevel(max(level, logging.WARNING))
         try:

@@ -32,13 +32,13 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .config import EngineConfig
-from .encode import RawPrediction, build_segments, column_cells, encode_png, pack_column
-from .errors import SeglabelError, get_logger, reason, redact_url
-from .fetch import fetch, options_for
-from .keys import is_safe_key
+from ..core.config import EngineConfig
+from ..core.errors import SeglabelError, get_logger, reason, redact_url
+from ..core.keys import is_safe_key
+from ..core.results import RawPrediction, build_segments, column_cells, encode_png, pack_column
+from ..outputs.store import SCHEMA, OutputStore
+from ..storage.read import fetch, options_for
 from .ledger import MAX_ATTEMPTS
-from .sink import SCHEMA, OutputStore
 
 log = get_logger(__name__)
 
@@ -268,13 +268,13 @@ def load_segmenter(engine: EngineConfig, cpu_threads: int = 1) -> Any:
     the plumbing bench reports apart).
     """
     if engine.stand_in is not None:
-        from .standin import StandInSegmenter
+        from ..engine.standin import StandInSegmenter
 
         return StandInSegmenter(engine)
     import torch
     from transformers.utils import logging as hf_logging
 
-    from .segment import Segmenter
+    from ..engine.segmenter import Segmenter
 
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, cpu_threads))

@@ -31,12 +31,12 @@ import numpy as np
 import yaml
 from pycocotools import mask as mask_utils
 
-from .config import ConfigError, check_expansion
-from .errors import SeglabelError, get_logger, one_line, redact_url
-from .fetch import options_for, read_bytes
+from ..core.config import ConfigError, check_expansion
+from ..core.errors import SeglabelError, get_logger, one_line, redact_url
+from ..inputs.listing import full_uri
+from ..storage.filesystem import open_url
+from ..storage.read import options_for, read_bytes
 from .record import JobRecord
-from .sources import full_uri
-from .storage import open_url
 
 log = get_logger(__name__)
 

@@ -37,8 +37,8 @@ from typing import Iterator
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from .config import DEFAULT_MAX_PIXELS
-from .errors import SeglabelError, get_logger
+from ..core.config import DEFAULT_MAX_PIXELS
+from ..core.errors import SeglabelError, get_logger
 
 logger = get_logger(__name__)
 
