@@ -29,9 +29,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from .core.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ConfigError
-from .core.errors import get_logger
+from .core.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from .core.errors import ConfigError
 from .core.labels import palette_color
+from .core.redaction import get_logger
 from .outputs.labelmap import LabelSpace
 from .outputs.order import ORDERS, rows_in_order
 from .outputs.record import JobRecord, open_output

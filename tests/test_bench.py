@@ -14,7 +14,8 @@ import yaml
 from helpers import ROOT
 from seglabel.bench import BenchConfig, bench_images, memory_report, parse_size, report, run_bench
 from seglabel.cli import main
-from seglabel.core.config import ConfigError, EngineConfig
+from seglabel.core.config import EngineConfig
+from seglabel.core.errors import ConfigError
 
 TASKS = ("instance", "semantic", "panoptic")
 

@@ -14,7 +14,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from helpers import encode, huge_png, oriented
-from seglabel.inputs.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, image_size
+from seglabel.core.errors import DecodeError
+from seglabel.inputs.decode import DEFAULT_MAX_PIXELS, decode_image, image_size
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

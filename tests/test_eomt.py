@@ -21,8 +21,7 @@ from transformers import EomtImageProcessorPil
 from transformers.image_transforms import get_size_with_aspect_ratio
 
 from seglabel import Segmenter
-from seglabel.core.config import ConfigError
-from seglabel.engine.checkpoint import CheckpointError
+from seglabel.core.errors import CheckpointError, ConfigError
 from seglabel.engine.postprocess import Postprocessor, PostprocessSpec
 from seglabel.engine.preprocess import Layout
 from seglabel.engine.synthetic import save_random_checkpoint
@@ -322,7 +321,6 @@ def test_other_architectures_are_refused_in_one_line(eomt_checkpoints, tmp_path,
             load()
         message = str(caught.value)
         assert "\n" not in message and "mask2former" in message and "eomt" in message
-
 
 
 # -- what a careless or hostile checkpoint does (review findings) --------------------------------

@@ -15,7 +15,7 @@ from PIL import Image
 from helpers import EXPECTED, write_corpus
 from outputs import check_output, read_rows
 from seglabel.cli import main
-from seglabel.core.config import ConfigError
+from seglabel.core.errors import ConfigError
 from seglabel.engine.synthetic import save_random_checkpoint
 from seglabel.job.pipeline import label
 

@@ -39,8 +39,9 @@ from skimage import data, measure
 from helpers import ROOT, tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
+from seglabel.core.errors import EvalError
 from seglabel.evaluation.evaluate import evaluate, panoptic_image_stats, truth_categories
-from seglabel.evaluation.truth import EvalError, KeyMatcher
+from seglabel.evaluation.truth import KeyMatcher
 from seglabel.formats.export import export
 
 # Keys with a space, '#', '%', non-ASCII and nested folders; one file that is not an image.

@@ -36,8 +36,9 @@ from skimage import data
 from helpers import chromium, tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
+from seglabel.core.errors import ExportError
 from seglabel.formats import export as export_module
-from seglabel.formats.export import ExportError, export, label_studio_rle
+from seglabel.formats.export import export, label_studio_rle
 from seglabel.preview import preview
 
 # Key -> (file bytes maker, format). Nested folders, a space, non-ASCII, HTML-special characters,

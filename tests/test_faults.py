@@ -188,7 +188,8 @@ def test_a_url_checkpoint_replaced_at_its_url_is_not_mixed_in(checkpoints, s3_bu
     import boto3
     from safetensors.torch import load_file, save_file
 
-    from seglabel.engine.checkpoint import CheckpointError, fetch_checkpoint
+    from seglabel.core.errors import CheckpointError
+    from seglabel.engine.checkpoint import fetch_checkpoint
 
     client = boto3.client("s3")
     url = f"s3://{s3_bucket}/ckpt-semantic"

@@ -266,7 +266,7 @@ def test_max_bytes_stops_reading_an_http_body_that_never_ends():
 
 
 def test_redact_url_hides_passwords_and_signatures_only():
-    from seglabel.core.errors import redact, redact_url
+    from seglabel.core.redaction import redact, redact_url
 
     assert redact_url("https://u:pw@h.example/a.jpg?X-Amz-Signature=s1&w=2&X-Amz-Credential=c#f") == (
         "https://REDACTED@h.example/a.jpg?X-Amz-Signature=REDACTED&w=2&X-Amz-Credential=REDACTED#f"
@@ -285,7 +285,7 @@ def test_redact_url_hides_passwords_and_signatures_only():
 
 
 def test_log_records_and_their_tracebacks_are_redacted(caplog):
-    from seglabel.core.errors import get_logger
+    from seglabel.core.redaction import get_logger
 
     log = get_logger("seglabel.test_redaction")
     caplog.set_level("DEBUG", logger="seglabel.test_redaction")

@@ -17,9 +17,8 @@ import pytest
 from helpers import drawn, encode
 from outputs import read_rows
 from seglabel.cli import main
-from seglabel.core.config import ConfigError
+from seglabel.core.errors import ConfigError, OutputError
 from seglabel.job.pipeline import label
-from seglabel.outputs.store import OutputError
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -263,7 +262,8 @@ def test_a_second_run_on_a_live_output_refuses_and_touches_nothing(checkpoints, 
     first, and leaves its files be; the first labels every image once."""
     import threading
 
-    from seglabel.job.lease import LEASE_FILE, OutputBusy
+    from seglabel.core.errors import OutputBusy
+    from seglabel.job.lease import LEASE_FILE
 
     images = photos(tmp_path / "photos", 40)
     out = tmp_path / "labels"

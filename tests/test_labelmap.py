@@ -20,9 +20,10 @@ from skimage import data
 from helpers import tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
+from seglabel.core.errors import LabelMapError
 from seglabel.evaluation.evaluate import evaluate
 from seglabel.formats.export import export
-from seglabel.outputs.labelmap import LabelMapError, LabelSpace, read_label_map
+from seglabel.outputs.labelmap import LabelSpace, read_label_map
 from seglabel.preview import preview
 
 LABELS = {i: f"label{i}" for i in range(5)}

@@ -8,7 +8,8 @@ import time
 import fsspec
 import pytest
 
-from seglabel.core.config import ConfigError, JobConfig
+from seglabel.core.config import JobConfig
+from seglabel.core.errors import ConfigError
 from seglabel.engine.card import (
     MAX_CARD_BYTES,
     UNKNOWN,

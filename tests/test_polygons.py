@@ -17,7 +17,8 @@ from skimage import data, filters
 
 from helpers import photo_job, tool_python
 from outputs import read_rows
-from seglabel.formats.export import ExportError, export
+from seglabel.core.errors import ExportError
+from seglabel.formats.export import export
 from seglabel.formats.polygons import MIN_IOU, coco_polygons, outline
 
 

@@ -17,9 +17,10 @@ from pycocotools import mask as mask_utils
 from skimage import data
 
 from seglabel import Segmenter
-from seglabel.core.config import ConfigError, Resolution
+from seglabel.core.config import Resolution
+from seglabel.core.errors import CheckpointError, ConfigError
 from seglabel.core.labels import LABEL_SETS
-from seglabel.engine.checkpoint import CheckpointError, detect_task
+from seglabel.engine.checkpoint import detect_task
 from seglabel.engine.synthetic import save_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +247,7 @@ def test_task_detection_and_errors(checkpoints, tmp_path):
     with pytest.raises(ConfigError, match="--task"):
         Segmenter(str(plain))
     assert Segmenter(str(plain), task="semantic").task == "semantic"
-    from seglabel.engine.checkpoint import CheckpointError
+    from seglabel.core.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="no checkpoint"):
         Segmenter(str(tmp_path / "missing-instance"))

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from seglabel.core.errors import SeglabelError
+from seglabel.core.errors import OutputError, SeglabelError
 from seglabel.core.keys import HashSet, HashSpool, SortedHashes, hash64, key_hashes, repeated
 from seglabel.core.results import RawPrediction
-from seglabel.outputs.store import SCHEMA, OutputError, OutputStore
+from seglabel.outputs.store import SCHEMA, OutputStore
 from seglabel.storage.filesystem import absolute_local, is_temporary, open_atomic, write_atomic
 
 

@@ -17,7 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from seglabel.cli import main
-from seglabel.engine.checkpoint import CheckpointError, inspect_checkpoint, load_checkpoint
+from seglabel.core.errors import CheckpointError
+from seglabel.engine.checkpoint import inspect_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..core.config import ConfigError, EngineConfig
+from ..core.config import EngineConfig
+from ..core.errors import ConfigError
 
 
 def bench_labels(task: str) -> dict[int, str]:

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..core.config import ConfigError
-from ..core.errors import get_logger
+from ..core.errors import ConfigError
+from ..core.redaction import get_logger
 
 log = get_logger(__name__)
 

@@ -173,8 +173,6 @@ def free(device: Any) -> None:
         torch.cuda.empty_cache()
 
 
-
-
 def torch_device(name: str | None) -> Any:
     import torch
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..core.config import EngineConfig
-from ..core.errors import get_logger
+from ..core.redaction import get_logger
 from .images import PNG_EVERY, write_images
 from .measure import GpuSampler, rate, torch_device
 

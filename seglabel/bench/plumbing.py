@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..core.config import EngineConfig
-from ..core.errors import get_logger
+from ..core.redaction import get_logger
 from .measure import cpu_name, rate
 
 log = get_logger(__name__)

@@ -64,7 +64,6 @@ def busy_warning(result: Mapping[str, Any]) -> str | None:
     return None
 
 
-
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 

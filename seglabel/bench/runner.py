@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..core.config import ConfigError, EngineConfig
-from ..core.errors import get_logger
+from ..core.config import EngineConfig
+from ..core.errors import ConfigError
+from ..core.redaction import get_logger
 from .calibrate import Calibration, build_checkpoint
 from .config import BenchConfig
 from .hf_loop import run_hf_loop

@@ -15,7 +15,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..core.errors import SeglabelError, get_logger, one_line
+from ..core.errors import SeglabelError, one_line
+from ..core.redaction import get_logger
 from . import bench, evaluate, export, inspect, preview, run, submit
 from .common import LOG_LEVELS, Parser, setup_logging
 

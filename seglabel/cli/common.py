@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from ..core.config import ConfigError, JobConfig, check_expansion, load_spec
+from ..core.config import JobConfig, check_expansion, load_spec
+from ..core.errors import ConfigError
 from ..outputs.labelmap import UNMAPPED
 from ..outputs.order import ORDERS
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import SeglabelError
+from .errors import ConfigError
 
 DEFAULT_MODEL = "facebook/mask2former-swin-small-coco-instance"
 # What a listing takes as images (case-insensitive), unless --extensions says otherwise.
@@ -25,10 +25,6 @@ DEFAULT_MAX_PIXELS = 178_956_970
 DEFAULT_MAX_BYTES = 256 << 20
 TASKS = ("instance", "semantic", "panoptic")
 DTYPES = ("bf16", "fp16", "fp32")
-
-
-class ConfigError(SeglabelError, ValueError):
-    """A configuration value is invalid; the message is one readable line."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +192,6 @@ class StandIn:
     def __str__(self) -> str:
         kill = f",kill={self.kill[0]}x{self.kill[1]}" if self.kill else ""
         return f"segments={self.segments},coverage={self.coverage:g}{kill}"
-
 
 
 def default_dtype(device_type: str) -> str:

@@ -1,29 +1,21 @@
-"""seglabel's errors: one base class, and one way to turn any exception into one short line.
+"""seglabel's errors: every error class, in one hierarchy, and one way to turn any exception
+into one short line.
 
 Every error a user can cause (a bad setting, an unreachable input, a missing checkpoint, an
 unwritable output, an impossible export) is a :class:`SeglabelError` whose message is one
-readable line. The command line catches the base class in one place and exits with the
-error's ``exit_status``: 2 for a mistake in what was asked, 1 for a job that stopped while
-running. This module imports nothing from the package, so that every other module may use it.
+readable line, with any URL in it redacted (:mod:`seglabel.core.redaction`). The command line
+catches the base class in one place and exits with the error's ``exit_status``: 2 for a mistake
+in what was asked, 1 for a job that stopped while running.
 
-It is also the one place where text about URLs loses its secrets (:func:`redact`): error
-messages, error rows, log records (:func:`get_logger`) and recorded URLs go through it, so that
-a presigned URL's signature or a URL's password never lands in an output, a log or a terminal.
+The classes follow the data's way through the package: settings, inputs, the checkpoint, the
+output, the job, then the readers of an output (label maps, exports, eval). Some are also the
+built-in exception that code outside seglabel catches (``ValueError`` for a bad setting,
+``OSError`` for a failed write).
 """
 
 from __future__ import annotations
 
-import logging
-import re
-
-# Query parameters of signed http(s) URLs whose values are credentials (AWS SigV4 and SigV2,
-# GCS V4, Azure SAS, CloudFront), compared lower-case.
-SIGNED_URL_PARAMS = frozenset({
-    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential",
-    "signature", "sig", "awsaccesskeyid", "key-pair-id", "policy", "token", "access_token",
-})
-REDACTED = "REDACTED"
-_URL = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*)://([^\s'\"<>]*)")
+from .redaction import redact
 
 
 class SeglabelError(Exception):
@@ -43,110 +35,86 @@ def _one_line_text(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def is_http(url: str) -> bool:
-    """Whether ``url`` is an http(s) URL (whose '?' starts a query, not part of a name)."""
-    return url[:8].lower().startswith(("http://", "https://"))
+# -- what was asked -----------------------------------------------------------------------------
 
 
-def redact_url(url: str) -> str:
-    """``url`` without its secrets: user information (``user:pw@``) becomes ``REDACTED@``; for
-    http(s), the values of query and fragment parameters that carry credentials (the signed-URL
-    ones, and any whose name holds sig, key, token, secret, pass, credential, auth or session)
-    become ``REDACTED``. Object names keep their '?' (on S3 or a disk it is part of the name)."""
-    if "@" not in url and "?" not in url and "#" not in url:
-        return url  # the usual case, and cheap: one check per row
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    http = is_http(url)
-    # The authority ends at the path, or (http) at a query or fragment: "https://h?sig=s".
-    end = min((i for i in (rest.find(c) for c in ("/?#" if http else "/")) if i >= 0), default=len(rest))
-    authority, tail = rest[:end], rest[end:]
-    if "@" in authority:
-        authority = REDACTED + authority[authority.rindex("@"):]
-    if http:
-        tail = _QUERY_OR_FRAGMENT.sub(_redact_params, tail)
-    return f"{scheme}://{authority}{tail}"
+class ConfigError(SeglabelError, ValueError):
+    """A configuration value is invalid; the message is one readable line."""
 
 
-# A query or fragment: "?a=1&b=2" or "#access_token=…".
-_QUERY_OR_FRAGMENT = re.compile(r"([?#])([^#]*)")
-_SECRET_PARTS = ("sig", "key", "token", "secret", "pass", "credential", "auth", "session")
+# -- inputs -------------------------------------------------------------------------------------
 
 
-def _redact_params(match: re.Match) -> str:
-    params = []
-    for param in match.group(2).split("&"):
-        name, eq, _ = param.partition("=")
-        params.append(f"{name}={REDACTED}" if eq and _is_secret(name.lower()) else param)
-    return match.group(1) + "&".join(params)
+class SourceError(SeglabelError):
+    """The input cannot be enumerated (missing, unreachable, not a folder, bad manifest).
+
+    Its message is one readable line, meant to be shown to the user as is.
+    """
 
 
-# Parameters of a signed URL that change with each signing (AWS, GCS, Azure SAS).
-_SIGNING_PARAMS = frozenset({
-    "expires", "se", "st", "sv", "sp", "sr", "spr", "signedheaders", "skoid", "sktid",
-})
+class DecodeError(SeglabelError):
+    """Bytes that cannot be decoded into an image; ``str(e)`` is a short human reason."""
 
 
-def url_identity(url: str) -> str:
-    """What an http(s) URL names, whoever signed it when: the URL without its user information
-    and without signing and credential parameters (two presigned URLs of one object, signed at
-    different times, give one identity). Other URLs as :func:`redact_url` gives them."""
-    url = redact_url(url)
-    if not is_http(url) or ("?" not in url and "#" not in url):
-        return url
-
-    def keep(match: re.Match) -> str:
-        params = [p for p in match.group(2).split("&") if not _is_signing(p.partition("=")[0].lower())]
-        return (match.group(1) + "&".join(params)) if params else ""
-
-    return _QUERY_OR_FRAGMENT.sub(keep, url)
+class Unreadable(Exception):
+    """An object that is not read on purpose (not a regular file, over its size limit);
+    ``str(e)`` is the reason for its error row. Not a :class:`SeglabelError`: the bounded
+    reader (:func:`seglabel.storage.read_bytes`) raises it for each caller to say what the
+    object was (an image, a mask, a model card, a truth file)."""
 
 
-def _is_secret(name: str) -> bool:
-    """Whether a (lower-case) parameter name carries a credential."""
-    return name in SIGNED_URL_PARAMS or any(part in name for part in _SECRET_PARTS)
+# -- the checkpoint -----------------------------------------------------------------------------
 
 
-def _is_signing(name: str) -> bool:
-    """Whether a (lower-case) parameter name is part of a signature: a credential, or what
-    changes with each signing (dates, expiries)."""
-    return _is_secret(name) or name in _SIGNING_PARAMS or name.startswith(("x-amz-", "x-goog-"))
+class CheckpointError(SeglabelError, RuntimeError):
+    """The checkpoint cannot be found or loaded; the message is one readable line."""
 
 
-def redact(text: str) -> str:
-    """``text`` with every URL in it passed through :func:`redact_url`."""
-    if "://" not in text:
-        return text
-    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+# -- the output ---------------------------------------------------------------------------------
 
 
-class _Redacting(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:
-            return True  # a bad format is logging's to report, as it does without this filter
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, ()
-        if record.exc_info:
-            # A traceback (--log-level debug) quotes the exceptions' messages: URLs included.
-            text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text, record.exc_info = redact(text), None
-        return True
+class OutputError(SeglabelError, RuntimeError):
+    """The output cannot be read or written; the message is one readable line."""
 
 
-_REDACTING = _Redacting()
+class WriteFailed(OutputError, OSError):
+    """A file of the output could not be written (a full disk, a permission, a folder in its
+    place): one line naming the file, and still the OSError that storage code catches."""
 
 
-def get_logger(name: str) -> logging.Logger:
-    """The module logger ``name``, whose records have every URL redacted (a filter on the
-    logger itself: it acts wherever the record is handled, in the driver or a Ray worker)."""
-    logger = logging.getLogger(name)
-    if _REDACTING not in logger.filters:
-        logger.addFilter(_REDACTING)
-    return logger
+class OutputBusy(OutputError):
+    """Another run holds the output's lease."""
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+
+class ClusterError(SeglabelError):
+    """The Ray cluster named cannot be joined; the message is one readable line."""
+
+
+class JobError(SeglabelError, RuntimeError):
+    """The job stopped on purpose (e.g. too many errors); the message is one readable line."""
+
+    exit_status = 1
+
+
+# -- the readers of an output -------------------------------------------------------------------
+
+
+class LabelMapError(SeglabelError):
+    """A label map that cannot be read or does not fit the model; one readable line."""
+
+
+class ExportError(SeglabelError):
+    """An export that cannot be done as asked; ``str(e)`` is one readable line."""
+
+
+class EvalError(SeglabelError):
+    """An evaluation that cannot be done as asked; ``str(e)`` is one readable line."""
+
+
+# -- one line -----------------------------------------------------------------------------------
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -162,6 +130,7 @@ def reason(stage: str, exc: BaseException, limit: int = 160) -> str:
 
 
 __all__ = [
-    "SIGNED_URL_PARAMS", "SeglabelError", "get_logger", "is_http", "one_line", "reason", "redact",
-    "redact_url", "url_identity",
+    "CheckpointError", "ClusterError", "ConfigError", "DecodeError", "EvalError", "ExportError", "JobError",
+    "LabelMapError", "OutputBusy", "OutputError", "SeglabelError", "SourceError", "Unreadable", "WriteFailed",
+    "one_line", "reason",
 ]

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.config import ConfigError
-from ..core.errors import get_logger, one_line
+from ..core.errors import ConfigError, one_line
+from ..core.redaction import get_logger
 
 log = get_logger(__name__)
 
@@ -98,7 +98,8 @@ def _read_card(model: str, revision: str | None) -> tuple[str | None, str]:
     """The model card's text and where it was read, or None and why there is none. Read as any
     input is (``fetch.read_bytes``): at most ``MAX_CARD_BYTES``, and on a local disk only from
     a regular file (a FIFO named README.md would block the run for ever)."""
-    from ..storage.read import Unreadable, read_bytes
+    from ..core.errors import Unreadable
+    from ..storage.read import read_bytes
     from .checkpoint import checkpoint_file, is_hub_id
 
     if not is_hub_id(model):

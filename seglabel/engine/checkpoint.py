@@ -23,16 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ..core.config import TASKS, ConfigError
-from ..core.errors import SeglabelError, get_logger
+from ..core.config import TASKS
+from ..core.errors import CheckpointError, ConfigError
+from ..core.redaction import get_logger
 
 log = get_logger(__name__)
 
 _TASK_IN_NAME = re.compile(r"(?:^|[-_./])(instance|semantic|panoptic)(?:$|[-_./])")
-
-
-class CheckpointError(SeglabelError, RuntimeError):
-    """The checkpoint cannot be found or loaded; the message is one readable line."""
 
 
 # The model types seglabel runs, by family name as users know it.
@@ -449,7 +446,7 @@ def _check_class_head(model: str, labels: dict[int, str]) -> None:
     head is missing or has another number of rows than its config has labels (+1 for "no
     object"). Checkpoints with no safetensors file (pickled weights in a local folder) are left
     to the Segmenter's load, which checks every tensor."""
-    from ..storage.read import Unreadable
+    from ..core.errors import Unreadable
 
     index, _ = _config_file(model, "model.safetensors.index.json", None, False)
     name = "model.safetensors"
@@ -506,7 +503,8 @@ def _config_file(
     ``required`` file the Hub cannot give is one line that says how to run offline."""
     import json
 
-    from ..storage.read import Unreadable, read_bytes
+    from ..core.errors import Unreadable
+    from ..storage.read import read_bytes
 
     commit = None
     if hub:

@@ -27,9 +27,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..core.config import ConfigError, EngineConfig, default_dtype
-from ..core.errors import get_logger
+from ..core.config import EngineConfig, default_dtype
+from ..core.errors import ConfigError
 from ..core.labels import resolve_labels, thing_ids
+from ..core.redaction import get_logger
 from ..core.results import Prediction, RawPrediction, build_segments
 from .checkpoint import check_family_settings, detect_task, load_checkpoint
 from .postprocess import Postprocessor, PostprocessSpec

@@ -55,16 +55,16 @@ from pycocotools.cocoeval import COCOeval
 from scipy.stats import spearmanr
 
 from ..core.config import DEFAULT_MAX_BYTES
-from ..core.errors import get_logger, one_line
+from ..core.errors import EvalError, LabelMapError, OutputError, one_line
+from ..core.redaction import get_logger
 from ..core.results import decode_png
 from ..formats.export import ROW_BATCH, coco_annotation
-from ..outputs.labelmap import LabelMapError, LabelSpace, remap_ids
+from ..outputs.labelmap import LabelSpace, remap_ids
 from ..outputs.record import JobRecord, open_output
-from ..outputs.store import LABEL_COLUMNS, Destination, OutputError, OutputStore, checked_key
+from ..outputs.store import LABEL_COLUMNS, Destination, OutputStore, checked_key
 from ..storage.filesystem import open_url
 from .truth import (
     CocoTruth,
-    EvalError,
     KeyMatcher,
     PngFolder,
     TruthImage,

@@ -36,11 +36,12 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ..core.errors import SeglabelError, get_logger, one_line
+from ..core.errors import EvalError, SourceError, Unreadable, one_line
 from ..core.keys import is_safe_key
-from ..inputs.listing import SourceError, full_uri, iter_listing
+from ..core.redaction import get_logger
+from ..inputs.listing import full_uri, iter_listing
 from ..storage.filesystem import open_url
-from ..storage.read import Unreadable, read_bytes
+from ..storage.read import read_bytes
 
 log = get_logger(__name__)
 
@@ -48,10 +49,6 @@ log = get_logger(__name__)
 # instances, is 448 MB.
 MAX_TRUTH_JSON_BYTES = 2 << 30
 MAX_TRUTH_LABELS_BYTES = 1 << 20
-
-
-class EvalError(SeglabelError):
-    """An evaluation that cannot be done as asked; ``str(e)`` is one readable line."""
 
 
 def _read(url: str, storage_options: Mapping[str, Any] | None, limit: int, what: str) -> bytes:

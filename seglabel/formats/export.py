@@ -68,14 +68,15 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..core.errors import SeglabelError, get_logger, one_line
+from ..core.errors import ExportError, LabelMapError, OutputError, one_line
 from ..core.labels import palette_color, resolve_labels
+from ..core.redaction import get_logger
 from ..core.results import decode_png, encode_png
 from ..core.version import __version__
-from ..outputs.labelmap import LabelMapError, LabelSpace, remap_ids
+from ..outputs.labelmap import LabelSpace, remap_ids
 from ..outputs.order import ORDERS, rows_in_order
 from ..outputs.record import JobRecord, open_output
-from ..outputs.store import LABEL_COLUMNS, Destination, OutputError, OutputStore, RowCounts, checked_key
+from ..outputs.store import LABEL_COLUMNS, Destination, OutputStore, RowCounts, checked_key
 from .polygons import DEFAULT_TOLERANCE, coco_polygons, outline
 
 log = get_logger(__name__)
@@ -90,10 +91,6 @@ CVAT_MEMBER = "annotations/instances_default.json"
 CVAT_IMAGES_DIR = "images/"
 PANOPTIC_JSON = "panoptic.json"
 PANOPTIC_PNG_DIR = "panoptic"
-
-
-class ExportError(SeglabelError):
-    """An export that cannot be done as asked; ``str(e)`` is one readable line."""
 
 
 def ok_rows(rows: Iterable[dict], counts: RowCounts) -> Iterator[dict]:

@@ -38,7 +38,8 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from ..core.config import DEFAULT_MAX_PIXELS
-from ..core.errors import SeglabelError, get_logger
+from ..core.errors import DecodeError
+from ..core.redaction import get_logger
 
 logger = get_logger(__name__)
 
@@ -72,10 +73,6 @@ _SWAPS_AXES = frozenset({5, 6, 7, 8})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 _PILLOW_LIMIT_LOCK = threading.Lock()
-
-
-class DecodeError(SeglabelError):
-    """Bytes that cannot be decoded into an image; ``str(e)`` is a short human reason."""
 
 
 def decode_image(

@@ -33,8 +33,9 @@ from fsspec.core import split_protocol
 from fsspec.utils import infer_compression
 
 from ..core.config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
-from ..core.errors import SeglabelError, get_logger, is_http, one_line, redact_url
+from ..core.errors import SourceError, one_line
 from ..core.keys import UNSAFE_KEY_ERROR, is_safe_key, printable
+from ..core.redaction import get_logger, is_http, redact_url
 from ..storage.filesystem import is_local, open_url, protocols
 
 logger = get_logger(__name__)
@@ -65,13 +66,6 @@ class ImageRef:
     key: str
     uri: str
     error: str | None = None
-
-
-class SourceError(SeglabelError):
-    """The input cannot be enumerated (missing, unreachable, not a folder, bad manifest).
-
-    Its message is one readable line, meant to be shown to the user as is.
-    """
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:

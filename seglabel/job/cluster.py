@@ -22,16 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..core.errors import SeglabelError, one_line
+from ..core.errors import ClusterError, one_line
 
 AUTH_HINT = (
     "; if the cluster requires a token (Ray 2.60's default), set RAY_AUTH_MODE=token, with the token in "
     "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
 )
-
-
-class ClusterError(SeglabelError):
-    """The Ray cluster named cannot be joined; the message is one readable line."""
 
 
 @dataclass

@@ -15,8 +15,9 @@ from typing import Callable, Iterable
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from ..core.errors import SeglabelError, get_logger
+from ..core.errors import JobError
 from ..core.keys import Bits
+from ..core.redaction import get_logger
 from ..outputs.store import OutputStore, RowCounts
 from .summary import Summary
 
@@ -30,12 +31,6 @@ PART_MAX_BYTES = 64 << 20
 MAX_ERRORS_MIN_SEEN = 100
 # Seconds between progress lines in the log.
 PROGRESS_EVERY_S = 30
-
-
-class JobError(SeglabelError, RuntimeError):
-    """The job stopped on purpose (e.g. too many errors); the message is one readable line."""
-
-    exit_status = 1
 
 
 def too_many_errors(max_errors: float | None, errors: int, seen: int) -> bool:

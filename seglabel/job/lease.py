@@ -24,8 +24,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from ..core.errors import get_logger
-from ..outputs.store import SCRATCH_DIR, OutputError, OutputStore
+from ..core.errors import OutputBusy
+from ..core.redaction import get_logger
+from ..outputs.store import SCRATCH_DIR, OutputStore
 
 log = get_logger(__name__)
 
@@ -37,10 +38,6 @@ RENEW_EVERY_S = 20.0
 # long enough for a concurrent writer's request to land; a local disk's writes land at once.
 SETTLE_S = 1.0
 SETTLE_LOCAL_S = 0.2
-
-
-class OutputBusy(OutputError):
-    """Another run holds the output's lease."""
 
 
 class Lease:

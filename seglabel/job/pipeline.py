@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..core.config import ConfigError, EngineConfig, JobConfig, default_dtype
-from ..core.errors import SeglabelError, get_logger, redact_url
+from ..core.config import EngineConfig, JobConfig, default_dtype
+from ..core.errors import ConfigError, JobError, SeglabelError
+from ..core.redaction import get_logger, redact_url
 from ..outputs.record import JobRecord
 from ..outputs.store import JOB_FILE, MASKS_DIR, SUCCESS_FILE, OutputStore
 from .cluster import connect
-from .commit import JobError, commit_rows
+from .commit import commit_rows
 from .lease import Lease, hold
 from .ledger import AttemptLedger
 from .plan import Model, Work, absolute_paths, check_output, input_refs, plan_work, prepare_output

@@ -22,15 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
-from ..core.config import ConfigError, JobConfig
-from ..core.errors import get_logger, redact_url, url_identity
+from ..core.config import JobConfig
+from ..core.errors import ConfigError, OutputError
 from ..core.keys import HashSet, SortedHashes, key_hashes
 from ..core.labels import resolve_labels, thing_ids
+from ..core.redaction import get_logger, redact_url, url_identity
 from ..engine.card import License, check_allowed, checkpoint_license
 from ..engine.checkpoint import FAMILIES, check_family_settings, detect_task, inspect_checkpoint
 from ..inputs.listing import ImageRef, is_under, iter_listing, iter_manifest
 from ..outputs.record import JobRecord
-from ..outputs.store import JOB_FILE, MASKS_DIR, METADATA_DIR, SCRATCH_DIR, OutputError, OutputStore
+from ..outputs.store import JOB_FILE, MASKS_DIR, METADATA_DIR, SCRATCH_DIR, OutputStore
 from ..storage.filesystem import absolute_local, absolute_model
 
 log = get_logger(__name__)

@@ -33,8 +33,9 @@ import numpy as np
 import pyarrow as pa
 
 from ..core.config import EngineConfig
-from ..core.errors import SeglabelError, get_logger, reason, redact_url
+from ..core.errors import SeglabelError, reason
 from ..core.keys import is_safe_key
+from ..core.redaction import get_logger, redact_url
 from ..core.results import RawPrediction, build_segments, column_cells, encode_png, pack_column
 from ..outputs.store import SCHEMA, OutputStore
 from ..storage.read import fetch, options_for

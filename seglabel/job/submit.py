@@ -28,8 +28,9 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from ..core.config import ConfigError, JobConfig
-from ..core.errors import SIGNED_URL_PARAMS, get_logger, one_line
+from ..core.config import JobConfig
+from ..core.errors import ConfigError, one_line
+from ..core.redaction import SIGNED_URL_PARAMS, get_logger
 
 log = get_logger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.errors import get_logger
+from ..core.redaction import get_logger
 from ..engine.card import License
 
 log = get_logger(__name__)

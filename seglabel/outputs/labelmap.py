@@ -31,8 +31,9 @@ import numpy as np
 import yaml
 from pycocotools import mask as mask_utils
 
-from ..core.config import ConfigError, check_expansion
-from ..core.errors import SeglabelError, get_logger, one_line, redact_url
+from ..core.config import check_expansion
+from ..core.errors import ConfigError, LabelMapError, one_line
+from ..core.redaction import get_logger, redact_url
 from ..inputs.listing import full_uri
 from ..storage.filesystem import open_url
 from ..storage.read import options_for, read_bytes
@@ -42,10 +43,6 @@ log = get_logger(__name__)
 
 UNMAPPED = ("drop", "keep")
 MAX_LABEL_MAP_BYTES = 1 << 20
-
-
-class LabelMapError(SeglabelError):
-    """A label map that cannot be read or does not fit the model; one readable line."""
 
 
 class _UniqueKeys(yaml.SafeLoader):

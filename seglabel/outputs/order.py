@@ -10,9 +10,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ..core.errors import one_line
+from ..core.errors import OutputError, one_line
 from ..core.review import REVIEW_COLUMN
-from .store import OutputError, OutputStore
+from .store import OutputStore
 
 # The orders readers of rows offer.
 ORDERS = ("output", "review")

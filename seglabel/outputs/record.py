@@ -19,13 +19,14 @@ from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any, Mapping
 
-from ..core.config import TASKS, ConfigError, EngineConfig, JobConfig
-from ..core.errors import get_logger, one_line, redact_url, url_identity
+from ..core.config import TASKS, EngineConfig, JobConfig
+from ..core.errors import ConfigError, OutputError, one_line
 from ..core.labels import thing_ids
+from ..core.redaction import get_logger, redact_url, url_identity
 from ..core.version import __version__
 from ..engine.card import License
 from ..storage.filesystem import absolute_local, absolute_model
-from .store import JOB_FILE, SUCCESS_FILE, OutputError, OutputStore
+from .store import JOB_FILE, SUCCESS_FILE, OutputStore
 
 log = get_logger(__name__)
 

@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from ..core.errors import SeglabelError, get_logger, one_line
+from ..core.errors import OutputError, Unreadable, WriteFailed, one_line
 from ..core.keys import HashSpool, SortedHashes, is_safe_key, key_hashes, repeated
+from ..core.redaction import get_logger
 from ..storage.filesystem import is_local, is_temporary, open_atomic, open_url, write_atomic
-from ..storage.read import Unreadable, read_bytes
+from ..storage.read import read_bytes
 
 log = get_logger(__name__)
 
@@ -79,15 +80,6 @@ SCRATCH_DIR = "_seglabel"
 KEYS_CHECKED = f"{SCRATCH_DIR}/keys-checked.json"
 # Files deleted in one request (S3's DeleteObjects takes up to 1,000 keys).
 REMOVE_BATCH = 1000
-
-
-class OutputError(SeglabelError, RuntimeError):
-    """The output cannot be read or written; the message is one readable line."""
-
-
-class WriteFailed(OutputError, OSError):
-    """A file of the output could not be written (a full disk, a permission, a folder in its
-    place): one line naming the file, and still the OSError that storage code catches."""
 
 
 def checked_key(key: str) -> str:

@@ -16,8 +16,9 @@ import fsspec
 import numpy as np
 from fsspec.core import split_protocol
 
-from ..core.errors import get_logger, one_line
-from ..inputs.decode import DecodeError, decode_image
+from ..core.errors import DecodeError, Unreadable, one_line
+from ..core.redaction import get_logger
+from ..inputs.decode import decode_image
 from .filesystem import is_local, with_defaults
 
 log = get_logger(__name__)
@@ -43,10 +44,6 @@ def options_for(uri: str, base_url: str, storage_options: Mapping[str, Any]) -> 
     if protocol in ("http", "https") and urlsplit(uri).netloc.lower() != urlsplit(base_url).netloc.lower():
         return {}
     return dict(storage_options)
-
-
-class Unreadable(Exception):
-    """An object that is not read on purpose; ``str(e)`` is the reason for its error row."""
 
 
 def read_bytes(
