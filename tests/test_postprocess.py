@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Mask2FormerImageProcessorPil
 
-from seglabel.core.results import PackedMasks
+from seglabel.core.masks import PackedMasks
 from seglabel.engine.postprocess import Postprocessor, PostprocessSpec, bilinear_rows, pack_rows, row_extents
 
 NUM_LABELS = 6

@@ -242,8 +242,8 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     from ray.data.block import BlockAccessor
 
     from outputs import id_map, read_png
-    from seglabel.core.results import column_cells
     from seglabel.job.stages import EncodeStage
+    from seglabel.job.transport import column_cells
 
     def instance(seed: int) -> RawPrediction:
         rng = np.random.default_rng(seed)
@@ -305,7 +305,7 @@ def test_the_segment_stage_writes_its_predictions_into_one_buffer(monkeypatch, l
     """The predictions column is one Arrow buffer, each value written once at a multiple of 64
     bytes (its arrays aligned in the block); a failed row's value is empty; past int32 offsets
     it is large_binary; every value loads back to its prediction."""
-    from seglabel.core import results as encode
+    from seglabel.job import transport as encode
 
     if large:
         monkeypatch.setattr(encode, "BINARY_MAX_BYTES", 100)

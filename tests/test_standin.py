@@ -13,7 +13,8 @@ from pycocotools import mask as mask_utils
 
 from seglabel.core.config import EngineConfig, StandIn
 from seglabel.core.labels import thing_ids
-from seglabel.core.results import build_segments, encode_png
+from seglabel.core.masks import encode_png
+from seglabel.core.results import build_segments
 from seglabel.engine.standin import StandInSegmenter
 
 
@@ -61,7 +62,7 @@ def test_stand_in_spec_round_trips():
 def test_packed_masks_give_the_same_rles_as_the_full_array():
     """What the Segmenter ships (boxes and bits) decodes to exactly the masks, and pycocotools
     gives the same RLEs from both: empty, full, one-pixel and ragged masks included."""
-    from seglabel.core.results import PackedMasks, encode_rle
+    from seglabel.core.masks import PackedMasks, encode_rle
 
     rng = np.random.default_rng(0)
     masks = rng.random((7, 37, 53)) > 0.7
@@ -93,10 +94,10 @@ def test_an_encode_task_needs_no_torch(checkpoints, tmp_path):
     (raw,) = StandInSegmenter(engine).predict_raw([np.zeros((30, 40, 3), np.uint8)])
     (tmp_path / "raw.pickle").write_bytes(raw.dumps())
     code = (
-        "import sys; import seglabel.job.pipeline; from seglabel.core import results as encode; "
-        f"raw = encode.RawPrediction.loads(open({str(tmp_path / 'raw.pickle')!r}, 'rb').read()); "
-        "segments = encode.build_segments(raw, 'instance', {0: 'a', 1: 'b'}, None); "
-        "encode.encode_png(raw.id_map, 'instance'); print(len(segments), 'torch' in sys.modules)"
+        "import sys; import seglabel.job.pipeline; from seglabel.core import results, masks; "
+        f"raw = results.RawPrediction.loads(open({str(tmp_path / 'raw.pickle')!r}, 'rb').read()); "
+        "segments = results.build_segments(raw, 'instance', {0: 'a', 1: 'b'}, None); "
+        "masks.encode_png(raw.id_map, 'instance'); print(len(segments), 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["3", "False"]
@@ -109,7 +110,7 @@ def test_a_stand_in_actor_loads_no_torch(checkpoints):
     import sys
 
     code = (
-        "import sys; from seglabel.config import EngineConfig; from seglabel.stages import load_segmenter; "
+        "import sys; from seglabel.core.config import EngineConfig; from seglabel.job.stages import load_segmenter; "
         "s = load_segmenter(EngineConfig(model=sys.argv[1], stand_in=sys.argv[2] or None)); "
         "print(type(s).__name__, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
@@ -127,7 +128,8 @@ def test_a_dumped_prediction_loads_as_views_of_its_buffer(masks):
     truncated value or some other pickle is refused."""
     import pickle
 
-    from seglabel.core.results import PackedMasks, RawPrediction
+    from seglabel.core.masks import PackedMasks
+    from seglabel.core.results import RawPrediction
 
     rng = np.random.default_rng(1)
     bits = rng.random((3, 17, 29)) > 0.6

@@ -43,7 +43,8 @@ def raw_loop(paths: Sequence[str], engine: EngineConfig, workdir: str) -> dict[s
     """(r): the pipeline's per-image CPU work on ``paths`` (local files), one image at a time
     on this one thread; CPU seconds per image by stage, and images per second."""
     from ..core.labels import thing_ids
-    from ..core.results import build_segments, encode_png
+    from ..core.masks import encode_png
+    from ..core.results import build_segments
     from ..engine.standin import StandInSegmenter
     from ..outputs.store import OutputStore
     from ..storage.read import fetch

@@ -24,7 +24,7 @@ def run_segmenter(engine: EngineConfig, images: Sequence[np.ndarray], *, warmup:
     ``with_png_images_per_s`` includes the PNG.
     """
 
-    from ..core.results import encode_png
+    from ..core.masks import encode_png
     from ..engine.segmenter import Segmenter
 
     batch_size = engine.batch_size

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.results import PackedMasks, RawPrediction
+from ..core.masks import PackedMasks
+from ..core.results import RawPrediction
 from ..core.review import BAND, GRID, logit, mask_band, review_score, score_doubt, share
 from .preprocess import Layout, host_to_device
 

@@ -24,7 +24,8 @@ from typing import Sequence
 import numpy as np
 
 from ..core.config import EngineConfig, StandIn
-from ..core.results import PackedMasks, RawPrediction
+from ..core.masks import PackedMasks
+from ..core.results import RawPrediction
 from ..core.review import review_score
 from .checkpoint import detect_task, inspect_checkpoint
 

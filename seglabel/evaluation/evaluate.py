@@ -56,8 +56,8 @@ from scipy.stats import spearmanr
 
 from ..core.config import DEFAULT_MAX_BYTES
 from ..core.errors import EvalError, LabelMapError, OutputError, one_line
+from ..core.masks import decode_png
 from ..core.redaction import get_logger
-from ..core.results import decode_png
 from ..formats.export import ROW_BATCH, coco_annotation
 from ..outputs.labelmap import LabelSpace, remap_ids
 from ..outputs.record import JobRecord, open_output

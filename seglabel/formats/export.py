@@ -70,8 +70,8 @@ from pycocotools import mask as mask_utils
 
 from ..core.errors import ExportError, LabelMapError, OutputError, one_line
 from ..core.labels import palette_color, resolve_labels
+from ..core.masks import decode_png, encode_png
 from ..core.redaction import get_logger
-from ..core.results import decode_png, encode_png
 from ..core.version import __version__
 from ..outputs.labelmap import LabelSpace, remap_ids
 from ..outputs.order import ORDERS, rows_in_order

@@ -35,11 +35,13 @@ import pyarrow as pa
 from ..core.config import EngineConfig
 from ..core.errors import SeglabelError, reason
 from ..core.keys import is_safe_key
+from ..core.masks import encode_png
 from ..core.redaction import get_logger, redact_url
-from ..core.results import RawPrediction, build_segments, column_cells, encode_png, pack_column
+from ..core.results import RawPrediction, build_segments
 from ..outputs.store import SCHEMA, OutputStore
 from ..storage.read import fetch, options_for
 from .ledger import MAX_ATTEMPTS
+from .transport import column_cells, pack_column
 
 log = get_logger(__name__)
 
