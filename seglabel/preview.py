@@ -33,11 +33,12 @@ from .core.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .core.errors import ConfigError
 from .core.labels import palette_color
 from .core.redaction import get_logger
+from .inputs.fetch import fetch, options_for
 from .outputs.labelmap import LabelSpace
 from .outputs.order import ORDERS, rows_in_order
 from .outputs.record import JobRecord, open_output
-from .outputs.store import LABEL_COLUMNS, Destination, checked_key
-from .storage.read import fetch, options_for
+from .outputs.store import LABEL_COLUMNS, checked_key
+from .storage.location import Destination
 
 log = get_logger(__name__)
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT
-from seglabel.core.config import DEFAULT_EXTENSIONS, EngineConfig, JobConfig, Resolution, load_spec
+from seglabel.core.config import DEFAULT_EXTENSIONS, EngineConfig, JobConfig, Resolution
 from seglabel.core.errors import ConfigError, SeglabelError, one_line
+from seglabel.storage.spec import load_spec
 
 
 def test_defaults_and_normalisation():

@@ -217,7 +217,7 @@ def test_resuming_from_another_input_is_refused(checkpoints, tmp_path, capsys):
 
 
 def test_storage_options_go_to_the_inputs_host_only():
-    from seglabel.storage.read import options_for
+    from seglabel.inputs.fetch import options_for
 
     secret = {"headers": {"Authorization": "Bearer t"}}
     base = "https://images.example.com/list.txt"
@@ -232,7 +232,7 @@ def test_max_bytes_stops_reading_an_http_body_that_never_ends():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from seglabel.storage.read import fetch
+    from seglabel.inputs.fetch import fetch
 
     small = encode(drawn(20, 10, 1), "PNG")
 

@@ -15,7 +15,8 @@ from seglabel.core.errors import OutputError, SeglabelError
 from seglabel.core.keys import HashSet, HashSpool, SortedHashes, hash64, key_hashes, repeated
 from seglabel.core.results import RawPrediction
 from seglabel.outputs.store import SCHEMA, OutputStore
-from seglabel.storage.filesystem import absolute_local, is_temporary, open_atomic, write_atomic
+from seglabel.storage.atomic import is_temporary, open_atomic, write_atomic
+from seglabel.storage.filesystem import absolute_local
 
 
 def rows(*specs: tuple[str, str, str | None]) -> pa.Table:

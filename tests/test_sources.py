@@ -14,7 +14,8 @@ import pytest
 from seglabel.core.errors import SourceError
 from seglabel.core.keys import is_safe_key
 from seglabel.inputs import listing as sources
-from seglabel.inputs.listing import DEFAULT_EXTENSIONS, ImageRef, full_uri, iter_listing, iter_manifest
+from seglabel.inputs.listing import DEFAULT_EXTENSIONS, ImageRef, iter_listing, iter_manifest
+from seglabel.storage.filesystem import full_uri
 
 # A key's last segment becomes "<segment>.png": 251 bytes at most, so that it fits in 255.
 LONG = "x" * 248 + ".jpg"  # 252 bytes: one over the limit

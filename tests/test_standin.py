@@ -110,7 +110,8 @@ def test_a_stand_in_actor_loads_no_torch(checkpoints):
     import sys
 
     code = (
-        "import sys; from seglabel.core.config import EngineConfig; from seglabel.job.stages import load_segmenter; "
+        "import sys; from seglabel.core.config import EngineConfig; "
+        "from seglabel.job.stages import load_segmenter; "
         "s = load_segmenter(EngineConfig(model=sys.argv[1], stand_in=sys.argv[2] or None)); "
         "print(type(s).__name__, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )

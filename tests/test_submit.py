@@ -271,11 +271,11 @@ def test_harmless_pip_requirements_and_shared_options_are_sent(tmp_path):
     """Only a requirement's URLs are checked ("tiktoken==0.7.0" holds "token="; git+ssh's "git@"
     is a user, not a secret), and one options dict given for input and output travels without
     YAML aliases, which the cluster's spec reader would have to expand."""
-    from seglabel.core.config import load_spec
     from seglabel.job.submit import (  # private: the two halves of what submit sends
         _NoAliases,
         _url_credentials,
     )
+    from seglabel.storage.spec import load_spec
 
     for requirement in ("tiktoken==0.7.0", "git+ssh://git@github.com/org/pkg.git", "https://h/pkg.whl"):
         assert list(_url_credentials(requirement, "pip[0]")) == []

@@ -12,8 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..core.config import EngineConfig, load_spec
+from ..core.config import EngineConfig
 from ..core.errors import ConfigError
+from ..storage.spec import load_spec
 
 ARCHS = ("tiny", "swin-s", "swin-l", "eomt-tiny", "eomt-s", "eomt-l")
 # The engine settings a bench takes by name (its checkpoint is ``model`` or one built here).

@@ -71,7 +71,7 @@ def _read_parts(fs: Any, output_root: str) -> dict[str, Any]:
 
 def _decode_cost(paths: Sequence[str], fs: Any, limit: int = 32) -> float | None:
     """Milliseconds per image to read and decode the written files, here on one core."""
-    from ..storage.read import fetch
+    from ..inputs.fetch import fetch
 
     chosen = list(paths[:limit])
     if not chosen:

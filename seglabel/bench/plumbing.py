@@ -46,8 +46,8 @@ def raw_loop(paths: Sequence[str], engine: EngineConfig, workdir: str) -> dict[s
     from ..core.masks import encode_png
     from ..core.results import build_segments
     from ..engine.standin import StandInSegmenter
+    from ..inputs.fetch import fetch
     from ..outputs.store import OutputStore
-    from ..storage.read import fetch
 
     segmenter = StandInSegmenter(engine)
     things = thing_ids(segmenter.id2label, engine.thing_labels)

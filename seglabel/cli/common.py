@@ -9,10 +9,11 @@ from typing import Any
 
 import yaml
 
-from ..core.config import JobConfig, check_expansion, load_spec
+from ..core.config import JobConfig, check_expansion
 from ..core.errors import ConfigError
 from ..outputs.labelmap import UNMAPPED
 from ..outputs.order import ORDERS
+from ..storage.spec import load_spec
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

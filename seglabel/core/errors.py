@@ -127,10 +127,3 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 def reason(stage: str, exc: BaseException, limit: int = 160) -> str:
     """An error row's reason for an exception raised in a stage: ``"write: OSError: ..."``."""
     return f"{stage}: {type(exc).__name__}: {one_line(exc, limit)}"
-
-
-__all__ = [
-    "CheckpointError", "ClusterError", "ConfigError", "DecodeError", "EvalError", "ExportError", "JobError",
-    "LabelMapError", "OutputBusy", "OutputError", "SeglabelError", "SourceError", "Unreadable", "WriteFailed",
-    "one_line", "reason",
-]

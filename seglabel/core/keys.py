@@ -275,9 +275,3 @@ class HashSet:
             del newer, older
             merged.sort()
             self._runs.append(merged)
-
-
-__all__ = [
-    "MAX_SEGMENT_BYTES", "UNSAFE_KEY_ERROR", "Bits", "HashSet", "HashSpool", "SortedHashes", "hash64",
-    "is_safe_key", "key_hashes", "printable", "repeated",
-]

@@ -24,8 +24,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-__all__ = ["LABEL_SETS", "MATCH_FRACTION", "match_label_set", "thing_ids"]
-
 
 def _names(text: str) -> tuple[str, ...]:
     # Compact source form: comma-separated names, free line breaks. No name here has a comma.

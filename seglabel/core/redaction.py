@@ -127,6 +127,3 @@ def get_logger(name: str) -> logging.Logger:
     if _REDACTING not in logger.filters:
         logger.addFilter(_REDACTING)
     return logger
-
-
-__all__ = ["REDACTED", "SIGNED_URL_PARAMS", "get_logger", "is_http", "redact", "redact_url", "url_identity"]

@@ -87,7 +87,3 @@ def mask_band(threshold: float) -> tuple[float, float]:
     band; one over lo is in it or above."""
     half = min(BAND, threshold / 2, (1 - threshold) / 2)
     return logit(threshold - half), logit(threshold + half)
-
-
-__all__ = ["BAND", "GRID", "REVIEW_COLUMN", "combine", "logit", "mask_band", "review_score", "score_doubt",
-           "share"]

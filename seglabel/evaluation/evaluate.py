@@ -61,8 +61,9 @@ from ..core.redaction import get_logger
 from ..formats.export import ROW_BATCH, coco_annotation
 from ..outputs.labelmap import LabelSpace, remap_ids
 from ..outputs.record import JobRecord, open_output
-from ..outputs.store import LABEL_COLUMNS, Destination, OutputStore, checked_key
+from ..outputs.store import LABEL_COLUMNS, OutputStore, checked_key
 from ..storage.filesystem import open_url
+from ..storage.location import Destination
 from .truth import (
     CocoTruth,
     KeyMatcher,
@@ -770,19 +771,3 @@ def report_table(report: Mapping[str, Any]) -> str:
             cells = [str(cat[c]) if isinstance(cat[c], (bool, int)) else _figure(cat[c]) for c in columns]
             lines.append(f"{cat['name']:<{name_width}}  " + "  ".join(f"{v:>8}" for v in cells))
     return "\n".join(lines)
-
-
-__all__ = [
-    "COCO_STATS",
-    "EvalError",
-    "EvalOptions",
-    "InstanceScorer",
-    "PanopticScorer",
-    "SemanticScorer",
-    "evaluate",
-    "iou_per_class",
-    "match_quality",
-    "panoptic_image_stats",
-    "report_table",
-    "summary_line",
-]

@@ -39,8 +39,8 @@ from pycocotools import mask as mask_utils
 from ..core.errors import EvalError, SourceError, Unreadable, one_line
 from ..core.keys import is_safe_key
 from ..core.redaction import get_logger
-from ..inputs.listing import full_uri, iter_listing
-from ..storage.filesystem import open_url
+from ..inputs.listing import iter_listing
+from ..storage.filesystem import full_uri, open_url
 from ..storage.read import read_bytes
 
 log = get_logger(__name__)
@@ -538,18 +538,3 @@ class KeyMatcher:
     def is_ambiguous(self, index: int) -> bool:
         """Whether two keys fit truth image ``index`` equally well."""
         return index in self.found and self.found[index][1] is None
-
-
-__all__ = [
-    "CocoTruth",
-    "EvalError",
-    "KeyMatcher",
-    "PngFolder",
-    "TruthImage",
-    "check_known",
-    "panoptic_folder",
-    "read_coco",
-    "read_truth_labels",
-    "rle_length",
-    "segmentation_problem",
-]

@@ -76,7 +76,8 @@ from ..core.version import __version__
 from ..outputs.labelmap import LabelSpace, remap_ids
 from ..outputs.order import ORDERS, rows_in_order
 from ..outputs.record import JobRecord, open_output
-from ..outputs.store import LABEL_COLUMNS, Destination, OutputStore, RowCounts, checked_key
+from ..outputs.store import LABEL_COLUMNS, OutputStore, RowCounts, checked_key
+from ..storage.location import Destination
 from .polygons import DEFAULT_TOLERANCE, coco_polygons, outline
 
 log = get_logger(__name__)
@@ -745,19 +746,3 @@ def _export(output: str, writer: type[Writer], fmt: str, to: str, options: Expor
         counts["images"], counts["annotations"], rows.error, output, fmt, len(counts["files"]), to,
     )
     return counts
-
-
-__all__ = [
-    "FORMATS",
-    "MASK_FORMATS",
-    "WRITERS",
-    "ExportError",
-    "ExportOptions",
-    "SegmentFilter",
-    "Writer",
-    "coco_annotation",
-    "export",
-    "label_studio_rle",
-    "labeling_config",
-    "palette_color",
-]

@@ -101,6 +101,3 @@ def _signed_area(xy: np.ndarray) -> float:
 def coco_polygons(polygons: list[np.ndarray]) -> list[list[float]]:
     """COCO's polygon segmentation: each polygon flattened to x0, y0, x1, y1, ..."""
     return [[round(float(v), 2) for v in p.reshape(-1)] for p in polygons]
-
-
-__all__ = ["DEFAULT_TOLERANCE", "MIN_IOU", "Outline", "coco_polygons", "outline"]

@@ -36,7 +36,7 @@ from ..core.config import DEFAULT_EXTENSIONS as _DEFAULT_EXTENSIONS
 from ..core.errors import SourceError, one_line
 from ..core.keys import UNSAFE_KEY_ERROR, is_safe_key, printable
 from ..core.redaction import get_logger, is_http, redact_url
-from ..storage.filesystem import is_local, open_url, protocols
+from ..storage.filesystem import full_uri, is_local, open_url, protocols
 
 logger = get_logger(__name__)
 
@@ -66,15 +66,6 @@ class ImageRef:
     key: str
     uri: str
     error: str | None = None
-
-
-def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The full URI of ``path`` (a path as ``fs`` returns it), with its protocol.
-
-    ``fs.unstrip_protocol`` gives ``file:///abs/x.jpg`` for local paths (checked for fsspec
-    2024.2 to 2026.9), ``s3://bucket/key`` for S3 and ``memory:///x`` for memory.
-    """
-    return fs.unstrip_protocol(path)
 
 
 def _ref(key: str, uri: str) -> ImageRef:

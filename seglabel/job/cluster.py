@@ -72,6 +72,3 @@ def connect(address: str | None = None) -> Iterator[Connection]:
     finally:
         if started:
             ray.shutdown()
-
-
-__all__ = ["ClusterError", "Connection", "connect"]

@@ -52,6 +52,3 @@ class AttemptLedger:
     def refusal(self) -> Exception | None:
         """The refusal a Segmenter sent, if any."""
         return self._refusal
-
-
-__all__ = ["MAX_ATTEMPTS", "AttemptLedger"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..core.config import EngineConfig, JobConfig, default_dtype
-from ..core.errors import ConfigError, JobError, SeglabelError
+from ..core.errors import ConfigError, SeglabelError
 from ..core.redaction import get_logger, redact_url
 from ..outputs.record import JobRecord
 from ..outputs.store import JOB_FILE, MASKS_DIR, SUCCESS_FILE, OutputStore
@@ -314,6 +314,3 @@ def label(input: str | None = None, output: str | None = None, **settings: Any) 
     if output is not None:
         values["output"] = output
     return run(JobConfig.from_mapping(values))
-
-
-__all__ = ["AttemptLedger", "JobError", "SegmentStage", "Summary", "label", "run"]

@@ -382,7 +382,3 @@ def stage_todo(store: OutputStore, refs: Iterator[ImageRef], limit: int | None,
             flush()
     flush()
     return paths, todo
-
-
-__all__ = ["Model", "Tally", "Work", "absolute_paths", "check_output", "input_refs", "new_refs", "plan_work",
-           "prepare_output", "stage_todo"]

@@ -38,8 +38,8 @@ from ..core.keys import is_safe_key
 from ..core.masks import encode_png
 from ..core.redaction import get_logger, redact_url
 from ..core.results import RawPrediction, build_segments
+from ..inputs.fetch import fetch, options_for
 from ..outputs.store import SCHEMA, OutputStore
-from ..storage.read import fetch, options_for
 from .ledger import MAX_ATTEMPTS
 from .transport import column_cells, pack_column
 

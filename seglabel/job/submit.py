@@ -272,16 +272,3 @@ def last_error_line(text: str) -> str:
     """The last ``seglabel: …`` line of a job's logs: why it failed, in one line."""
     lines = [line for line in text.strip().splitlines() if line.startswith("seglabel: ")]
     return lines[-1] if lines else ""
-
-
-__all__ = [
-    "check_no_secrets",
-    "client",
-    "find_token",
-    "last_error_line",
-    "logs",
-    "status",
-    "stop",
-    "submit",
-    "wait",
-]

@@ -34,9 +34,9 @@ from pycocotools import mask as mask_utils
 from ..core.config import check_expansion
 from ..core.errors import ConfigError, LabelMapError, one_line
 from ..core.redaction import get_logger, redact_url
-from ..inputs.listing import full_uri
-from ..storage.filesystem import open_url
-from ..storage.read import options_for, read_bytes
+from ..inputs.fetch import options_for
+from ..storage.filesystem import full_uri, open_url
+from ..storage.read import read_bytes
 from .record import JobRecord
 
 log = get_logger(__name__)
@@ -230,6 +230,3 @@ def remap_ids(id_map: np.ndarray, remap: Mapping[int, int]) -> np.ndarray:
     ids, inverse = np.unique(id_map, return_inverse=True)
     new = np.array([remap.get(int(i), 0) for i in ids], dtype=id_map.dtype)
     return new[inverse].reshape(id_map.shape)
-
-
-__all__ = ["UNMAPPED", "LabelMapError", "LabelSpace", "read_label_map", "remap_ids"]

@@ -99,6 +99,3 @@ def _take(reader: pa.ipc.RecordBatchFileReader, ends: np.ndarray, positions: np.
         for slot, row in zip(at, taken):
             rows[slot] = row
     return rows  # type: ignore[return-value]
-
-
-__all__ = ["ORDERS", "rows_in_order"]

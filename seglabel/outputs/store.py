@@ -14,14 +14,13 @@ What is atomic:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import posixpath
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +30,8 @@ import pyarrow.parquet as pq
 from ..core.errors import OutputError, Unreadable, WriteFailed, one_line
 from ..core.keys import HashSpool, SortedHashes, is_safe_key, key_hashes, repeated
 from ..core.redaction import get_logger
-from ..storage.filesystem import is_local, is_temporary, open_atomic, open_url, write_atomic
+from ..storage.atomic import is_temporary
+from ..storage.location import Location
 from ..storage.read import read_bytes
 
 log = get_logger(__name__)
@@ -88,58 +88,6 @@ def checked_key(key: str) -> str:
     if not is_safe_key(key):
         raise OutputError(f"unsafe key {key!r} in the output's rows")
     return key
-
-
-class Location:
-    """A file or folder on any fsspec filesystem that seglabel writes, each file atomically
-    (``seglabel.storage``): a job's output (:class:`OutputStore`), an export's or a preview's
-    destination (:class:`Destination`)."""
-
-    # What the location is to the user, in the line that says it cannot be opened.
-    role = "output"
-
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
-        self.url = url
-        self.storage_options = dict(storage_options or {})
-        try:
-            self.fs, root = open_url(url, self.storage_options)
-        except Exception as exc:
-            raise OutputError(f"cannot open {self.role} {url!r}: {one_line(exc)}") from exc
-        self.root = root.rstrip("/") or root
-        self.local = is_local(self.fs)
-
-    def path(self, *rel: str) -> str:
-        """A path under the location (the location itself with no ``rel``)."""
-        return posixpath.join(self.root, *rel)
-
-    def open(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        """A file that appears at ``path`` whole, or not at all."""
-        return open_atomic(self.fs, path)
-
-    def write_file(self, path: str, data: bytes) -> None:
-        """A small file at ``path``, whole."""
-        write_atomic(self.fs, path, data)
-
-
-class Destination(Location):
-    """Where an export or a preview writes: a file (numbered when sharded) or a folder."""
-
-    role = "destination"
-
-    def shard(self, index: int | None, default_name: str | None = None) -> str:
-        """The path of one output file: ``DEST`` itself (or ``DEST/default_name``), or its stem
-        numbered."""
-        path = self.path(default_name) if default_name else self.root
-        if index is None:
-            return path
-        stem, ext = posixpath.splitext(path)
-        return f"{stem}-{index:05d}{ext}"
-
-    def is_dir(self) -> bool:
-        try:
-            return bool(self.fs.isdir(self.root))
-        except Exception:
-            return False
 
 
 class OutputStore(Location):

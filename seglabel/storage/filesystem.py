@@ -1,39 +1,26 @@
-"""Storage: opening fsspec filesystems with seglabel's defaults, and writing files atomically.
+"""Opening fsspec filesystems with seglabel's defaults, and naming what is on them.
 
-The one home for how seglabel talks to storage, shared by the sink (masks, Parquet parts,
-job.json), the exports and the bench:
-
-* :func:`open_url` opens any fsspec URL with retry defaults for flaky object stores. At 10^7
-  objects an object store will answer some requests with 503 SlowDown or drop a connection;
-  botocore's own retry machinery (standard mode: exponential backoff with jitter, retrying
-  throttling, 5xx and connection errors) handles that when given enough attempts. The defaults
-  apply only where the user's storage options do not say otherwise.
-* :func:`write_atomic` and :func:`open_atomic` make a file appear whole or not at all: on a
-  local disk under a hidden temporary name in the same folder, then renamed with
-  ``os.replace`` (which refuses to replace a folder with a file, so a write lands exactly at
-  its path or fails); on an object store as one upload, which the store publishes only once it
-  is complete.
+The one home for how seglabel opens storage, shared by the inputs, the outputs, the
+checkpoint copy and the bench: :func:`open_url` opens any fsspec URL with retry defaults for
+flaky object stores. At 10^7 objects an object store will answer some requests with 503
+SlowDown or drop a connection; botocore's own retry machinery (standard mode: exponential
+backoff with jitter, retrying throttling, 5xx and connection errors) handles that when given
+enough attempts. The defaults apply only where the user's storage options do not say
+otherwise; an http(s) URL's headers are kept to its own origin (:class:`OriginHeaders`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import posixpath
-import tempfile
-import uuid
-from typing import IO, Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
+import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
 S3_PROTOCOLS = frozenset({"s3", "s3a"})
 # About a minute of backoff in all (botocore caps each wait at 20 s): enough to ride out
 # throttling and a short outage of the endpoint, short enough to report a dead one.
 S3_MAX_ATTEMPTS = 10
-# Hidden temporary files are named ".tmp-<hex>" beside their target (not after it: a name of 255
-# bytes leaves no room): no listing of images or parts takes them, and a later run recognises
-# (and removes) what a killed one left.
-TEMPORARY_MARK = ".tmp-"
 
 
 def with_defaults(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -132,58 +119,10 @@ def is_local(fs: Any) -> bool:
     return "file" in protocols(fs) or "local" in protocols(fs)
 
 
-def is_temporary(path: str) -> bool:
-    """Whether ``path`` names a temporary file of :func:`open_atomic` (or of seglabel 0.1.0's,
-    ".<name>.tmp-<hex>")."""
-    name = posixpath.basename(path.rstrip("/"))
-    return name.startswith(".") and TEMPORARY_MARK in name
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The full URI of ``path`` (a path as ``fs`` returns it), with its protocol.
 
-
-@contextlib.contextmanager
-def open_atomic(fs: Any, path: str) -> Iterator[IO[bytes]]:
-    """A binary file to write that appears at ``path`` (a path of ``fs``) whole, or not at all.
-
-    Local: written under a hidden temporary name beside ``path`` and renamed with
-    ``os.replace``; renaming onto an existing folder fails (IsADirectoryError) instead of moving
-    the file into it. Elsewhere: written to a local temporary file and uploaded in one go, so a
-    failed write never leaves half a file.
+    ``fs.unstrip_protocol`` gives ``file:///abs/x.jpg`` for local paths (checked for fsspec
+    2024.2 to 2026.9), ``s3://bucket/key`` for S3 and ``memory:///x`` for memory.
     """
-    if is_local(fs):
-        parent, name = os.path.split(path)
-        os.makedirs(parent or ".", exist_ok=True)
-        tmp = os.path.join(parent, f"{TEMPORARY_MARK}{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                yield f
-            os.replace(tmp, path)
-        finally:
-            if os.path.lexists(tmp):
-                os.remove(tmp)
-    else:
-        suffix = posixpath.splitext(path)[1]
-        with tempfile.NamedTemporaryFile(prefix="seglabel-", suffix=suffix) as f:
-            yield f
-            f.flush()
-            fs.put_file(f.name, path)
-
-
-def write_atomic(fs: Any, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that the file only ever becomes visible whole."""
-    if is_local(fs):
-        with open_atomic(fs, path) as f:
-            f.write(data)
-    else:
-        # A single PUT: object stores publish an object only once it is complete.
-        fs.pipe_file(path, data)
-
-
-__all__ = [
-    "absolute_local",
-    "is_local",
-    "is_temporary",
-    "open_atomic",
-    "open_url",
-    "protocols",
-    "with_defaults",
-    "write_atomic",
-]
+    return fs.unstrip_protocol(path)
