@@ -10,7 +10,7 @@ from PIL import Image
 
 from outputs import read_rows
 from seglabel.core.keys import Bits, SortedHashes, key_hashes
-from seglabel.inputs.listing import ImageRef
+from seglabel.inputs.refs import ImageRef
 from seglabel.job import commit, plan, stages
 from seglabel.job.summary import Summary
 from seglabel.outputs.store import SCHEMA, OutputStore
@@ -63,7 +63,7 @@ def test_http_entries_repeat_across_signings_and_collide_across_queries():
     same path is another image with the same key (keys never hold a query): a collision row.
     A password in the first URL never reaches the collision's message."""
     def ref(uri):
-        from seglabel.inputs.listing import manifest_key
+        from seglabel.inputs.manifest import manifest_key
 
         return ImageRef(manifest_key(uri), uri)
 

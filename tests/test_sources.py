@@ -13,8 +13,10 @@ import pytest
 
 from seglabel.core.errors import SourceError
 from seglabel.core.keys import is_safe_key
-from seglabel.inputs import listing as sources
-from seglabel.inputs.listing import DEFAULT_EXTENSIONS, ImageRef, iter_listing, iter_manifest
+from seglabel.inputs import manifest as manifests
+from seglabel.inputs.listing import DEFAULT_EXTENSIONS, iter_listing
+from seglabel.inputs.manifest import iter_manifest
+from seglabel.inputs.refs import ImageRef
 from seglabel.storage.filesystem import full_uri
 
 # A key's last segment becomes "<segment>.png": 251 bytes at most, so that it fits in 255.
@@ -331,7 +333,7 @@ def test_manifests_are_streamed(tmp_path, monkeypatch):
             yield b
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy_iter)
-    monkeypatch.setattr(sources, "_BATCH_ROWS", 1000)
+    monkeypatch.setattr(manifests, "_BATCH_ROWS", 1000)
     it = iter_manifest(str(tmp_path / "l.parquet"))
     assert next(it).key == "bkt/00000.jpg" and batches == [1000]  # first batch only
     assert len(list(it)) == n  # the repeated URI too: the job counts it once
@@ -409,7 +411,7 @@ def test_s3_flat_prefix_is_streamed_page_by_page(s3_bucket, monkeypatch):
 
 
 def test_a_malformed_manifest_line_is_an_error_row_not_a_stopped_job(tmp_path):
-    from seglabel.inputs.listing import iter_manifest
+    from seglabel.inputs.manifest import iter_manifest
 
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"http://[/x.jpg\n{tmp_path}/a.jpg\n")

@@ -122,7 +122,7 @@ def child(kind: str, paths: dict[str, str], entries: int) -> dict[str, Any]:
     import numpy as np
 
     from ..core.keys import Bits, SortedHashes
-    from ..inputs.listing import iter_manifest
+    from ..inputs.manifest import iter_manifest
     from ..job.plan import Tally, new_refs
     from ..outputs.store import OutputStore
 

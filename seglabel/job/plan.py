@@ -29,7 +29,9 @@ from ..core.labels import resolve_labels, thing_ids
 from ..core.redaction import get_logger, redact_url, url_identity
 from ..engine.card import License, check_allowed, checkpoint_license
 from ..engine.checkpoint import FAMILIES, check_family_settings, detect_task, inspect_checkpoint
-from ..inputs.listing import ImageRef, is_under, iter_listing, iter_manifest
+from ..inputs.listing import is_under, iter_listing
+from ..inputs.manifest import iter_manifest
+from ..inputs.refs import ImageRef
 from ..outputs.record import JobRecord
 from ..outputs.store import JOB_FILE, MASKS_DIR, METADATA_DIR, SCRATCH_DIR, OutputStore
 from ..storage.filesystem import absolute_local, absolute_model
