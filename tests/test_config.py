@@ -146,7 +146,7 @@ def test_job_record_holds_each_setting_once():
 
     config = JobConfig.from_mapping({"input": "/in", "output": "/out", "model": "/ckpt/m-instance",
                                      "score_threshold": 0.3, "resolution": "384x384", "labels": "a,b"})
-    from seglabel.engine.card import License
+    from seglabel.core.license import License
 
     mit = License("mit", "its card")
     record = JobRecord.new(config, "instance", "abc123", {0: "a", 1: "b"}, "eomt", mit).values
@@ -169,7 +169,7 @@ def test_resume_check_reads_new_and_old_job_records():
 
     engine = EngineConfig(model="/ckpt/m-instance", score_threshold=0.3)
     config = JobConfig(output="/out", input="/in", engine=engine)
-    from seglabel.engine.card import License
+    from seglabel.core.license import License
 
     record = JobRecord.new(config, "instance", None, {}, "mask2former", License("unknown", "no card"))
     record.check_settings(engine, "instance", None, "/out")  # same: nothing raised

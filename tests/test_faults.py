@@ -189,7 +189,7 @@ def test_a_url_checkpoint_replaced_at_its_url_is_not_mixed_in(checkpoints, s3_bu
     from safetensors.torch import load_file, save_file
 
     from seglabel.core.errors import CheckpointError
-    from seglabel.engine.checkpoint import fetch_checkpoint
+    from seglabel.engine.load import fetch_checkpoint
 
     client = boto3.client("s3")
     url = f"s3://{s3_bucket}/ckpt-semantic"
@@ -306,7 +306,7 @@ def test_the_ledger_actor_process_loads_no_pipeline(ray_session):
     from seglabel.job import pipeline
     from seglabel.job.ledger import AttemptLedger
 
-    assert pipeline.AttemptLedger is AttemptLedger and AttemptLedger.__module__ == "seglabel.ledger"
+    assert pipeline.AttemptLedger is AttemptLedger and AttemptLedger.__module__ == "seglabel.job.ledger"
     ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     try:
         assert ray.get(ledger.begin.remote("decode", [1, 2])) == [0, 0]

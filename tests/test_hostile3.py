@@ -506,13 +506,14 @@ def test_an_output_stays_seglabels_through_a_failed_overwrite(checkpoints, tmp_p
     part.write_bytes(part.read_bytes()[:100])
     # The overwrite's own step, as a run that then fails (Ray unreachable, say) leaves it.
     from seglabel.core.config import JobConfig
-    from seglabel.job.plan import Model, absolute_paths, prepare_output
+    from seglabel.job.lifecycle import OutputLife
+    from seglabel.job.plan import absolute_paths, resolve_model
     from seglabel.outputs.store import OutputStore
 
     settings = {"input": str(images), "output": str(out), "overwrite": True,
                 "model": str(checkpoints["instance"]), "stand_in": "segments=2"}
     config = absolute_paths(JobConfig.from_mapping(settings))
-    assert prepare_output(OutputStore(str(out)), config, Model.of(config)) is None
+    assert OutputLife(OutputStore(str(out)), config, resolve_model(config)).prepare() is None
     assert json.loads((out / "job.json").read_text())["task"] == "instance"
     assert (out / "masks" / "uncommitted.jpg.png").exists()
     assert not list((out / "metadata").glob("*.parquet"))

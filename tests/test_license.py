@@ -10,14 +10,8 @@ import pytest
 
 from seglabel.core.config import JobConfig
 from seglabel.core.errors import ConfigError
-from seglabel.engine.card import (
-    MAX_CARD_BYTES,
-    UNKNOWN,
-    License,
-    card_license,
-    check_allowed,
-    checkpoint_license,
-)
+from seglabel.core.license import UNKNOWN, License, check_allowed
+from seglabel.engine.card import MAX_CARD_BYTES, card_license, checkpoint_license
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ from outputs import read_rows
 from seglabel.core.keys import Bits, SortedHashes, key_hashes
 from seglabel.inputs.refs import ImageRef
 from seglabel.job import commit, plan, stages
-from seglabel.job.summary import Summary
 from seglabel.outputs.store import SCHEMA, OutputStore
 
 
@@ -113,9 +112,8 @@ def test_parts_are_committed_by_bytes_and_repeated_rows_dropped(ray_session, tmp
     batches = [big_rows(start, 8, 100_000) for start in range(0, 40, 8)]
     ds = ray.data.from_arrow(batches + [batches[1]])
     store = OutputStore(str(tmp_path / "out"))
-    summary = Summary(output=str(tmp_path / "out"), task="instance", model="m")
     batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-    commit.commit_rows(batches, store, "run", 40, rows_per_part=10_000, max_errors=None, summary=summary)
+    summary = commit.commit_rows(batches, store, "run", 40, rows_per_part=10_000, max_errors=None)
     rows_per_part = [store.read_parquet(p).num_rows for p in store.parts()]
     # About 1 MB a part (10 rows, and a batch more at most), where rows alone would make one part.
     assert len(rows_per_part) >= 3 and max(rows_per_part) <= 18, rows_per_part

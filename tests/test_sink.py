@@ -14,9 +14,13 @@ import pytest
 from seglabel.core.errors import OutputError, SeglabelError
 from seglabel.core.keys import HashSet, HashSpool, SortedHashes, hash64, key_hashes, repeated
 from seglabel.core.results import RawPrediction
+from seglabel.engine.resolve import ResolvedCheckpoint
 from seglabel.outputs.store import SCHEMA, OutputStore
 from seglabel.storage.atomic import is_temporary, open_atomic, write_atomic
 from seglabel.storage.filesystem import absolute_local
+
+# The checkpoint an encode stage is given, as the driver resolves it: one label, instance.
+TINY_INSTANCE = ResolvedCheckpoint("m", "instance", "mask2former", {0: "label0"})
 
 
 def rows(*specs: tuple[str, str, str | None]) -> pa.Table:
@@ -233,7 +237,7 @@ def encode_batch(tmp_path, raw: RawPrediction):
 
     store = OutputStore(str(tmp_path / "out"))
     block = encoder_block(raw)
-    return store, EncodeStage(store, "instance", "m", {0: "label0"}, None)(block).to_pylist()[0]
+    return store, EncodeStage(store, TINY_INSTANCE, "m")(block).to_pylist()[0]
 
 
 def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
@@ -263,7 +267,7 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     ])
     assert block.column("raw").num_chunks == 3
     store = OutputStore(str(tmp_path / "out"))
-    table = EncodeStage(store, "instance", "m", {0: "label0"}, None)(block)
+    table = EncodeStage(store, TINY_INSTANCE, "m")(block)
     rows = table.to_pylist()
     assert [r["key"] for r in rows] == ["a.jpg", "gone.jpg", "b.jpg"]
     assert [r["index"] for r in rows] == [7, 8, 9]
@@ -289,7 +293,7 @@ def test_encode_reads_a_block_of_several_chunks_row_by_row(tmp_path):
     fallback["raw"][1] = 0
     fallback = BlockAccessor.batch_to_block({k: np.array(v, dtype=object) for k, v in fallback.items()})
     assert not pa.types.is_binary(fallback.column("raw").type)
-    again = EncodeStage(OutputStore(str(tmp_path / "2")), "instance", "m", {0: "label0"}, None)(fallback)
+    again = EncodeStage(OutputStore(str(tmp_path / "2")), TINY_INSTANCE, "m")(fallback)
     assert [(r["key"], r["status"], r["segments"]) for r in again.to_pylist()] == [
         (r["key"], r["status"], r["segments"]) for r in rows
     ]
@@ -342,7 +346,8 @@ def test_an_unreadable_prediction_is_an_encode_error_row(tmp_path):
     raw = block.column("raw").to_pylist()
     block = block.set_column(block.schema.get_field_index("raw"), "raw", pa.array([raw[0][:-3], raw[1]]))
     store = OutputStore(str(tmp_path / "out"))
-    rows = EncodeStage(store, "semantic", "m", {0: "a"}, None)(block).to_pylist()
+    rows = EncodeStage(store, ResolvedCheckpoint("m", "semantic", "mask2former", {0: "a"}), "m")(block)
+    rows = rows.to_pylist()
     assert [r["status"] for r in rows] == ["error", "ok"]
     assert rows[0]["error"].startswith("encode: ") and rows[0]["mask_uri"] is None
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from seglabel.cli import main
 from seglabel.core.errors import CheckpointError
-from seglabel.engine.checkpoint import inspect_checkpoint, load_checkpoint
+from seglabel.engine.checkpoint import inspect_checkpoint
+from seglabel.engine.load import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

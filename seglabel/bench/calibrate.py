@@ -315,7 +315,7 @@ def build_checkpoint(
     """A random-weight, confident checkpoint of ``arch`` for ``task`` (its preprocessor resizes
     to ``input_size``), calibrated as ``calibration`` says (:func:`calibrate_random_model`)
     when it names images and a target or a coverage."""
-    from ..engine.checkpoint import processor_class
+    from ..engine.load import processor_class
     from ..engine.synthetic import (
         ARCHITECTURES,
         build_random_model,

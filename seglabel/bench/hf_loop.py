@@ -66,7 +66,8 @@ class _HfLoop:
     def __init__(self, engine: EngineConfig, device: Any) -> None:
         import torch
 
-        from ..engine.checkpoint import inspect_checkpoint, model_class, processor_class
+        from ..engine.checkpoint import inspect_checkpoint
+        from ..engine.load import model_class, processor_class
 
         kwargs = {"revision": engine.revision} if engine.revision else {}
         family = inspect_checkpoint(engine.model, engine.revision).family

@@ -51,7 +51,7 @@ def make_corpus(root: Path, entries: int) -> dict[str, str]:
     import pyarrow.parquet as pq
 
     from ..core.config import EngineConfig, JobConfig
-    from ..engine.card import License
+    from ..core.license import License
     from ..outputs.record import JobRecord
     from ..outputs.store import SCHEMA, OutputStore
 

@@ -127,3 +127,10 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 def reason(stage: str, exc: BaseException, limit: int = 160) -> str:
     """An error row's reason for an exception raised in a stage: ``"write: OSError: ..."``."""
     return f"{stage}: {type(exc).__name__}: {one_line(exc, limit)}"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (transformers' and huggingface_hub's messages go on with advice
+    for another context); the exception's type name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

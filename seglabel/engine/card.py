@@ -1,4 +1,4 @@
-"""The licence a checkpoint's weights come under, and a job's rule for which ones it accepts.
+"""The licence a checkpoint's weights come under, read from what it carries.
 
 Users label commercially, and a model family's code licence says nothing of its weights:
 Mask2Former's code is MIT, but its authors release every trained model under CC BY-NC 4.0, while
@@ -11,15 +11,13 @@ guessed: a checkpoint without a readable card is ``unknown``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
 
-from ..core.errors import ConfigError, one_line
+from ..core.errors import one_line
+from ..core.license import UNKNOWN, License
 from ..core.redaction import get_logger
 
 log = get_logger(__name__)
 
-UNKNOWN = "unknown"
 # A model card larger than this is not read (a README is a few kB; a hostile one could be GBs).
 MAX_CARD_BYTES = 1 << 20
 
@@ -42,28 +40,6 @@ BACKBONE_LICENSES = {
         "not the card's {card!r}",
     ),
 }
-
-
-@dataclass(frozen=True)
-class License:
-    """A checkpoint's licence: its id (a lower-case SPDX id as Hub cards write them, or
-    ``other`` / ``unknown`` / a named licence), where that came from, and what the card said."""
-
-    id: str
-    source: str
-    card: str | None = None
-
-    @property
-    def noncommercial(self) -> bool:
-        """Whether the licence forbids commercial use (the Creative Commons NC family)."""
-        return bool(re.search(r"(^|-)nc(-|$)", self.id))
-
-    def record(self) -> dict[str, Any]:
-        """As job.json records it."""
-        return {"license": self.id, "source": self.source, "card": self.card}
-
-    def __str__(self) -> str:
-        return f"{self.id} ({self.source})"
 
 
 def card_license(text: str) -> str | None:
@@ -120,13 +96,3 @@ def _read_card(model: str, revision: str | None) -> tuple[str | None, str]:
         return None, f"the model card {why}: not read"
     except (OSError, ValueError) as exc:
         return None, f"the model card could not be read: {one_line(exc)}"
-
-
-def check_allowed(license: License, allowed: tuple[str, ...] | None, model: str) -> None:
-    """Refuse a checkpoint whose licence is not among ``allowed`` (``unknown`` never is)."""
-    if allowed is None or (license.id != UNKNOWN and license.id in allowed):
-        return
-    raise ConfigError(
-        f"checkpoint {model} is licensed {license.id} ({license.source}); "
-        f"--require-license allows only {','.join(allowed)}"
-    )

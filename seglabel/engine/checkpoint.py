@@ -1,14 +1,18 @@
-"""Load a Mask2Former or EoMT checkpoint and decide which task it does.
+"""What a checkpoint is, read from its files before any weights load: its family, labels,
+task, revision and the settings it can take, settled once into a :class:`ResolvedCheckpoint`
+that the driver and every Segmenter share.
 
 Two model families share one mask-classification output (``class_queries_logits``,
 ``masks_queries_logits``): Mask2Former (``model_type`` ``mask2former``) and EoMT (``eomt``,
 and ``eomt_dinov3`` on a DINOv3 backbone). The family is read from the checkpoint's
-``config.json`` before any weights are loaded; any other model type is refused in one line.
+``config.json``; any other model type is refused in one line. Weights that do not fit the
+config (a class head of another size) are refused from the safetensors header alone.
 
 A checkpoint is a Hub id (optionally pinned to a revision), a local directory, or an fsspec URL
-of a directory written by ``save_pretrained`` (copied to a local cache once). Loading never runs
-remote code. A private checkpoint's token comes from Hugging Face's own environment/config
-(``HF_TOKEN``, ``huggingface-cli login``); seglabel never reads or records it.
+of a directory written by ``save_pretrained`` (whose revision is its files' fingerprint). A
+private checkpoint's token comes from Hugging Face's own environment/config (``HF_TOKEN``,
+``huggingface-cli login``); seglabel never reads or records it. Loading the weights is
+:mod:`seglabel.engine.load`'s.
 """
 
 from __future__ import annotations
@@ -16,15 +20,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from ..core.config import TASKS
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError, first_line
 from ..core.redaction import get_logger
 
 log = get_logger(__name__)
@@ -96,18 +96,6 @@ def eomt_input(processor: Mapping[str, Any], image_size: Any, model: str) -> boo
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """A loaded checkpoint: the model, its preprocessor, and where it came from."""
-
-    model: Any
-    processor: Any
-    model_id: str
-    revision: str | None
-    id2label: dict[int, str]
-    family: str = "mask2former"
-
-
-@dataclass(frozen=True)
 class CheckpointInfo:
     """What the driver learns of a checkpoint from its configs alone (no weights)."""
 
@@ -135,14 +123,9 @@ def detect_task(model_id: str, task: str | None = None) -> str:
     )
 
 
-def _is_remote_url(model: str) -> bool:
+def is_remote_url(model: str) -> bool:
+    """Whether ``model`` is a URL of storage other than the local disk (an ``s3://`` folder)."""
     return "://" in model and not model.startswith("file://")
-
-
-def default_cache_dir() -> Path:
-    """Where checkpoints copied from object storage are kept (``SEGLABEL_CACHE`` overrides)."""
-    base = os.environ.get("SEGLABEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "seglabel")
-    return Path(base) / "checkpoints"
 
 
 # The files a checkpoint directory may give the local copy, by plain name: the config, the
@@ -155,7 +138,7 @@ CHECKPOINT_FILES = re.compile(
 )
 
 
-def _listed_files(url: str) -> tuple[Any, dict[str, dict]]:
+def listed_files(url: str) -> tuple[Any, dict[str, dict]]:
     """A URL checkpoint's filesystem and the listing entries of the files a copy takes (by plain
     name, ``CHECKPOINT_FILES``); what else the directory holds is logged and left out."""
     import fsspec
@@ -184,7 +167,7 @@ def _listed_files(url: str) -> tuple[Any, dict[str, dict]]:
     return fs, files
 
 
-def _fingerprint(files: dict[str, dict]) -> str:
+def fingerprint_of(files: dict[str, dict]) -> str:
     """What identifies a URL checkpoint's contents, from its listing alone: each file's name,
     size and the store's content tag (S3 and GCS: the ETag / MD5 the store computed from the
     bytes; elsewhere the modification time). Weights replaced at the same URL change it."""
@@ -197,183 +180,16 @@ def _fingerprint(files: dict[str, dict]) -> str:
 
 
 def checkpoint_fingerprint(url: str) -> str:
-    """The fingerprint (:func:`_fingerprint`) of the checkpoint at ``url`` as it is now: one
+    """The fingerprint (:func:`fingerprint_of`) of the checkpoint at ``url`` as it is now: one
     listing, no download. The job records it as the checkpoint's revision."""
-    return _fingerprint(_listed_files(url)[1])
-
-
-def fetch_checkpoint(
-    url: str, cache_dir: str | os.PathLike | None = None, fingerprint: str | None = None
-) -> Path:
-    """Copy a checkpoint directory from an fsspec URL to the local cache, once per contents.
-
-    Only the directory's own files named in ``CHECKPOINT_FILES`` are copied, each to its plain
-    name in the copy. The copy is cached under the URL and the contents' fingerprint, so that
-    weights replaced at the same URL are copied again, never taken from a stale copy; with
-    ``fingerprint`` (the one the job recorded), a checkpoint that changed since is refused. The
-    copy lands in a temporary directory and is renamed into place, so that several actors on one
-    node starting together never load a half-copied checkpoint.
-    """
-    fs, files = _listed_files(url)
-    now = _fingerprint(files)
-    if fingerprint is not None and fingerprint != now:
-        raise CheckpointError(
-            f"the checkpoint at {url} changed since the job recorded it ({fingerprint}, now {now}); "
-            "use --overwrite to label with the new weights"
-        )
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / hashlib.sha256(f"{url.rstrip('/')}\0{now}".encode()).hexdigest()[:20]
-    if (target / "config.json").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
-    try:
-        for name, entry in sorted(files.items()):
-            fs.get_file(entry["name"], str(tmp / name))
-        if _fingerprint(_listed_files(url)[1]) != now:
-            # Replaced while being copied: this copy may mix two versions; never cache it.
-            raise CheckpointError(f"the checkpoint at {url} changed while it was being copied; try again")
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-            # Another process on this node finished the same copy first.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("copied checkpoint %s to %s (%s)", url, target, ", ".join(sorted(files)))
-    return target
-
-
-def processor_class(family: str = "mask2former"):
-    """The family's image processor class that needs no torchvision."""
-    # transformers 5 falls back to the PIL processor (with a warning) when torchvision is missing
-    # or broken; asking for it directly keeps the CPU path free of torchvision. seglabel only
-    # reads the processor's configuration; the pixels are prepared on the model's device.
-    import transformers
-
-    base = "Eomt" if family.startswith("eomt") else "Mask2Former"
-    # Older transformers 5.x releases have only the one class.
-    pil = getattr(transformers, f"{base}ImageProcessorPil", None)
-    return pil or getattr(transformers, f"{base}ImageProcessor")
-
-
-def model_class(family: str):
-    """The transformers class that runs a family's checkpoints for universal segmentation."""
-    import transformers
-
-    names = {
-        "mask2former": "Mask2FormerForUniversalSegmentation",
-        "eomt": "EomtForUniversalSegmentation",
-        "eomt_dinov3": "EomtDinov3ForUniversalSegmentation",
-    }
-    cls = getattr(transformers, names[family], None)
-    if cls is None:
-        raise CheckpointError(
-            f"this transformers ({transformers.__version__}) has no {names[family]}; upgrade transformers"
-        )
-    return cls
-
-
-def load_checkpoint(
-    model: str,
-    revision: str | None = None,
-    *,
-    device: str = "cpu",
-    dtype: Any = None,
-    cache_dir: str | None = None,
-) -> Checkpoint:
-    """Load a Mask2Former or EoMT checkpoint for inference.
-
-    ``model`` is a Hub id, a local directory, or an fsspec URL of a saved checkpoint. Safetensors
-    files are preferred when present; ``trust_remote_code`` is never enabled. The family comes
-    from the checkpoint's own config, read again here: a worker's copy is what it loads.
-    """
-    from safetensors import SafetensorError
-    from transformers import PreTrainedConfig
-
-    source: str = model
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
-    weights: dict[str, Any] = {}
-    if model.startswith("file://"):
-        source = model[len("file://"):]
-    elif _is_remote_url(model):
-        # The revision of a URL checkpoint is its contents' fingerprint (inspect_checkpoint).
-        source = str(fetch_checkpoint(model, cache_dir, revision))
-        weights["use_safetensors"] = True  # all the copy holds; never unpickle what a bucket serves
-    is_local = os.path.isdir(source)
-    if not is_local and not _looks_like_hub_id(source):
-        raise CheckpointError(f"no checkpoint directory at {model}")
-    if revision and not is_local:
-        kwargs["revision"] = revision
-    try:
-        # The config as a plain mapping first: a model type of another library is refused by
-        # name before transformers builds (and validates) a config class for it.
-        config, _ = PreTrainedConfig.get_config_dict(source, **kwargs)
-        family = family_of(config.get("model_type") if isinstance(config, dict) else None, model)
-        # Mismatched shapes reported rather than raised, so that every way the weights differ
-        # from the model is refused in one line by check_weights.
-        with _quiet("transformers"):  # its load report's table: check_weights says it in one line
-            net, info = model_class(family).from_pretrained(
-                source, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True,
-                **kwargs, **weights,
-            )
-        check_weights(info, model, {name for name, _ in net.named_buffers()})
-        processor = processor_class(family).from_pretrained(source, **kwargs)
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot load checkpoint {model!r}: {_first_line(exc)}") from exc
-    net.eval().to(device)
-    resolved = getattr(net.config, "_commit_hash", None) if not is_local else None
-    id2label = {int(k): str(v) for k, v in net.config.id2label.items()}
-    return Checkpoint(net, processor, model, resolved or revision, id2label, family)
-
-
-def check_weights(info: Mapping[str, Any], model: str, buffers: set[str] = frozenset()) -> None:
-    """Refuse a checkpoint whose weights are not the model's: tensors missing (transformers
-    would initialise them at random and the job would label with them), unexpected or of
-    another shape (labels that do not match the class head). ``info`` is transformers'
-    loading info. Only buffers of the training loss (``criterion.*``) may be missing."""
-    missing = [k for k in info.get("missing_keys") or () if not (k in buffers and k.startswith("criterion."))]
-    unexpected = list(info.get("unexpected_keys") or ())
-    mismatched = [m[0] if isinstance(m, (list, tuple)) else m for m in info.get("mismatched_keys") or ()]
-    problems = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)):
-        if keys:
-            names = ", ".join(sorted(keys)[:3]) + (", …" if len(keys) > 3 else "")
-            problems.append(f"{len(keys)} tensor{'s' if len(keys) > 1 else ''} {what} ({names})")
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {model} does not hold the weights its model needs: {'; '.join(problems)}; "
-            "it would label with random weights (a partial upload or copy, or another model's weights?)"
-        )
-
-
-@contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """A library's warnings held back while a block runs (its errors still show)."""
-    import logging
-
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return fingerprint_of(listed_files(url)[1])
 
 
 def is_hub_id(model: str) -> bool:
     """Whether ``model`` names a Hub repository: not a URL, not a folder here (a folder wins
     over a Hub id spelled the same), and spelled as the Hub spells ids."""
-    return not (_is_remote_url(model) or model.startswith("file://") or os.path.isdir(model)) and (
-        _looks_like_hub_id(model)
+    return not (is_remote_url(model) or model.startswith("file://") or os.path.isdir(model)) and (
+        looks_like_hub_id(model)
     )
 
 
@@ -383,10 +199,10 @@ def checkpoint_file(model: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    # "org/name" or "name", as the Hub spells ids. Anything else (a leading slash or dot, more
-    # than one slash) is a local path that does not exist, reported as such rather than as a
-    # failed download.
+def looks_like_hub_id(model: str) -> bool:
+    """Whether ``model`` is spelled as the Hub spells ids: "org/name" or "name". Anything else
+    (a leading slash or dot, more than one slash) is a local path that does not exist, reported
+    as such rather than as a failed download."""
     return bool(re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", model))
 
 
@@ -422,7 +238,7 @@ def inspect_checkpoint(model: str, revision: str | None = None) -> CheckpointInf
         split = eomt_input(processor, config.get("image_size"), model)
     if hub:
         return CheckpointInfo(labels, commit or revision, family, split)
-    if _is_remote_url(model):
+    if is_remote_url(model):
         # Actors on other nodes copy it later: the job pins what it was now.
         current = checkpoint_fingerprint(model)
         if revision is not None and revision != current:
@@ -464,7 +280,7 @@ def _check_class_head(model: str, labels: dict[int, str]) -> None:
             raise CheckpointError(missing) from None
         return
     except (OSError, ValueError, RecursionError, Unreadable) as exc:
-        raise CheckpointError(f"cannot read the weights of checkpoint {model}: {_first_line(exc)}") from exc
+        raise CheckpointError(f"cannot read the weights of checkpoint {model}: {first_line(exc)}") from exc
     entry = head.get(CLASS_HEAD)
     shape = entry.get("shape") if isinstance(entry, dict) else None
     if not isinstance(shape, list) or not shape or type(shape[0]) is not int or shape[0] < 1:
@@ -518,7 +334,7 @@ def _config_file(
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(
-                f"cannot load checkpoint {model!r}: {_first_line(exc)} To run without the Hub, give a local "
+                f"cannot load checkpoint {model!r}: {first_line(exc)} To run without the Hub, give a local "
                 "checkpoint folder, or a Hugging Face cache that holds it (HF_HOME) with HF_HUB_OFFLINE=1"
             ) from exc
         if path is None:
@@ -532,7 +348,7 @@ def _config_file(
     except FileNotFoundError:
         return None, None
     except (OSError, ValueError, RecursionError, Unreadable) as exc:
-        raise CheckpointError(f"cannot read {name} of checkpoint {model}: {_first_line(exc)}") from exc
+        raise CheckpointError(f"cannot read {name} of checkpoint {model}: {first_line(exc)}") from exc
     if not isinstance(value, dict):
         raise CheckpointError(f"cannot read {name} of checkpoint {model}: not a JSON object")
     return value, commit

@@ -28,13 +28,14 @@ import numpy as np
 import torch
 
 from ..core.config import EngineConfig, default_dtype
-from ..core.errors import ConfigError
-from ..core.labels import resolve_labels, thing_ids
+from ..core.errors import CheckpointError
 from ..core.redaction import get_logger
 from ..core.results import Prediction, RawPrediction, build_segments
-from .checkpoint import check_family_settings, detect_task, load_checkpoint
+from .checkpoint import detect_task
+from .load import load_checkpoint
 from .postprocess import Postprocessor, PostprocessSpec
 from .preprocess import PreprocessSpec, crop_starts, preprocess, to_device
+from .resolve import ResolvedCheckpoint, settle
 
 log = get_logger(__name__)
 
@@ -56,9 +57,13 @@ def as_rgb(image: Any) -> np.ndarray:
 
 
 class Segmenter:
-    """A loaded Mask2Former or EoMT checkpoint for one task; call it with a list of RGB images."""
+    """A loaded Mask2Former or EoMT checkpoint for one task; call it with a list of RGB images.
 
-    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **settings: Any):
+    ``checkpoint``: the checkpoint as the job's driver resolved it (:mod:`seglabel.engine.resolve`),
+    whose labels the loaded weights must have; without it, settled from what is loaded."""
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
+                 checkpoint: ResolvedCheckpoint | None = None, **settings: Any):
         config = config or EngineConfig()
         if model is not None:
             settings["model"] = model
@@ -66,19 +71,19 @@ class Segmenter:
             config = config.replace(**settings)
         self.config = config
         # Decide the task before loading anything, so that a missing --task fails fast.
-        self.task = detect_task(config.model, config.task)
+        self.task = checkpoint.task if checkpoint is not None else detect_task(config.model, config.task)
         cuda = torch.cuda.is_available()
         self.device = torch.device(config.device or ("cuda" if cuda else "cpu"))
         self.dtype_name = config.dtype or default_dtype(self.device.type)
         self.dtype = _DTYPES[self.dtype_name]
-        checkpoint = load_checkpoint(
+        loaded = load_checkpoint(
             config.model,
             config.revision,
             device=str(self.device),
             dtype=self.dtype,
             cache_dir=config.cache_dir,
         )
-        self.model = checkpoint.model
+        self.model = loaded.model
         # One batch in the model at a time (on a GPU, until the device has run it); copies and
         # post-processing of another overlap it.
         self._model_lock = threading.Lock()
@@ -91,26 +96,23 @@ class Segmenter:
             torch.cuda.synchronize(self.device)  # the weights are in place before other streams read them
         if config.compile:
             self.model = _compiled(self.model, config.cache_dir)
-        self.model_id = checkpoint.model_id
-        self.family = checkpoint.family
-        self.revision = checkpoint.revision
-        self.id2label = checkpoint.id2label
-        self.num_labels = len(self.id2label)
-        try:
-            self.thing_ids = thing_ids(self.id2label, config.thing_labels)
-            keep = resolve_labels(self.id2label, config.labels) if config.labels is not None else None
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        self.model_id = loaded.model_id
+        self.revision = loaded.revision
         image_size = getattr(self.model.config, "image_size", None)
         self.preprocess_spec = PreprocessSpec.from_processor(
-            checkpoint.processor, config.resolution, self.family, image_size
+            loaded.processor, config.resolution, loaded.family, image_size
         )
-        check_family_settings(self.family, config.resolution, self.task, bool(self.preprocess_spec.split),
-                              config.model)
-        fuse = frozenset()
-        if self.task == "panoptic" and self.thing_ids is not None:
-            # Stuff labels are fused into one segment per image; unknown thing/stuff fuses nothing.
-            fuse = frozenset(set(self.id2label) - set(self.thing_ids))
+        if checkpoint is None:
+            checkpoint = settle(config, loaded.id2label, loaded.family, loaded.revision,
+                                bool(self.preprocess_spec.split))
+        elif (loaded.family, loaded.id2label) != (checkpoint.family, checkpoint.id2label):
+            # Replaced between the driver's look and this load (a folder rewritten in place).
+            raise CheckpointError(f"checkpoint {config.model} is not the one the job read: its "
+                                  f"{'family' if loaded.family != checkpoint.family else 'labels'} changed")
+        self.checkpoint = checkpoint
+        self.family, self.id2label = checkpoint.family, checkpoint.id2label
+        self.num_labels = len(self.id2label)
+        self.thing_ids = checkpoint.things
         self.postprocess = Postprocessor(
             PostprocessSpec(
                 task=self.task,
@@ -118,8 +120,9 @@ class Segmenter:
                 mask_threshold=config.mask_threshold,
                 overlap_threshold=config.overlap_threshold,
                 compat=config.compat,
-                fuse_label_ids=fuse,
-                keep_label_ids=keep,
+                # Stuff labels are fused into one segment per image; unknown thing/stuff fuses nothing.
+                fuse_label_ids=checkpoint.fused,
+                keep_label_ids=checkpoint.keep,
                 min_area=config.min_area,
                 max_instances=config.max_instances,
                 family=self.family,
@@ -227,7 +230,7 @@ def _compiled(model: Any, cache_dir: str | None) -> Any:
     a second actor or a second run loads it instead of compiling again."""
     import os
 
-    from .checkpoint import default_cache_dir
+    from .load import default_cache_dir
 
     root = Path(cache_dir) if cache_dir else default_cache_dir().parent
     given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")

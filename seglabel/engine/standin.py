@@ -27,7 +27,7 @@ from ..core.config import EngineConfig, StandIn
 from ..core.masks import PackedMasks
 from ..core.results import RawPrediction
 from ..core.review import review_score
-from .checkpoint import detect_task, inspect_checkpoint
+from .resolve import ResolvedCheckpoint, resolve_checkpoint
 
 # What the made predictions may hold at once (counted as segments × H × W bytes a size: what
 # making one takes, more than a packed prediction keeps).
@@ -35,14 +35,14 @@ STAND_IN_CACHE_BYTES = 512 << 20
 
 
 class StandInSegmenter:
-    """Drop-in for :class:`~seglabel.segment.Segmenter` in the pipeline (``predict_raw``)."""
+    """Drop-in for :class:`~seglabel.engine.segmenter.Segmenter` in the pipeline (``predict_raw``)."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, checkpoint: ResolvedCheckpoint | None = None):
         self.config = config
         self.spec = config.stand_in or StandIn()
-        self.task = detect_task(config.model, config.task)
-        info = inspect_checkpoint(config.model, config.revision)
-        self.id2label, self.revision = info.id2label, info.revision
+        # The checkpoint's files are read (as the driver reads them), its weights never.
+        checkpoint = checkpoint or resolve_checkpoint(config)
+        self.task, self.id2label, self.revision = checkpoint.task, checkpoint.id2label, checkpoint.revision
         self.labels = np.array(sorted(self.id2label) or [0], dtype=np.int32)
         self.device = "stand-in"
         self.timings: dict[str, float] = {}

@@ -19,7 +19,6 @@ from ..core.errors import JobError
 from ..core.keys import Bits
 from ..core.redaction import get_logger
 from ..outputs.store import OutputStore, RowCounts
-from .summary import Summary
 
 log = get_logger(__name__)
 
@@ -82,10 +81,20 @@ class Committer:
         self.part += 1
 
 
+@dataclass(frozen=True)
+class Committed:
+    """What a run committed: rows by status, and ok rows by the Segmenter actor that made them."""
+
+    processed: int = 0
+    ok: int = 0
+    error: int = 0
+    actors: dict[str, int] = field(default_factory=dict)
+
+
 def commit_rows(batches: Iterable[pa.Table], store: OutputStore, run_id: str, todo: int, rows_per_part: int,
-                max_errors: float | None, summary: Summary, guard: Callable[[], None] = lambda: None) -> None:
+                max_errors: float | None, guard: Callable[[], None] = lambda: None) -> Committed:
     """Consume the pipeline's rows (this run's ``todo`` of them, each with its ``index`` in the
-    to-do order and the ``actor`` that labeled it) and commit them; counts into ``summary``.
+    to-do order and the ``actor`` that labeled it), commit them, and say what was committed.
     Stops with :class:`JobError`, once what is done is committed, past ``max_errors``; ``guard``
     is called before each part is written."""
     from tqdm import tqdm
@@ -111,7 +120,6 @@ def commit_rows(batches: Iterable[pa.Table], store: OutputStore, run_id: str, to
                                    by_actor.field("counts").to_pylist())))
             committer.add(batch)
             bar.update(batch.num_rows)
-            summary.processed, summary.ok, summary.error = counts.total, counts.ok, counts.error
             if too_many_errors(max_errors, counts.error, counts.total):
                 # Commit what is done, so that a re-run after fixing the cause resumes here.
                 committer.flush()
@@ -124,4 +132,4 @@ def commit_rows(batches: Iterable[pa.Table], store: OutputStore, run_id: str, to
                 log.info("%d / %d images, %.1f images/s", counts.total, todo, rate)
                 last_log = time.monotonic()
         committer.flush()
-    summary.actors = dict(actors)
+    return Committed(counts.total, counts.ok, counts.error, dict(actors))

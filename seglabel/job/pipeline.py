@@ -1,10 +1,12 @@
-"""The labeling job, top to bottom: record → plan → connect → stages → commit → finish.
+"""The labeling job, top to bottom: model → output → plan → connect → stages → commit → finish.
 
-    the model and the output's record, checked (``plan``, ``record``)
+    the model resolved and its licence checked (``plan``); the output's state checked and made
+    ready under its lease (``lifecycle``, ``lease``)
     → enumeration and the to-do lists in the output's scratch space (``plan``)
     → Ray: read + decode (CPU tasks) → Segmenter (one actor per GPU, one model load each, two
       batches in it at once) → encode + write PNGs (CPU tasks) (``stages``)
-    → metadata parts committed by the driver (``commit``) → ``_SUCCESS``
+    → metadata parts committed by the driver (``commit``) → ``_SUCCESS`` (``lifecycle``)
+    → the run's :class:`~seglabel.job.summary.Summary`, made once at the end
 
 Ray Data streams blocks between the stages with backpressure, so a slow stage holds the others
 back instead of filling memory; the driver holds one part's rows at a time and commits them as
@@ -16,18 +18,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..core.config import EngineConfig, JobConfig, default_dtype
 from ..core.errors import ConfigError, SeglabelError
 from ..core.redaction import get_logger, redact_url
-from ..outputs.record import JobRecord
-from ..outputs.store import JOB_FILE, MASKS_DIR, SUCCESS_FILE, OutputStore
+from ..engine.resolve import ResolvedCheckpoint
+from ..outputs.store import OutputStore
 from .cluster import connect
-from .commit import commit_rows
+from .commit import Committed, commit_rows
 from .lease import Lease, hold
 from .ledger import AttemptLedger
-from .plan import Model, Work, absolute_paths, check_output, input_refs, plan_work, prepare_output
+from .lifecycle import OutputLife
+from .plan import Work, absolute_paths, announce, input_refs, plan_work, resolve_model
 from .stages import SEGMENT_CALLS, STAGES, DecodeStage, EncodeStage, SegmentStage, TodoReader
 from .summary import Summary, stage_cpu
 
@@ -63,74 +66,56 @@ def run(config: JobConfig) -> Summary:
     before any model runs when the settings, input, checkpoint or output are unusable.
     """
     config = absolute_paths(config)
-    model = Model.of(config)
-    summary = Summary(output=redact_url(config.output), task=model.task, model=config.engine.model,
-                      dry_run=config.dry_run, license=model.license)
+    checkpoint = resolve_model(config)
     refs = input_refs(config)  # a missing input fails here, before anything is written
-    model.announce(config.engine.model)
+    announce(checkpoint)
     store = OutputStore(config.output, config.output_storage_options)
-    check_output(store, config)
+    output = OutputLife(store, config, checkpoint)
+    output.check()
     with hold(store, config.dry_run) as lease:  # one run at a time on an output
-        previous = prepare_output(store, config, model)
-        work = plan_work(store, config, refs, resuming=previous is not None)
-        summary.found, summary.already_done, summary.held_back = work.found, work.already_done, work.held_back
+        output.prepare()
+        work = plan_work(store, config, refs, resuming=output.resuming)
         if config.dry_run:
-            return summary
-        record = previous or model.record(config)
+            return _summary(config, checkpoint, work)
         try:
             if work.todo == 0:
-                _finish_idle(store, config, summary, record, fresh=previous is None)
-                return summary
+                totals = output.finish_idle(work.found, work.held_back)
+                return _summary(config, checkpoint, work, totals=totals)
             # Every Segmenter loads the commit the driver resolved (a Hub branch may move meanwhile).
-            config = config.replace(engine=config.engine.replace(revision=model.revision))
+            config = config.replace(engine=config.engine.replace(revision=checkpoint.revision))
             started = time.perf_counter()
-            _label(config, store, model, work, summary, record, lease, fresh=previous is None)
-            summary.seconds = time.perf_counter() - started
-            _finish(store, summary, work)
+            try:
+                labeled = _label(config, store, checkpoint, work, output, lease)
+            except SeglabelError:
+                output.abandon()
+                raise
+            seconds = time.perf_counter() - started
+            totals = output.finish(work.todo, labeled.committed.processed, work.held_back,
+                                   labeled.committed.actors)
         finally:
             store.remove(work.scratch)
-    return summary
+    return _summary(config, checkpoint, work, labeled, seconds, totals)
 
 
-def _finish_idle(store: OutputStore, config: JobConfig, summary: Summary, record: JobRecord,
-                 fresh: bool) -> None:
-    """A run with nothing to label: the output's record and ``_SUCCESS`` made right."""
-    if fresh:
-        record.write(store)
-    if summary.found == 0:
-        log.warning("no images found under %s", config.input or config.manifest)
-    if summary.held_back:
-        store.remove(SUCCESS_FILE)
-    elif summary.found == 0 or not store.exists(SUCCESS_FILE):
-        summary.totals = store.counts(remember=True)
-        store.write_json(SUCCESS_FILE, summary.totals)
+@dataclass(frozen=True)
+class Labeled:
+    """What the stages did: the rows committed, and each stage's CPU seconds."""
+
+    committed: Committed
+    stage_cpu_s: dict[str, float]
 
 
-def _label(config: JobConfig, store: OutputStore, model: Model, work: Work, summary: Summary,
-           record: JobRecord, lease: Lease, fresh: bool) -> None:
-    """Label the work under the output's lease; a new output whose Segmenters refused to label
-    anything (their checkpoint's weights are not the model's) is left empty, so that the next
-    run starts as if this one never had. One that holds masks keeps its record: without it, the
-    folder would not be seglabel's to resume or overwrite."""
-    try:
-        _execute(config, store, model, work, summary, lease,
-                 settle=lambda dtype: record.settle(store, dtype, model.revision, fresh))
-    except SeglabelError:
-        if fresh and summary.processed == 0 and not store.holds(MASKS_DIR):
-            store.remove(JOB_FILE)
-        raise
-
-
-def _finish(store: OutputStore, summary: Summary, work: Work) -> None:
-    """The output's totals, and ``_SUCCESS`` once every input image has a row."""
-    summary.totals = store.counts(remember=True)
-    if summary.processed < work.todo:
-        # Every row is committed or the job fails; should one be missing all the same,
-        # _SUCCESS would lie: the next run labels what is missing.
-        missing = work.todo - summary.processed
-        log.warning("%d of %d images got no row: not writing _SUCCESS", missing, work.todo)
-    elif not summary.held_back:
-        store.write_json(SUCCESS_FILE, {**summary.totals, "actors": summary.actors})
+def _summary(config: JobConfig, checkpoint: ResolvedCheckpoint, work: Work, labeled: Labeled | None = None,
+             seconds: float = 0.0, totals: dict[str, Any] | None = None) -> Summary:
+    """The run's summary, made once it is over."""
+    committed = labeled.committed if labeled is not None else Committed()
+    return Summary(
+        output=redact_url(config.output), task=checkpoint.task, model=config.engine.model,
+        found=work.found, already_done=work.already_done, held_back=work.held_back,
+        processed=committed.processed, ok=committed.ok, error=committed.error, seconds=seconds,
+        dry_run=config.dry_run, actors=committed.actors, totals=totals or {},
+        stage_cpu_s=labeled.stage_cpu_s if labeled is not None else {}, license=checkpoint.license,
+    )
 
 
 @dataclass(frozen=True)
@@ -147,11 +132,11 @@ class Sizing:
         return "num_gpus" in self.resources and (engine.device or "cuda").startswith("cuda")
 
 
-def _execute(config: JobConfig, store: OutputStore, model: Model, work: Work, summary: Summary, lease: Lease,
-             settle: Callable[[str], None]) -> None:
-    """Connect to Ray, build the pipeline (todo files -> decode -> Segmenters -> encode) and
-    commit its rows while ``lease`` is this run's. ``settle`` is called with the Segmenters'
-    dtype once their device is known, before any image is read."""
+def _label(config: JobConfig, store: OutputStore, checkpoint: ResolvedCheckpoint, work: Work,
+           output: OutputLife, lease: Lease) -> Labeled:
+    """Connect to Ray, record the Segmenters' dtype once their device is known (before any
+    image is read), build the pipeline (todo files -> decode -> Segmenters -> encode) and commit
+    its rows while ``lease`` is this run's."""
     import ray
     from ray.data import DataContext
 
@@ -161,15 +146,15 @@ def _execute(config: JobConfig, store: OutputStore, model: Model, work: Work, su
         context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         sizing = _sizing(config, work.todo, connection.embedded)
         dtype = config.engine.dtype or default_dtype("cuda" if sizing.on_gpu(config.engine) else "cpu")
-        settle(dtype)
+        output.settle(dtype)
         config = config.replace(engine=config.engine.replace(dtype=dtype))  # every actor the same
         ledger = _start_ledger()
-        ds = _dataset(config, store, model, work, sizing, ledger)
+        ds = _dataset(config, store, checkpoint, work, sizing, ledger)
         cpu = time.process_time()
         try:
             rows = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-            commit_rows(rows, store, work.run_id, work.todo, config.rows_per_part, config.max_errors, summary,
-                        guard=lease.check)
+            committed = commit_rows(rows, store, work.run_id, work.todo, config.rows_per_part,
+                                    config.max_errors, guard=lease.check)
         except Exception as exc:
             if isinstance(exc, SeglabelError):
                 raise
@@ -179,8 +164,7 @@ def _execute(config: JobConfig, store: OutputStore, model: Model, work: Work, su
             if refusal is None:
                 raise
             raise refusal from None
-        finally:
-            summary.stage_cpu_s = {**stage_cpu(ds, CPU_NAMES), "driver": time.process_time() - cpu}
+        return Labeled(committed, {**stage_cpu(ds, CPU_NAMES), "driver": time.process_time() - cpu})
 
 
 def _start_ledger() -> Any:
@@ -196,8 +180,8 @@ def _start_ledger() -> Any:
     ).remote()
 
 
-def _dataset(config: JobConfig, store: OutputStore, model: Model, work: Work, sizing: Sizing,
-             ledger: Any) -> Any:
+def _dataset(config: JobConfig, store: OutputStore, checkpoint: ResolvedCheckpoint, work: Work,
+             sizing: Sizing, ledger: Any) -> Any:
     """The stages chained as one Ray Dataset: CPU tasks around the Segmenters' actor pool."""
     import ray
 
@@ -212,7 +196,7 @@ def _dataset(config: JobConfig, store: OutputStore, model: Model, work: Work, si
     ds = tasks(ds, decode, sizing.block_rows)
     ds = ds.map_batches(
         SegmentStage,
-        fn_constructor_kwargs={"engine": config.engine, "ledger": ledger},
+        fn_constructor_kwargs={"engine": config.engine, "checkpoint": checkpoint, "ledger": ledger},
         batch_size=config.engine.batch_size,
         batch_format=SegmentStage.batch_format,
         # A Segmenter that dies (its process, its node) is replaced and its batches retried:
@@ -220,7 +204,7 @@ def _dataset(config: JobConfig, store: OutputStore, model: Model, work: Work, si
         compute=_actor_pool(sizing.actors),
         **sizing.resources,
     )
-    encode = EncodeStage(store, model.task, redact_url(config.engine.model), model.id2label, model.things)
+    encode = EncodeStage(store, checkpoint, redact_url(config.engine.model))
     return tasks(ds, encode, sizing.block_rows)
 
 

@@ -1,8 +1,10 @@
-"""From a job's config and its output's record to a plan of work; no Ray.
+"""From a job's config to a plan of work; no Ray.
 
     the model (checkpoint, task, labels, licence: refused before anything is read)
-    → the output (``--overwrite``, the resume checks, a killed run's leftovers)
-    → the work (enumeration: what is done, repeated or colliding; the to-do lists)
+    → the work (enumeration against what the output holds: what is done, repeated or
+      colliding; the to-do lists)
+
+The output's own state (new, resumed, overwritten) is :mod:`seglabel.job.lifecycle`'s.
 
 The to-do lists are Parquet files in the output's scratch space that the workers read, each
 row with its index in this run's to-do order; the driver never holds more than one file's rows.
@@ -23,17 +25,15 @@ import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
 from ..core.config import JobConfig
-from ..core.errors import ConfigError, OutputError
+from ..core.errors import ConfigError
 from ..core.keys import HashSet, SortedHashes, key_hashes
-from ..core.labels import resolve_labels, thing_ids
 from ..core.redaction import get_logger, redact_url, url_identity
-from ..engine.card import License, check_allowed, checkpoint_license
-from ..engine.checkpoint import FAMILIES, check_family_settings, detect_task, inspect_checkpoint
+from ..engine.checkpoint import FAMILIES
+from ..engine.resolve import ResolvedCheckpoint, resolve_checkpoint
 from ..inputs.listing import is_under, iter_listing
 from ..inputs.manifest import iter_manifest
 from ..inputs.refs import ImageRef
-from ..outputs.record import JobRecord
-from ..outputs.store import JOB_FILE, MASKS_DIR, METADATA_DIR, SCRATCH_DIR, OutputStore
+from ..outputs.store import SCRATCH_DIR, OutputStore
 from ..storage.filesystem import absolute_local, absolute_model
 
 log = get_logger(__name__)
@@ -46,47 +46,20 @@ ENUMERATION_BATCH = 8192
 # -- the model ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Model:
-    """What the driver settles about the checkpoint from its configs alone: the task, labels,
-    things, the revision every Segmenter loads, the family and the licence."""
+def resolve_model(config: JobConfig) -> ResolvedCheckpoint:
+    """The config's checkpoint, read and checked, with its licence: a checkpoint that cannot be
+    used, a licence not allowed, settings it cannot take and labels it does not have are each a
+    one-line refusal here, before anything is read or written."""
+    return resolve_checkpoint(config.engine, config.require_license, read_license=True)
 
-    task: str
-    id2label: dict[int, str]
-    things: frozenset[int] | None
-    revision: str | None
-    family: str
-    license: License
 
-    @classmethod
-    def of(cls, config: JobConfig) -> Model:
-        """The config's checkpoint, read and checked: a checkpoint that cannot be used, a
-        licence not allowed, settings it cannot take and labels it does not have are each a
-        one-line refusal here, before anything is read or written."""
-        engine = config.engine
-        task = detect_task(engine.model, engine.task)
-        info = inspect_checkpoint(engine.model, engine.revision)
-        license = checkpoint_license(engine.model, info.revision, info.family)
-        check_allowed(license, config.require_license, engine.model)
-        check_family_settings(info.family, engine.resolution, task, info.split, engine.model)
-        try:
-            things = thing_ids(info.id2label, engine.thing_labels)
-            if engine.labels is not None:
-                resolve_labels(info.id2label, engine.labels)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-        return cls(task, info.id2label, things, info.revision, info.family, license)
-
-    def announce(self, model: str) -> None:
-        """The run's first lines, once its checkpoint, settings and input are known to be usable."""
-        log.info("checkpoint %s: %s, licence %s", model, FAMILIES[self.family], self.license)
-        if self.license.noncommercial:
-            log.warning("checkpoint %s is licensed %s: its weights may not be used commercially", model,
-                        self.license.id)
-
-    def record(self, config: JobConfig) -> JobRecord:
-        """The record a new output gets."""
-        return JobRecord.new(config, self.task, self.revision, self.id2label, self.family, self.license)
+def announce(checkpoint: ResolvedCheckpoint) -> None:
+    """The run's first lines, once its checkpoint, settings and input are known to be usable."""
+    model, license = checkpoint.model, checkpoint.license
+    log.info("checkpoint %s: %s, licence %s", model, FAMILIES[checkpoint.family], license)
+    if license is not None and license.noncommercial:
+        log.warning("checkpoint %s is licensed %s: its weights may not be used commercially", model,
+                    license.id)
 
 
 def absolute_paths(config: JobConfig) -> JobConfig:
@@ -101,56 +74,6 @@ def absolute_paths(config: JobConfig) -> JobConfig:
     if model != config.engine.model:
         changes["engine"] = config.engine.replace(model=model)
     return config.replace(**changes)
-
-
-# -- the output ---------------------------------------------------------------------------------
-
-
-def check_output(store: OutputStore, config: JobConfig) -> None:
-    """Refuse, before anything is written, an output folder that is not seglabel's (see
-    :func:`prepare_output`) or whose record is damaged."""
-    if JobRecord.read(store) is None:
-        _refuse_foreign(store, config)
-
-
-def prepare_output(store: OutputStore, config: JobConfig, model: Model) -> JobRecord | None:
-    """The output made ready for the run, under its lease; returns its record (None: a new
-    output, or one that ``--overwrite`` clears). A folder that is not seglabel's, or a resume
-    with another input or other mask settings, is refused; a killed run's temporary files go;
-    with ``--retry-errors`` the error rows go."""
-    previous = JobRecord.read(store)
-    if previous is None:
-        _refuse_foreign(store, config)
-    if config.overwrite:
-        if not config.dry_run and previous is not None:
-            log.info("--overwrite: removed the previous job's %d masks and its metadata", store.clear())
-            # The new record at once: masks a killed run wrote but never committed stay, and a
-            # folder with masks and no record would be refused by the next run.
-            model.record(config).write(store)
-        previous = None  # a dry run of --overwrite counts as the real one would: from scratch
-    elif previous is not None:
-        previous.check_resume(config, model.task, model.revision, model.family)
-    if not config.dry_run:
-        store.clean_temporary()
-        if config.retry_errors and previous is not None:
-            log.info("dropped %d error rows to process them again", store.drop_error_rows())
-    return previous
-
-
-def _refuse_foreign(store: OutputStore, config: JobConfig) -> None:
-    """Refuse an output folder without a record that holds ``masks/`` or ``metadata/``: not
-    an output of seglabel's (a dataset keeping its ground truth in ``masks/``), or one whose
-    record is lost, whose rows' settings are then unknown. Either way its files are not ours
-    to overwrite or to add rows to."""
-    held = [f"{rel}/" for rel in (MASKS_DIR, METADATA_DIR) if store.holds(rel)]
-    if not held:
-        return
-    where = f"{redact_url(config.output)} has {' and '.join(held)} but no {JOB_FILE}"
-    if config.overwrite:
-        raise OutputError(f"{where}: it is not an output of seglabel's, and --overwrite clears only those; "
-                          "move those folders away or choose another output")
-    raise OutputError(f"{where}: the settings of its rows are unknown, so it cannot be resumed; restore "
-                      f"its {JOB_FILE}, or choose another output")
 
 
 # -- the work -----------------------------------------------------------------------------------

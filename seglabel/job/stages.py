@@ -38,6 +38,8 @@ from ..core.keys import is_safe_key
 from ..core.masks import encode_png
 from ..core.redaction import get_logger, redact_url
 from ..core.results import RawPrediction, build_segments
+from ..engine.load import load_segmenter
+from ..engine.resolve import ResolvedCheckpoint
 from ..inputs.fetch import fetch, options_for
 from ..outputs.store import SCHEMA, OutputStore
 from .ledger import MAX_ATTEMPTS
@@ -263,28 +265,6 @@ def _same_kind(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype
 
 
-def load_segmenter(engine: EngineConfig, cpu_threads: int = 1) -> Any:
-    """The engine's Segmenter, loaded; its stand-in where it names one.
-
-    The stand-in runs no model, so it loads neither torch nor transformers: a stand-in actor's
-    start is the pipeline's own (their imports took 1.5 s of it on the 2-core machine, which
-    the plumbing bench reports apart).
-    """
-    if engine.stand_in is not None:
-        from ..engine.standin import StandInSegmenter
-
-        return StandInSegmenter(engine)
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from ..engine.segmenter import Segmenter
-
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, cpu_threads))
-    hf_logging.disable_progress_bar()  # one bar per actor start is noise in the job's log
-    return Segmenter(config=engine)
-
-
 class SegmentStage(Stage):
     """A Ray Data actor: one loaded Segmenter; runs the model on each batch's decodable images.
     Ray Data calls it from ``SEGMENT_CALLS`` threads at once: it keeps no state of its own
@@ -292,7 +272,8 @@ class SegmentStage(Stage):
 
     name = work = "segment"
 
-    def __init__(self, engine: EngineConfig, cpu_threads: int = 1, ledger: Any = None):
+    def __init__(self, engine: EngineConfig, checkpoint: ResolvedCheckpoint | None = None,
+                 cpu_threads: int = 1, ledger: Any = None):
         import ray
 
         super().__init__(ledger)
@@ -303,7 +284,7 @@ class SegmentStage(Stage):
         # here, Ray would print pages about a dead actor and start it again.
         self.refusal: SeglabelError | None = None
         try:
-            self.segmenter = load_segmenter(engine, cpu_threads)
+            self.segmenter = load_segmenter(engine, cpu_threads, checkpoint)
         except SeglabelError as exc:
             self.refusal = exc
             if ledger is not None:
@@ -365,7 +346,7 @@ class EncodeStage(Stage):
     """Encodes and writes a block's masks; returns its output rows.
 
     The block comes as Arrow, read where it lies in the object store: each prediction is
-    loaded from its own slice of the block when its turn comes (``encode.column_cells``), its
+    loaded from its own slice of the block when its turn comes (``transport.column_cells``), its
     arrays views of that slice (``RawPrediction.loads``), so that a worker copies no prediction
     out of the block, let alone the whole block's.
     """
@@ -373,11 +354,11 @@ class EncodeStage(Stage):
     name, work = "encode", "encode+write"
     batch_format = "pyarrow"
 
-    def __init__(self, output: OutputStore, task: str, model: str, id2label: dict[int, str],
-                 things: frozenset[int] | None):
+    def __init__(self, output: OutputStore, checkpoint: ResolvedCheckpoint, model: str):
         super().__init__()
-        self.output, self.task, self.model = output, task, model
-        self.id2label, self.things = id2label, things
+        # ``model``: the checkpoint as the rows name it (redacted).
+        self.output, self.task, self.model = output, checkpoint.task, model
+        self.id2label, self.things = checkpoint.id2label, checkpoint.things
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns = [batch.column(name).to_pylist() for name in ("key", "uri", "width", "height", "error")]

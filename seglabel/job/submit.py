@@ -186,7 +186,8 @@ def submit(
                           "index")
     if config.require_license is not None:
         # Checked here too, so that a refused checkpoint never reaches the cluster's queue.
-        from ..engine.card import check_allowed, checkpoint_license
+        from ..core.license import check_allowed
+        from ..engine.card import checkpoint_license
         from ..engine.checkpoint import inspect_checkpoint
 
         info = inspect_checkpoint(config.engine.model, config.engine.revision)

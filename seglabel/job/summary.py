@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.license import License
 from ..core.redaction import get_logger
-from ..engine.card import License
 
 log = get_logger(__name__)
 

@@ -22,9 +22,9 @@ from typing import Any, Mapping
 from ..core.config import TASKS, EngineConfig, JobConfig
 from ..core.errors import ConfigError, OutputError, one_line
 from ..core.labels import thing_ids
+from ..core.license import License
 from ..core.redaction import get_logger, redact_url, url_identity
 from ..core.version import __version__
-from ..engine.card import License
 from ..storage.filesystem import absolute_local, absolute_model
 from .store import JOB_FILE, SUCCESS_FILE, OutputStore
 
@@ -57,7 +57,7 @@ class JobRecord:
             family: str, license: License) -> JobRecord:
         """The record of a new run: ``task``, ``revision`` and ``family`` are the ones it settled
         on (the checkpoint's task, the Hub commit, its model type); the other mask settings as
-        given (``dtype`` null until the device is known: see :meth:`settle`)."""
+        given (``dtype`` null until the device is known: the job's lifecycle records it then)."""
         return cls({
             # A presigned manifest URL's signature or a URL's password is not recorded.
             "input": redact_url(config.input) if config.input else None,
@@ -189,7 +189,7 @@ class JobRecord:
             before, now = dict(self.values), mask_settings(engine, task, revision, family)
         before["family"] = self.family
         now.setdefault("family", family)
-        # A dtype not given is the device's default, checked once the device is known (settle).
+        # A dtype not given is the device's default, checked once the device is known (check_dtype).
         changed = [
             k for k in now if k in before and before[k] != now[k] and not _settled_later(k, before[k], now[k])
         ]
@@ -203,25 +203,17 @@ class JobRecord:
                 "or --overwrite to start again"
             )
 
-    def settle(self, store: OutputStore, dtype: str, revision: str | None, fresh: bool) -> None:
-        """Once the Segmenters' device is known: the dtype they will use is recorded (a
-        ``fresh`` record is written now), or checked against the one recorded (fp32 on a CPU,
-        then bf16 on a GPU, would mix two models). ``_SUCCESS`` goes: it is stale until every
-        new image has a row."""
+    def check_dtype(self, dtype: str, output: str) -> None:
+        """Refuse to resume with another dtype than the one recorded (fp32 on a CPU, then bf16
+        on a GPU, would mix two models); a record without one (written before the device was
+        known) takes any."""
         recorded = self.values.get("dtype")
-        if fresh:
-            self.replace(dtype=dtype).write(store)
-        elif recorded not in (None, dtype):
+        if recorded not in (None, dtype):
             raise ConfigError(
-                f"{store.url} was labeled with dtype {recorded}, and this run would use "
+                f"{output} was labeled with dtype {recorded}, and this run would use "
                 f"{dtype} (the default on this device); pass --dtype {recorded} to resume, "
                 "or --overwrite to start again"
             )
-        elif recorded is None or self.revision != revision:
-            # Recorded before they were known (a first run with nothing to do, an older
-            # seglabel): recorded now, so that the next run is checked against them.
-            self.replace(dtype=dtype, revision=revision).write(store)
-        store.remove(SUCCESS_FILE)
 
 
 def mask_settings(engine: EngineConfig, task: str, revision: str | None,
@@ -236,7 +228,7 @@ def mask_settings(engine: EngineConfig, task: str, revision: str | None,
 
 def _settled_later(name: str, before: Any, now: Any) -> bool:
     """Differences the early settings check lets pass: a dtype not given (the device's default,
-    checked in ``settle`` once the device is known), and a URL checkpoint recorded without a
+    checked by ``check_dtype`` once the device is known), and a URL checkpoint recorded without a
     revision by seglabel before its fingerprint was (it is recorded now)."""
     if name == "dtype":
         return now is None
