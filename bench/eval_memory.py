@@ -30,7 +30,7 @@ LABELS = {i: f"label{i}" for i in range(5)}
 CHILD = """
 import json, sys, time, tracemalloc
 from seglabel.bench.memory import reset_peak, status_mb
-from seglabel.evaluate import evaluate
+from seglabel.evaluation.evaluate import evaluate
 before = status_mb("VmRSS"); reset_peak(); tracemalloc.start(); started = time.perf_counter()
 report = evaluate(sys.argv[1], sys.argv[2])
 seconds = time.perf_counter() - started
@@ -63,7 +63,7 @@ def _rgb(ids: np.ndarray) -> np.ndarray:
 
 def write_sample(root: Path, task: str, images: int, size: int, segments: int) -> tuple[str, str]:
     """A job output of ``images`` rows and its truth; returns (output, truth) paths."""
-    from seglabel.outputs.store import SCHEMA
+    from seglabel.outputs.contract import SCHEMA
 
     out, truth_dir = root / "out", root / "truth"
     (out / "metadata").mkdir(parents=True)

@@ -5,7 +5,7 @@
 Measures, each in a fresh process (peak RSS from the kernel's high-water mark, and time):
 
 * listing a flat prefix of ``--objects`` objects (and of a sixth of that, for the slope) with
-  ``seglabel.sources.iter_listing``: page by page, never the whole listing in memory;
+  ``seglabel.inputs.listing.iter_listing``: page by page, never the whole listing in memory;
 * a fresh run's enumeration of a ``--manifest``-entry Parquet manifest read from S3
   (``iter_manifest`` and the job's de-duplication of the keys to do).
 
@@ -34,13 +34,13 @@ import gc; gc.collect()
 before = status_mb("VmRSS"); reset_peak(); started = time.perf_counter()
 count = 0
 if kind == "listing":
-    from seglabel.sources import iter_listing
+    from seglabel.inputs.listing import iter_listing
     for _ in iter_listing(url):
         count += 1
 else:
-    from seglabel.keys import SortedHashes
-    from seglabel.plan import Tally, new_refs
-    from seglabel.sources import iter_manifest
+    from seglabel.core.keys import SortedHashes
+    from seglabel.job.plan import Tally, new_refs
+    from seglabel.inputs.manifest import iter_manifest
     tally = Tally()
     for _ in new_refs(iter_manifest(url), SortedHashes(), tally, dedupe=True):
         count += 1

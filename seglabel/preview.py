@@ -33,11 +33,12 @@ from .core.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .core.errors import ConfigError
 from .core.labels import palette_color
 from .core.redaction import get_logger
-from .inputs.fetch import fetch, options_for
-from .outputs.labelmap import LabelSpace
-from .outputs.order import ORDERS, rows_in_order
-from .outputs.record import JobRecord, open_output
-from .outputs.store import LABEL_COLUMNS, checked_key
+from .inputs.fetch import fetch
+from .outputs.contract import checked_key
+from .outputs.order import check_order
+from .outputs.reader import OutputReader
+from .outputs.record import JobRecord
+from .storage.filesystem import options_for
 from .storage.location import Destination
 
 log = get_logger(__name__)
@@ -90,23 +91,20 @@ def preview(
     larger). An image that cannot be read or decoded any more is skipped with a warning.
     ``label_map`` and ``unmapped`` show the segments in a team's labels (:mod:`seglabel.labelmap`);
     ``order`` ``"review"`` takes the most doubtful images first (:mod:`seglabel.review`).
-    Returns the overlay paths written, in order. Raises :class:`~seglabel.sink.OutputError`
+    Returns the overlay paths written, in order. Raises :class:`~seglabel.core.errors.OutputError`
     (``ConfigError`` for ``n`` or ``order``) with one readable line.
     """
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
-    if order not in ORDERS:
-        raise ConfigError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
-    store, job = open_output(output, storage_options)
-    space = LabelSpace.of_output(job, label_map, unmapped, (output, storage_options))
+    check_order(order)
+    reader = OutputReader(output, storage_options, label_map, unmapped)
+    job, space = reader.record, reader.space
     dest = Destination(to, to_storage_options)
     written: list[str] = []
     cards: list[Card] = []
-    for row in rows_in_order(store, LABEL_COLUMNS, 64, order):
+    for row in reader.ok_rows(order):
         if len(written) >= n:
             break
-        if row["status"] != "ok":
-            continue
         key = checked_key(row["key"])
         uri = row["image_uri"]
         options = (

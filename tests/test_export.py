@@ -519,7 +519,7 @@ def synthetic_output(root: Path, rows: int, template: str) -> str:
     """An output with many small rows (a real job.json, parts written with pyarrow)."""
     import pyarrow.parquet as pq
 
-    from seglabel.outputs.store import SCHEMA
+    from seglabel.outputs.contract import SCHEMA
 
     (root / "metadata").mkdir(parents=True)
     shutil.copy(Path(template) / "job.json", root / "job.json")

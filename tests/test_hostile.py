@@ -217,7 +217,7 @@ def test_resuming_from_another_input_is_refused(checkpoints, tmp_path, capsys):
 
 
 def test_storage_options_go_to_the_inputs_host_only():
-    from seglabel.inputs.fetch import options_for
+    from seglabel.storage.filesystem import options_for
 
     secret = {"headers": {"Authorization": "Bearer t"}}
     base = "https://images.example.com/list.txt"

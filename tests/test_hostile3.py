@@ -175,7 +175,7 @@ def test_inspect_skips_a_killed_runs_temporaries(checkpoints, tmp_path, capsys):
 
 def hand_made_output(root, rows: list[dict], id2label: dict[str, str]):
     """An output written with pyarrow alone: job.json and one part of contract rows."""
-    from seglabel.outputs.store import SCHEMA
+    from seglabel.outputs.contract import SCHEMA
 
     (root / "metadata").mkdir(parents=True)
     (root / "job.json").write_text(json.dumps({"task": "instance", "id2label": id2label, "model": "m"}))
@@ -409,7 +409,8 @@ def test_readers_skip_the_repeated_key_pass_on_parts_a_run_checked(checkpoints, 
     """The end of a run checks its parts for repeated keys and remembers which; a reader then
     reads each part once, not a second time for the keys. A part committed since (here one
     repeating a key, as two runs at once once wrote) is checked again, and the key counts once."""
-    from seglabel.outputs.store import SCHEMA, OutputStore
+    from seglabel.outputs.contract import SCHEMA
+    from seglabel.outputs.store import OutputStore
 
     images = photos(tmp_path / "photos", 4)
     out = tmp_path / "labels"

@@ -12,7 +12,8 @@ from outputs import read_rows
 from seglabel.core.keys import Bits, SortedHashes, key_hashes
 from seglabel.inputs.refs import ImageRef
 from seglabel.job import commit, plan, stages
-from seglabel.outputs.store import SCHEMA, OutputStore
+from seglabel.outputs.contract import SCHEMA
+from seglabel.outputs.store import OutputStore
 
 
 def refs(keys):

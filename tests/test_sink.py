@@ -15,7 +15,8 @@ from seglabel.core.errors import OutputError, SeglabelError
 from seglabel.core.keys import HashSet, HashSpool, SortedHashes, hash64, key_hashes, repeated
 from seglabel.core.results import RawPrediction
 from seglabel.engine.resolve import ResolvedCheckpoint
-from seglabel.outputs.store import SCHEMA, OutputStore
+from seglabel.outputs.contract import SCHEMA
+from seglabel.outputs.store import OutputStore
 from seglabel.storage.atomic import is_temporary, open_atomic, write_atomic
 from seglabel.storage.filesystem import absolute_local
 
@@ -78,7 +79,7 @@ def test_batches_are_bounded_and_cover_every_row(store):
 
 
 def test_job_files_and_inspect(store):
-    from seglabel.outputs.record import inspect_output
+    from seglabel.outputs.reader import inspect_output
 
     assert store.read_json("job.json") is None
     store.write_json("job.json", {"task": "instance", "model": "m", "input": "/in"})

@@ -52,8 +52,9 @@ def make_corpus(root: Path, entries: int) -> dict[str, str]:
 
     from ..core.config import EngineConfig, JobConfig
     from ..core.license import License
+    from ..outputs.contract import SCHEMA
     from ..outputs.record import JobRecord
-    from ..outputs.store import SCHEMA, OutputStore
+    from ..outputs.store import OutputStore
 
     manifest, output, checkpoint = root / "manifest.parquet", root / "out", root / CHECKPOINT
     checkpoint.mkdir(parents=True)

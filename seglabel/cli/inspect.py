@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..outputs.record import inspect_output
+from ..outputs.reader import inspect_output
 from ..outputs.store import OutputStore
 from .common import common, key_value
 

@@ -56,12 +56,11 @@ from scipy.stats import spearmanr
 
 from ..core.config import DEFAULT_MAX_BYTES
 from ..core.errors import EvalError, LabelMapError, OutputError, one_line
-from ..core.masks import decode_png
 from ..core.redaction import get_logger
-from ..formats.export import ROW_BATCH, coco_annotation
+from ..formats.export import coco_annotation
 from ..outputs.labelmap import LabelSpace, remap_ids
-from ..outputs.record import JobRecord, open_output
-from ..outputs.store import LABEL_COLUMNS, OutputStore, checked_key
+from ..outputs.reader import OutputReader
+from ..outputs.store import OutputStore
 from ..storage.filesystem import open_url
 from ..storage.location import Destination
 from .truth import (
@@ -133,21 +132,6 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def _read_mask(store: OutputStore, row: Mapping[str, Any], task: str, max_bytes: int) -> np.ndarray:
-    """The job's mask of a row, of the row's size: read as the truth's PNGs are (a regular
-    file, at most ``max_bytes``), since an output can be damaged too."""
-    key = checked_key(row["key"])
-    data = store.read_mask(key, max_bytes)
-    try:
-        mask = decode_png(data, task)
-    except (OSError, ValueError, IndexError) as exc:
-        raise EvalError(f"cannot read the mask of {key!r}: {one_line(exc)}") from exc
-    if mask.ndim != 2 or mask.shape != (row["height"], row["width"]):
-        raise EvalError(f"the mask of {key!r} is not a {task} map of {row['width']}x{row['height']}, "
-                        "as its row says: the output is damaged")
-    return mask
-
-
 def truth_categories(id2label: Mapping[int, str], names: Mapping[int, str]) -> dict[int, int]:
     """Model label id -> the truth's category id of the same name (every model id of a name
     the model's label set repeats); labels the truth lacks are absent."""
@@ -217,7 +201,7 @@ class InstanceScorer:
         self.image_ids: list[int] = []
         self.left_out = 0
 
-    def score(self, image: TruthImage, row: Mapping[str, Any], store: OutputStore) -> Scored:
+    def score(self, image: TruthImage, row: Mapping[str, Any], reader: OutputReader) -> Scored:
         _check_size(image, row, self.truth.url)
         preds = []
         for seg in self.space.apply(row)[0]:
@@ -371,13 +355,13 @@ class PanopticScorer:
         self.stats: dict[int, PQStat] = defaultdict(PQStat)
         self.left_out = 0
 
-    def score(self, image: TruthImage, row: Mapping[str, Any], store: OutputStore) -> Scored:
+    def score(self, image: TruthImage, row: Mapping[str, Any], reader: OutputReader) -> Scored:
         _check_size(image, row, self.truth.url)
         ann = image.annotation or {}
         uri = self.folder.uri(ann["file_name"])
         gt = self.folder.read(uri, row["width"], row["height"], "rgb")
         _check_areas(gt, ann["segments_info"], uri)
-        pred = _read_mask(store, row, "panoptic", self.folder.max_bytes)
+        pred = reader.mask(row, self.folder.max_bytes)
         segments, remap = self.space.apply(row)
         if self.space.from_model is not None:  # fused and dropped segments' pixels
             pred = remap_ids(pred, remap)
@@ -456,10 +440,10 @@ class SemanticScorer:
         # Predicted labels the truth's classes lack are "no label" pixels: no segment is left out.
         self.left_out = 0
 
-    def score(self, image: TruthImage, row: Mapping[str, Any], store: OutputStore) -> Scored:
+    def score(self, image: TruthImage, row: Mapping[str, Any], reader: OutputReader) -> Scored:
         uri = self.uris[image.name]
         truth = self.folder.read(uri, row["width"], row["height"], "id")
-        pred = _read_mask(store, row, "semantic", self.folder.max_bytes)
+        pred = reader.mask(row, self.folder.max_bytes)
         index = self.truth_index[truth]
         if (index == -2).any():
             value = int(truth[index == -2][0])
@@ -497,7 +481,7 @@ class Scorer(Protocol):
 
     left_out: int  # predicted segments of labels the truth does not list
 
-    def score(self, image: TruthImage, row: Mapping[str, Any], store: OutputStore) -> Scored: ...
+    def score(self, image: TruthImage, row: Mapping[str, Any], reader: OutputReader) -> Scored: ...
 
     def result(self) -> dict[str, Any]: ...
 
@@ -519,10 +503,9 @@ def _is_folder(url: str, storage_options: Mapping[str, Any] | None) -> bool:
         raise EvalError(f"cannot open the truth {url}: {one_line(exc)}") from exc
 
 
-def _sample(truth: str, job: JobRecord, options: EvalOptions, job_url: str) -> _Sample:
+def _sample(truth: str, reader: OutputReader, options: EvalOptions) -> _Sample:
     """Read and check the truth, and the scorer for the job's task."""
-    space = LabelSpace.of_output(job, options.label_map, options.unmapped,
-                                 (job_url, options.storage_options))
+    job, space = reader.record, reader.space
     if _is_folder(truth, options.truth_storage_options):
         if job.task != "semantic":
             raise EvalError(f"the truth {truth} is a folder of label PNGs (semantic) and the output holds "
@@ -701,17 +684,18 @@ def evaluate(output: str, truth: str, **options: Any) -> dict[str, Any]:
 
 
 def _evaluate(output: str, truth: str, options: EvalOptions) -> dict[str, Any]:
-    store, job = open_output(output, options.storage_options)
+    reader = OutputReader(output, options.storage_options, options.label_map, options.unmapped)
+    job = reader.record
     files = _Files(options)
-    sample = _sample(truth, job, options, output)
-    matched = _match(store, sample, options.limit)
+    sample = _sample(truth, reader, options)
+    matched = _match(reader.store, sample, options.limit)
     if not matched.selected:
         log.warning("no image of the truth matched an ok row of the output: nothing to score")
     with _PerImage() as table:
-        for row in store.iter_rows(LABEL_COLUMNS, ROW_BATCH):
+        for row in reader.rows():
             image = matched.selected.get(row["key"])
             if image is not None and row["status"] == "ok":
-                table.add(row["key"], sample.scorer.score(image, row, store), row["review_score"])
+                table.add(row["key"], sample.scorer.score(image, row, reader), row["review_score"])
         result = sample.scorer.result()
         figure = {"instance": "AP", "panoptic": "PQ", "semantic": "IoU"}[job.task]
         result["categories"].sort(key=lambda c: (c[figure] is None, c[figure] or 0))

@@ -68,23 +68,20 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..core.errors import ExportError, LabelMapError, OutputError, one_line
+from ..core.errors import ConfigError, ExportError, LabelMapError, OutputError, one_line
 from ..core.labels import palette_color, resolve_labels
 from ..core.masks import decode_png, encode_png
 from ..core.redaction import get_logger
 from ..core.version import __version__
+from ..outputs.contract import checked_key
 from ..outputs.labelmap import LabelSpace, remap_ids
-from ..outputs.order import ORDERS, rows_in_order
-from ..outputs.record import JobRecord, open_output
-from ..outputs.store import LABEL_COLUMNS, OutputStore, RowCounts, checked_key
+from ..outputs.order import check_order
+from ..outputs.reader import OutputReader
 from ..storage.location import Destination
 from .polygons import DEFAULT_TOLERANCE, coco_polygons, outline
 
 log = get_logger(__name__)
 
-# Rows decoded from Parquet at a time: bounds memory by a batch, not by a part (parts hold up to
-# --rows-per-part rows, each with its segments' RLEs).
-ROW_BATCH = 256
 # A COCO file's annotations wait in memory up to this size, then in a temporary file.
 SPOOL_MEMORY = 32 << 20
 # Where CVAT's "COCO 1.0" importer looks for the annotations of the "default" subset.
@@ -92,24 +89,6 @@ CVAT_MEMBER = "annotations/instances_default.json"
 CVAT_IMAGES_DIR = "images/"
 PANOPTIC_JSON = "panoptic.json"
 PANOPTIC_PNG_DIR = "panoptic"
-
-
-def ok_rows(rows: Iterable[dict], counts: RowCounts) -> Iterator[dict]:
-    """The ok rows, counting every row into ``counts`` as it passes."""
-    for row in rows:
-        if counts.add_row(row):
-            yield row
-
-
-def mapped_rows(rows: Iterable[dict], space: LabelSpace) -> Iterator[dict]:
-    """Rows in ``space``'s labels, each with ``remap``, its segment ids -> the ids they become
-    (:meth:`LabelSpace.apply`); the rows as they are without a label map."""
-    if space.record is None:
-        yield from rows
-        return
-    for row in rows:
-        segments, remap = space.apply(row)
-        yield {**row, "segments": segments, "remap": remap}
 
 
 def _write_label_map(dest: Destination, folder: bool, record: Mapping[str, Any]) -> str:
@@ -249,11 +228,12 @@ def _shards(rows: Iterator[dict], size: int | None) -> Iterator[tuple[int | None
         first = next(rows, None)
 
 
-def _info(output: str, job: JobRecord, space: LabelSpace) -> dict:
+def _info(reader: OutputReader) -> dict:
     now = datetime.now(timezone.utc)
+    job, space = reader.record, reader.space
     mapping = {"label_map": space.record} if space.record else {}
     return {
-        "description": f"seglabel {job.task} labels from {output}",
+        "description": f"seglabel {job.task} labels from {reader.url}",
         "contributor": "seglabel",
         "url": "",
         "version": __version__,
@@ -297,10 +277,7 @@ class ExportOptions:
 class ExportRun:
     """One export under way: what every writer reads, and the counts it adds to."""
 
-    output: str
-    job: JobRecord
-    space: LabelSpace
-    store: OutputStore
+    reader: OutputReader
     dest: Destination
     keep: SegmentFilter
     options: ExportOptions
@@ -368,7 +345,7 @@ class CocoWriter(Writer):
         for seg in self.run.keep.apply(row["segments"]):
             self.ids.annotation += 1
             ann = {"id": self.ids.annotation, "image_id": image_id}
-            ann.update(coco_annotation(row, seg, self.run.job.task, self.scores))
+            ann.update(coco_annotation(row, seg, self.run.reader.task, self.scores))
             options = self.run.options
             if options.mask_format == "polygon" and not ann["iscrowd"]:
                 ann["segmentation"] = _polygons_or_rle(ann["segmentation"], options.polygon_tolerance)
@@ -423,10 +400,10 @@ def _coco_image(row: dict, ids: _Ids) -> dict:
 
 def _coco_head(run: ExportRun, panoptic: bool) -> dict:
     return {
-        "info": _info(run.output, run.job, run.space),
+        "info": _info(run.reader),
         # CVAT's own COCO export carries one empty licence; some importers expect the key.
         "licenses": [{"id": 0, "name": "", "url": ""}],
-        "categories": _categories(run.space, run.keep.label_ids, panoptic),
+        "categories": _categories(run.reader.space, run.keep.label_ids, panoptic),
     }
 
 
@@ -456,8 +433,8 @@ class PanopticWriter(Writer):
             kept_ids = {int(s["id"]) for s in kept}
             remap = row.get("remap") or {int(s["id"]): int(s["id"]) for s in segments}
             png_name = f"{key}.png"
-            png = _panoptic_png(self.run.store, row, {old: new if new in kept_ids else 0
-                                                      for old, new in remap.items()})
+            png = _panoptic_png(self.run.reader, row, {old: new if new in kept_ids else 0
+                                                       for old, new in remap.items()})
             dest.write_file(dest.path(PANOPTIC_PNG_DIR, png_name), png)
             counts["masks"] += 1
             coco.annotations.add({
@@ -479,10 +456,10 @@ class PanopticWriter(Writer):
         coco.close()
 
 
-def _panoptic_png(store: OutputStore, row: dict, remap: Mapping[int, int]) -> bytes:
+def _panoptic_png(reader: OutputReader, row: dict, remap: Mapping[int, int]) -> bytes:
     """The job's panoptic PNG (already COCO's encoding), each segment id made ``remap``'s: a
     segment fused into another takes its id, a dropped one is void (0)."""
-    data = store.read_mask(row["key"])
+    data = reader.mask_png(row)
     if all(old == new for old, new in remap.items()):
         return data
     return encode_png(remap_ids(decode_png(data, "panoptic"), remap), "panoptic")
@@ -581,7 +558,7 @@ class LabelStudioWriter(Writer):
         super().write(rows)
         path = posixpath.splitext(self.run.dest.root)[0] + ".labeling-config.xml"
         kept = self.run.keep.label_ids
-        labels = {i: name for i, name in self.run.space.names.items() if kept is None or i in kept}
+        labels = {i: name for i, name in self.run.reader.space.names.items() if kept is None or i in kept}
         config = labeling_config(labels, self.run.options.mask_format, self.run.options.from_name,
                                  self.run.options.to_name)
         self.run.dest.write_file(path, config.encode("utf-8"))
@@ -614,7 +591,8 @@ class LabelStudioWriter(Writer):
                 base["score"] = round(float(seg["score"]), 6)
             results += [{"id": f"seg{seg['id']}{suffix}", **base, **value}
                         for suffix, value in self.regions(mask, seg["label"])]
-        prediction: dict[str, Any] = {"model_version": self.run.job.model_version, "result": results}
+        model_version = self.run.reader.record.model_version
+        prediction: dict[str, Any] = {"model_version": model_version, "result": results}
         data = {"image": self.uri(row["image_uri"]), "key": row["key"]}
         if row.get("review_score") is not None:
             # Label Studio reads a prediction's score as the model's confidence: its uncertainty
@@ -703,8 +681,10 @@ def export(
     if not (math.isfinite(settings.polygon_tolerance) and settings.polygon_tolerance >= 0):
         raise ExportError("--polygon-tolerance must be a number of pixels, 0 or more, "
                           f"got {settings.polygon_tolerance}")
-    if settings.order not in ORDERS:
-        raise ExportError(f"--order must be one of {', '.join(ORDERS)}, got {settings.order!r}")
+    try:
+        check_order(settings.order)
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from exc
     if settings.unmapped != "drop" and settings.label_map is None:
         raise ExportError("--unmapped applies with --label-map only")
     if settings.shard_size is not None and settings.shard_size < 1:
@@ -717,13 +697,13 @@ def export(
 
 def _export(output: str, writer: type[Writer], fmt: str, to: str, options: ExportOptions,
             storage_options: Mapping[str, Any] | None, to_storage_options: Mapping[str, Any] | None) -> dict:
-    store, job = open_output(output, storage_options)
-    if job.task not in writer.tasks:
+    reader = OutputReader(output, storage_options, options.label_map, options.unmapped)
+    if reader.task not in writer.tasks:
         needs = " or ".join(writer.tasks)
-        raise ExportError(f"{fmt} needs a {needs} output; {output} holds {job.task} masks "
+        raise ExportError(f"{fmt} needs a {needs} output; {output} holds {reader.task} masks "
                           "(use --format coco)")
     try:
-        space = LabelSpace.of_output(job, options.label_map, options.unmapped, (output, storage_options))
+        space = reader.space
     except LabelMapError as exc:
         raise ExportError(str(exc)) from exc
     keep = _segment_filter(space, writer.things_only, options.min_score, options.labels)
@@ -731,18 +711,16 @@ def _export(output: str, writer: type[Writer], fmt: str, to: str, options: Expor
     if not writer.folder and (to.endswith("/") or dest.is_dir()):
         raise ExportError(f"--to must name a file for {fmt}, and {to} is a folder")
     counts: dict[str, Any] = {"format": fmt, "images": 0, "annotations": 0, "masks": 0, "files": []}
-    rows = RowCounts()
     try:
-        run = ExportRun(output, job, space, store, dest, keep, options, counts)
-        ordered = rows_in_order(store, LABEL_COLUMNS, ROW_BATCH, options.order)
-        writer(run).write(mapped_rows(ok_rows(ordered, rows), space))
+        run = ExportRun(reader, dest, keep, options, counts)
+        writer(run).write(reader.mapped(reader.ok_rows(options.order)))
         if space.record is not None:
             counts["label_map"] = _write_label_map(dest, writer.folder, space.record)
     except OSError as exc:  # storage: permissions, a full disk, an unreachable endpoint
         raise ExportError(f"export to {to} failed: {type(exc).__name__}: {one_line(exc)}") from exc
-    counts["error_rows"] = rows.error
+    counts["error_rows"] = reader.counts.error
     log.info(
         "exported %d images, %d annotations (%d error rows skipped) from %s as %s to %d file(s) under %s",
-        counts["images"], counts["annotations"], rows.error, output, fmt, len(counts["files"]), to,
+        counts["images"], counts["annotations"], reader.counts.error, output, fmt, len(counts["files"]), to,
     )
     return counts

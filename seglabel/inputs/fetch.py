@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
 import numpy as np
-from fsspec.core import split_protocol
 
 from ..core.errors import DecodeError, Unreadable, one_line
 from ..core.redaction import get_logger
@@ -29,18 +27,6 @@ class Fetched:
     width: int | None
     height: int | None
     error: str | None
-
-
-def options_for(uri: str, base_url: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
-    """The storage options given for an input, for one of its images: they apply to URIs on the
-    input's protocol, and for http(s) on the input's host only (there options carry headers,
-    tokens among them, that a manifest must not be able to send to any host it lists)."""
-    protocol = split_protocol(uri)[0] or "file"
-    if protocol != (split_protocol(base_url)[0] or "file"):
-        return {}
-    if protocol in ("http", "https") and urlsplit(uri).netloc.lower() != urlsplit(base_url).netloc.lower():
-        return {}
-    return dict(storage_options)
 
 
 def fetch(

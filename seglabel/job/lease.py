@@ -26,7 +26,8 @@ from typing import Any, Iterator
 
 from ..core.errors import OutputBusy
 from ..core.redaction import get_logger
-from ..outputs.store import SCRATCH_DIR, OutputStore
+from ..outputs.contract import SCRATCH_DIR
+from ..outputs.store import OutputStore
 
 log = get_logger(__name__)
 

@@ -31,8 +31,9 @@ from ..core.config import JobConfig
 from ..core.errors import OutputError
 from ..core.redaction import get_logger, redact_url
 from ..engine.resolve import ResolvedCheckpoint
+from ..outputs.contract import JOB_FILE, MASKS_DIR, METADATA_DIR, SUCCESS_FILE
 from ..outputs.record import JobRecord
-from ..outputs.store import JOB_FILE, MASKS_DIR, METADATA_DIR, SUCCESS_FILE, OutputStore
+from ..outputs.store import OutputStore
 
 log = get_logger(__name__)
 

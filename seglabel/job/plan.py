@@ -33,7 +33,8 @@ from ..engine.resolve import ResolvedCheckpoint, resolve_checkpoint
 from ..inputs.listing import is_under, iter_listing
 from ..inputs.manifest import iter_manifest
 from ..inputs.refs import ImageRef
-from ..outputs.store import SCRATCH_DIR, OutputStore
+from ..outputs.contract import SCRATCH_DIR
+from ..outputs.store import OutputStore
 from ..storage.filesystem import absolute_local, absolute_model
 
 log = get_logger(__name__)

@@ -40,8 +40,10 @@ from ..core.redaction import get_logger, redact_url
 from ..core.results import RawPrediction, build_segments
 from ..engine.load import load_segmenter
 from ..engine.resolve import ResolvedCheckpoint
-from ..inputs.fetch import fetch, options_for
-from ..outputs.store import SCHEMA, OutputStore
+from ..inputs.fetch import fetch
+from ..outputs.contract import SCHEMA
+from ..outputs.store import OutputStore
+from ..storage.filesystem import options_for
 from .ledger import MAX_ATTEMPTS
 from .transport import column_cells, pack_column
 

@@ -34,8 +34,7 @@ from pycocotools import mask as mask_utils
 from ..core.config import check_expansion
 from ..core.errors import ConfigError, LabelMapError, one_line
 from ..core.redaction import get_logger, redact_url
-from ..inputs.fetch import options_for
-from ..storage.filesystem import full_uri, open_url
+from ..storage.filesystem import full_uri, open_url, options_for
 from ..storage.read import read_bytes
 from .record import JobRecord
 

@@ -10,12 +10,20 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ..core.errors import OutputError, one_line
+from ..core.errors import ConfigError, OutputError, one_line
 from ..core.review import REVIEW_COLUMN
 from .store import OutputStore
 
 # The orders readers of rows offer.
 ORDERS = ("output", "review")
+
+
+def check_order(order: str) -> str:
+    """``order``, when it is one of ``ORDERS``; the one line every reader's ``--order`` says
+    otherwise."""
+    if order not in ORDERS:
+        raise ConfigError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
+    return order
 
 
 class _Order:
@@ -54,9 +62,7 @@ def rows_in_order(store: OutputStore, columns: Sequence[str], batch_size: int,
     rows, as Arrow, to a local temporary file (the decoded size of those columns; ``TMPDIR``
     says where), read back through a memory map ``batch_size`` rows at a time. A spool that
     cannot be written (a full disk) is an OutputError."""
-    if order not in ORDERS:
-        raise ValueError(f"unknown order {order!r}")
-    if order == "output":
+    if check_order(order) == "output":
         return store.iter_rows(columns, batch_size)
     return _in_review_order(store, list(columns), batch_size)
 

@@ -20,13 +20,14 @@ from functools import cached_property
 from typing import Any, Mapping
 
 from ..core.config import TASKS, EngineConfig, JobConfig
-from ..core.errors import ConfigError, OutputError, one_line
+from ..core.errors import ConfigError, OutputError
 from ..core.labels import thing_ids
 from ..core.license import License
 from ..core.redaction import get_logger, redact_url, url_identity
 from ..core.version import __version__
 from ..storage.filesystem import absolute_local, absolute_model
-from .store import JOB_FILE, SUCCESS_FILE, OutputStore
+from .contract import JOB_FILE
+from .store import OutputStore
 
 log = get_logger(__name__)
 
@@ -243,38 +244,3 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return importlib.import_module(package).__version__
-
-
-def open_output(output: str,
-                storage_options: Mapping[str, Any] | None = None) -> tuple[OutputStore, JobRecord]:
-    """An existing output's store and record, for the tools that read one (exports, preview,
-    and later readers). A partial job (no ``_SUCCESS``) is allowed, with a warning; no record is an
-    :class:`~seglabel.sink.OutputError`."""
-    try:
-        store = OutputStore(output, storage_options)
-        record = JobRecord.read(store)
-    except OutputError:
-        raise
-    except Exception as exc:  # credentials, endpoint, permissions
-        raise OutputError(f"cannot read {output}: {type(exc).__name__}: {one_line(exc)}") from exc
-    if record is None:
-        raise OutputError(f"{output} has no {JOB_FILE}: not a seglabel output")
-    record.task  # noqa: B018  (a record without a known task is refused before any row is read)
-    if not store.exists(SUCCESS_FILE):
-        log.warning("%s has no %s: the job is unfinished; exporting the rows committed so far", output,
-                    SUCCESS_FILE)
-    return store, record
-
-
-def inspect_output(store: OutputStore) -> dict[str, Any]:
-    """The state of an output, from storage alone: its record, rows committed, errors by
-    reason, whether it is complete, and how many images a running (or killed) job queued."""
-    record = JobRecord.read(store)
-    return {
-        "output": store.url,
-        "job": record.summary() if record is not None else None,
-        "complete": store.read_json(SUCCESS_FILE) is not None,
-        "parts": len(store.parts()),
-        "queued_by_running_job": store.queued(),
-        **store.counts(),
-    }

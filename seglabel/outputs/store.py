@@ -1,7 +1,7 @@
-"""Write masks and metadata to the output URL, commit atomically, and tell a re-run what is done.
+"""One job's output folder on any fsspec filesystem (:class:`OutputStore`): masks and metadata
+written and committed atomically, read back part by part, counted, and told to a re-run.
 
-Layout (the output contract in DESIGN.md): ``job.json``, ``masks/<key>.png``,
-``metadata/part-*.parquet``, ``_SUCCESS``; seglabel's own scratch space is ``_seglabel/``.
+The layout and the rows' schema are the output contract's (:mod:`seglabel.outputs.contract`).
 
 What is atomic:
 * every file becomes visible whole: local files are written under a hidden temporary name
@@ -33,61 +33,23 @@ from ..core.redaction import get_logger
 from ..storage.atomic import is_temporary
 from ..storage.location import Location
 from ..storage.read import read_bytes
+from .contract import (
+    JOB_FILE,
+    KEYS_CHECKED,
+    MASKS_DIR,
+    METADATA_DIR,
+    OPTIONAL_COLUMNS,
+    SCHEMA,
+    SCRATCH_DIR,
+    SUCCESS_FILE,
+    with_columns,
+)
 
 log = get_logger(__name__)
 
-SEGMENT_TYPE = pa.struct(
-    [
-        ("id", pa.int32()),
-        ("label_id", pa.int32()),
-        ("label", pa.string()),
-        ("score", pa.float32()),
-        ("area", pa.int64()),
-        ("bbox", pa.list_(pa.float32())),
-        ("rle", pa.string()),
-        ("is_thing", pa.bool_()),
-    ]
-)
 
-SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("image_uri", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("mask_uri", pa.string()),
-        ("task", pa.string()),
-        ("model", pa.string()),
-        ("segments", pa.list_(SEGMENT_TYPE)),
-        # Added after v1's first outputs: parts written before it lack it (read as nulls).
-        ("review_score", pa.float32()),
-    ]
-)
-# Columns a part written by an earlier seglabel may lack: a reader that asks for one gets nulls.
-OPTIONAL_COLUMNS = frozenset({"review_score"})
-
-# The columns a reader of labels takes (exports, preview).
-LABEL_COLUMNS = ("key", "image_uri", "status", "width", "height", "segments", "review_score")
-
-JOB_FILE = "job.json"
-SUCCESS_FILE = "_SUCCESS"
-MASKS_DIR = "masks"
-METADATA_DIR = "metadata"
-SCRATCH_DIR = "_seglabel"
-# Which parts the last run checked for repeated keys (see OutputStore.superseded).
-KEYS_CHECKED = f"{SCRATCH_DIR}/keys-checked.json"
 # Files deleted in one request (S3's DeleteObjects takes up to 1,000 keys).
 REMOVE_BATCH = 1000
-
-
-def checked_key(key: str) -> str:
-    """A row's key, which a reader is about to make a file name of: refused where it could
-    leave the destination folder."""
-    if not is_safe_key(key):
-        raise OutputError(f"unsafe key {key!r} in the output's rows")
-    return key
 
 
 class OutputStore(Location):
@@ -216,7 +178,7 @@ class OutputStore(Location):
             present = [c for c in columns if c in parquet.schema_arrow.names]
             where = self.fs.unstrip_protocol(path)
             batches = (
-                _with_columns(batch, columns, where)
+                with_columns(batch, columns, where)
                 for batch in parquet.iter_batches(batch_size=batch_size, columns=present, use_threads=False)
             )
             if path not in dropped:
@@ -244,7 +206,7 @@ class OutputStore(Location):
                 return parquet.read(use_threads=False)
             present = [c for c in columns if c in parquet.schema_arrow.names]
             table = parquet.read(columns=present, use_threads=False)
-            return _with_columns(table, columns, self.fs.unstrip_protocol(path))
+            return with_columns(table, columns, self.fs.unstrip_protocol(path))
         except (pa.ArrowException, OSError) as exc:
             raise OutputError(f"{self.fs.unstrip_protocol(path)} cannot be read: {one_line(exc)}") from exc
 
@@ -496,48 +458,6 @@ class RowCounts:
             "error": self.error,
             "errors_by_reason": dict(sorted((k, v) for k, v in self.reasons.items() if v)),
         }
-
-
-def _with_columns(data: pa.RecordBatch | pa.Table, columns: Sequence[str],
-                  where: str) -> pa.RecordBatch | pa.Table:
-    """``data`` with ``columns`` in that order and the contract's types (a part written with
-    another integer width reads as every other part does, so that parts can be written out
-    together), an optional column it lacks (a part written before the column was) added as
-    nulls. An optional column it holds is checked, since readers sort and publish it: numbers
-    in [0, 1] or nulls. A column that is not the contract's is an OutputError naming the part
-    (``where``)."""
-    arrays = []
-    for name in columns:
-        if name not in data.schema.names:
-            arrays.append(pa.nulls(data.num_rows, SCHEMA.field(name).type))
-            continue
-        column = data.column(name)
-        if name in OPTIONAL_COLUMNS:
-            column = _unit_interval(column, name, where)
-        elif name in SCHEMA.names and column.type != SCHEMA.field(name).type:
-            try:
-                column = column.cast(SCHEMA.field(name).type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-                raise OutputError(f"{where}: column {name!r} holds {column.type}, not "
-                                  f"{SCHEMA.field(name).type}: not a part of seglabel's metadata") from exc
-        arrays.append(column)
-    return type(data).from_arrays(arrays, names=list(columns))
-
-
-def _unit_interval(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> pa.Array | pa.ChunkedArray:
-    """A column of numbers in [0, 1] or nulls, as the contract's type."""
-    kind = column.type
-    if not (pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_null(kind)):
-        raise OutputError(f"{where}: column {name!r} holds {kind}, not numbers: "
-                          "not a part of seglabel's metadata")
-    valid = pa.compute.drop_null(column)
-    # Checked before the cast (a double past float32's range would not survive it); NaN
-    # compares false, so it is refused with the values out of range.
-    inside = pa.compute.and_(pa.compute.greater_equal(valid, 0), pa.compute.less_equal(valid, 1))
-    if len(valid) and not pa.compute.all(inside).as_py():
-        raise OutputError(f"{where}: column {name!r} holds values outside [0, 1]: "
-                          "not a part of seglabel's metadata")
-    return column.cast(SCHEMA.field(name).type, safe=False)
 
 
 def _names(paths: list[str]) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -126,3 +127,15 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     2024.2 to 2026.9), ``s3://bucket/key`` for S3 and ``memory:///x`` for memory.
     """
     return fs.unstrip_protocol(path)
+
+
+def options_for(uri: str, base_url: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The storage options given for an input, for one of its images: they apply to URIs on the
+    input's protocol, and for http(s) on the input's host only (there options carry headers,
+    tokens among them, that a manifest must not be able to send to any host it lists)."""
+    protocol = split_protocol(uri)[0] or "file"
+    if protocol != (split_protocol(base_url)[0] or "file"):
+        return {}
+    if protocol in ("http", "https") and urlsplit(uri).netloc.lower() != urlsplit(base_url).netloc.lower():
+        return {}
+    return dict(storage_options)
