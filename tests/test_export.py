@@ -37,8 +37,9 @@ from helpers import chromium, tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
 from seglabel.core.errors import ExportError
-from seglabel.formats import export as export_module
-from seglabel.formats.export import export, label_studio_rle
+from seglabel.formats import coco as coco_module
+from seglabel.formats.export import export
+from seglabel.formats.label_studio import label_studio_rle
 from seglabel.preview import preview
 
 # Key -> (file bytes maker, format). Nested folders, a space, non-ASCII, HTML-special characters,
@@ -561,7 +562,7 @@ def synthetic_output(root: Path, rows: int, template: str) -> str:
 
 def test_export_memory_does_not_grow_with_the_corpus(instance_out, tmp_path, monkeypatch):
     # The COCO annotations spool to disk past this size (32 MB by default, too much to measure).
-    monkeypatch.setattr(export_module, "SPOOL_MEMORY", 64 << 10)
+    monkeypatch.setattr(coco_module, "SPOOL_MEMORY", 64 << 10)
     peaks = {}
     for rows in (2000, 20000):
         output = synthetic_output(tmp_path / f"out-{rows}", rows, instance_out)

@@ -57,7 +57,7 @@ from scipy.stats import spearmanr
 from ..core.config import DEFAULT_MAX_BYTES
 from ..core.errors import EvalError, LabelMapError, OutputError, one_line
 from ..core.redaction import get_logger
-from ..formats.export import coco_annotation
+from ..formats.coco import coco_annotation
 from ..outputs.labelmap import LabelSpace, remap_ids
 from ..outputs.reader import OutputReader
 from ..outputs.store import OutputStore
