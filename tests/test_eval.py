@@ -40,8 +40,10 @@ from helpers import ROOT, tool_python
 from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
 from seglabel.core.errors import EvalError
-from seglabel.evaluation.evaluate import evaluate, panoptic_image_stats, truth_categories
-from seglabel.evaluation.truth import KeyMatcher
+from seglabel.evaluation.evaluate import evaluate
+from seglabel.evaluation.matching import KeyMatcher
+from seglabel.evaluation.panoptic import panoptic_image_stats
+from seglabel.evaluation.scoring import truth_categories
 from seglabel.formats.export import export
 
 # Keys with a space, '#', '%', non-ASCII and nested folders; one file that is not an image.

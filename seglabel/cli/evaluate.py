@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..core.config import DEFAULT_MAX_BYTES
-from ..evaluation.evaluate import evaluate, report_table, summary_line
+from ..evaluation.evaluate import evaluate
+from ..evaluation.report import report_table, summary_line
 from .common import common, label_map_flags, positive_int, storage_option_flag
 
 

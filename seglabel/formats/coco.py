@@ -51,7 +51,6 @@ def _categories(space: LabelSpace, label_ids: frozenset[int] | None, panoptic: b
     return out
 
 
-
 class CocoFile:
     """One COCO JSON being written: ``images`` stream straight out, the other list waits in a
     spool (memory, then a temporary file) until the images are done, then follows them."""
