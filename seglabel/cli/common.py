@@ -62,6 +62,16 @@ def order_flag(p: argparse.ArgumentParser, what: str) -> None:
                    "first (rows spooled to a local temporary file)")
 
 
+def reader_flags(p: argparse.ArgumentParser, order: str | None = None) -> None:
+    """The flags every reader of an output takes (export, preview, eval): ``--label-map`` and
+    ``--unmapped``, ``--order`` where it takes one (``order`` says what it orders), and
+    ``--output-option``."""
+    label_map_flags(p)
+    if order is not None:
+        order_flag(p, order)
+    storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
+
+
 def positive_int(text: str) -> int:
     """A whole number of at least 1."""
     try:

@@ -7,7 +7,7 @@ import argparse
 from ..core.config import DEFAULT_MAX_BYTES
 from ..evaluation.evaluate import evaluate
 from ..evaluation.report import report_table, summary_line
-from .common import common, label_map_flags, positive_int, storage_option_flag
+from .common import common, positive_int, reader_flags, storage_option_flag
 
 
 def add_parsers(sub) -> None:
@@ -41,8 +41,7 @@ def add_parsers(sub) -> None:
                    help="write a Parquet table: key, quality, truth_segments, predicted_segments")
     p.add_argument("--max-bytes", dest="max_bytes", type=positive_int, default=DEFAULT_MAX_BYTES, metavar="N",
                    help="refuse truth PNGs larger than this")
-    label_map_flags(p)
-    storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
+    reader_flags(p)
     storage_option_flag(p, "--truth-option", "truth_storage_options", "the truth")
     storage_option_flag(p, "--to-option", "to_storage_options", "--json and --per-image")
     p.set_defaults(handler=main)

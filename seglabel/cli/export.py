@@ -7,7 +7,7 @@ import argparse
 from ..core.config import label_names
 from ..formats.export import FORMATS, MASK_FORMATS, export
 from ..formats.polygons import DEFAULT_TOLERANCE
-from .common import common, label_map_flags, order_flag, positive_int, storage_option_flag
+from .common import common, positive_int, reader_flags, storage_option_flag
 
 
 def _prefix_pair(text: str) -> tuple[str, str]:
@@ -67,9 +67,7 @@ def add_parsers(sub) -> None:
                    "fills them)")
     p.add_argument("--polygon-tolerance", dest="polygon_tolerance", type=float, default=DEFAULT_TOLERANCE,
                    metavar="PX", help="simplify polygons within PX pixels (default 1)")
-    label_map_flags(p)
-    order_flag(p, "images")
-    storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
+    reader_flags(p, order="images")
     storage_option_flag(p, "--to-option", "to_storage_options", "DEST")
     p.set_defaults(handler=main)
 

@@ -6,7 +6,7 @@ import argparse
 
 from ..core.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..preview import INDEX_FILE, preview
-from .common import common, key_value, label_map_flags, order_flag, positive_int, storage_option_flag
+from .common import common, key_value, positive_int, reader_flags
 
 
 def add_parsers(sub) -> None:
@@ -26,9 +26,7 @@ def add_parsers(sub) -> None:
                    "value if it was larger)")
     p.add_argument("--max-bytes", dest="max_bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
                    metavar="N", help="skip photo files over this many bytes, as the run does")
-    label_map_flags(p)
-    order_flag(p, "take the first N images")
-    storage_option_flag(p, "--output-option", "output_storage_options", "OUTPUT")
+    reader_flags(p, order="take the first N images")
     p.add_argument(
         "--input-option",
         dest="input_storage_options",
