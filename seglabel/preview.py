@@ -89,8 +89,8 @@ def preview(
     images on the output's protocol (as a job often keeps both in one bucket), with the run's
     guards (``max_pixels``, ``max_bytes``: the run's defaults; give the run's own if they were
     larger). An image that cannot be read or decoded any more is skipped with a warning.
-    ``label_map`` and ``unmapped`` show the segments in a team's labels (:mod:`seglabel.labelmap`);
-    ``order`` ``"review"`` takes the most doubtful images first (:mod:`seglabel.review`).
+    ``label_map`` and ``unmapped`` show the segments in a team's labels (:mod:`seglabel.outputs.labelmap`);
+    ``order`` ``"review"`` takes the most doubtful images first (:mod:`seglabel.core.review`).
     Returns the overlay paths written, in order. Raises :class:`~seglabel.core.errors.OutputError`
     (``ConfigError`` for ``n`` or ``order``) with one readable line.
     """

@@ -8,7 +8,7 @@ One run measures, on the same images and the same checkpoint:
     dtype (model load excluded), then segment records (RLE, ``build_segments``) as
     ``Segmenter.__call__`` makes them, and the PNG (``encode_png``) timed on its own;
 (c) **the whole pipeline**: the images written as JPEG/PNG files, then
-    ``seglabel.pipeline.label`` from those files to PNG masks and Parquet rows, timed from the
+    ``seglabel.job.pipeline.label`` from those files to PNG masks and Parquet rows, timed from the
     call to its return (Ray already started; its start is reported on its own).
 
 and prints images/s for each, their ratios, the per-stage times, the average number of segments
@@ -18,7 +18,7 @@ utilisation on CUDA. ``--json PATH`` writes every figure and the environment.
 Checkpoints are ``--model`` (a Hub id or directory) or a random-weight one built here
 (``--arch tiny|swin-s|swin-l --task ...``) with a realistic label set (COCO for instance and
 panoptic, ADE20K for semantic). Random weights score so low that post-processing would look
-free; the built model is made confident (``seglabel.synthetic``) and its no-object logit is then
+free; the built model is made confident (``seglabel.engine.synthetic``) and its no-object logit is then
 shifted, measured on the first images, so that each image carries about ``--target-segments``
 segments at the chosen thresholds.
 

@@ -2,7 +2,7 @@
 
 No weights can be downloaded where seglabel is built and measured, and random weights give no
 segments at all (post-processing would look free), so the bench builds a checkpoint of the
-chosen architecture (``seglabel.synthetic``) and calibrates it on the bench's first photos to
+chosen architecture (``seglabel.engine.synthetic``) and calibrates it on the bench's first photos to
 carry a realistic number of realistic masks per image.
 """
 

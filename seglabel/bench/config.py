@@ -1,7 +1,7 @@
 """The bench's settings: one frozen, validated object, built like the job's ``JobConfig``.
 
 The engine's settings (checkpoint revision, task, batch size, dtype, device, resolution and
-thresholds) are an :class:`~seglabel.config.EngineConfig` with its own defaults and checks;
+thresholds) are an :class:`~seglabel.core.config.EngineConfig` with its own defaults and checks;
 the bench adds what it measures and where. Flags and a YAML spec (``--config``) both build it
 through :meth:`BenchConfig.from_mapping`.
 """
@@ -82,7 +82,7 @@ class BenchConfig:
     json: str | None = None
     memory: bool = False
     memory_entries: int = 1_200_000
-    # The plumbing bench: the model replaced by this stand-in (seglabel.standin's spec).
+    # The plumbing bench: the model replaced by this stand-in (seglabel.engine.standin's spec).
     stand_in: str | None = None
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""(c) The whole pipeline: the images written as files, then ``seglabel.pipeline.label`` from
+"""(c) The whole pipeline: the images written as files, then ``seglabel.job.pipeline.label`` from
 those files to PNG masks and Parquet rows, timed from the call to its return (Ray already
 started, its start reported on its own), with a steady-state rate from the times the Parquet
 parts were committed."""
@@ -117,7 +117,7 @@ class _Jobs:
 def run_pipeline(
     engine: EngineConfig, images: Sequence[np.ndarray], options: PipelineOptions = PipelineOptions()
 ) -> dict[str, Any]:
-    """``seglabel.pipeline.label`` with ``engine``'s settings, from image files to PNG masks
+    """``seglabel.job.pipeline.label`` with ``engine``'s settings, from image files to PNG masks
     and Parquet rows, on ``options.num_gpus`` Segmenter actors (none on a machine without GPUs,
     or when ``engine.device`` is the CPU: one CPU actor).
 
@@ -158,7 +158,7 @@ def run_pipeline(
     n = len(paths)
     summary, ray_info, actors_gpus = jobs.summary, jobs.ray_info, jobs.actors_gpus
     return {
-        "what": "seglabel.pipeline.label: image files -> PNG + Parquet (Ray already up; its start apart)",
+        "what": "seglabel.job.pipeline.label: image files -> PNG + Parquet (Ray already up; its start apart)",
         "repeat": options.repeat,
         # The untimed job before this one, in the same Ray (None: none ran).
         "warm_up": jobs.warmed,

@@ -1,12 +1,12 @@
 """``seglabel bench --stand-in``: the pipeline measured without the model.
 
-The model is replaced by the stand-in (``seglabel.standin``: the Segmenter's result types at no
+The model is replaced by the stand-in (``seglabel.engine.standin``: the Segmenter's result types at no
 model cost), so that what is left is the job's own work, measured two ways on the same files:
 
 * (r) the CPU work per image in one plain loop on one core, as the pipeline does it: read the
   file and decode it (``fetch``), the stand-in's prediction, RLE / area / bbox
   (``build_segments``), the PNG (``encode_png``) and its write (``OutputStore.write_mask``);
-* (p) ``seglabel.pipeline.run`` with ``stand_in`` on all the cores Ray has, with its start-up
+* (p) ``seglabel.job.pipeline.run`` with ``stand_in`` on all the cores Ray has, with its start-up
   and in steady state (from the times its Parquet parts were committed).
 
 **efficiency = p / (r × cores)**: 1 when the pipeline costs nothing beyond the work itself. With

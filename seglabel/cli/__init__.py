@@ -3,7 +3,7 @@ the library.
 
 Every mistake a user can make on the command line or in a job spec ends as one readable line on
 stderr and a non-zero exit (2 for bad settings or inputs, 1 for a job that failed while
-running), never as a traceback: the library raises :class:`~seglabel.errors.SeglabelError`
+running), never as a traceback: the library raises :class:`~seglabel.core.errors.SeglabelError`
 subclasses, handled here in one place. ``--log-level debug`` shows tracebacks.
 
 Nothing below this package imports it: it depends on the library, never the other way round.

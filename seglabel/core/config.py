@@ -226,7 +226,7 @@ class EngineConfig:
     # a short last batch is padded). Not a mask setting: compiled outputs equal eager ones
     # within floating-point tolerance (tested), as another batch size's do.
     compile: bool = False
-    # The model replaced by a stand-in (seglabel.standin): to measure the pipeline, or test it.
+    # The model replaced by a stand-in (seglabel.engine.standin): to measure the pipeline, or test it.
     stand_in: StandIn | None = None
 
     MASK_FIELDS = (

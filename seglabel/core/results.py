@@ -59,7 +59,7 @@ class Prediction:
     task: str
     id_map: np.ndarray
     segments: list[Segment] = field(default_factory=list)
-    # How soon a person should look at it (seglabel.review); None where it is not known.
+    # How soon a person should look at it (seglabel.core.review); None where it is not known.
     review_score: float | None = None
 
     @property
@@ -89,7 +89,7 @@ class RawPrediction:
     ``label_ids`` and ``scores`` describe the segments; ``masks`` holds the exact, possibly
     overlapping, instance masks (instance task only), packed on the device
     (:class:`PackedMasks`; an (N, H, W) boolean array is accepted too); ``review_score`` how
-    soon a person should look at it (:mod:`seglabel.review`), None where it is not known.
+    soon a person should look at it (:mod:`seglabel.core.review`), None where it is not known.
     """
 
     id_map: np.ndarray

@@ -22,9 +22,9 @@ doubts, each in [0, 1], so that any one of them alone can bring an image forward
 
 An image with no segments at all scores 1: the model found nothing, which a person should
 confirm. The device computes the pixel counts with the work it does anyway and brings them
-back with the transfers it already waits for (:mod:`seglabel.postprocess`); the arithmetic
+back with the transfers it already waits for (:mod:`seglabel.engine.postprocess`); the arithmetic
 here is on a few numbers per image. Nothing here imports more than numpy: the device's code
-uses it. Rows in review order are :mod:`seglabel.order`'s.
+uses it. Rows in review order are :mod:`seglabel.outputs.order`'s.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def checkpoint_license(model: str, revision: str | None, family: str) -> License
 
 def _read_card(model: str, revision: str | None) -> tuple[str | None, str]:
     """The model card's text and where it was read, or None and why there is none. Read as any
-    input is (``fetch.read_bytes``): at most ``MAX_CARD_BYTES``, and on a local disk only from
+    input is (``storage.read_bytes``): at most ``MAX_CARD_BYTES``, and on a local disk only from
     a regular file (a FIFO named README.md would block the run for ever)."""
     from ..core.errors import Unreadable
     from ..storage.read import read_bytes

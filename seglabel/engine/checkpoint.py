@@ -314,7 +314,7 @@ def _config_file(
     model: str, name: str, revision: str | None, hub: bool, required: bool = False
 ) -> tuple[dict | None, str | None]:
     """A checkpoint's JSON file as a mapping (None when it has none) and, from the Hub, the
-    commit it was read at. Read as any input is (fetch.read_bytes): bounded, and only from a
+    commit it was read at. Read as any input is (storage.read_bytes): bounded, and only from a
     regular file on a local disk (a FIFO named config.json would block for ever). A
     ``required`` file the Hub cannot give is one line that says how to run offline."""
     import json

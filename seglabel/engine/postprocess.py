@@ -25,7 +25,7 @@ their crops' class scores averaged back together. ``compat`` adds what HF's EoMT
 the default does not: instance mask scores taken at the original resolution, and a semantic
 canvas resized whole, its padding included, to the image.
 
-Every prediction carries its review score (:mod:`seglabel.review`): the pixel counts it needs
+Every prediction carries its review score (:mod:`seglabel.core.review`): the pixel counts it needs
 are taken from tensors the post-processing holds anyway (model-scale mask logits, the
 full-resolution chunks) and come back with the transfers each task already waits for.
 """
@@ -191,7 +191,7 @@ def _panoptic_prediction(size: tuple[int, int], entry: tuple | None) -> RawPredi
 
 def band_counts(logits: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """(K, 2) per mask of (K, h, w) logits, on the review's grid: its pixels in the undecided
-    band (lo, hi), and those over lo (in the band or above it): :func:`seglabel.review.mask_band`'s
+    band (lo, hi), and those over lo (in the band or above it): :func:`seglabel.core.review.mask_band`'s
     logits."""
     grid = logits[:, ::GRID, ::GRID].flatten(1)
     above = grid > lo

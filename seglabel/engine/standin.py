@@ -2,7 +2,7 @@
 
 ``--stand-in "segments=20,coverage=0.05"`` replaces the network by a function that returns, per
 image and at the image's own size, ``segments`` segments each covering ``coverage`` of it,
-through the same :class:`~seglabel.encode.RawPrediction` the real Segmenter returns
+through the same :class:`~seglabel.core.results.RawPrediction` the real Segmenter returns
 (instance: N exact, overlapping masks, packed, and a 16-bit id map; semantic: a label map; panoptic:
 segment ids with labels and scores), with a review score of its own (the photo's
 brightness). Everything around the model (reading, decoding, moving

@@ -71,7 +71,7 @@ class EvalOptions:
     folder), ``truth_labels`` (names of a semantic truth's ids), ``ignore_index``, ``limit``
     (score the first N matched images, in the truth's order), ``per_image`` (a Parquet file of
     one row per scored image) and ``json`` (the report), ``max_bytes`` (per truth PNG),
-    ``label_map`` and ``unmapped`` (score in a team's labels: :mod:`seglabel.labelmap`), and
+    ``label_map`` and ``unmapped`` (score in a team's labels: :mod:`seglabel.outputs.labelmap`), and
     fsspec options for the output, the truth, and where the files go."""
 
     truth_masks: str | None = None
@@ -197,7 +197,7 @@ def evaluate(output: str, truth: str, **options: Any) -> dict[str, Any]:
     ``output_only``), ``overall`` figures, ``categories`` (sorted
     worst first; a category with no figure last) and ``left_out_segments``. Writes the
     per-image table and the JSON report where asked, only when it succeeds. Raises
-    :class:`~seglabel.truth.EvalError` with one readable line.
+    :class:`~seglabel.core.errors.EvalError` with one readable line.
     """
     try:
         settings = EvalOptions(**options)

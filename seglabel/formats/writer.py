@@ -63,10 +63,10 @@ class ExportOptions:
     images; ``from_name`` / ``to_name`` are the Label Studio control and object tag names;
     ``image_prefix_map`` rewrites image URIs for Label Studio
     (``{"s3://bucket/": "https://cdn.example/"}``); ``label_map`` (a file's URL) and
-    ``unmapped`` put the export in a team's labels (:mod:`seglabel.labelmap`); ``mask_format``
-    ``"polygon"`` writes polygons (:mod:`seglabel.polygons`) simplified within
+    ``unmapped`` put the export in a team's labels (:mod:`seglabel.outputs.labelmap`); ``mask_format``
+    ``"polygon"`` writes polygons (:mod:`seglabel.formats.polygons`) simplified within
     ``polygon_tolerance`` pixels, for COCO, CVAT and Label Studio; ``order`` ``"review"``
-    writes the images most doubtful first (:func:`seglabel.order.rows_in_order`)."""
+    writes the images most doubtful first (:func:`seglabel.outputs.order.rows_in_order`)."""
 
     min_score: float | None = None
     labels: Sequence[str] | None = None

@@ -3,8 +3,8 @@
     TodoReader → DecodeStage (CPU tasks) → SegmentStage (one actor per GPU) → EncodeStage (CPU
     tasks) → the driver's commit (``commit.py``)
 
-Each stage's plain work lives in its own module (``fetch``/``decode``, ``segment``,
-``encode``/``sink``); here are its Ray halves: which columns a batch carries, how a failed
+Each stage's plain work lives in its own module (``inputs.fetch``/``inputs.decode``,
+``engine.segmenter``, ``core.results``/``core.masks``/``outputs.store``); here are its Ray halves: which columns a batch carries, how a failed
 image becomes an error cell instead of a failed batch, and how an image that kills its worker
 is found and given up on (the attempt ledger). Decode and encode run as Ray tasks, each given
 an instance (pickled into the task); the Segmenter is a class Ray Data starts as actors.
@@ -17,9 +17,9 @@ stage         hands on
 TodoReader    ``index`` (the row's place in this run's to-do order), ``key``, ``uri``,
               ``error`` (an enumeration error: "" for none)
 DecodeStage   those (``CARRIED``) + ``image``, ``width``, ``height`` (-1 when it failed)
-SegmentStage  ``CARRIED`` + ``width``, ``height`` + ``raw`` (``encode.pack_column``) and
+SegmentStage  ``CARRIED`` + ``width``, ``height`` + ``raw`` (``transport.pack_column``) and
               ``actor`` (which Segmenter made it)
-EncodeStage   the output contract's row (``sink.SCHEMA``) + ``actor``, ``index``
+EncodeStage   the output contract's row (``contract.SCHEMA``) + ``actor``, ``index``
 ============  =========================================================================
 """
 

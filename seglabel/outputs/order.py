@@ -1,5 +1,5 @@
 """Rows of an output in the order a reader asks for: the output's own, or review order (the
-images a person should look at first: :mod:`seglabel.review`), for the exports and the preview."""
+images a person should look at first: :mod:`seglabel.core.review`), for the exports and the preview."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ class JobRecord:
     """One output's ``job.json``: its values as recorded, read in both layouts.
 
     Values are read through the properties; a record that lacks what a reader needs (a task, a
-    label set) is an :class:`~seglabel.sink.OutputError` naming the file, raised where the
+    label set) is an :class:`~seglabel.core.errors.OutputError` naming the file, raised where the
     value is first asked for.
     """
 
