@@ -1,12 +1,13 @@
 """Helpers the test modules share: image files, a small mixed corpus, free ports, a Ray head.
 
-Test modules import from here (and from ``outputs`` for reading outputs back), never from each
+Test modules import from here (and from ``readback`` for reading outputs back), never from each
 other.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -23,8 +24,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from skimage import data
+
+from seglabel.cli import main
+from seglabel.job.pipeline import label
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -349,3 +355,66 @@ def photo_job(root: Path, checkpoint: Path, photos: dict[str, np.ndarray], **set
         Image.fromarray(pixels).save(path)
     label(str(root / "images"), str(root / "labels"), model=str(checkpoint), **settings)
     return str(root / "labels")
+
+
+def photos(folder, n: int = 3):
+    """``n`` small drawn JPEGs in ``folder`` (made)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"p{i}.jpg").write_bytes(encode(drawn(30 + i, 20, i), "JPEG"))
+    return folder
+
+
+def run(checkpoints, input, output, **settings):
+    """A job of ``input`` into ``output`` with the stand-in model (two segments an image) and the
+    tiny instance checkpoint's labels; its Summary. Needs a Ray (``ray_session``)."""
+    model = str(checkpoints["instance"])
+    return label(str(input), str(output), model=model, stand_in="segments=2", **settings)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the CLI, which must fail with exit 2 and one line on stderr; returns that line."""
+    capsys.readouterr()  # what came before (a job's Ray lines)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def hand_made_output(root, rows: list[dict], id2label: dict[str, str]):
+    """An output written with pyarrow alone: job.json and one part of contract rows."""
+    from seglabel.outputs.contract import SCHEMA
+
+    (root / "metadata").mkdir(parents=True)
+    (root / "job.json").write_text(json.dumps({"task": "instance", "id2label": id2label, "model": "m"}))
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), root / "metadata" / "part-1.parquet")
+    return root
+
+
+def ok_row(key: str, uri: str, width: int = 4, height: int = 3, labels: tuple[str, ...] = ()) -> dict:
+    """An ok contract row whose segments are one pixel each, labeled ``labels``."""
+    from pycocotools import mask as mask_utils
+
+    segments = []
+    for i, name in enumerate(labels):
+        mask = np.zeros((height, width), np.uint8, order="F")
+        mask[0, i] = 1
+        rle = mask_utils.encode(mask)["counts"].decode()
+        segments.append({"id": i + 1, "label_id": i, "label": name, "score": 0.9, "area": 1,
+                         "bbox": [float(i), 0.0, 1.0, 1.0], "rle": rle, "is_thing": True})
+    return {"key": key, "image_uri": uri, "status": "ok", "error": None, "width": width, "height": height,
+            "mask_uri": None, "task": "instance", "model": "m", "segments": segments}
+
+
+# A key's last segment becomes "<segment>.png": 251 bytes at most, so that it fits in 255.
+LONG = "x" * 248 + ".jpg"  # 252 bytes: one over the limit
+LONG_OK = "x" * 247 + ".jpg"  # 251 bytes
+
+
+def put(bucket, objects):
+    """Objects (key -> bytes) written into an S3 bucket of the loopback endpoint."""
+    import boto3
+
+    client = boto3.client("s3")
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)

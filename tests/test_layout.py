@@ -105,6 +105,16 @@ def test_the_top_level_reads_as_the_data_flow():
     assert units == set(ALLOWED), units ^ set(ALLOWED)  # a new unit gets a place in the rule
 
 
+def test_the_tests_mirror_the_package():
+    """A folder of tests per subpackage (a test module per unit under it); at the top only the
+    tests of the repository as a whole and of the package's top-level modules."""
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders <= subpackages, folders - subpackages
+    top = {p.stem.removeprefix("test_") for p in (ROOT / "tests").glob("test_*.py")}
+    assert top <= {"readme", "infra", "layout"} | {p.stem for p in PACKAGE.glob("*.py")}, top
+
+
 def test_imports_point_one_way_and_ray_and_torch_stay_home():
     assert [v for path in package_files() for v in violations(path)] == []
     # The settings depend on nothing but the errors they raise.
@@ -194,7 +204,7 @@ def _private_imports(path: Path) -> list[str]:
 
 
 def test_no_module_or_test_reaches_into_another_modules_private_names():
-    paths = [*package_files(), *(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*.py")]
+    paths = [*package_files(), *(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").glob("*.py")]
     assert [f for p in paths for f in _private_imports(p)] == []
 
 

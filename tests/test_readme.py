@@ -37,10 +37,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from readback import read_rows
 from skimage import data
 
 from helpers import ROOT, drawn, encode, ray_head, write_token
-from outputs import read_rows
 from seglabel.core.labels import LABEL_SETS
 from seglabel.engine.synthetic import save_random_checkpoint
 

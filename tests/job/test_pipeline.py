@@ -12,9 +12,9 @@ import boto3
 import numpy as np
 import pytest
 from PIL import Image
+from readback import check_output, read_png, read_rows
 
 from helpers import EXPECTED, corpus_files, drawn, write_corpus
-from outputs import check_output, read_png, read_rows
 from seglabel.cli import main
 from seglabel.cli.common import job_config
 from seglabel.job.pipeline import label

@@ -31,10 +31,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from readback import id_map, read_png, read_rows
 from skimage import data
 
-from helpers import chromium, tool_python
-from outputs import id_map, read_png, read_rows
+from helpers import chromium, hand_made_output, ok_row, tool_python
 from seglabel.cli import main
 from seglabel.core.errors import ExportError
 from seglabel.formats import coco as coco_module
@@ -932,3 +932,20 @@ def test_parts_of_other_types_and_damaged_review_scores(instance_out, tmp_path, 
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and "review_score" in err and parts[0].name in err, err
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
+
+
+def test_label_names_with_commas_can_be_chosen(tmp_path, capsys):
+    """"gown, evening" cannot be named in a comma-separated list: a quoted form, as in CSV."""
+    from seglabel.core.config import JobConfig
+
+    config = JobConfig.from_mapping({"input": "i", "output": "o", "labels": '"gown, evening", person',
+                                     "thing_labels": ["gown, evening"]})
+    assert config.engine.labels == ("gown, evening", "person")
+    assert config.engine.thing_labels == ("gown, evening",)
+    row = ok_row("a.png", "file:///x/a.png", labels=("gown, evening", "hat"))
+    out = hand_made_output(tmp_path / "out", [row], {"0": "gown, evening", "1": "hat"})
+    assert main(["export", str(out), "--format", "coco", "--to", str(tmp_path / "c.json"),
+                 "--labels", '"gown, evening"']) == 0
+    coco = json.loads((tmp_path / "c.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["gown, evening"]
+    assert [a["category_id"] for a in coco["annotations"]] == [1]

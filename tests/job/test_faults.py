@@ -21,11 +21,11 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image
+from readback import check_output, read_rows
 from skimage import data
 
 from faultproxy import FaultProxy
 from helpers import drawn, encode, huge_png, oriented
-from outputs import check_output, read_rows
 from seglabel.cli import main
 from seglabel.job.pipeline import label
 

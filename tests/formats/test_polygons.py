@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from readback import read_rows
 from scipy import ndimage
 from skimage import data, filters
 
 from helpers import photo_job, tool_python
-from outputs import read_rows
 from seglabel.core.errors import ExportError
 from seglabel.formats.export import export
 from seglabel.formats.polygons import MIN_IOU, coco_polygons, outline

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from readback import check_output, read_rows
 
 from helpers import EXPECTED, write_corpus
-from outputs import check_output, read_rows
 from seglabel.cli import main
 from seglabel.core.errors import ConfigError
 from seglabel.engine.synthetic import save_random_checkpoint

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
+from readback import id_map, read_png, read_rows
 from skimage import data
 
 from helpers import tool_python
-from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
 from seglabel.core.errors import LabelMapError
 from seglabel.evaluation.evaluate import evaluate

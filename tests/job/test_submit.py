@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from readback import check_output
 
 from helpers import EXPECTED, ROOT, drawn, write_corpus
-from outputs import check_output
 from seglabel.cli import main
 from seglabel.core.config import JobConfig
 

@@ -23,7 +23,7 @@ from seglabel.core.labels import LABEL_SETS
 from seglabel.engine.checkpoint import detect_task
 from seglabel.engine.synthetic import save_random_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("instance", "semantic", "panoptic")
 
 

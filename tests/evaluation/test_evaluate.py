@@ -33,11 +33,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from readback import id_map, read_png, read_rows
 from scipy import ndimage
 from skimage import data, measure
 
 from helpers import ROOT, tool_python
-from outputs import id_map, read_png, read_rows
 from seglabel.cli import main
 from seglabel.core.errors import EvalError
 from seglabel.evaluation.evaluate import evaluate

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from skimage import data
 
-from helpers import label_studio, photo_job
+from helpers import hand_made_output, label_studio, ok_row, photo_job
 from seglabel.formats.export import export
 
 
@@ -88,3 +88,22 @@ def test_label_studio_serves_the_most_doubtful_task_first(output, studio, tmp_pa
                 {"sampling": "Uncertainty sampling", "model_version": model_version})
     served = studio.call("GET", f"/api/projects/{project['id']}/next")
     assert served["data"]["key"] == max(review, key=review.get)
+
+
+def test_label_studio_local_files_urls_carry_the_whole_key(tmp_path):
+    """The mapping seglabel's own warning suggests (file:///data/=/data/local-files/?d=) once
+    left the rest unencoded: "sp ace#frag?q=1.png" reached Label Studio as "in1/sp ace"."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from seglabel.formats.export import export
+
+    keys = ["in1/sp ace#frag?q=1.png", "a&b+c=d.png", "plain.png"]
+    out = hand_made_output(tmp_path / "out", [ok_row(k, f"file:///data/{k}") for k in keys], {"0": "x"})
+    export(str(out), "label-studio", str(tmp_path / "ls.json"),
+           image_prefix_map={"file:///data/": "/data/local-files/?d="})
+    tasks = json.loads((tmp_path / "ls.json").read_text())
+    for task in tasks:
+        url = urlsplit(task["data"]["image"])
+        assert url.path == "/data/local-files/" and not url.fragment
+        assert parse_qs(url.query) == {"d": [task["data"]["key"]]}
+    assert sorted(t["data"]["key"] for t in tasks) == sorted(keys)
