@@ -4,9 +4,10 @@
     tasks) → the driver's commit (``commit.py``)
 
 Each stage's plain work lives in its own module (``inputs.fetch``/``inputs.decode``,
-``engine.segmenter``, ``core.results``/``core.masks``/``outputs.store``); here are its Ray halves: which columns a batch carries, how a failed
-image becomes an error cell instead of a failed batch, and how an image that kills its worker
-is found and given up on (the attempt ledger). Decode and encode run as Ray tasks, each given
+``engine.segmenter``, ``core.results``/``core.masks``/``outputs.store``); here are its Ray
+halves: which columns a batch carries, how a failed image becomes an error cell instead of a
+failed batch, and how an image that kills its worker is found and given up on (the attempt
+ledger). Decode and encode run as Ray tasks, each given
 an instance (pickled into the task); the Segmenter is a class Ray Data starts as actors.
 
 Columns between the stages:
