@@ -19,7 +19,8 @@ _PUBLIC = {
     **dict.fromkeys(["ResolvedCheckpoint", "resolve_checkpoint"], "resolve"),
     **dict.fromkeys(["load_checkpoint", "load_segmenter", "fetch_checkpoint", "model_class",
                      "processor_class"], "load"),
-    **dict.fromkeys(["PreprocessSpec", "preprocess", "to_device"], "preprocess"),
+    # preprocess() is seglabel.engine.preprocess.preprocess (a public name is never a module's).
+    **dict.fromkeys(["PreprocessSpec", "to_device"], "preprocess"),
     **dict.fromkeys(["Postprocessor", "PostprocessSpec"], "postprocess"),
     "Segmenter": "segmenter",
     "StandInSegmenter": "standin",

@@ -11,7 +11,9 @@
 from ..core.lazy import public_names
 
 _PUBLIC = {
-    **dict.fromkeys(["export", "FORMATS", "MASK_FORMATS", "WRITERS"], "export"),
+    # export(), the entry point, is seglabel.formats.export.export: a public name may not be a
+    # module's (once the module is imported, the package's attribute is the module).
+    **dict.fromkeys(["FORMATS", "MASK_FORMATS", "WRITERS"], "export"),
     **dict.fromkeys(["ExportOptions", "Writer"], "writer"),
     "coco_annotation": "coco",
     **dict.fromkeys(["label_studio_rle", "labeling_config"], "label_studio"),

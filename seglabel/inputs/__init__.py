@@ -13,7 +13,7 @@ _PUBLIC = {
     "ImageRef": "refs",
     **dict.fromkeys(["iter_listing", "is_under"], "listing"),
     **dict.fromkeys(["iter_manifest", "manifest_key"], "manifest"),
-    **dict.fromkeys(["fetch", "Fetched"], "fetch"),
+    "Fetched": "fetch",  # fetch() is seglabel.inputs.fetch.fetch (a public name is never a module's)
     **dict.fromkeys(["decode_image", "image_size"], "decode"),
 }
 __all__ = sorted(_PUBLIC)

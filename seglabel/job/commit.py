@@ -91,16 +91,19 @@ class Committed:
     actors: dict[str, int] = field(default_factory=dict)
 
 
+# The rows' store, this run's id and to-do count, and its limits, as the job passes them.
 def commit_rows(batches: Iterable[pa.Table], store: OutputStore, run_id: str, todo: int, rows_per_part: int,
-                max_errors: float | None, guard: Callable[[], None] = lambda: None) -> Committed:
+                max_errors: float | None, guard: Callable[[], None] = lambda: None,
+                counts: RowCounts | None = None) -> Committed:
     """Consume the pipeline's rows (this run's ``todo`` of them, each with its ``index`` in the
     to-do order and the ``actor`` that labeled it), commit them, and say what was committed.
     Stops with :class:`JobError`, once what is done is committed, past ``max_errors``; ``guard``
-    is called before each part is written."""
+    is called before each part is written. Every row taken is counted into ``counts`` as it
+    comes (the caller's, to read should the commit fail: whether the run got any row)."""
     from tqdm import tqdm
 
     committer = Committer(store, run_id, rows_per_part, guard=guard)
-    counts = RowCounts()
+    counts = RowCounts() if counts is None else counts
     actors: Counter[str] = Counter()
     # One bit per row of this run's todo list (its "index" column), not a set of keys.
     committed = Bits(todo)

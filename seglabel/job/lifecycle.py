@@ -53,8 +53,8 @@ class OutputLife:
         self.store = store
         self.config = config
         self.checkpoint = checkpoint
-        # The record this run labels under, and whether this run made it (a new output, or one
-        # --overwrite cleared); set by prepare().
+        # The record this run labels under (None until a new output's is first written), and
+        # whether this run made it (a new output, or one --overwrite cleared); set by prepare().
         self.record: JobRecord | None = None
         self.fresh = True
 
@@ -92,7 +92,7 @@ class OutputLife:
             if config.retry_errors and previous is not None:
                 log.info("dropped %d error rows to process them again", store.drop_error_rows())
         self.fresh = previous is None
-        self.record = previous or new_record(config, checkpoint)
+        self.record = previous  # a new output's is made when first written: started after enumeration
         return previous
 
     def settle(self, dtype: str) -> None:
@@ -110,10 +110,11 @@ class OutputLife:
                 record.replace(dtype=dtype, revision=revision).write(self.store)
         self.store.remove(SUCCESS_FILE)
 
-    def abandon(self) -> None:
-        """After a failed run: a new output it committed nothing to and wrote no mask into
-        loses its record (the next run starts as if this one never had)."""
-        if self.fresh and not self.store.parts() and not self.store.holds(MASKS_DIR):
+    def abandon(self, rows_seen: int) -> None:
+        """After a failed run that got ``rows_seen`` rows from its stages: a new output that got
+        none and holds no mask loses its record (the next run starts as if this one never
+        had)."""
+        if self.fresh and rows_seen == 0 and not self.store.holds(MASKS_DIR):
             self.store.remove(JOB_FILE)
 
     def finish_idle(self, found: int, held_back: int) -> dict[str, Any]:
@@ -144,8 +145,9 @@ class OutputLife:
         return totals
 
     def _record(self) -> JobRecord:
+        """The record this run labels under: the output's, or a new one made now."""
         if self.record is None:
-            raise RuntimeError("OutputLife.prepare() was not called")
+            self.record = new_record(self.config, self.checkpoint)
         return self.record
 
     def _refuse_foreign(self) -> None:

@@ -24,7 +24,7 @@ from ..core.config import EngineConfig, JobConfig, default_dtype
 from ..core.errors import ConfigError, SeglabelError
 from ..core.redaction import get_logger, redact_url
 from ..engine.resolve import ResolvedCheckpoint
-from ..outputs.store import OutputStore
+from ..outputs.store import OutputStore, RowCounts
 from .cluster import connect
 from .commit import Committed, commit_rows
 from .lease import Lease, hold
@@ -83,11 +83,11 @@ def run(config: JobConfig) -> Summary:
                 return _summary(config, checkpoint, work, totals=totals)
             # Every Segmenter loads the commit the driver resolved (a Hub branch may move meanwhile).
             config = config.replace(engine=config.engine.replace(revision=checkpoint.revision))
-            started = time.perf_counter()
+            started, seen = time.perf_counter(), RowCounts()
             try:
-                labeled = _label(config, store, checkpoint, work, output, lease)
+                labeled = _label(config, store, checkpoint, work, output, lease, seen)
             except SeglabelError:
-                output.abandon()
+                output.abandon(rows_seen=seen.total)
                 raise
             seconds = time.perf_counter() - started
             totals = output.finish(work.todo, labeled.committed.processed, work.held_back,
@@ -132,11 +132,13 @@ class Sizing:
         return "num_gpus" in self.resources and (engine.device or "cuda").startswith("cuda")
 
 
+# The job as planned (config, store, checkpoint, work), the output's life, the lease, and the
+# counts of rows seen, which the caller reads should the job fail.
 def _label(config: JobConfig, store: OutputStore, checkpoint: ResolvedCheckpoint, work: Work,
-           output: OutputLife, lease: Lease) -> Labeled:
+           output: OutputLife, lease: Lease, seen: RowCounts) -> Labeled:
     """Connect to Ray, record the Segmenters' dtype once their device is known (before any
     image is read), build the pipeline (todo files -> decode -> Segmenters -> encode) and commit
-    its rows while ``lease`` is this run's."""
+    its rows (counted into ``seen``) while ``lease`` is this run's."""
     import ray
     from ray.data import DataContext
 
@@ -154,7 +156,7 @@ def _label(config: JobConfig, store: OutputStore, checkpoint: ResolvedCheckpoint
         try:
             rows = ds.iter_batches(batch_size=None, batch_format="pyarrow")
             committed = commit_rows(rows, store, work.run_id, work.todo, config.rows_per_part,
-                                    config.max_errors, guard=lease.check)
+                                    config.max_errors, guard=lease.check, counts=seen)
         except Exception as exc:
             if isinstance(exc, SeglabelError):
                 raise
