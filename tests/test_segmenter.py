@@ -340,7 +340,7 @@ def test_checkpoint_url_copies_plain_safetensors_files_only(checkpoints, s3_buck
 
 COMPILE_RUN = """
 import json, sys, time, numpy as np, torch
-from seglabel.segment import Segmenter
+from seglabel import Segmenter
 images = [np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8) for i in range(3)]
 eager = Segmenter(sys.argv[1], score_threshold=0.3, batch_size=2)
 compiled = Segmenter(sys.argv[1], score_threshold=0.3, batch_size=2, compile=True, cache_dir=sys.argv[2])
