@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 # Set before anything imports ray, boto3 or huggingface_hub: keep Ray on 127.0.0.1 (see
 # ../shared/ENVIRONMENT.md), never reach a real AWS endpoint, never download from the Hub.
@@ -102,19 +103,62 @@ def s3_bucket(s3_endpoint, request):
 # -- Ray ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_session(s3_endpoint):
-    """One embedded local Ray for a module's tests (a job uses it instead of starting its own).
+def _start_ray() -> None:
+    """An embedded local Ray of this process (``address="local"``: never some other Ray running
+    on the machine)."""
+    import ray
 
-    ``address="local"``: a new Ray of this process, never some other Ray running on the
-    machine. Started after the S3 endpoint, so that its workers inherit AWS_ENDPOINT_URL_S3.
-    """
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+
+
+@pytest.fixture(scope="session")
+def _shared_ray(s3_endpoint):
+    """Stops, at the end of the session, the Ray that ``ray_session`` starts. Depends on the S3
+    endpoint, so that the Ray is started after it (its workers inherit AWS_ENDPOINT_URL_S3) and
+    stopped before it."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_shared_ray):
+    """One embedded local Ray for the tests that use it (a job uses it instead of starting its
+    own), kept from module to module: a fresh one cost about 10 s of CPU on this 2-core machine
+    (ray.init 5 s, Ray Data's own actors at its first job 3.5 s, shutdown 2 s), once per module
+    before. Started here when this process holds none (the first module, or after a module that
+    stopped it)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        _start_ray()
     yield
-    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _ray_back(request):
+    """A test that uses ``ray_session`` gets it again where an earlier test of its module stopped
+    it (to start a cluster of its own), as the module's first test got it."""
+    if "ray_session" in request.fixturenames:
+        import ray
+
+        if not ray.is_initialized():
+            _start_ray()
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_shared_ray(request):
+    """A module none of whose tests uses ``ray_session`` starts, as before the Ray was shared,
+    with no Ray in this process: its tests start their own (an embedded one, a cluster) or join a
+    head."""
+    items = [item for item in request.session.items if item.module is request.module]
+    ray = sys.modules.get("ray")
+    if ray is not None and not any("ray_session" in item.fixturenames for item in items):
+        if ray.is_initialized():
+            ray.shutdown()
+    yield
 
 
 @pytest.fixture(scope="module")
