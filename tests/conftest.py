@@ -31,6 +31,64 @@ from helpers import ROOT, free_port, ray_head, write_token  # noqa: E402
 TINY_LABELS = {i: f"label{i}" for i in range(5)}
 
 
+# -- two test processes at once (pytest-xdist) ------------------------------------------------
+
+# Test modules in the order pytest-xdist hands them out (each module whole to one worker, so
+# that its module fixtures are made once): the longest first, so that the two workers end
+# together; first the long ones that use no shared Ray, then those that use ``ray_session``, one
+# after the other (a worker keeps its Ray from one to the next); any module not named here
+# comes last, in its usual order. The names only order the run: a module renamed or added
+# runs all the same. Measured CPU seconds of each (2 cores, one test process) in the comment.
+LONGEST_FIRST = (
+    "test_readme.py",  # 176
+    "test_bench.py",  # 144
+    "test_segmenter.py",  # 117 (108 of them the compile test)
+    "test_submit.py",  # 61
+    # ray_session:
+    "test_faults.py",  # 367
+    "test_job.py",  # 185
+    "test_eomt_job.py",  # 139
+    "test_export.py",  # 139
+    "test_hostile.py",  # 130
+    "test_hostile3.py",  # 51
+    "test_label_studio.py",  # 47
+    "test_eval.py",  # 41 (and 2 x 20 in subprocesses)
+    "test_weights.py",  # 24
+    "test_polygons.py",  # 21
+    "test_labelmap.py",  # 19
+    "test_scale.py",  # 6
+)
+WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The whole suite (no paths given) runs on two pytest-xdist workers, a module whole to each
+    (``--dist loadfile``) in LONGEST_FIRST's order: about half of one core sat idle while a
+    single process waited on its Ray, servers and subprocesses. ``-n N`` chooses otherwise
+    (``-n 0``: one process); paths given, or no pytest-xdist installed (the GPU image), run in
+    one process as before. Set here rather than in ``addopts``, which pytest without xdist
+    refuses."""
+    if _xdist_worker(config):
+        return  # a worker parses the command line again: it starts no workers of its own
+    option = config.option
+    if getattr(option, "numprocesses", "no xdist") is not None:
+        return  # xdist is not installed, or -n was given
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return
+    if option.collectonly or getattr(option, "usepdb", False):
+        return
+    option.numprocesses = WORKERS
+    if option.dist == "no":
+        option.dist = "loadfile"
+        option.loadscopereorder = False  # keep LONGEST_FIRST's order, not the number of tests'
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's order kept
+
+
 # -- the repository stays clean ------------------------------------------------------------------
 
 
@@ -44,8 +102,34 @@ def _repo_status() -> set[str] | None:
     return set(out.splitlines())
 
 
+def _xdist_worker(config) -> bool:
+    """Whether this process is one of pytest-xdist's workers (the controller has no workerinput)."""
+    return hasattr(config, "workerinput")
+
+
 def pytest_sessionstart(session):
-    session.config._repo_status_before = _repo_status()
+    # Under pytest-xdist, the controller looks before any worker starts and after all have ended;
+    # a worker's view could take the other worker's files in the making for its own.
+    if not _xdist_worker(session.config):
+        session.config._repo_status_before = _repo_status()
+        if getattr(session.config.option, "numprocesses", None):
+            _ray_token()
+
+
+def _ray_token() -> None:
+    """The Ray token a local ``ray.init`` makes when there is none (``~/.ray/auth_token``, 256
+    random bits in hex, as Ray writes it), made once here before pytest-xdist's workers start:
+    two workers starting their first Ray at once could each write one, and a Ray that read the
+    first would then refuse its own driver, which holds the second."""
+    import secrets
+    from pathlib import Path
+
+    token = Path.home() / ".ray" / "auth_token"
+    told = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    if token.exists() or any(name in os.environ for name in told):
+        return
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.write_text(secrets.token_hex(32))
 
 
 def pytest_sessionfinish(session, exitstatus):
