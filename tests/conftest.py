@@ -33,38 +33,45 @@ TINY_LABELS = {i: f"label{i}" for i in range(5)}
 
 # -- two test processes at once (pytest-xdist) ------------------------------------------------
 
-# Test modules in the order pytest-xdist hands them out (each module whole to one worker, so
-# that its module fixtures are made once): the longest first, so that the two workers end
-# together; first the long ones that use no shared Ray, then those that use ``ray_session``, one
-# after the other (a worker keeps its Ray from one to the next); any module not named here
-# comes last, in its usual order. The names only order the run: a module renamed or added
-# runs all the same. Measured CPU seconds of each (2 cores, one test process) in the comment.
-LONGEST_FIRST = (
-    "test_readme.py",  # 176
-    "test_bench.py",  # 144
-    "test_segmenter.py",  # 117 (108 of them the compile test)
-    "test_submit.py",  # 61
-    # ray_session:
-    "test_faults.py",  # 367
-    "test_job.py",  # 185
-    "test_eomt_job.py",  # 139
-    "test_export.py",  # 139
-    "test_hostile.py",  # 130
-    "test_hostile3.py",  # 51
-    "test_label_studio.py",  # 47
-    "test_eval.py",  # 41 (and 2 x 20 in subprocesses)
-    "test_weights.py",  # 24
-    "test_polygons.py",  # 21
-    "test_labelmap.py",  # 19
-    "test_scale.py",  # 6
-)
+# CPU seconds of the longest tests (measured with one test process on the 2-core machine; a
+# parametrized test's variants together; a module fixture's cost on the test that first used
+# it), by test name, which stays when a test moves to another module. Only the order of the
+# run depends on them (pytest_collection_modifyitems).
+KNOWN_CPU_S = {
+    "test_every_readme_block_runs_as_written": 176,
+    "test_compiled_equals_eager_and_a_second_process_reuses_the_cache": 108,
+    "test_eomt_job_resume_and_retry": 79,
+    "test_driver_sigkilled_at_a_random_point_then_rerun": 74,
+    "test_worker_node_lost_from_cluster": 63,
+    "test_two_node_cluster_spreads_work": 59,
+    "test_pipeline_on_a_handful_of_images": 50,
+    "test_label_studio_imports_the_tasks_with_the_generated_config": 47,
+    "test_rates_ratios_and_segments": 40,
+    "test_success_only_when_every_image_has_a_row": 36,
+    "test_submit_wait_runs_the_job_on_the_cluster": 32,
+    "test_local_run": 31,
+    "test_s3_run": 29,
+    "test_resume_compares_the_dtype_the_device_resolved": 28,
+    "test_transient_s3_failures_are_retried": 27,
+    "test_changed_mask_settings_refuse_and_overwrite_starts_again": 26,
+    "test_accepted_licence_runs_and_a_noncommercial_one_is_announced": 26,
+    "test_segmenter_actor_killed_mid_run_is_replaced": 25,
+    "test_coco_from_semantic_outputs_is_one_crowd_annotation_per_label": 24,
+    "test_coco_from_instance_outputs": 23,
+    "test_coco_from_panoptic_outputs_keeps_the_things": 22,
+    "test_driver_loads_no_model_library_for_a_local_checkpoint": 22,
+    "test_inspect_reports_progress_and_errors": 21,
+    "test_stand_in_bench_measures_the_pipeline_without_the_model": 19,
+    "test_cli_config_spec": 19,
+    "test_s3_flat_prefix_is_streamed_page_by_page": 18,
+}
 WORKERS = 2
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     """The whole suite (no paths given) runs on two pytest-xdist workers, a module whole to each
-    (``--dist loadfile``) in LONGEST_FIRST's order: about half of one core sat idle while a
+    (``--dist loadfile``), longest first (below): about half of one core sat idle while a
     single process waited on its Ray, servers and subprocesses. ``-n N`` chooses otherwise
     (``-n 0``: one process); paths given, or no pytest-xdist installed (the GPU image), run in
     one process as before. Set here rather than in ``addopts``, which pytest without xdist
@@ -81,12 +88,37 @@ def pytest_cmdline_main(config):
     option.numprocesses = WORKERS
     if option.dist == "no":
         option.dist = "loadfile"
-        option.loadscopereorder = False  # keep LONGEST_FIRST's order, not the number of tests'
+        option.loadscopereorder = False  # keep the order below, not the number of tests'
 
 
 def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's order kept
+    """Test modules in the order pytest-xdist hands them out, each whole to one worker: the
+    longest first, so that the two workers end together; the long ones that use no shared Ray
+    first, then those that use ``ray_session``, one after the other (a worker keeps its Ray from
+    one such module to the next), then the others. A module's length: its tests' KNOWN_CPU_S,
+    3 s for any other test that uses ``ray_session``, 0.2 s for the rest. A module's own
+    order is kept."""
+    length: dict = {}
+    uses_ray: dict = {}
+    known: dict = {}
+    for item in items:
+        module = item.path
+        ray = "ray_session" in item.fixturenames
+        uses_ray[module] = uses_ray.get(module, False) or ray
+        name = getattr(item, "originalname", item.name)
+        if name in KNOWN_CPU_S:
+            known.setdefault(module, set()).add(name)
+        else:
+            length[module] = length.get(module, 0) + (3 if ray else 0.2)
+    for module, names in known.items():
+        length[module] = length.get(module, 0) + sum(KNOWN_CPU_S[name] for name in names)
+
+    def rank(module) -> tuple:
+        tier = 1 if uses_ray[module] else 0 if length[module] >= 30 else 2
+        return tier, -length[module]
+
+    order = {module: i for i, module in enumerate(sorted(length, key=rank))}
+    items.sort(key=lambda item: order[item.path])
 
 
 # -- the repository stays clean ------------------------------------------------------------------
