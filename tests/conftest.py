@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 # Set before anything imports ray, boto3 or huggingface_hub: keep Ray on 127.0.0.1 (see
 # ../shared/ENVIRONMENT.md), never reach a real AWS endpoint, never download from the Hub.
@@ -17,12 +18,107 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# One thread per torch (OpenMP) pool, in this process and every process it starts (Ray sets it
+# for its workers already): on a 2-core machine whose cores are busy anyway, torch's spinning
+# OpenMP threads cost CPU for nothing (tests/test_bench.py: 113 s of CPU with two, 79 s with
+# one; one bench run of the fixture on a loaded machine: 27.6 s with two, 7.9 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
 from helpers import ROOT, free_port, ray_head, write_token  # noqa: E402
 
 TINY_LABELS = {i: f"label{i}" for i in range(5)}
+
+
+# -- two test processes at once (pytest-xdist) ------------------------------------------------
+
+# CPU seconds of the longest tests (measured with one test process on the 2-core machine; a
+# parametrized test's variants together; a module fixture's cost on the test that first used
+# it), by test name, which stays when a test moves to another module. Only the order of the
+# run depends on them (pytest_collection_modifyitems).
+KNOWN_CPU_S = {
+    "test_every_readme_block_runs_as_written": 176,
+    "test_compiled_equals_eager_and_a_second_process_reuses_the_cache": 108,
+    "test_eomt_job_resume_and_retry": 79,
+    "test_driver_sigkilled_at_a_random_point_then_rerun": 74,
+    "test_worker_node_lost_from_cluster": 63,
+    "test_two_node_cluster_spreads_work": 59,
+    "test_pipeline_on_a_handful_of_images": 50,
+    "test_label_studio_imports_the_tasks_with_the_generated_config": 47,
+    "test_rates_ratios_and_segments": 40,
+    "test_success_only_when_every_image_has_a_row": 36,
+    "test_submit_wait_runs_the_job_on_the_cluster": 32,
+    "test_local_run": 31,
+    "test_s3_run": 29,
+    "test_resume_compares_the_dtype_the_device_resolved": 28,
+    "test_transient_s3_failures_are_retried": 27,
+    "test_changed_mask_settings_refuse_and_overwrite_starts_again": 26,
+    "test_accepted_licence_runs_and_a_noncommercial_one_is_announced": 26,
+    "test_segmenter_actor_killed_mid_run_is_replaced": 25,
+    "test_coco_from_semantic_outputs_is_one_crowd_annotation_per_label": 24,
+    "test_coco_from_instance_outputs": 23,
+    "test_coco_from_panoptic_outputs_keeps_the_things": 22,
+    "test_driver_loads_no_model_library_for_a_local_checkpoint": 22,
+    "test_inspect_reports_progress_and_errors": 21,
+    "test_stand_in_bench_measures_the_pipeline_without_the_model": 19,
+    "test_cli_config_spec": 19,
+    "test_s3_flat_prefix_is_streamed_page_by_page": 18,
+}
+WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The whole suite (no paths given) runs on two pytest-xdist workers, a module whole to each
+    (``--dist loadfile``), longest first (below): about half of one core sat idle while a
+    single process waited on its Ray, servers and subprocesses. ``-n N`` chooses otherwise
+    (``-n 0``: one process); paths given, or no pytest-xdist installed (the GPU image), run in
+    one process as before. Set here rather than in ``addopts``, which pytest without xdist
+    refuses."""
+    if _xdist_worker(config):
+        return  # a worker parses the command line again: it starts no workers of its own
+    option = config.option
+    if getattr(option, "numprocesses", "no xdist") is not None:
+        return  # xdist is not installed, or -n was given
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return
+    if option.collectonly or getattr(option, "usepdb", False):
+        return
+    option.numprocesses = WORKERS
+    if option.dist == "no":
+        option.dist = "loadfile"
+        option.loadscopereorder = False  # keep the order below, not the number of tests'
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Test modules in the order pytest-xdist hands them out, each whole to one worker: the
+    longest first, so that the two workers end together; the long ones that use no shared Ray
+    first, then those that use ``ray_session``, one after the other (a worker keeps its Ray from
+    one such module to the next), then the others. A module's length: its tests' KNOWN_CPU_S,
+    3 s for any other test that uses ``ray_session``, 0.2 s for the rest. A module's own
+    order is kept."""
+    length: dict = {}
+    uses_ray: dict = {}
+    known: dict = {}
+    for item in items:
+        module = item.path
+        ray = "ray_session" in item.fixturenames
+        uses_ray[module] = uses_ray.get(module, False) or ray
+        name = getattr(item, "originalname", item.name)
+        if name in KNOWN_CPU_S:
+            known.setdefault(module, set()).add(name)
+        else:
+            length[module] = length.get(module, 0) + (3 if ray else 0.2)
+    for module, names in known.items():
+        length[module] = length.get(module, 0) + sum(KNOWN_CPU_S[name] for name in names)
+
+    def rank(module) -> tuple:
+        tier = 1 if uses_ray[module] else 0 if length[module] >= 30 else 2
+        return tier, -length[module]
+
+    order = {module: i for i, module in enumerate(sorted(length, key=rank))}
+    items.sort(key=lambda item: order[item.path])
 
 
 # -- the repository stays clean ------------------------------------------------------------------
@@ -38,8 +134,34 @@ def _repo_status() -> set[str] | None:
     return set(out.splitlines())
 
 
+def _xdist_worker(config) -> bool:
+    """Whether this process is one of pytest-xdist's workers (the controller has no workerinput)."""
+    return hasattr(config, "workerinput")
+
+
 def pytest_sessionstart(session):
-    session.config._repo_status_before = _repo_status()
+    # Under pytest-xdist, the controller looks before any worker starts and after all have ended;
+    # a worker's view could take the other worker's files in the making for its own.
+    if not _xdist_worker(session.config):
+        session.config._repo_status_before = _repo_status()
+        if getattr(session.config.option, "numprocesses", None):
+            _ray_token()
+
+
+def _ray_token() -> None:
+    """The Ray token a local ``ray.init`` makes when there is none (``~/.ray/auth_token``, 256
+    random bits in hex, as Ray writes it), made once here before pytest-xdist's workers start:
+    two workers starting their first Ray at once could each write one, and a Ray that read the
+    first would then refuse its own driver, which holds the second."""
+    import secrets
+    from pathlib import Path
+
+    token = Path.home() / ".ray" / "auth_token"
+    told = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    if token.exists() or any(name in os.environ for name in told):
+        return
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.write_text(secrets.token_hex(32))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -102,19 +224,62 @@ def s3_bucket(s3_endpoint, request):
 # -- Ray ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_session(s3_endpoint):
-    """One embedded local Ray for a module's tests (a job uses it instead of starting its own).
+def _start_ray() -> None:
+    """An embedded local Ray of this process (``address="local"``: never some other Ray running
+    on the machine)."""
+    import ray
 
-    ``address="local"``: a new Ray of this process, never some other Ray running on the
-    machine. Started after the S3 endpoint, so that its workers inherit AWS_ENDPOINT_URL_S3.
-    """
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+
+
+@pytest.fixture(scope="session")
+def _shared_ray(s3_endpoint):
+    """Stops, at the end of the session, the Ray that ``ray_session`` starts. Depends on the S3
+    endpoint, so that the Ray is started after it (its workers inherit AWS_ENDPOINT_URL_S3) and
+    stopped before it."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_shared_ray):
+    """One embedded local Ray for the tests that use it (a job uses it instead of starting its
+    own), kept from module to module: a fresh one cost about 10 s of CPU on this 2-core machine
+    (ray.init 5 s, Ray Data's own actors at its first job 3.5 s, shutdown 2 s), once per module
+    before. Started here when this process holds none (the first module, or after a module that
+    stopped it)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        _start_ray()
     yield
-    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _ray_back(request):
+    """A test that uses ``ray_session`` gets it again where an earlier test of its module stopped
+    it (to start a cluster of its own), as the module's first test got it."""
+    if "ray_session" in request.fixturenames:
+        import ray
+
+        if not ray.is_initialized():
+            _start_ray()
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_shared_ray(request):
+    """A module none of whose tests uses ``ray_session`` starts, as before the Ray was shared,
+    with no Ray in this process: its tests start their own (an embedded one, a cluster) or join a
+    head."""
+    items = [item for item in request.session.items if item.module is request.module]
+    ray = sys.modules.get("ray")
+    if ray is not None and not any("ray_session" in item.fixturenames for item in items):
+        if ray.is_initialized():
+            ray.shutdown()
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -366,14 +366,19 @@ def test_compiled_equals_eager_and_a_second_process_reuses_the_cache(checkpoints
     padded included); a second process loads the compiled code from the on-disk cache. The two
     compile times are printed (-s), not asserted: speed belongs to the bench."""
     import json
+    import os
     import subprocess
     import sys
 
     cache = tmp_path / "cache"
+    # Inductor's C++ kernels compiled one after the other in the child itself: the pool it starts
+    # otherwise (a process per core, each importing torch) cost 25 s more CPU on 2 busy cores,
+    # for the same kernels.
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
     runs = []
     for _ in range(2):
         done = subprocess.run([sys.executable, "-c", COMPILE_RUN, str(checkpoints["instance"]), str(cache)],
-                              capture_output=True, text=True, timeout=900)
+                              capture_output=True, text=True, timeout=900, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     for run in runs:

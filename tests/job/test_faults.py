@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import boto3
@@ -244,10 +246,13 @@ def test_inspect_reports_progress_and_errors(checkpoints, tmp_path, capsys):
 
 
 def segmenter_processes() -> list[psutil.Process]:
+    """The Segmenter actors of this test's own Ray: among this process's descendants (its embedded
+    Ray, or the cluster it started, runs under it), never those of another test session running
+    beside this one (pytest-xdist's other worker, or someone else's run on the machine)."""
     found = []
-    for proc in psutil.process_iter(["cmdline", "name"]):
+    for proc in psutil.Process().children(recursive=True):
         try:
-            if "SegmentStage" in " ".join(proc.info["cmdline"] or []) + (proc.info["name"] or ""):
+            if "SegmentStage" in " ".join(proc.cmdline()) + proc.name():
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -519,14 +524,20 @@ def test_worker_node_lost_from_cluster(checkpoints, tmp_path, monkeypatch):
     assert len({a.split("/")[0] for a in summary.actors}) >= 2
 
 
-def _ray_pids() -> set[int]:
-    names = ("raylet", "gcs_server", "ray::", "dashboard", "log_monitor", "monitor.py", "default_worker")
-    pids = set()
+def _run_processes(driver: int) -> set[psutil.Process]:
+    """A ``seglabel run`` driver's processes: its descendants (its embedded Ray) and any process
+    of its Ray session (Ray names the session's folder after the driver's pid), nothing of any
+    other Ray on the machine (pytest-xdist's other worker runs one beside this test's)."""
+    session = re.compile(rf"session_[0-9_-]+_{driver}\b")
+    found = set()
+    with suppress(psutil.NoSuchProcess):
+        found |= set(psutil.Process(driver).children(recursive=True))
     for proc in psutil.process_iter(["cmdline"]):
-        line = " ".join(proc.info["cmdline"] or [])
-        if any(n in line for n in names):
-            pids.add(proc.pid)
-    return pids
+        if session.search(" ".join(proc.info["cmdline"] or [])):
+            found.add(proc)
+            with suppress(psutil.NoSuchProcess):
+                found |= set(proc.children(recursive=True))
+    return found
 
 
 @pytest.mark.parametrize("attempt", range(3))
@@ -539,7 +550,6 @@ def test_driver_sigkilled_at_a_random_point_then_rerun(checkpoints, tmp_path, at
     command = [sys.executable, "-m", "seglabel.cli", "run", "--input", str(root), "--output", str(out),
                "--model", str(checkpoints["instance"]), "--batch-size", "2", "--rows-per-part", "3"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    before = _ray_pids()
     proc = subprocess.Popen(
         command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -554,13 +564,12 @@ def test_driver_sigkilled_at_a_random_point_then_rerun(checkpoints, tmp_path, at
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
+    ray_of_run = _run_processes(proc.pid)  # under the driver while it lives
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    for pid in _ray_pids() - before:  # the killed run's Ray, wherever it lives
-        try:
-            psutil.Process(pid).kill()
-        except psutil.NoSuchProcess:
-            pass
+    for victim in ray_of_run | _run_processes(proc.pid):  # the killed run's Ray, wherever it lives
+        with suppress(psutil.NoSuchProcess):
+            victim.kill()
     assert not (out / "_SUCCESS").exists()
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
