@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # One thread per torch (OpenMP) pool, in this process and every process it starts (Ray sets it
 # for its workers already): on a 2-core machine whose cores are busy anyway, torch's spinning
-# OpenMP threads cost CPU for nothing (tests/test_bench.py: 113 s of CPU with two, 79 s with
+# OpenMP threads cost CPU for nothing (tests/bench/test_bench.py: 113 s of CPU with two, 79 s with
 # one; one bench run of the fixture on a loaded machine: 27.6 s with two, 7.9 s with one).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -429,3 +429,30 @@ def put(bucket, objects):
     client = boto3.client("s3")
     for key, body in objects.items():
         client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def many_images(folder: Path, n: int) -> dict[str, tuple[int, int]]:
+    """``n`` drawn PNGs of a few sizes in ``folder``; their sizes by name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for i in range(n):
+        image = drawn(32 + (i % 7) * 5, 24 + (i % 5) * 6, i)
+        image.save(folder / f"img{i:03d}.png")
+        expected[f"img{i:03d}.png"] = image.size
+    return expected
+
+
+def segmenter_processes() -> list:
+    """The Segmenter actors of this test's own Ray: among this process's descendants (its embedded
+    Ray, or the cluster it started, runs under it), never those of another test session running
+    beside this one (pytest-xdist's other worker, or someone else's run on the machine)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "SegmentStage" in " ".join(proc.cmdline()) + proc.name():
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
