@@ -376,11 +376,18 @@ def photos(folder, n: int = 3):
     return folder
 
 
+# The stand-in model (two segments an image) for tests whose subject is the job around the model
+# (names, resume, limits, retries, storage faults), not its masks: a real tiny checkpoint costs
+# each job's Segmenter process about 6 s of CPU importing torch and transformers. The pipeline,
+# engine, export and fault tests that are about the model's output run the real checkpoints.
+STAND_IN = "segments=2"
+
+
 def run(checkpoints, input, output, **settings):
     """A job of ``input`` into ``output`` with the stand-in model (two segments an image) and the
     tiny instance checkpoint's labels; its Summary. Needs a Ray (``ray_session``)."""
     model = str(checkpoints["instance"])
-    return label(str(input), str(output), model=model, stand_in="segments=2", **settings)
+    return label(str(input), str(output), model=model, stand_in=STAND_IN, **settings)
 
 
 def one_line_error(capsys, argv: list[str]) -> str:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from readback import check_output, read_rows
 
-from helpers import drawn, encode
+from helpers import STAND_IN, drawn, encode
 from seglabel.job.pipeline import label
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -49,7 +49,8 @@ def local_job(checkpoints, tmp_path_factory):
     with open(os.fsencode(root) + b"/bad\xff name.jpg", "wb") as f:  # not UTF-8: Parquet cannot hold it
         f.write(encode(drawn(30, 20, 11), "JPEG"))
     out = root.parent / "out"
-    label(str(root), str(out), model=str(checkpoints["instance"]), batch_size=1, max_bytes=MAX_BYTES)
+    label(str(root), str(out), model=str(checkpoints["instance"]), batch_size=1, max_bytes=MAX_BYTES,
+          stand_in=STAND_IN)
     return root, out, {r["key"]: r for r in read_rows(str(out))}
 
 
@@ -119,11 +120,11 @@ def test_named_by_a_manifest_special_files_are_error_rows_and_stale_masks_go(
     # The killed run: its record and a first row committed (an output without its record is
     # refused since issue 24), and the mask of an image it never committed a row for.
     manifest.write_text(str(root / "real.jpg"))
-    label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]))
+    label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]), stand_in=STAND_IN)
     stale = out / "masks" / base / "gone.jpg.png"
     stale.write_bytes(encode(drawn(20, 10, 2), "PNG"))
     manifest.write_text("\n".join(str(root / n) for n in ("real.jpg", "fifo.jpg", "zero.jpg", "gone.jpg")))
-    label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]))
+    label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]), stand_in=STAND_IN)
     check_output(str(out), "instance", {
         f"{base}/real.jpg": (36, 24),
         f"{base}/fifo.jpg": "read: not a regular file",
@@ -144,12 +145,15 @@ def test_two_uris_of_one_key_the_second_is_an_error_row(local_job, checkpoints, 
     manifest.write_text("\n".join([first, second, first, second]))
     out = tmp_path / "out"
     expected = {f"{base}/real.jpg": (36, 24), second: f"key: collides with {first}"}
-    summary = label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]))
+    summary = label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]),
+                    stand_in=STAND_IN)
     assert (summary.found, summary.ok, summary.error) == (2, 1, 1)
     check_output(str(out), "instance", expected)
-    again = label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]))
+    again = label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]),
+                  stand_in=STAND_IN)
     assert (again.found, again.already_done, again.processed) == (2, 2, 0)
-    label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]), retry_errors=True)
+    label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]), retry_errors=True,
+          stand_in=STAND_IN)
     rows = check_output(str(out), "instance", expected)
     assert rows[second]["image_uri"] == second and rows[second]["mask_uri"] is None
 
@@ -163,7 +167,8 @@ def test_on_s3_double_colons_and_max_bytes(checkpoints, s3_bucket):
     for name, blob in objects.items():
         client.put_object(Bucket=s3_bucket, Key=f"in/{name}", Body=blob)
     out = f"s3://{s3_bucket}/out"
-    label(f"s3://{s3_bucket}/in", out, model=str(checkpoints["instance"]), max_bytes=MAX_BYTES)
+    label(f"s3://{s3_bucket}/in", out, model=str(checkpoints["instance"]), max_bytes=MAX_BYTES,
+          stand_in=STAND_IN)
     rows = check_output(out, "instance", {
         "a::b.jpg": (50, 40), "big.png": "read: ", "empty.png": "decode: empty", "q?x=1.jpg": (37, 20),
         "h#1 %20.jpg": (38, 20), "v.jpg": (39, 20), "v.jpg.png?versionId=1.jpg": "key: unsafe",

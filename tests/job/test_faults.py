@@ -26,7 +26,7 @@ from readback import check_output, read_rows
 from skimage import data
 
 from faultproxy import FaultProxy
-from helpers import drawn, encode, huge_png, many_images, oriented, segmenter_processes
+from helpers import STAND_IN, drawn, encode, huge_png, many_images, oriented, segmenter_processes
 from seglabel.cli import main
 from seglabel.job.pipeline import label
 
@@ -91,7 +91,8 @@ def test_retry_errors_replaces_error_rows_and_max_errors_stops(checkpoints, tmp_
     for name in ("late1.png", "late2.png", "late3.png"):
         (root / name).write_bytes(b"")  # not there yet: an upload still in progress
     out = tmp_path / "out"
-    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"])]
+    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"]),
+            "--stand-in", STAND_IN]
     assert main(args + ["--max-errors", "1", "--batch-size", "1", "--rows-per-part", "1"]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("seglabel: error: stopped:") and "over --max-errors 1" in last
@@ -218,13 +219,13 @@ def test_inspect_reports_progress_and_errors(checkpoints, tmp_path, capsys):
     many_images(root, 3)
     (root / "broken.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
-    label(str(root), str(out), model=str(checkpoints["instance"]), limit=2)
+    label(str(root), str(out), model=str(checkpoints["instance"]), limit=2, stand_in=STAND_IN)
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     state = json.loads(capsys.readouterr().out)
     # Two of four images have rows: not complete (no _SUCCESS while --limit holds images back).
     assert (state["total"], state["complete"]) == (2, False)
-    label(str(root), str(out), model=str(checkpoints["instance"]))
+    label(str(root), str(out), model=str(checkpoints["instance"]), stand_in=STAND_IN)
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "4 (3 ok, 1 errors)" in text and "decode: cannot identify image" in text
@@ -523,6 +524,7 @@ def test_transient_s3_failures_are_retried(checkpoints, s3_endpoint, s3_bucket, 
         thread.start()
         label(
             f"s3://{s3_bucket}/in", out, model=str(checkpoints["semantic"]), batch_size=1, rows_per_part=2,
+            stand_in=STAND_IN,
             input_storage_options=options, output_storage_options=options,
         )
         thread.join(5)

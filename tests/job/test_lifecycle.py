@@ -11,7 +11,7 @@ import os
 import pytest
 from readback import read_rows
 
-from helpers import drawn, encode, photos, run
+from helpers import STAND_IN, drawn, encode, photos, run
 from seglabel.cli import main
 from seglabel.core.errors import OutputError
 
@@ -94,7 +94,8 @@ def test_success_only_when_every_image_has_a_row(checkpoints, tmp_path, capsys):
     for i in range(4):
         (root / f"{i}.png").write_bytes(encode(drawn(20 + i, 10, i), "PNG"))
     out = tmp_path / "out"
-    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"])]
+    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"]),
+            "--stand-in", STAND_IN]
     assert main(args + ["--limit", "0"]) == 0  # a fresh output, nothing labeled
     assert "left 4 images for a later run" in capsys.readouterr().out
     assert not (out / "_SUCCESS").exists()
@@ -119,7 +120,7 @@ def test_resuming_from_another_input_is_refused(checkpoints, tmp_path, capsys):
         root.mkdir()
         (root / "a.png").write_bytes(encode(drawn(20, 10, 1), "PNG"))
     out = tmp_path / "out"
-    args = ["--output", str(out), "--model", str(checkpoints["semantic"])]
+    args = ["--output", str(out), "--model", str(checkpoints["semantic"]), "--stand-in", STAND_IN]
     assert main(["run", "--input", str(first), *args]) == 0
     capsys.readouterr()
     assert main(["run", "--input", str(second), *args]) == 2
