@@ -12,7 +12,7 @@ import pytest
 import yaml
 from readback import check_output
 
-from helpers import EXPECTED, ROOT, drawn, write_corpus
+from helpers import EXPECTED, ROOT, STAND_IN, drawn, write_corpus
 from seglabel.cli import main
 from seglabel.core.config import JobConfig
 
@@ -48,7 +48,8 @@ def wait_status(address: str, submission_id: str, capsys, timeout: float = 180) 
 def test_submit_wait_runs_the_job_on_the_cluster(address, checkpoints, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     status = main(["submit", "--address", address, "--wait", "--input", str(corpus), "--output", str(out),
-                   "--model", str(checkpoints["instance"]), "--score-threshold", "0.3"])
+                   "--model", str(checkpoints["instance"]), "--score-threshold", "0.3",
+                   "--stand-in", STAND_IN])
     captured = capsys.readouterr()
     printed = captured.out
     assert status == 0, captured.err[-3000:]
@@ -60,7 +61,8 @@ def test_submit_no_wait_with_working_dir_then_status_and_logs(address, checkpoin
     spec = tmp_path / "spec.yaml"
     out = tmp_path / "out"
     spec.write_text(
-        yaml.safe_dump({"input": str(corpus), "output": str(out), "model": str(checkpoints["semantic"])})
+        yaml.safe_dump({"input": str(corpus), "output": str(out), "model": str(checkpoints["semantic"]),
+                        "stand_in": STAND_IN})
     )
     assert (
         main(["submit", "--address", address, "--no-wait", "--config", str(spec), "--working-dir", str(ROOT)])
