@@ -119,7 +119,8 @@ def test_changed_mask_settings_refuse_and_overwrite_starts_again(checkpoints, tm
     root = tmp_path / "in"
     expected = many_images(root, 3)
     out = tmp_path / "out"
-    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["instance"])]
+    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["instance"]),
+            "--stand-in", STAND_IN]
     assert main(args) == 0
     parts = sorted(p.name for p in (out / "metadata").iterdir())
     capsys.readouterr()
