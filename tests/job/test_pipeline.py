@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from readback import check_output, read_png, read_rows
 
-from helpers import EXPECTED, corpus_files, write_corpus
+from helpers import EXPECTED, STAND_IN, corpus_files, write_corpus
 from seglabel.cli import main
 from seglabel.cli.common import job_config
 from seglabel.job.pipeline import label
@@ -87,7 +87,7 @@ def test_manifest_run(checkpoints, corpus, tmp_path):
         f"{corpus / 'missing.jpg'}\n"
     )
     out = tmp_path / "out"
-    label(manifest=str(manifest), output=str(out), model=str(checkpoints["semantic"]))
+    label(manifest=str(manifest), output=str(out), model=str(checkpoints["semantic"]), stand_in=STAND_IN)
     base = str(corpus).lstrip("/")
     check_output(str(out), "semantic", {
         f"{base}/astronaut.jpg": (512, 512),
@@ -98,15 +98,15 @@ def test_manifest_run(checkpoints, corpus, tmp_path):
 
 def test_limit_then_resume_and_output_inside_input(checkpoints, corpus):
     out = corpus / "labels"  # inside the input folder: never listed as input
-    first = label(str(corpus), str(out), model=str(checkpoints["instance"]), limit=2)
+    first = label(str(corpus), str(out), model=str(checkpoints["instance"]), limit=2, stand_in=STAND_IN)
     assert (first.found, first.processed) == (6, 2)
     assert len(read_rows(str(out))) == 2
     assert not (out / "_SUCCESS").exists() or json.loads((out / "_SUCCESS").read_text())["total"] == 2
-    second = label(str(corpus), str(out), model=str(checkpoints["instance"]))
+    second = label(str(corpus), str(out), model=str(checkpoints["instance"]), stand_in=STAND_IN)
     assert (second.found, second.already_done, second.processed) == (6, 2, 4)
     check_output(str(out), "instance", EXPECTED)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    third = label(str(corpus), str(out), model=str(checkpoints["instance"]))
+    third = label(str(corpus), str(out), model=str(checkpoints["instance"]), stand_in=STAND_IN)
     assert (third.found, third.processed) == (6, 0)
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
