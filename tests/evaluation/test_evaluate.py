@@ -10,7 +10,7 @@ The figures are checked three ways:
 * on truths with one instance removed, one label swapped, one mask eroded, against amounts
   worked out here from COCOeval's and panopticapi's published definitions.
 
-The job's outputs are read with tests/outputs.py (pyarrow, Pillow, pycocotools; no seglabel code).
+The job's outputs are read with tests/readback.py (pyarrow, Pillow, pycocotools; no seglabel code).
 """
 
 from __future__ import annotations

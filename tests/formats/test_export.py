@@ -4,7 +4,7 @@ for both model families, Mask2Former and EoMT.
 
 Everything an export writes is read back with the tools' own readers or independent ones:
 pycocotools' COCO API, Pillow, zipfile, and a Label Studio brush RLE decoder written here from
-the published format. The job's outputs are read with tests/outputs.py (no seglabel code).
+the published format. The job's outputs are read with tests/readback.py (no seglabel code).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Never lose or duplicate a label: bad inputs, resume, atomic commits and injected faults.
 
-Every test ends by reading the output back independently (tests/outputs.py) and checking that
+Every test ends by reading the output back independently (tests/readback.py) and checking that
 every input appears exactly once, with its PNG, or as an error row with the expected reason.
 """
 
