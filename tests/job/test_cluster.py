@@ -23,7 +23,7 @@ from seglabel.job.pipeline import label
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def three_nodes():
     """The module's cluster, this process's Ray connected to it; its GPU nodes."""
     import ray
     from ray.cluster_utils import Cluster
@@ -40,7 +40,7 @@ def cluster():
         cluster.shutdown()
 
 
-def test_two_node_cluster_spreads_work(cluster, checkpoints, tmp_path):
+def test_two_node_cluster_spreads_work(three_nodes, checkpoints, tmp_path):
     """Raylets with one (simulated) GPU each: two Segmenter actors, one per node."""
     corpus = write_corpus(tmp_path / "images")
     many = corpus / "many"
@@ -87,7 +87,7 @@ def test_two_node_cluster_spreads_work(cluster, checkpoints, tmp_path):
         assert (a == b).mean() >= 0.9999
 
 
-def test_worker_node_lost_from_cluster(cluster, checkpoints, tmp_path, monkeypatch):
+def test_worker_node_lost_from_cluster(three_nodes, checkpoints, tmp_path, monkeypatch):
     import seglabel.job.pipeline
 
     monkeypatch.setattr(seglabel.job.pipeline, "BLOCK_ROWS", 4)  # enough blocks for two Segmenters
@@ -95,7 +95,7 @@ def test_worker_node_lost_from_cluster(cluster, checkpoints, tmp_path, monkeypat
     root = tmp_path / "in"
     expected = many_images(root, 60)
     out = tmp_path / "out"
-    cluster, nodes = cluster
+    cluster, nodes = three_nodes
 
     def node_with_segmenter():
         pids = {p.pid for p in segmenter_processes()}
