@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..core.config import TASKS
-from ..core.errors import CheckpointError, ConfigError, first_line
+from ..core.errors import CheckpointError, ConfigError, Unreadable, first_line
 from ..core.redaction import get_logger
 
 log = get_logger(__name__)
@@ -227,7 +227,7 @@ def inspect_checkpoint(model: str, revision: str | None = None) -> CheckpointInf
     if not labels:
         raise CheckpointError(f"checkpoint {model}: its config names no labels (id2label)")
     if not hub:
-        _check_class_head(model, labels)
+        _check_class_head(model, labels, config)
     split = False
     if family.startswith("eomt"):
         processor, _ = _config_file(model, "preprocessor_config.json", revision, hub)
@@ -257,34 +257,92 @@ MAX_HEADER_BYTES = 100 << 20
 _SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
-def _check_class_head(model: str, labels: dict[int, str]) -> None:
-    """Refuse, from the weights file's header alone (no tensor is read), a checkpoint whose class
-    head is missing or has another number of rows than its config has labels (+1 for "no
-    object"). Checkpoints with no safetensors file (pickled weights in a local folder) are left
-    to the Segmenter's load, which checks every tensor."""
-    from ..core.errors import Unreadable
+# The safetensors dtypes of floating-point tensors. A class head stored as integers or booleans
+# is cast to float by transformers and labels images: never trained weights.
+_FLOAT_DTYPES = frozenset(
+    {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4"}
+)
+INDEX_FILE = "model.safetensors.index.json"
 
-    index, _ = _config_file(model, "model.safetensors.index.json", None, False)
-    name = "model.safetensors"
-    if index is not None:
-        weight_map = index.get("weight_map")
-        shard = weight_map.get(CLASS_HEAD) if isinstance(weight_map, dict) else None
-        if not isinstance(shard, str) or not _SHARD.fullmatch(shard):
-            raise CheckpointError(f"checkpoint {model}: its weights have no class head ({CLASS_HEAD})")
-        name = shard
-    try:
-        head = _safetensors_header(checkpoint_file(model, name))
-    except FileNotFoundError:
-        if index is not None or os.path.lexists(checkpoint_file(model, name)):  # a dangling link
-            missing = f"checkpoint {model}: its weights file {name} is missing"
-            raise CheckpointError(missing) from None
+
+def _check_class_head(model: str, labels: dict[int, str], config: Mapping[str, Any]) -> None:
+    """Refuse, from the weights' headers alone (no tensor is read), a checkpoint whose class
+    head is missing, not floating point, or has another number of rows than its config has
+    labels (+1 for "no object"), reading the files transformers will load: ``model.safetensors``,
+    or every shard its index names (a head also present in a shard the index does not assign it
+    to could be the one loaded). A folder with both, or a config naming its own weights file
+    (``transformers_weights``), is refused: which weights run would not be the ones checked.
+    Checkpoints with no safetensors file (pickled weights in a local folder) are left to the
+    Segmenter's load, which checks every tensor."""
+    if config.get("transformers_weights") is not None:
+        raise CheckpointError(
+            f"checkpoint {model}: its config names its own weights file (transformers_weights "
+            f"{config['transformers_weights']!r}); seglabel loads only model.safetensors or {INDEX_FILE}"
+        )
+    index, _ = _config_file(model, INDEX_FILE, None, False)
+    single = _weights_header(model, "model.safetensors", required=False)
+    if index is None:
+        if single is None:
+            return
+        _check_head_entry(model, "model.safetensors", single, labels)
         return
+    if single is not None:
+        raise CheckpointError(
+            f"checkpoint {model} holds both model.safetensors and {INDEX_FILE}: transformers loads "
+            "the first, which may be stale; remove the one that is not the model"
+        )
+    weight_map = index.get("weight_map")
+    shard = weight_map.get(CLASS_HEAD) if isinstance(weight_map, dict) else None
+    if not isinstance(shard, str) or not _SHARD.fullmatch(shard):
+        raise CheckpointError(f"checkpoint {model}: its weights have no class head ({CLASS_HEAD})")
+    shards = set(weight_map.values())
+    stray = sorted(str(name) for name in shards if not isinstance(name, str) or not _SHARD.fullmatch(name))
+    if stray:
+        raise CheckpointError(
+            f"checkpoint {model}: its {INDEX_FILE} names {stray[0]!r}, not a shard "
+            "(model-00001-of-00002.safetensors)"
+        )
+    holding = []
+    for name in sorted(shards):
+        header = _weights_header(model, name, required=True)
+        if CLASS_HEAD in header:
+            holding.append(name)
+            _check_head_entry(model, name, header, labels)
+    if holding != [shard]:
+        where = " and ".join(holding) if holding else "no shard"
+        raise CheckpointError(
+            f"checkpoint {model}: its class head ({CLASS_HEAD}) is in {where}, but its index "
+            f"assigns it to {shard} alone: which one transformers loads is not the one checked"
+        )
+
+
+def _weights_header(model: str, name: str, required: bool) -> dict | None:
+    """The safetensors header of a checkpoint's weights file ``name``; None where there is no
+    such file and it is not ``required`` (a dangling link is missing, not absent)."""
+    url = checkpoint_file(model, name)
+    try:
+        return _safetensors_header(url)
+    except FileNotFoundError:
+        if required or os.path.lexists(url):
+            raise CheckpointError(f"checkpoint {model}: its weights file {name} is missing") from None
+        return None
     except (OSError, ValueError, RecursionError, Unreadable) as exc:
         raise CheckpointError(f"cannot read the weights of checkpoint {model}: {first_line(exc)}") from exc
-    entry = head.get(CLASS_HEAD)
+
+
+def _check_head_entry(model: str, name: str, header: Mapping[str, Any], labels: dict[int, str]) -> None:
+    """The class head as ``name``'s header describes it: floating point, one row a label and one
+    for "no object"."""
+    entry = header.get(CLASS_HEAD)
     shape = entry.get("shape") if isinstance(entry, dict) else None
     if not isinstance(shape, list) or not shape or type(shape[0]) is not int or shape[0] < 1:
         raise CheckpointError(f"checkpoint {model}: its weights have no class head ({CLASS_HEAD})")
+    dtype = entry.get("dtype")
+    if dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(
+            f"checkpoint {model}: its class head ({CLASS_HEAD} in {name}) is stored as {dtype!r}, "
+            "not floating point: not trained weights"
+        )
     if shape[0] != len(labels) + 1:
         raise CheckpointError(
             f"checkpoint {model}: its config names {len(labels)} labels but its class head has "
@@ -304,7 +362,7 @@ def _safetensors_header(url: str) -> dict:
     size = int.from_bytes(fs.cat_file(path, start=0, end=8), "little")
     if not 0 < size <= MAX_HEADER_BYTES:
         raise ValueError(f"{url} is not a safetensors file (header of {size} bytes)")
-    header = json.loads(fs.cat_file(path, start=8, end=8 + size))
+    header = json.loads(fs.cat_file(path, start=8, end=8 + size), object_pairs_hook=_once_each)
     if not isinstance(header, dict):
         raise ValueError(f"{url} is not a safetensors file")
     return header
@@ -319,7 +377,6 @@ def _config_file(
     ``required`` file the Hub cannot give is one line that says how to run offline."""
     import json
 
-    from ..core.errors import Unreadable
     from ..storage.read import read_bytes
 
     commit = None
@@ -344,7 +401,7 @@ def _config_file(
         path = checkpoint_file(model, name)
     try:
         data = read_bytes(path, None, MAX_CONFIG_BYTES)
-        value = json.loads(data)
+        value = json.loads(data, object_pairs_hook=_once_each)
     except FileNotFoundError:
         return None, None
     except (OSError, ValueError, RecursionError, Unreadable) as exc:
@@ -354,11 +411,53 @@ def _config_file(
     return value, commit
 
 
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: where a key is written twice, Python's
+    reader and transformers keep the last silently, so which value the model runs with is not
+    what a reader of the file sees first."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {twice!r} is written twice")
+    return value
+
+
+_LABEL_ID = re.compile(r"0|[1-9][0-9]*")
+
+
 def _labels(id2label: Any, model: str) -> dict[int, str]:
-    """A config's ``id2label`` with integer ids, or one line saying it is unusable."""
-    try:
-        return {int(k): str(v) for k, v in dict(id2label or {}).items()}
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"checkpoint {model}: its config's id2label is not a map of ids to names"
-        ) from exc
+    """A config's ``id2label`` as ``{id: name}``, or one line saying why it cannot name the class
+    head's rows. The ids are row numbers, so they must be exactly 0..N-1, each written once as a
+    plain number, and the names non-empty strings: ids from 1 would shift every name by one
+    (the masks keep the rows, the names in every row and export would be wrong), ``"2"`` and
+    ``" 2"`` would both become row 2, and a list would be labelled by its text."""
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {model}: its config's id2label {why}")
+
+    if id2label is None:
+        return {}
+    if not isinstance(id2label, Mapping):
+        raise refuse("is not a map of ids to names")
+    labels: dict[int, str] = {}
+    for key, name in id2label.items():
+        if not isinstance(key, str) or not _LABEL_ID.fullmatch(key):
+            raise refuse(f"has the key {key!r}, not a label id (0, 1, 2, ... written plainly)")
+        if not isinstance(name, str) or not name.strip():
+            raise refuse(f"names label {key} with {name!r}, not a name")
+        labels[int(key)] = name
+    if labels and sorted(labels) != list(range(len(labels))):
+        ids = sorted(labels)
+        raise refuse(
+            f"numbers its {len(ids)} labels {_span(ids)}, not 0..{len(ids) - 1}: the ids are the "
+            "class head's rows, counted from 0"
+        )
+    return labels
+
+
+def _span(ids: list[int]) -> str:
+    """A short text of sorted ids: ``1..5`` where they run without a gap, else the first few."""
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}..{ids[-1]}"
+    return ", ".join(map(str, ids[:6])) + (", ..." if len(ids) > 6 else "")

@@ -235,3 +235,113 @@ def test_no_labels_a_dangling_weights_link_and_a_path_argument(checkpoints, tmp_
     (linked / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")
     with pytest.raises(CheckpointError, match="weights file model.safetensors is missing"):
         inspect_checkpoint(str(linked))
+
+
+# -- checkpoints that lie (issue 39) ---------------------------------------------------------------
+
+
+def with_config_text(source: Path, folder: Path, id2label_json: str) -> Path:
+    """A copy of ``source`` whose config's id2label is the JSON text given, written as is (so
+    that a key can be written twice)."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("label2id", None)
+    config["id2label"] = "@ID2LABEL@"
+    text = json.dumps(config).replace('"@ID2LABEL@"', id2label_json)
+    (folder / "config.json").write_text(text)
+    return folder
+
+
+# Each has as many entries as the 5-label head has label rows, so only the ids or names are wrong.
+LYING_ID2LABEL = {
+    "from-one": ('{"1": "a", "2": "b", "3": "c", "4": "d", "5": "e"}', r"numbers its 5 labels 1\.\.5, not 0\.\.4"),
+    "spaced-twice": ('{"0": "a", "1": "b", "2": "c", " 2": "c2", "3": "d", "4": "e"}', r"has the key ' 2'"),
+    "written-twice": ('{"0": "a", "1": "b", "2": "c", "2": "c2", "3": "d", "4": "e"}', r"'2' is written twice"),
+    "list-name": ('{"0": ["person"], "1": "b", "2": "c", "3": "d", "4": "e"}', r"names label 0 with \['person'\]"),
+    "number-name": ('{"0": 7, "1": "b", "2": "c", "3": "d", "4": "e"}', r"names label 0 with 7"),
+    "gap": ('{"0": "a", "1": "b", "2": "c", "3": "d", "9": "e"}', r"numbers its 5 labels 0, 1, 2, 3, 9"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LYING_ID2LABEL))
+def test_label_ids_that_are_not_the_head_rows_are_refused(checkpoints, tmp_path, case):
+    """Before: each passed (the count matched the head) and every name in the rows and exports
+    was wrong or a list's text."""
+    text, reason = LYING_ID2LABEL[case]
+    model = with_config_text(checkpoints["instance"], tmp_path / f"{case}-instance", text)
+    with pytest.raises(CheckpointError, match=reason):
+        inspect_checkpoint(str(model))
+
+
+def test_label_ids_from_one_stop_the_run_before_anything_is_written(checkpoints, images, tmp_path, capsys):
+    text, _ = LYING_ID2LABEL["from-one"]
+    model = with_config_text(checkpoints["instance"], tmp_path / "from-one-instance", text)
+    out = tmp_path / "out"
+    line = refusal(capsys, images, out, model)
+    assert "id2label numbers its 5 labels 1..5, not 0..4" in line, line
+    assert left_empty(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_a_class_head_that_is_not_floating_point_is_refused(checkpoints, tmp_path, dtype):
+    head = load_file(checkpoints["instance"] / "model.safetensors")["class_predictor.weight"]
+    model = edited(checkpoints["instance"], tmp_path / "int-instance",
+                   add={"class_predictor.weight": (head * 10).to(dtype)})
+    with pytest.raises(CheckpointError, match=r"class head \(class_predictor.weight in model.safetensors\) "
+                                             r"is stored as '(I64|I8|BOOL)', not floating point"):
+        inspect_checkpoint(str(model))
+
+
+def sharded(source: Path, model: Path) -> dict[str, str]:
+    """``source``'s weights as two shards and an index in ``model``; the index's weight map."""
+    shutil.copytree(source, model)
+    weights = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, keys in halves.items():
+        save_file({k: weights[k] for k in keys}, model / shard, metadata={"format": "pt"})
+        weight_map.update({k: shard for k in keys})
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+# A head of the right shape that is not the one checked: all zeros.
+UNCHECKED_HEAD = {"class_predictor.weight": torch.zeros(6, 32), "class_predictor.bias": torch.zeros(6)}
+
+
+def test_a_stale_single_file_beside_an_index_is_refused(checkpoints, tmp_path):
+    """Before: the driver read the shard the index names, and transformers loads a
+    model.safetensors beside an index first: the model ran on a head never checked."""
+    stale = tmp_path / "stale-instance"
+    sharded(checkpoints["instance"], stale)
+    whole = load_file(checkpoints["instance"] / "model.safetensors")
+    save_file({**whole, **UNCHECKED_HEAD}, stale / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="holds both model.safetensors and model.safetensors.index.json"):
+        inspect_checkpoint(str(stale))
+
+
+def test_a_class_head_in_a_shard_the_index_does_not_assign_is_refused(checkpoints, tmp_path):
+    """Before: only the assigned shard's header was read; transformers reads every shard."""
+    twice = tmp_path / "twice-instance"
+    weight_map = sharded(checkpoints["instance"], twice)
+    assert inspect_checkpoint(str(twice)).family == "mask2former"
+    other = next(s for s in sorted(set(weight_map.values())) if s != weight_map["class_predictor.weight"])
+    save_file({**load_file(twice / other), "class_predictor.weight": UNCHECKED_HEAD["class_predictor.weight"]},
+              twice / other, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"is in model-00001-of-00002.safetensors and "
+                                             r"model-00002-of-00002.safetensors, but its index assigns"):
+        inspect_checkpoint(str(twice))
+
+
+def test_a_config_naming_its_own_weights_file_is_refused(checkpoints, tmp_path):
+    """Before: transformers followed ``transformers_weights`` to a file the driver never read."""
+    named = tmp_path / "named-instance"
+    shutil.copytree(checkpoints["instance"], named)
+    whole = load_file(checkpoints["instance"] / "model.safetensors")
+    save_file({**whole, **UNCHECKED_HEAD}, named / "other.safetensors", metadata={"format": "pt"})
+    config = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps({**config, "transformers_weights": "other.safetensors"}))
+    with pytest.raises(CheckpointError, match="names its own weights file"):
+        inspect_checkpoint(str(named))
