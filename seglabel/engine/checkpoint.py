@@ -68,9 +68,14 @@ def eomt_input(processor: Mapping[str, Any], image_size: Any, model: str) -> boo
     """Check an EoMT preprocessor config against its model; True when it cuts images into crops.
 
     The model's position embeddings fix one square input (``image_size``): the processor must
-    pad every image to that square or cut it into crops of it. ``EomtImageProcessor``'s own
-    defaults do neither, and a size that is not the model's fails on every image, so either is
-    refused here, before any image is read, rather than turning a corpus into error rows.
+    resize every image and then pad it to that square, or cut it into crops of it. What does not
+    give that square for every image is refused here, before any image is read, rather than
+    turning a corpus into error rows: ``EomtImageProcessor``'s own defaults (neither pads nor
+    cuts), no resizing, padding with no bound on the long side (``longest_edge`` null), crops
+    after a resize bounded on the long side (an elongated image's short side ends below the
+    crop's; Hugging Face then pads each crop, seglabel refuses), and sizes that are not whole
+    numbers. Padding on as well as crops is run as Hugging Face runs it: the crops are already
+    the square, so padding them changes nothing.
     """
     size = processor.get("size") if isinstance(processor.get("size"), Mapping) else {}
     shortest, longest = size.get("shortest_edge"), size.get("longest_edge")
@@ -80,17 +85,33 @@ def eomt_input(processor: Mapping[str, Any], image_size: Any, model: str) -> boo
     def refuse(why: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {model}: its preprocessor config {why}")
 
-    if not isinstance(side, int) or isinstance(side, bool) or side < 1:
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not whole(side) or side < 1:
         raise refuse(f"goes with a model whose image_size {image_size!r} is not a positive whole number")
-    if not isinstance(shortest, int) or isinstance(shortest, bool) or shortest != side:
+    if not whole(shortest) or shortest != side:
         raise refuse(f"size {dict(size)!r} does not give the model's {side}x{side} input "
                      f"(shortest_edge {side})")
-    if longest not in (None, 0) and (not isinstance(longest, int) or longest < shortest):
+    if longest is not None and not whole(longest):
+        raise refuse(f"has longest_edge {longest!r}, not a whole number of pixels")
+    if longest not in (None, 0) and longest < shortest:
         raise refuse(f"has longest_edge {longest!r} below its shortest_edge {shortest}")
+    if processor.get("do_resize", True) is not True:
+        raise refuse(f"does not resize images (do_resize {processor.get('do_resize')!r}): only images "
+                     f"that already fit the model's {side}x{side} input would run")
     if not (pad or split):
         raise refuse("neither pads images to the model's square (do_pad) nor cuts them into crops "
                      "(do_split_image)")
-    if pad and not split and longest not in (None, 0, shortest):
+    if split and longest not in (None, 0):
+        raise refuse(f"cuts images into crops but bounds their long side (longest_edge {longest}): an "
+                     f"image longer than {longest}/{shortest} would get crops narrower than {side}; "
+                     "crops need longest_edge null")
+    if pad and not split and longest != shortest:
+        if longest in (None, 0):
+            raise refuse(f"pads images to the model's square with no bound on their long side "
+                         f"(longest_edge {longest!r}): a non-square image would not fit {side}x{side}; "
+                         f"set longest_edge {side}")
         raise refuse(f"pads to {shortest}x{longest}, not to the model's {side}x{side} square")
     return split
 

@@ -77,6 +77,7 @@ class PreprocessSpec:
                 "size": {"shortest_edge": get("shortest_edge"), "longest_edge": get("longest_edge")},
                 "do_pad": getattr(processor, "do_pad", False) is True,
                 "do_split_image": getattr(processor, "do_split_image", False) is True,
+                "do_resize": getattr(processor, "do_resize", True),
             }
             eomt_input(settings, image_size, "loaded here")
         if resolution is None and getattr(processor, "do_resize", True):

@@ -254,10 +254,13 @@ def with_config_text(source: Path, folder: Path, id2label_json: str) -> Path:
 
 # Each has as many entries as the 5-label head has label rows, so only the ids or names are wrong.
 LYING_ID2LABEL = {
-    "from-one": ('{"1": "a", "2": "b", "3": "c", "4": "d", "5": "e"}', r"numbers its 5 labels 1\.\.5, not 0\.\.4"),
+    "from-one": ('{"1": "a", "2": "b", "3": "c", "4": "d", "5": "e"}',
+                 r"numbers its 5 labels 1\.\.5, not 0\.\.4"),
     "spaced-twice": ('{"0": "a", "1": "b", "2": "c", " 2": "c2", "3": "d", "4": "e"}', r"has the key ' 2'"),
-    "written-twice": ('{"0": "a", "1": "b", "2": "c", "2": "c2", "3": "d", "4": "e"}', r"'2' is written twice"),
-    "list-name": ('{"0": ["person"], "1": "b", "2": "c", "3": "d", "4": "e"}', r"names label 0 with \['person'\]"),
+    "written-twice": ('{"0": "a", "1": "b", "2": "c", "2": "c2", "3": "d", "4": "e"}',
+                      r"'2' is written twice"),
+    "list-name": ('{"0": ["person"], "1": "b", "2": "c", "3": "d", "4": "e"}',
+                  r"names label 0 with \['person'\]"),
     "number-name": ('{"0": 7, "1": "b", "2": "c", "3": "d", "4": "e"}', r"names label 0 with 7"),
     "gap": ('{"0": "a", "1": "b", "2": "c", "3": "d", "9": "e"}', r"numbers its 5 labels 0, 1, 2, 3, 9"),
 }
@@ -303,7 +306,8 @@ def sharded(source: Path, model: Path) -> dict[str, str]:
     for shard, keys in halves.items():
         save_file({k: weights[k] for k in keys}, model / shard, metadata={"format": "pt"})
         weight_map.update({k: shard for k in keys})
-    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
     return weight_map
 
 
@@ -318,7 +322,7 @@ def test_a_stale_single_file_beside_an_index_is_refused(checkpoints, tmp_path):
     sharded(checkpoints["instance"], stale)
     whole = load_file(checkpoints["instance"] / "model.safetensors")
     save_file({**whole, **UNCHECKED_HEAD}, stale / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="holds both model.safetensors and model.safetensors.index.json"):
+    with pytest.raises(CheckpointError, match="holds both model.safetensors and model.safetensors.index"):
         inspect_checkpoint(str(stale))
 
 
@@ -328,8 +332,8 @@ def test_a_class_head_in_a_shard_the_index_does_not_assign_is_refused(checkpoint
     weight_map = sharded(checkpoints["instance"], twice)
     assert inspect_checkpoint(str(twice)).family == "mask2former"
     other = next(s for s in sorted(set(weight_map.values())) if s != weight_map["class_predictor.weight"])
-    save_file({**load_file(twice / other), "class_predictor.weight": UNCHECKED_HEAD["class_predictor.weight"]},
-              twice / other, metadata={"format": "pt"})
+    head = {"class_predictor.weight": UNCHECKED_HEAD["class_predictor.weight"]}
+    save_file({**load_file(twice / other), **head}, twice / other, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"is in model-00001-of-00002.safetensors and "
                                              r"model-00002-of-00002.safetensors, but its index assigns"):
         inspect_checkpoint(str(twice))

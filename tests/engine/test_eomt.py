@@ -350,6 +350,11 @@ def edited_checkpoint(source, tmp_path, name, config=None, processor=None):
         ({"size": {"shortest_edge": 128, "longest_edge": 64}}, "below its shortest_edge"),
         ({"size": {"shortest_edge": 128, "longest_edge": 200}}, "pads to 128x200"),
         ({"size": "128"}, "does not give|size input"),  # transformers refuses it first in a Segmenter
+        # Issue 39: each passed the check and then failed on every non-square image.
+        ({"size": {"shortest_edge": 128, "longest_edge": None}}, r"no bound on their long side"),
+        ({"do_resize": False}, r"does not resize images \(do_resize False\)"),
+        # A float equal to the size: refused before with a wrong reason ("below its shortest_edge").
+        ({"size": {"shortest_edge": 128, "longest_edge": 128.0}}, r"longest_edge 128.0, not a whole number"),
     ],
 )
 def test_preprocessor_configs_that_do_not_fit_the_model_are_refused(eomt_checkpoints, tmp_path, processor,
@@ -362,6 +367,33 @@ def test_preprocessor_configs_that_do_not_fit_the_model_are_refused(eomt_checkpo
         with pytest.raises(CheckpointError, match=expected) as caught:
             load()
         assert "\n" not in str(caught.value)
+
+
+def test_crops_after_a_resize_bounded_on_the_long_side_are_refused(eomt_checkpoints, tmp_path):
+    """Issue 39: a semantic checkpoint that cuts crops but bounds the long side passed the check,
+    and an elongated image (short side resized below the crop's) became an error row."""
+    from seglabel.engine.checkpoint import inspect_checkpoint
+
+    folder = edited_checkpoint(eomt_checkpoints["semantic"], tmp_path, "long_ade20k_semantic_eomt",
+                               processor={"size": {"shortest_edge": 128, "longest_edge": 384}})
+    for load in (lambda: inspect_checkpoint(str(folder)), lambda: Segmenter(str(folder))):
+        with pytest.raises(CheckpointError, match=r"cuts images into crops but bounds their long side"):
+            load()
+
+
+def test_crops_with_padding_on_run_as_hf_runs_them(eomt_checkpoints, tmp_path):
+    """Padding on as well as crops: Hugging Face pads each crop, already the model's square, so
+    the result is the crops' alone, and seglabel's is the same as without padding. (What failed,
+    issue 39, was padding with crops bounded on the long side: refused above.)"""
+    folder = edited_checkpoint(eomt_checkpoints["semantic"], tmp_path, "padded_ade20k_semantic_eomt",
+                               processor={"do_pad": True})
+    images = [np.ascontiguousarray(data.astronaut()[:, :200]), data.coffee()]
+    seg = Segmenter(str(folder), compat=True)
+    ours = seg(images)
+    theirs = hf_end_to_end(seg, images, "semantic", 0.5)
+    assert min(agreement("semantic", ours, theirs)) >= 0.99  # Pillow's resize: as above
+    plain = Segmenter(str(eomt_checkpoints["semantic"]), compat=True)(images)
+    assert all((a.id_map == b.id_map).all() for a, b in zip(ours, plain))
 
 
 @pytest.mark.parametrize("model_type", [["eomt"], {"a": 1}, True, 3.5])
