@@ -94,6 +94,15 @@ def _is_signing(name: str) -> bool:
     return _is_secret(name) or name in _SIGNING_PARAMS or name.startswith(("x-amz-", "x-goog-"))
 
 
+def signed_params(text: str) -> bool:
+    """Whether an http(s) URL in ``text`` carries a credential in its query or fragment (a signed
+    URL's signature, an access token): what :func:`redact_url` hides there."""
+    return any(
+        is_http(match.group(0)) and _QUERY_OR_FRAGMENT.sub(_redact_params, match.group(2)) != match.group(2)
+        for match in _URL.finditer(text)
+    )
+
+
 def redact(text: str) -> str:
     """``text`` with every URL in it passed through :func:`redact_url`."""
     if "://" not in text:

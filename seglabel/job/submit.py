@@ -30,7 +30,7 @@ import yaml
 
 from ..core.config import JobConfig
 from ..core.errors import ConfigError, one_line
-from ..core.redaction import SIGNED_URL_PARAMS, get_logger
+from ..core.redaction import SIGNED_URL_PARAMS, get_logger, signed_params
 
 log = get_logger(__name__)
 
@@ -40,21 +40,26 @@ SUBMIT_RETRY_S = 120
 # Field names that carry secrets, at any depth of a spec: a spec travels to the cluster in the
 # clear, so credentials must come from the platform (IRSA, workload identity, instance profiles).
 SECRET_NAMES = (
-    "key", "secret", "token", "password", "passwd", "credential", "authorization", "connection_string", "sas",
-    "signature", "cookie",
+    "key", "secret", "token", "password", "passwd", "pwd", "cred", "auth", "connection_string", "sas",
+    "signature", "cookie", "private",
 )
+# Fields whose every value is sent as is to a server: an HTTP header under any name may carry
+# what Authorization carries.
+SECRET_FIELDS = ("headers",)
 # Strings that carry a secret whatever their field's name (Azure connection strings, signed URLs).
 SECRET_MARKERS = ("accountkey=", "sharedaccesssignature=") + tuple(sorted(f"{p}=" for p in SIGNED_URL_PARAMS))
 # Names like secrets that are identifiers of keys, not keys (SSE-KMS: SSEKMSKeyId).
 NOT_SECRET_SUFFIXES = ("keyid", "key_id")
 # A shipped working_dir is readable by anyone who can read the cluster's jobs: credential files
 # are never packed (gitignore patterns, as Ray reads them), nor build leftovers.
+# A pattern with a slash before its end is anchored at the root in gitignore's rules, so the
+# folders kept under .config are written ``**/`` to be left out at any depth.
 CREDENTIAL_FILES = [
-    ".env", ".env.*", "*.env", ".aws/", ".azure/", ".config/gcloud/", ".docker/", ".kube/", ".ssh/",
-    ".gnupg/", ".netrc", ".git-credentials", ".npmrc", ".pypirc", "*key*.pem", "*.key", "*.p12", "*.pfx",
-    "id_rsa*", "id_ed25519*", "credentials", "credentials.json", "*-credentials.json",
-    "*_credentials.json", "client_secret*.json", "service-account*.json", "service_account*.json",
-    "*-sa-key.json", "*.keytab",
+    ".env", ".env.*", "*.env", ".aws/", ".azure/", "**/.config/gcloud/", "**/.config/rclone/", ".docker/",
+    ".kube/", ".ssh/", ".gnupg/", ".netrc", ".git-credentials", ".npmrc", ".pypirc", ".s3cfg", ".boto",
+    "rclone.conf", ".pgpass", ".my.cnf", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*",
+    "id_ecdsa*", "credentials", "credentials.json", "*-credentials.json", "*_credentials.json",
+    "client_secret*.json", "service-account*.json", "service_account*.json", "*-sa-key.json", "*.keytab",
 ]
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".carry",
                         *CREDENTIAL_FILES]
@@ -123,7 +128,9 @@ def _secret_fields(value: Any, path: str) -> Iterator[str]:
             here = f"{path}.{name}"
             field = str(name).lower()
             secret = any(s in field for s in SECRET_NAMES) and not field.endswith(NOT_SECRET_SUFFIXES)
-            if inner not in (None, "", False) and secret:
+            if isinstance(inner, Mapping) and field in SECRET_FIELDS:
+                yield from (f"{here}.{header}" for header, sent in inner.items() if sent not in (None, ""))
+            elif inner not in (None, "", False) and secret:
                 yield here
             else:
                 yield from _secret_fields(inner, here)
@@ -131,20 +138,50 @@ def _secret_fields(value: Any, path: str) -> Iterator[str]:
         for i, inner in enumerate(value):
             yield from _secret_fields(inner, f"{path}[{i}]")
     elif isinstance(value, str):
-        lowered = value.lower()
         if "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
             yield f"{path} (a URL with user information)"
-        elif any(marker in lowered for marker in SECRET_MARKERS) or lowered.startswith(("bearer ", "basic ")):
+        elif any(marker in value.lower() for marker in SECRET_MARKERS) or value.lower().startswith(
+            ("bearer ", "basic ")
+        ):
             yield f"{path} (a key or signature)"
 
 
 def _url_credentials(value: str, path: str) -> Iterator[str]:
-    """``path`` once if ``value`` holds a URL with credentials: a password (``user:pass@``), or a
-    token as the user of an http(s) URL (``https://TOKEN@host``)."""
+    """``path`` once if ``value`` holds a URL with credentials: a password (``user:pass@``), a
+    token as the user of an http(s) URL (``https://TOKEN@host``), or a signature or token in an
+    http(s) URL's query (an Azure SAS ``sig=``, ``X-Goog-Signature=``: what logs redact)."""
     for match in re.finditer(r"([a-z][a-z0-9+.-]*)://([^/\s@]+)@", value, re.IGNORECASE):
         if ":" in match[2] or match[1].lower().split("+")[-1] in ("http", "https"):
             yield f"{path} (a URL with user information)"
             return
+    if signed_params(value):
+        yield f"{path} (a signed URL)"
+
+
+def check_links(root: str) -> None:
+    """Refuse, in one line naming the link, a working dir holding a symbolic link that Ray's packer
+    would follow out of it (a file or folder elsewhere on this machine: ``~/.aws`` linked in), or
+    to a folder that holds the link (packed again inside itself until paths grow too long). What
+    the excludes leave out is not looked at: Ray never reads it (a virtualenv's python link)."""
+    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray's packer applies
+
+    excluded = PathSpec.from_lines("gitwildmatch", WORKING_DIR_EXCLUDES)
+    base = os.path.realpath(root)
+    for folder, dirs, files in os.walk(root):
+        here = os.path.relpath(folder, root)
+        dirs[:] = [d for d in dirs if not excluded.match_file(os.path.normpath(os.path.join(here, d)))]
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            rel = os.path.normpath(os.path.join(here, name))
+            if not os.path.islink(path) or excluded.match_file(rel):
+                continue
+            target = os.path.realpath(path)
+            if os.path.commonpath([base, target]) != base:
+                raise ConfigError(f"the working dir {root} holds a link that leaves it ({rel!r}): Ray would "
+                                  "pack what it points to; remove the link or ship a folder without it")
+            if os.path.isdir(target) and os.path.commonpath([target, os.path.realpath(folder)]) == target:
+                raise ConfigError(f"the working dir {root} holds a link to a folder that holds it ({rel!r}): "
+                                  "Ray would pack it inside itself again and again; remove the link")
 
 
 class _NoAliases(yaml.SafeDumper):
@@ -184,6 +221,8 @@ def submit(
         raise ConfigError(f"the job holds credentials ({', '.join(found)}); a submitted job is visible to "
                           "anyone who can read the cluster's jobs: use a token the cluster has, or a public "
                           "index")
+    if working_dir and os.path.isdir(working_dir):
+        check_links(working_dir)
     if config.require_license is not None:
         # Checked here too, so that a refused checkpoint never reaches the cluster's queue.
         from ..core.license import check_allowed

@@ -232,6 +232,12 @@ def test_joining_a_token_cluster_without_ray_auth_mode_says_how(head, checkpoint
             ["--input-option", "client_kwargs={endpoint_url: 'https://h/x?X-Amz-Signature=SECRETVALUE'}"],
             "input_storage_options.client_kwargs.endpoint_url (a key or signature)",
         ),
+        # Issue 39: names that passed.
+        (["--input-option", "pwd=SECRETVALUE"], "input_storage_options.pwd"),
+        (["--output-option", "client_kwargs={creds: SECRETVALUE}"],
+         "output_storage_options.client_kwargs.creds"),
+        (["--input-option", "client_kwargs={headers: {X-Api: SECRETVALUE}}"],
+         "input_storage_options.client_kwargs.headers.X-Api"),
     ],
 )
 def test_submit_finds_nested_secrets_and_names_them_without_their_values(flags, field, capsys):
@@ -258,6 +264,11 @@ def test_key_ids_are_not_secrets_but_bearer_values_are(capsys):
     (["--pip", "--extra-index-url https://user:SECRETVALUE@pypi.example/simple"], "pip[0]"),
     (["--working-dir", "https://user:SECRETVALUE@files.example/wd.zip"],
      "working_dir (a URL with user information)"),
+    # Issue 39: signed URLs went out (only the spec's strings were checked for signatures).
+    (["--pip", "pkg @ https://acct.blob.core.windows.net/wheels/pkg-1.0-py3-none-any.whl?sv=2022-11-02&sig=SECRETVALUE"],
+     "pip[0] (a signed URL)"),
+    (["--working-dir", "https://storage.googleapis.com/b/wd.zip?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+                       "&X-Goog-Signature=SECRETVALUE"], "working_dir (a signed URL)"),
 ])
 def test_every_field_sent_is_checked_for_secrets(flags, field, capsys):
     """A pip requirement or a working_dir URL with a password went into the runtime_env as it
@@ -303,9 +314,12 @@ def test_credential_files_are_never_packed_into_a_working_dir(tmp_path):
     secret = [".env", ".env.production", ".aws/credentials", "service-account.json", "deploy/key.pem",
               "certs/server-key.pem", "gcp/credentials.json",
               ".config/gcloud/application_default_credentials.json", ".ssh/id_rsa", ".netrc",
-              ".git-credentials"]
+              ".git-credentials",
+              # Issue 39: missed, or (.config/gcloud below the root) excluded only at the root.
+              ".s3cfg", ".boto", "tools/rclone.conf", ".pgpass", "certs/server.pem", "deploy/.s3cfg",
+              "home/.config/gcloud/credentials.db", "home/.config/rclone/rclone.conf"]
     kept = ["jobs/run_job.py", "jobs/coco.yaml", "README.md", "src/keys.py", "model/config.json",
-            "pkg/credentials.py", "certs/ca-bundle.pem", "model/tokenizer.json", "env.py"]
+            "pkg/credentials.py", "model/tokenizer.json", "env.py", "home/.config/app/settings.toml"]
     for name in secret + kept:
         (wd / name).parent.mkdir(parents=True, exist_ok=True)
         (wd / name).write_text("x")
@@ -313,3 +327,31 @@ def test_credential_files_are_never_packed_into_a_working_dir(tmp_path):
     create_package(str(wd), package, include_gitignore=False, excludes=WORKING_DIR_EXCLUDES)
     names = {n for n in zipfile.ZipFile(package).namelist() if not n.endswith("/")}
     assert names == set(kept)
+
+
+def test_links_that_leave_the_working_dir_are_refused(tmp_path, capsys):
+    """Issue 39: Ray's packer follows links: one to a folder above packed the tree inside itself
+    again and again, one to a file elsewhere shipped it. Links inside, and in what is excluded
+    (a virtualenv's python), are fine."""
+    argv = ["submit", "--address", "http://127.0.0.1:9", "--input", "s3://b/in", "--output", "s3://b/out"]
+    outside = tmp_path / "home" / ".aws"
+    outside.mkdir(parents=True)
+    (outside / "credentials").write_text("SECRETVALUE")
+    wd = tmp_path / "checkout"
+    (wd / "jobs").mkdir(parents=True)
+    (wd / "jobs" / "coco.yaml").write_text("input: x\n")
+    (wd / "jobs" / "same.yaml").symlink_to("coco.yaml")
+    (wd / ".venv" / "bin").mkdir(parents=True)
+    (wd / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    assert main(argv + ["--working-dir", str(wd)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Ray Jobs API" in err and "link" not in err, err  # got as far as sending
+    for name, target, says in (("aws", outside / "credentials", "leaves it ('conf/aws')"),
+                               ("up", tmp_path, "leaves it ('conf/up')"),
+                               ("loop", wd, "a folder that holds it ('conf/loop')")):
+        (wd / "conf").mkdir(exist_ok=True)
+        (wd / "conf" / name).symlink_to(target)
+        assert main(argv + ["--working-dir", str(wd)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+        (wd / "conf" / name).unlink()
