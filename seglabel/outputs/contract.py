@@ -111,8 +111,31 @@ def with_columns(data: pa.RecordBatch | pa.Table, columns: Sequence[str],
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
                 raise OutputError(f"{where}: column {name!r} holds {column.type}, not "
                                   f"{SCHEMA.field(name).type}: not a part of seglabel's metadata") from exc
+        _check_values(column, name, where)
         arrays.append(column)
     return type(data).from_arrays(arrays, names=list(columns))
+
+
+# A row's status: the only two values a run writes.
+STATUSES = ("ok", "error")
+
+
+def _check_values(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> None:
+    """Refuse values no run writes, which readers would otherwise take on trust: a row with no
+    key (rows keyed by it would collapse into one), a status other than ``ok`` or ``error``
+    (counted as an error of no reason), a negative width or height (published in COCO)."""
+    def refuse(why: str) -> OutputError:
+        return OutputError(f"{where}: {why}: not a part of seglabel's metadata, or a damaged one")
+
+    if name == "key" and column.null_count:
+        raise refuse("a row has no key (null)")
+    if name == "status":
+        known = pa.compute.is_in(column, value_set=pa.array(STATUSES))
+        if not pa.compute.all(pa.compute.fill_null(known, False)).as_py():
+            wrong = column.filter(pa.compute.invert(pa.compute.fill_null(known, False)))[0].as_py()
+            raise refuse(f"a row's status is {wrong!r}, not one of {', '.join(STATUSES)}")
+    if name in ("width", "height") and len(column) and (pa.compute.min(column).as_py() or 0) < 0:
+        raise refuse(f"a row's {name} is negative ({pa.compute.min(column).as_py()})")
 
 
 def _unit_interval(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> pa.Array | pa.ChunkedArray:

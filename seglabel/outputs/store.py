@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 
 from ..core.errors import OutputError, Unreadable, WriteFailed, one_line
 from ..core.keys import HashSpool, SortedHashes, is_safe_key, key_hashes, repeated
-from ..core.redaction import get_logger
+from ..core.redaction import get_logger, redact_url
 from ..storage.atomic import is_temporary
 from ..storage.location import Location
-from ..storage.read import read_bytes
+from ..storage.read import read_bytes, regular_target
 from .contract import (
     JOB_FILE,
     KEYS_CHECKED,
@@ -127,27 +127,59 @@ class OutputStore(Location):
 
     # -- reading ----------------------------------------------------------------------------
 
-    def read_json(self, rel: str) -> Any | None:
-        """A JSON file under the output; None where there is none (a folder of that name is
-        an OutputError)."""
+    def read_json(self, rel: str) -> dict[str, Any] | None:
+        """A JSON object under the output (every one seglabel writes is an object); None where
+        there is none. Anything else by that name (a folder, a FIFO, a file that is not a JSON
+        object) is an OutputError naming it: damaged state is never read as if it were whole."""
         try:
-            return json.loads(self.fs.cat_file(self.path(rel)))
+            data = self._cat(self.path(rel))
         except FileNotFoundError:
             return None
-        except IsADirectoryError as exc:
-            raise OutputError(f"{self.uri(rel)} is a folder, not a file") from exc
+        where = redact_url(self.uri(rel))
+        try:
+            value = json.loads(data)
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested past the limit
+            raise OutputError(f"{where} is not valid JSON ({type(exc).__name__}): damaged, or not "
+                              "a file seglabel wrote") from exc
+        if not isinstance(value, dict):
+            what = "null" if value is None else f"a {type(value).__name__}"
+            raise OutputError(f"{where} holds {what}, not a JSON object: damaged, or not a file "
+                              "seglabel wrote")
+        return value
+
+    def _cat(self, path: str) -> bytes:
+        """A file under the output, whole. On a local disk only a regular file is read: a FIFO
+        named like a part or job.json would block every reader, and a run holding the lease,
+        for ever; a folder is named as one. FileNotFoundError where there is nothing."""
+        if self.local:
+            where = self.fs.unstrip_protocol(path)
+            try:
+                regular_target(where)
+            except Unreadable as exc:
+                what = "a folder" if self.fs.isdir(path) else "not a regular file (a FIFO or a device)"
+                raise OutputError(f"{where} is {what}: not a file seglabel wrote") from exc
+        return self.fs.cat_file(path)
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
     def parts(self) -> list[str]:
         """Committed Parquet parts, sorted (temporary files are hidden and skipped). A folder
-        named like a part is an OutputError: its rows, if any, would be lost to every reader."""
-        self.fs.invalidate_cache(self.path(METADATA_DIR))
+        named like a part, or a ``metadata`` that is a file, is an OutputError: its rows, if
+        any, would be lost to every reader (read as none, an empty export). A reader lists
+        them once per read and passes the list on, so that a part committed meanwhile is
+        either read whole, checks included, or not at all."""
+        folder = self.path(METADATA_DIR)
+        self.fs.invalidate_cache(folder)
         try:
-            entries = self.fs.ls(self.path(METADATA_DIR), detail=True)
+            entries = self.fs.ls(folder, detail=True)
         except FileNotFoundError:
             return []
+        except NotADirectoryError as exc:
+            raise OutputError(f"{self.uri(METADATA_DIR)} is a file, not the metadata folder") from exc
+        if len(entries) == 1 and entries[0].get("type") != "directory" and \
+                entries[0]["name"].rstrip("/") == folder.rstrip("/"):
+            raise OutputError(f"{self.uri(METADATA_DIR)} is a file, not the metadata folder")
         names = []
         for entry in entries:
             name = entry["name"]
@@ -158,22 +190,23 @@ class OutputStore(Location):
             names.append(name)
         return sorted(names)
 
-    def iter_part_columns(self, columns: list[str]) -> Iterator[pa.Table]:
-        """Some columns of every committed part, one part at a time.
+    def iter_part_columns(self, columns: list[str], parts: list[str] | None = None) -> Iterator[pa.Table]:
+        """Some columns of every committed part (of ``parts``, as listed), one part at a time.
 
         Parts are read from their bytes, not through a Python file object: pyarrow reads those
         on its I/O threads, and one of them can release the last reference to a Python buffer
         during interpreter shutdown and abort the process (seen with pyarrow 26).
         """
-        for path in self.parts():
+        for path in self.parts() if parts is None else parts:
             yield self.read_parquet(path, columns)
 
     def iter_batches(self, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
         """Some columns of every row that counts (:meth:`superseded`), part by part,
         ``batch_size`` rows at a time (a part's compressed bytes in memory, never all of its
-        decoded rows)."""
-        dropped = self.superseded()
-        for path in self.parts():
+        decoded rows). The parts are listed once: those the check for repeated keys read."""
+        parts = self.parts()
+        dropped = self.superseded(parts)
+        for path in parts:
             parquet = self._part(path, columns)
             present = [c for c in columns if c in parquet.schema_arrow.names]
             where = self.fs.unstrip_protocol(path)
@@ -215,7 +248,7 @@ class OutputStore(Location):
         short, not Parquet) or lacks a column asked for is an OutputError naming it."""
         where = self.fs.unstrip_protocol(path)
         try:
-            parquet = pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path)))
+            parquet = pq.ParquetFile(pa.BufferReader(self._cat(path)))
         except (pa.ArrowException, OSError) as exc:
             raise OutputError(f"{where} is not a readable Parquet file: {one_line(exc)}") from exc
         present = parquet.schema_arrow.names
@@ -234,7 +267,7 @@ class OutputStore(Location):
             spool.add(_hashes(table))
         return SortedHashes.from_spool(spool)
 
-    def superseded(self) -> dict[str, np.ndarray]:
+    def superseded(self, parts: list[str] | None = None) -> dict[str, np.ndarray]:
         """The rows that do not count, by part: a key's row that counts is its last committed
         one (parts are read in name order, which is commit order: part names start with the
         run's UTC time), as every reader of rows takes it. Empty while every key has one row,
@@ -243,16 +276,16 @@ class OutputStore(Location):
 
         The check is a pass over every part's keys (8 bytes a row), which the end of each run
         makes and remembers (:meth:`counts`); a reader skips it while the parts are the ones a
-        run checked, and makes it on a partial output."""
-        parts = self.parts()
+        run checked, and makes it on a partial output. ``parts``: as the reader listed them."""
+        parts = self.parts() if parts is None else parts
         checked = self._keys_checked()
         if checked is not None and checked.get("repeated") == 0 and checked.get("parts") == _names(parts):
             return {}
         spool = HashSpool()
-        for table in self.iter_part_columns(["key"]):
+        for table in self.iter_part_columns(["key"], parts):
             spool.add(_hashes(table))
         repeats = repeated(spool.sorted())
-        return self._rows_replaced(repeats) if len(repeats) else {}
+        return self._rows_replaced(repeats, parts) if len(repeats) else {}
 
     def _keys_checked(self) -> dict[str, Any] | None:
         try:
@@ -261,11 +294,11 @@ class OutputStore(Location):
             return None
         return checked if isinstance(checked, dict) else None
 
-    def _rows_replaced(self, repeats: np.ndarray) -> dict[str, np.ndarray]:
+    def _rows_replaced(self, repeats: np.ndarray, parts: list[str]) -> dict[str, np.ndarray]:
         """The positions, by part, of every row of a repeated key but its last."""
         wanted = SortedHashes(repeats, is_sorted=True)
         rows_of: dict[int, list[tuple[str, int]]] = {}
-        for path in self.parts():
+        for path in parts:
             hashes = _hashes(self.read_parquet(path, ["key"]))
             for i in np.flatnonzero(wanted.find(hashes) >= 0).tolist():
                 rows_of.setdefault(int(hashes[i]), []).append((path, i))
@@ -289,7 +322,7 @@ class OutputStore(Location):
             spool.add(_hashes(table))
         repeats = repeated(spool.sorted())
         if len(repeats):
-            for path, positions in self._rows_replaced(repeats).items():
+            for path, positions in self._rows_replaced(repeats, parts).items():
                 counts.add(self.read_parquet(path, ["status", "error"]).take(positions), sign=-1)
         if remember:
             self.write_json(KEYS_CHECKED, {"parts": _names(parts), "repeated": int(len(repeats))})
@@ -311,8 +344,8 @@ class OutputStore(Location):
                 continue
             for path in paths:
                 try:
-                    queued += pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path))).metadata.num_rows
-                except (FileNotFoundError, pa.ArrowException) as exc:
+                    queued += pq.ParquetFile(pa.BufferReader(self._cat(path))).metadata.num_rows
+                except (FileNotFoundError, pa.ArrowException, OutputError) as exc:
                     log.debug("not counting %s: %s", path, exc)
         return queued
 

@@ -248,3 +248,134 @@ def test_readers_skip_the_repeated_key_pass_on_parts_a_run_checked(checkpoints, 
             f"p{i}.jpg" for i in range(4))
     finally:
         store.fs.cat_file = cat_file
+
+
+# -- outputs that hang a reader, or lie (issue 39) -------------------------------------------------
+
+
+class Unblocker:
+    """Opens FIFOs' write ends after a while and closes them, so that a reader blocked opening
+    one gets end-of-file and the test fails instead of hanging; ``freed`` lists those that had
+    a reader waiting (a non-blocking open finds one, or raises ENXIO)."""
+
+    def __init__(self, fifos, after_s: float = 20.0):
+        import threading
+
+        self.fifos, self.freed, self.stop = list(fifos), [], threading.Event()
+        self.thread = threading.Thread(target=self._watch, args=(after_s,), daemon=True)
+
+    def _watch(self, after_s):
+        while not self.stop.wait(after_s):
+            for fifo in self.fifos:
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                    self.freed.append(fifo)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.mark.usefixtures("ray_session")  # a job: the shared Ray, not one of its own
+def test_a_fifo_in_an_output_is_one_line_not_a_hang(checkpoints, tmp_path, capsys):
+    """Before: a metadata part or job.json that is a named pipe hung inspect, export and run
+    (run while holding the lease) for ever."""
+    images = photos(tmp_path / "photos")
+    out = tmp_path / "labels"
+    run(checkpoints, images, out)
+    commands = (["inspect", str(out)],
+                ["export", str(out), "--format", "coco", "--to", str(tmp_path / "c.json")],
+                ["run", "--input", str(images), "--output", str(out), "--model", str(checkpoints["instance"]),
+                 "--stand-in", "segments=2", "--log-level", "warning"])
+    for name in ("job.json", "metadata/part-fifo.parquet", "_SUCCESS"):
+        target = out / name
+        kept = target.read_bytes() if target.exists() else None
+        target.unlink(missing_ok=True)
+        os.mkfifo(target)
+        readers = commands if name != "_SUCCESS" else commands[:1]  # only inspect reads _SUCCESS
+        with Unblocker([target]) as unblocker:
+            for argv in readers:
+                line = one_line_error(capsys, argv)
+                assert name in line and "not a regular file" in line, line
+        assert unblocker.freed == [], "a reader was blocked on the FIFO"
+        assert not (out / "_seglabel" / "lease.json").exists()
+        target.unlink()
+        if kept is not None:
+            target.write_bytes(kept)
+    assert main(["inspect", str(out)]) == 0
+
+
+def rewritten(part, change) -> None:
+    """``part`` rewritten with ``change`` applied to its rows (a list of dicts)."""
+    table = pq.read_table(part)
+    rows = table.to_pylist()
+    change(rows)
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), part)
+
+
+@pytest.mark.usefixtures("ray_session")  # a job: the shared Ray, not one of its own
+def test_damaged_state_is_one_line_naming_the_file(checkpoints, tmp_path, capsys):
+    """Before: a _SUCCESS that is not JSON failed as a JSONDecodeError (exit 1, no file named)
+    and a JSON list passed; a null key collapsed rows, a negative width went into COCO, a status
+    "OK" counted as an error of no reason, and a metadata that is a file read as no rows."""
+    images = photos(tmp_path / "photos", 4)
+    out = tmp_path / "labels"
+    run(checkpoints, images, out)
+    inspect = ["inspect", str(out)]
+    export = ["export", str(out), "--format", "coco", "--to", str(tmp_path / "c.json")]
+
+    success = out / "_SUCCESS"
+    kept = success.read_bytes()
+    for text, says in (("{not json", "_SUCCESS is not valid JSON"), ("[1, 2]", "_SUCCESS holds a list")):
+        success.write_text(text)
+        assert says in one_line_error(capsys, inspect)
+    success.write_bytes(kept)
+
+    part = sorted((out / "metadata").glob("part-*.parquet"))[0]
+    good = part.read_bytes()
+
+    def first(**values):
+        return lambda rows: rows[0].update(values)
+
+    for change, argv, says in ((first(key=None), export, "a row has no key (null)"),
+                               (first(width=-5), export, "a row's width is negative (-5)"),
+                               (first(status="OK"), inspect, "a row's status is 'OK', not one of ok, error")):
+        rewritten(part, change)
+        line = one_line_error(capsys, argv)
+        assert part.name in line and says in line, line
+        part.write_bytes(good)
+
+    metadata = out / "metadata"
+    metadata.rename(tmp_path / "kept-metadata")
+    metadata.write_bytes(b"not a folder")
+    for argv in (inspect, export):
+        assert "metadata is a file, not the metadata folder" in one_line_error(capsys, argv)
+    metadata.unlink()
+    (tmp_path / "kept-metadata").rename(metadata)
+    assert main(inspect) == 0
+
+
+def test_a_reader_lists_the_parts_once_per_read(store):
+    """Before: a read listed the parts twice (the repeated-key check, then the rows), so a part
+    committed between the two was read without the check: a key came out twice."""
+    store.write_part(rows(("a.jpg", "ok", None), ("b.jpg", "ok", None)), "part-1.parquet")
+    listed, listings = store.parts, []
+
+    def parts_then_a_commit():
+        names = listed()
+        listings.append(names)
+        if len(listings) == 1:  # another run commits a row of a.jpg now
+            store.write_part(rows(("a.jpg", "error", "read: gone")), "part-2.parquet")
+        return names
+
+    store.parts = parts_then_a_commit
+    keys = [row["key"] for row in store.iter_rows(["key", "status"], batch_size=10)]
+    assert sorted(keys) == ["a.jpg", "b.jpg"] and len(listings) == 1
+    del store.parts
+    assert store.counts()["total"] == 2  # the next read sees the commit, its repeat counted once
