@@ -21,7 +21,8 @@ Decisions worth knowing:
 * Alpha is dropped, not composited: transparent pixels keep whatever colour they store.
   Segmentation models see the stored colours, and no background colour is right for all.
 * 16-bit greyscale is scaled to 8 bits (65535 -> 255), not clamped as Pillow's ``convert``
-  does; float images are clipped to 0..255. No colour management: ICC profiles are ignored.
+  does; float images whose values all lie in [0, 1] (the usual convention for floats) are
+  scaled to 0..255, others clipped to 0..255. No colour management: ICC profiles are ignored.
 * Multi-frame files (GIF, WebP, TIFF, APNG, MPO) give their first frame.
 """
 
@@ -257,7 +258,11 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         wide = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
         gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
     elif im.mode == "F":
-        gray = np.clip(np.rint(np.nan_to_num(np.asarray(im))), 0, 255).astype(np.uint8)
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64), posinf=255.0, neginf=0.0)
+        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            # Floats in [0, 1] are intensities as fractions: clipped to 0..255 they were black.
+            values = values * 255.0
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     else:
         # Transparency is dropped anyway; leaving it makes convert() warn for a palette whose
         # tRNS holds partial alphas.

@@ -151,6 +151,13 @@ VALID = {
         gray3([[0, 0, 128, 255, 0]]),
         0,
     ),
+    # Issue 39: floats in [0, 1] decoded to 0 and 1 (almost black); they are fractions of white.
+    "tiff-float-unit": lambda: (
+        encode(Image.fromarray(np.array([[0.0, 0.25, 0.6, 1.0], [0.2, 0.8, 0.002, 0.996]], np.float32)),
+               "TIFF"),
+        gray3([[0, 64, 153, 255], [51, 204, 1, 254]]),
+        0,
+    ),
     "cmyk-jpeg-adobe": lambda: (*_adobe_cmyk(), 2),
     "grayscale-png": lambda: (encode(Image.fromarray(skdata.camera()), "PNG"), gray3(skdata.camera()), 0),
     "bilevel-png": lambda: (encode(Image.fromarray(np.eye(4, dtype=bool)), "PNG"), gray3(np.eye(4) * 255), 0),
