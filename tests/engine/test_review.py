@@ -45,6 +45,24 @@ def run(task: str, queries, **spec):
     return post(class_logits, mask_logits, [(SIZE, SIZE)], (SIZE, SIZE))[0]
 
 
+def documented(d_score: float, d_boundary: float, d_overlap: float) -> float:
+    """The README's formula, written out here rather than taken from the code under test:
+    ``1 - (1 - d_score) * (1 - d_boundary) * (1 - d_overlap)``."""
+    return 1 - (1 - d_score) * (1 - d_boundary) * (1 - d_overlap)
+
+
+def test_the_formula_on_worked_numbers():
+    """Figures worked out by hand: any one doubt alone brings an image forward, a full doubt
+    makes it 1, and a NaN (a device's broken number) counts as full doubt, never as none."""
+    assert combine(0.0, 0.0, 0.0) == 0.0
+    assert combine(0.25, 0.5, 0.0) == pytest.approx(0.625)  # 1 - 0.75 * 0.5
+    assert combine(0.2, 0.3, 0.5) == pytest.approx(0.72)  # 1 - 0.8 * 0.7 * 0.5
+    assert combine(0.9, 0.0, 0.0) == pytest.approx(0.9)
+    assert combine(1.0, 0.1, 0.2) == 1.0
+    assert combine(float("nan"), 0.0, 0.0) == 1.0
+    assert combine(-0.5, 1.5, 0.0) == 1.0 and combine(-0.5, 0.0, 0.0) == 0.0  # clipped to [0, 1]
+
+
 def margin_doubt(scores, threshold: float) -> float:
     return 1 - (min(scores) - threshold) / (1 - threshold)
 
@@ -97,7 +115,7 @@ def test_masks_near_the_threshold_bring_the_image_forward(task, family):
     mushy = rect(slice(18, 30), slice(18, 30), inside=float(np.log(0.6 / 0.4)))
     r = run(task, [(0, 12.0, A), (1, 12.0, mushy)], score_threshold=0.2, family=family)
     assert len(r.ids) == 2
-    expected = combine(margin_doubt(r.scores, 0.2), undecided([A, mushy]), 0.0)
+    expected = documented(margin_doubt(r.scores, 0.2), undecided([A, mushy]), 0.0)
     assert undecided([A, mushy]) == pytest.approx(0.5, abs=0.01)
     assert r.review_score == pytest.approx(expected, abs=1e-5)
     assert r.review_score > 0.5
@@ -112,7 +130,7 @@ def test_overlapping_instances_bring_the_image_forward():
     hits = masks.sum(0)
     doubled = (hits > 1).sum() / (hits > 0).sum()
     assert 0.1 < doubled < 0.5
-    assert r.review_score == pytest.approx(combine(margin_doubt(r.scores, 0.5), 0.0, doubled), abs=1e-5)
+    assert r.review_score == pytest.approx(documented(margin_doubt(r.scores, 0.5), 0.0, doubled), abs=1e-5)
     separate = run("instance", [(0, 12.0, A), (1, 12.0, B)])
     assert r.review_score > separate.review_score + 0.1
 
@@ -128,7 +146,7 @@ def test_a_panoptic_segment_that_barely_survived_the_merge_brings_the_image_forw
         r = run("panoptic", [(0, 12.0, A), (1, 11.0, b)], overlap_threshold=0.8, family=family)
         assert len(r.ids) == 2
         lost = lost_rows * 12
-        expected = combine(margin_doubt(r.scores, 0.5), 0.0, lost / (144 + 144) / (1 - 0.8))
+        expected = documented(margin_doubt(r.scores, 0.5), 0.0, lost / (144 + 144) / (1 - 0.8))
         assert r.review_score == pytest.approx(expected, abs=1e-5)
         scores.append(r.review_score)
     assert scores[0] < scores[1] < scores[2]
@@ -143,8 +161,9 @@ def test_semantic_ties_between_classes_bring_the_image_forward():
     assert sure.review_score < 0.01
     # A tie: the winner holds half the scores (d_score 0.5) and every pixel is undecided.
     assert tied.review_score == pytest.approx(1.0, abs=1e-4)
-    # Half the image tied: d_score = 1 - (0.5 * 0.5 + 0.5 * 1) = 0.25, undecided 0.5.
-    assert half.review_score == pytest.approx(combine(0.25, 0.5, 0.0), abs=1e-3)
+    # Half the image tied: d_score = 1 - (0.5 * 0.5 + 0.5 * 1) = 0.25, undecided 0.5, so
+    # 1 - 0.75 * 0.5 = 0.625.
+    assert half.review_score == pytest.approx(0.625, abs=1e-3)
 
 
 @pytest.mark.parametrize("threshold", [0.02, 0.1, 0.5, 0.9, 0.98])

@@ -143,3 +143,41 @@ def test_a_lease_from_the_future_or_another_pid_space_is_judged_right(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         leases.Lease(store).take()
     assert not path.exists()
+
+
+@pytest.mark.usefixtures("ray_session")  # a job: the shared Ray, not one of its own
+def test_a_run_whose_lease_is_taken_mid_run_commits_no_further_part(checkpoints, tmp_path, monkeypatch):
+    """The wiring, not the Lease alone: once another run's lease replaces this run's (here
+    right after its first part), the run commits nothing more and stops in one line. With the
+    pipeline's guard left out (commit_rows' default does nothing) it committed every part."""
+    from seglabel.core.errors import OutputBusy
+    from seglabel.job import lease as leases
+    from seglabel.outputs.store import OutputStore
+
+    monkeypatch.setattr(leases, "RENEW_EVERY_S", 0.05)
+    taken: list = []
+    take = leases.Lease.take
+    monkeypatch.setattr(leases.Lease, "take", lambda self: taken.append(self) or take(self))
+    write_part = OutputStore.write_part
+
+    def write_then_lose_the_lease(store, table, name):
+        path = write_part(store, table, name)
+        if len(taken) == 1 and taken[0].lost is None:
+            other = {"id": "other", "host": "elsewhere", "pid": 1, "started": "",
+                     "renewed": leases._now().isoformat()}  # private: a lease as another run writes it
+            (out / leases.LEASE_FILE).write_text(json.dumps(other))
+            deadline = time.monotonic() + 30
+            while taken[0].lost is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert taken[0].lost is not None, "the renewal never saw the other lease"
+        return path
+
+    monkeypatch.setattr(OutputStore, "write_part", write_then_lose_the_lease)
+    images = photos(tmp_path / "photos", 12)
+    out = tmp_path / "labels"
+    with pytest.raises(OutputBusy, match="lost its lease and stops here"):
+        run(checkpoints, images, out, batch_size=1, rows_per_part=1)
+    parts = sorted((out / "metadata").glob("part-*.parquet"))
+    assert len(parts) == 1, [p.name for p in parts]
+    assert len(read_rows(str(out))) == 1
+    assert json.loads((out / leases.LEASE_FILE).read_text())["id"] == "other"  # left to its holder
