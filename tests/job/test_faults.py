@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -468,41 +467,102 @@ def _run_processes(driver: int) -> set[psutil.Process]:
     return found
 
 
-@pytest.mark.parametrize("attempt", range(3))
-def test_driver_sigkilled_at_a_random_point_then_rerun(checkpoints, tmp_path, attempt):
-    """The driver (with its embedded Ray) is killed with SIGKILL at a random point; the same
-    command run again ends with every image labeled exactly once."""
+# A driver that SIGKILLs itself at a named point of the commit window, after writing where
+# (argv: point, count, marker file, group, then the run's own arguments): "todo" after its
+# count-th to-do list is written (enumeration), "before-part"/"after-part" around its count-th
+# Parquet part (after: the part is visible, the run has not gone on), "before-success" when it
+# is about to write _SUCCESS. "group" kills its process group too (an embedded Ray with it).
+KILLED_DRIVER = """
+import os, signal, sys
+point, count, marker, group = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "group"
+from seglabel.job.lifecycle import OutputLife
+from seglabel.outputs.store import OutputStore
+
+def die(where):
+    with open(marker, "w") as f:
+        f.write(where)
+    os.killpg(0, signal.SIGKILL) if group else os.kill(os.getpid(), signal.SIGKILL)
+
+seen = {"todo": 0, "part": 0}
+write_bytes, write_part, finish = OutputStore.write_bytes, OutputStore.write_part, OutputLife.finish
+
+def writing_bytes(self, rel, data):
+    write_bytes(self, rel, data)
+    if "/todo-" in rel and rel.endswith(".parquet"):
+        seen["todo"] += 1
+        if point == "todo" and seen["todo"] == count:
+            die(f"after to-do list {count}")
+
+def writing_part(self, table, name):
+    seen["part"] += 1
+    if point == "before-part" and seen["part"] == count:
+        die(f"before part {count}")
+    path = write_part(self, table, name)
+    if point == "after-part" and seen["part"] == count:
+        die(f"after part {count}")
+    return path
+
+def finishing(self, *args, **kwargs):
+    if point == "before-success":
+        die("before _SUCCESS")
+    return finish(self, *args, **kwargs)
+
+OutputStore.write_bytes, OutputStore.write_part, OutputLife.finish = writing_bytes, writing_part, finishing
+from seglabel.cli import main
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+# (point, count, where): the kill points cover the commit window by construction, each landing
+# where its marker says; "embedded" runs the driver with a Ray of its own, killed with it (as
+# `seglabel run` on one machine), "cluster" joins the session's Ray and dies alone (a driver
+# lost on a cluster: its actors go with it, the cluster stays).
+KILL_POINTS = [("todo", 1, "embedded"), ("before-part", 2, "cluster"), ("after-part", 2, "cluster"),
+               ("before-success", 0, "cluster")]
+
+
+@pytest.mark.parametrize("point, count, where", KILL_POINTS)
+def test_driver_sigkilled_in_the_commit_window_then_rerun(checkpoints, tmp_path, point, count, where):
+    """The driver SIGKILLed at each point of the commit window: the kill lands where it was
+    meant to (the marker, and the parts then in the output), and the same command run again
+    ends with every image labeled exactly once."""
+    import ray
+
     root = tmp_path / "in"
-    expected = many_images(root, 40)
+    expected = many_images(root, 24)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "seglabel.cli", "run", "--input", str(root), "--output", str(out),
-               "--model", str(checkpoints["instance"]), "--batch-size", "2", "--rows-per-part", "3"]
+    marker = tmp_path / "killed-at"
+    run_args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["instance"]),
+                "--stand-in", STAND_IN, "--batch-size", "2", "--rows-per-part", "3", "--log-level", "warning"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    rng = random.Random(attempt)
-    # Kill somewhere between "job started" and "most parts written".
-    target_parts = rng.randint(0, 10)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = len(list((out / "metadata").glob("*.parquet"))) if (out / "metadata").exists() else -1
-        if done >= target_parts:
-            time.sleep(rng.uniform(0, 0.5))
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    ray_of_run = _run_processes(proc.pid)  # under the driver while it lives
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for victim in ray_of_run | _run_processes(proc.pid):  # the killed run's Ray, wherever it lives
-        with suppress(psutil.NoSuchProcess):
-            victim.kill()
+    if where == "cluster":
+        run_args += ["--address", ray.get_runtime_context().gcs_address]
+        env["RAY_AUTH_MODE"] = "token"
+    command = [sys.executable, "-c", KILLED_DRIVER, point, str(count), str(marker),
+               "group" if where == "embedded" else "alone", *run_args]
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    stderr = proc.communicate(timeout=600)[1].decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+    landed = marker.read_text()
+    parts = sorted((out / "metadata").glob("part-*.parquet")) if (out / "metadata").exists() else []
+    if point == "todo":
+        assert landed == "after to-do list 1" and parts == []
+    elif point == "before-part":
+        assert landed == "before part 2" and len(parts) == 1
+    elif point == "after-part":
+        assert landed == "after part 2" and len(parts) == 2
+    else:
+        assert landed == "before _SUCCESS" and len(read_rows(str(out))) == len(expected)
     assert not (out / "_SUCCESS").exists()
-    # The same command again, in this process on the session's Ray (a second embedded Ray would
-    # cost its start for nothing: the killed run's Ray is gone either way).
-    assert main(command[3:]) == 0
+    if where == "embedded":
+        for victim in _run_processes(proc.pid):  # what of the killed run's Ray outlived it
+            with suppress(psutil.NoSuchProcess):
+                victim.kill()
+    # The same command again, in this process on the session's Ray.
+    assert main([a for a in run_args if a not in ("--address", ray.get_runtime_context().gcs_address)]) == 0
     check_output(str(out), "instance", expected)
+    assert (out / "_SUCCESS").exists()
     assert not [p for p in (out / "metadata").iterdir() if ".tmp-" in p.name]
 
 
