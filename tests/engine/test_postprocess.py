@@ -73,7 +73,7 @@ def test_compat_semantic_matches_hf(hf, seed):
     theirs = hf.post_process_semantic_segmentation(out, target_sizes=SIZES)
     for o, t, size in zip(ours, theirs, SIZES):
         assert o.id_map.shape == size
-        assert (o.id_map == t.numpy()).mean() >= 0.999
+        assert (o.id_map == t.numpy()).mean() == 1.0
         assert sorted(o.ids) == sorted(np.unique(o.id_map))
 
 
@@ -96,8 +96,8 @@ def test_compat_instance_matches_hf(hf, threshold):
             hf_mask = t["segmentation"][j].numpy() > 0
             match = [
                 i for i in unmatched
-                if o.label_ids[i] == seg["label_id"] and abs(o.scores[i] - seg["score"]) < 1e-4
-                and iou(o.masks.unpack()[i], hf_mask) >= 0.99
+                if o.label_ids[i] == seg["label_id"] and abs(o.scores[i] - seg["score"]) < 1e-6
+                and iou(o.masks.unpack()[i], hf_mask) == 1.0
             ]
             assert match, f"HF segment {seg} has no counterpart"
             unmatched.remove(match[0])
@@ -120,7 +120,7 @@ def test_compat_panoptic_matches_hf(hf):
         if not t["segments_info"]:
             assert len(o.ids) == 0
             continue
-        assert (o.id_map == hf_map).mean() >= 0.999
+        assert (o.id_map == hf_map).mean() == 1.0
         # HF lists a fused segment once per query, and its numbering can give two segments the
         # same id (it counts on from a reused fused id); compat keeps that, one record per id.
         hf_segments: dict[int, list[dict]] = {}
@@ -131,8 +131,8 @@ def test_compat_panoptic_matches_hf(hf):
         for i, seg_id in enumerate(o.ids):
             entries = hf_segments[seg_id]
             assert o.label_ids[i] in {e["label_id"] for e in entries}
-            assert any(abs(o.scores[i] - e["score"]) < 1e-4 for e in entries)
-            assert iou(o.id_map == seg_id, hf_map == seg_id) >= 0.99
+            assert any(abs(o.scores[i] - e["score"]) < 1e-6 for e in entries)
+            assert iou(o.id_map == seg_id, hf_map == seg_id) == 1.0
         total += len(o.ids)
     assert total >= 4
 

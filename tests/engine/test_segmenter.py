@@ -127,6 +127,53 @@ def test_default_matches_hf_end_to_end(segmenters):
     assert (mirrored == coffee).mean() < 0.9
 
 
+ROCKET = np.ascontiguousarray(data.rocket()[:, ::-1])
+COMPAT_PHOTOS = [data.astronaut(), data.coffee(), data.chelsea(), ROCKET,
+                 np.repeat(data.camera()[:200, :90, None], 3, axis=2)]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_compat_matches_hf_end_to_end(checkpoints, task):
+    """--hf-compat against HF's processor + model + post-processing from the same photos. On
+    identical model outputs the post-processing is exact (test_postprocess.py); what differs end
+    to end is the pre-processing (seglabel resizes on the device, HF with Pillow), measured here
+    and stated in the README: semantic 99.8% of pixels or more, the same instance segments with
+    scores within 2e-4 and foreground within 99.98%, panoptic 99.99%. The bounds below leave a
+    little room for another CPU's rounding."""
+    from transformers import Mask2FormerImageProcessorPil
+
+    seg = Segmenter(str(checkpoints[task]), score_threshold=0.3, compat=True)
+    processor = Mask2FormerImageProcessorPil.from_pretrained(seg.config.model)
+    inputs = processor(images=COMPAT_PHOTOS, return_tensors="pt")
+    with torch.inference_mode():
+        outputs = seg.model(pixel_values=inputs["pixel_values"], pixel_mask=inputs.get("pixel_mask"))
+    sizes = [i.shape[:2] for i in COMPAT_PHOTOS]
+    ours = seg(COMPAT_PHOTOS)
+    if task == "semantic":
+        theirs = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+        agreement = [float((t.numpy() == o.id_map).mean()) for o, t in zip(ours, theirs)]
+        assert min(agreement) >= 0.995, agreement
+        assert sum(a == 1.0 for a in agreement) >= 3  # most photos exactly
+        return
+    if task == "instance":
+        theirs = processor.post_process_instance_segmentation(
+            outputs, threshold=0.3, target_sizes=sizes, return_binary_maps=True)
+        for o, t in zip(ours, theirs):
+            hf = sorted((s["label_id"], s["score"]) for s in t["segments_info"])
+            mine = sorted((s.label_id, float(s.score)) for s in o.segments)
+            assert [x[0] for x in hf] == [x[0] for x in mine] and len(hf) >= 5
+            assert max(abs(x[1] - y[1]) for x, y in zip(hf, mine)) <= 1e-3
+            foreground = (t["segmentation"].numpy() > 0).any(0)
+            assert (foreground == (o.id_map > 0)).mean() >= 0.999
+        return
+    # The tiny random model gives one panoptic segment a photo: this end-to-end figure is weak;
+    # the merge of many segments is held exact on identical outputs in test_postprocess.py.
+    theirs = processor.post_process_panoptic_segmentation(outputs, threshold=0.3, target_sizes=sizes)
+    for o, t in zip(ours, theirs):
+        assert len(o.segments) == len(t["segments_info"]) >= 1
+        assert (t["segmentation"].numpy() == o.id_map).mean() >= 0.999
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_result_does_not_depend_on_the_batch(segmenters, task):
     """Alone or among images of other sizes, an image gets the same segments.
