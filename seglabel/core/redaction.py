@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote
 
 # Query parameters of signed http(s) URLs whose values are credentials (AWS SigV4 and SigV2,
 # GCS V4, Azure SAS, CloudFront), compared lower-case.
@@ -58,7 +59,7 @@ def _redact_params(match: re.Match) -> str:
     params = []
     for param in match.group(2).split("&"):
         name, eq, _ = param.partition("=")
-        params.append(f"{name}={REDACTED}" if eq and _is_secret(name.lower()) else param)
+        params.append(f"{name}={REDACTED}" if eq and _is_secret(unquote(name).lower()) else param)
     return match.group(1) + "&".join(params)
 
 
@@ -94,11 +95,13 @@ def _is_signing(name: str) -> bool:
     return _is_secret(name) or name in _SIGNING_PARAMS or name.startswith(("x-amz-", "x-goog-"))
 
 
-def signed_params(text: str) -> bool:
-    """Whether an http(s) URL in ``text`` carries a credential in its query or fragment (a signed
-    URL's signature, an access token): what :func:`redact_url` hides there."""
+def signed_params(text: str, any_scheme: bool = False) -> bool:
+    """Whether an http(s) URL in ``text`` (any URL with ``any_scheme``: a presigned ``s3://…?``
+    a tool takes) carries a credential in its query or fragment (a signed URL's signature, an
+    access token): what :func:`redact_url` hides there."""
     return any(
-        is_http(match.group(0)) and _QUERY_OR_FRAGMENT.sub(_redact_params, match.group(2)) != match.group(2)
+        (any_scheme or is_http(match.group(0)))
+        and _QUERY_OR_FRAGMENT.sub(_redact_params, match.group(2)) != match.group(2)
         for match in _URL.finditer(text)
     )
 

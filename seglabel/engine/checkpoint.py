@@ -247,6 +247,10 @@ def inspect_checkpoint(model: str, revision: str | None = None) -> CheckpointInf
     labels = _labels(config.get("id2label"), model)
     if not labels:
         raise CheckpointError(f"checkpoint {model}: its config names no labels (id2label)")
+    if "num_labels" in config and config["num_labels"] != len(labels):
+        # transformers makes num_labels win: LABEL_0.. names, a head of another size.
+        raise CheckpointError(f"checkpoint {model}: its config's num_labels {config['num_labels']!r} is not "
+                              f"the {len(labels)} labels its id2label names")
     if not hub:
         _check_class_head(model, labels, config)
     split = False
@@ -316,13 +320,13 @@ def _check_class_head(model: str, labels: dict[int, str], config: Mapping[str, A
     shard = weight_map.get(CLASS_HEAD) if isinstance(weight_map, dict) else None
     if not isinstance(shard, str) or not _SHARD.fullmatch(shard):
         raise CheckpointError(f"checkpoint {model}: its weights have no class head ({CLASS_HEAD})")
-    shards = set(weight_map.values())
-    stray = sorted(str(name) for name in shards if not isinstance(name, str) or not _SHARD.fullmatch(name))
+    stray = [name for name in weight_map.values() if not isinstance(name, str) or not _SHARD.fullmatch(name)]
     if stray:
         raise CheckpointError(
-            f"checkpoint {model}: its {INDEX_FILE} names {stray[0]!r}, not a shard "
+            f"checkpoint {model}: its {INDEX_FILE} names {str(stray[0])[:100]!r}, not a shard "
             "(model-00001-of-00002.safetensors)"
         )
+    shards = set(weight_map.values())
     holding = []
     for name in sorted(shards):
         header = _weights_header(model, name, required=True)
@@ -444,7 +448,9 @@ def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
-_LABEL_ID = re.compile(r"0|[1-9][0-9]*")
+# A label id: a row of the class head (nine digits are far more rows than any head has; Python's
+# int() refuses numbers of over 4,300 digits with an error of its own).
+_LABEL_ID = re.compile(r"0|[1-9][0-9]{0,8}")
 
 
 def _labels(id2label: Any, model: str) -> dict[int, str]:
@@ -465,8 +471,8 @@ def _labels(id2label: Any, model: str) -> dict[int, str]:
     for key, name in id2label.items():
         if not isinstance(key, str) or not _LABEL_ID.fullmatch(key):
             raise refuse(f"has the key {key!r}, not a label id (0, 1, 2, ... written plainly)")
-        if not isinstance(name, str) or not name.strip():
-            raise refuse(f"names label {key} with {name!r}, not a name")
+        if not isinstance(name, str) or not name.strip() or not name.isprintable():
+            raise refuse(f"names label {key} with {name!r}, not a name (printable text)")
         labels[int(key)] = name
     if labels and sorted(labels) != list(range(len(labels))):
         ids = sorted(labels)

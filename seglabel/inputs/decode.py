@@ -21,8 +21,9 @@ Decisions worth knowing:
 * Alpha is dropped, not composited: transparent pixels keep whatever colour they store.
   Segmentation models see the stored colours, and no background colour is right for all.
 * 16-bit greyscale is scaled to 8 bits (65535 -> 255), not clamped as Pillow's ``convert``
-  does; float images whose values all lie in [0, 1] (the usual convention for floats) are
-  scaled to 0..255, others clipped to 0..255. No colour management: ICC profiles are ignored.
+  does; float images whose finite values all lie in [0, 1] (the usual convention for floats;
+  within ``UNIT_SLACK``) are scaled to 0..255, others clipped to 0..255. No colour management:
+  ICC profiles are ignored.
 * Multi-frame files (GIF, WebP, TIFF, APNG, MPO) give their first frame.
 """
 
@@ -71,6 +72,8 @@ _UPRIGHT: dict[int, Image.Transpose] = {
 }
 _SWAPS_AXES = frozenset({5, 6, 7, 8})
 
+# How far outside [0, 1] a float image's values may stray and still be taken as fractions.
+UNIT_SLACK = 0.02
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 _PILLOW_LIMIT_LOCK = threading.Lock()
@@ -258,10 +261,14 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         wide = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
         gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
     elif im.mode == "F":
-        values = np.nan_to_num(np.asarray(im, dtype=np.float64), posinf=255.0, neginf=0.0)
-        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        values = np.asarray(im, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() >= -UNIT_SLACK and finite.max() <= 1.0 + UNIT_SLACK:
             # Floats in [0, 1] are intensities as fractions: clipped to 0..255 they were black.
+            # Judged on the finite values, with a little slack: one stray inf, or a resampling
+            # overshoot to 1.01, must not black out the rest of the image.
             values = values * 255.0
+        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
         gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     else:
         # Transparency is dropped anyway; leaving it makes convert() warn for a palette whose

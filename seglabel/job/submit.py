@@ -40,9 +40,14 @@ SUBMIT_RETRY_S = 120
 # Field names that carry secrets, at any depth of a spec: a spec travels to the cluster in the
 # clear, so credentials must come from the platform (IRSA, workload identity, instance profiles).
 SECRET_NAMES = (
-    "key", "secret", "token", "password", "passwd", "pwd", "cred", "auth", "connection_string", "sas",
-    "signature", "cookie", "private",
+    "key", "secret", "token", "pass", "pwd", "cred", "auth", "connection_string", "sas", "signature",
+    "cookie", "private",
 )
+# Fields named like secrets that are settings, not secrets: how to sign (s3fs, botocore), and
+# gcsfs's token values that name an identity rather than hold one (the platform's: what a
+# cluster should use).
+NOT_SECRET_FIELDS = ("signature_version",)
+NOT_SECRET_VALUES = {"token": ("cloud", "google_default", "anon")}
 # Fields whose every value is sent as is to a server: an HTTP header under any name may carry
 # what Authorization carries.
 SECRET_FIELDS = ("headers",)
@@ -53,7 +58,8 @@ NOT_SECRET_SUFFIXES = ("keyid", "key_id")
 # A shipped working_dir is readable by anyone who can read the cluster's jobs: credential files
 # are never packed (gitignore patterns, as Ray reads them), nor build leftovers.
 # A pattern with a slash before its end is anchored at the root in gitignore's rules, so the
-# folders kept under .config are written ``**/`` to be left out at any depth.
+# folders kept under .config are written ``**/`` to be left out at any depth; and they match in
+# any letter case (``_any_case``: ``.ENV`` and ``.AWS/`` are the same files to a reader).
 CREDENTIAL_FILES = [
     ".env", ".env.*", "*.env", ".aws/", ".azure/", "**/.config/gcloud/", "**/.config/rclone/", ".docker/",
     ".kube/", ".ssh/", ".gnupg/", ".netrc", ".git-credentials", ".npmrc", ".pypirc", ".s3cfg", ".boto",
@@ -61,8 +67,16 @@ CREDENTIAL_FILES = [
     "id_ecdsa*", "credentials", "credentials.json", "*-credentials.json", "*_credentials.json",
     "client_secret*.json", "service-account*.json", "service_account*.json", "*-sa-key.json", "*.keytab",
 ]
+
+
+def _any_case(pattern: str) -> str:
+    """A gitignore pattern matching its letters in either case (gitignore's own matching is
+    case-sensitive)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in pattern)
+
+
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".carry",
-                        *CREDENTIAL_FILES]
+                        *map(_any_case, CREDENTIAL_FILES)]
 TOKEN_HELP = (
     "set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it, or copy the "
     "head's ~/.ray/auth_token to this machine (`ray get-auth-token` on the head prints it)"
@@ -127,9 +141,12 @@ def _secret_fields(value: Any, path: str) -> Iterator[str]:
         for name, inner in value.items():
             here = f"{path}.{name}"
             field = str(name).lower()
-            secret = any(s in field for s in SECRET_NAMES) and not field.endswith(NOT_SECRET_SUFFIXES)
+            secret = (any(s in field for s in SECRET_NAMES) and not field.endswith(NOT_SECRET_SUFFIXES)
+                      and field not in NOT_SECRET_FIELDS and inner not in NOT_SECRET_VALUES.get(field, ()))
             if isinstance(inner, Mapping) and field in SECRET_FIELDS:
                 yield from (f"{here}.{header}" for header, sent in inner.items() if sent not in (None, ""))
+            elif field in SECRET_FIELDS and inner not in (None, "", False, [], ()):
+                yield here  # headers as a list of pairs, as aiohttp takes them too
             elif inner not in (None, "", False) and secret:
                 yield here
             else:
@@ -154,34 +171,54 @@ def _url_credentials(value: str, path: str) -> Iterator[str]:
         if ":" in match[2] or match[1].lower().split("+")[-1] in ("http", "https"):
             yield f"{path} (a URL with user information)"
             return
-    if signed_params(value):
+    if signed_params(value, any_scheme=True):
         yield f"{path} (a signed URL)"
 
 
 def check_links(root: str) -> None:
-    """Refuse, in one line naming the link, a working dir holding a symbolic link that Ray's packer
-    would follow out of it (a file or folder elsewhere on this machine: ``~/.aws`` linked in), or
-    to a folder that holds the link (packed again inside itself until paths grow too long). What
-    the excludes leave out is not looked at: Ray never reads it (a virtualenv's python link)."""
-    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray's packer applies
+    """Refuse, in one line naming the link, a working dir holding a symbolic link that Ray's
+    packer would follow where it must not: to a folder (links between folders can loop, and
+    ``k -> .kube`` would ship what the excludes leave out under another name), or to a file
+    outside the working dir (``~/.aws/credentials`` linked in) or among what the excludes leave
+    out. What Ray leaves out itself (the excludes, and ``.gitignore`` and ``.rayignore`` as it
+    reads them, folder by folder) is not looked at: a virtualenv's python link, an ignored
+    ``data`` link to a dataset."""
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files  # as Ray's packer
+    from ray._private.thirdparty.pathspec import PathSpec
 
+    read_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
     excluded = PathSpec.from_lines("gitwildmatch", WORKING_DIR_EXCLUDES)
     base = os.path.realpath(root)
+    ignored_in: dict[str, list] = {}
+
+    def refuse(rel: str, why: str) -> ConfigError:
+        return ConfigError(f"the working dir {root} holds a link {rel!r} {why}; remove it, or ship a folder "
+                           "without it")
+
     for folder, dirs, files in os.walk(root):
+        ignores = ignored_in.get(os.path.dirname(folder), []) + get_excludes_from_ignore_files(
+            Path(folder), include_gitignore=read_gitignore)
+        ignored_in[folder] = ignores
         here = os.path.relpath(folder, root)
-        dirs[:] = [d for d in dirs if not excluded.match_file(os.path.normpath(os.path.join(here, d)))]
-        for name in dirs + files:
+
+        def skipped(name: str) -> bool:
             path = os.path.join(folder, name)
-            rel = os.path.normpath(os.path.join(here, name))
-            if not os.path.islink(path) or excluded.match_file(rel):
+            return excluded.match_file(os.path.normpath(os.path.join(here, name))) or any(
+                ignore(Path(path)) for ignore in ignores)
+
+        dirs[:] = [d for d in dirs if not skipped(d)]
+        for name in dirs + [f for f in files if not skipped(f)]:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
                 continue
-            target = os.path.realpath(path)
+            rel, target = os.path.normpath(os.path.join(here, name)), os.path.realpath(path)
+            if os.path.isdir(target):
+                raise refuse(rel, "to a folder: Ray's packer follows it (links can loop, or pack what the "
+                                  "excludes leave out under another name)")
             if os.path.commonpath([base, target]) != base:
-                raise ConfigError(f"the working dir {root} holds a link that leaves it ({rel!r}): Ray would "
-                                  "pack what it points to; remove the link or ship a folder without it")
-            if os.path.isdir(target) and os.path.commonpath([target, os.path.realpath(folder)]) == target:
-                raise ConfigError(f"the working dir {root} holds a link to a folder that holds it ({rel!r}): "
-                                  "Ray would pack it inside itself again and again; remove the link")
+                raise refuse(rel, "that leaves it: Ray would pack what it points to")
+            if excluded.match_file(os.path.relpath(target, base)):
+                raise refuse(rel, "to a file the excludes leave out (credentials): Ray would pack it")
 
 
 class _NoAliases(yaml.SafeDumper):
@@ -217,6 +254,7 @@ def submit(
     # URLs are checked: "tiktoken==0.7" is no secret, nor is git+ssh://git@host's user.
     found = [f for i, r in enumerate(pip or []) for f in _url_credentials(str(r), f"pip[{i}]")]
     found += list(_url_credentials(working_dir or "", "working_dir"))
+    found += list(_url_credentials(submission_id or "", "submission_id"))
     if found:
         raise ConfigError(f"the job holds credentials ({', '.join(found)}); a submitted job is visible to "
                           "anyone who can read the cluster's jobs: use a token the cluster has, or a public "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import uuid
 from collections import Counter
@@ -32,7 +33,7 @@ from ..core.keys import HashSpool, SortedHashes, is_safe_key, key_hashes, repeat
 from ..core.redaction import get_logger, redact_url
 from ..storage.atomic import is_temporary
 from ..storage.location import Location
-from ..storage.read import read_bytes, regular_target
+from ..storage.read import read_bytes
 from .contract import (
     JOB_FILE,
     KEYS_CHECKED,
@@ -48,6 +49,9 @@ from .contract import (
 log = get_logger(__name__)
 
 
+# The most a JSON file of the output (job.json, _SUCCESS, the lease) may hold: a record is a
+# few kB.
+MAX_JSON_BYTES = 16 << 20
 # Files deleted in one request (S3's DeleteObjects takes up to 1,000 keys).
 REMOVE_BATCH = 1000
 
@@ -132,7 +136,7 @@ class OutputStore(Location):
         there is none. Anything else by that name (a folder, a FIFO, a file that is not a JSON
         object) is an OutputError naming it: damaged state is never read as if it were whole."""
         try:
-            data = self._cat(self.path(rel))
+            data = self._cat(self.path(rel), MAX_JSON_BYTES)
         except FileNotFoundError:
             return None
         where = redact_url(self.uri(rel))
@@ -147,18 +151,20 @@ class OutputStore(Location):
                               "seglabel wrote")
         return value
 
-    def _cat(self, path: str) -> bytes:
-        """A file under the output, whole. On a local disk only a regular file is read: a FIFO
-        named like a part or job.json would block every reader, and a run holding the lease,
-        for ever; a folder is named as one. FileNotFoundError where there is nothing."""
-        if self.local:
-            where = self.fs.unstrip_protocol(path)
-            try:
-                regular_target(where)
-            except Unreadable as exc:
-                what = "a folder" if self.fs.isdir(path) else "not a regular file (a FIFO or a device)"
+    def _cat(self, path: str, max_bytes: int | None = None) -> bytes:
+        """A file under the output, whole (at most ``max_bytes``: a record is small, and one of
+        gigabytes would only fill the reader's memory). On a local disk only a regular file is
+        read: a FIFO named like a part or job.json would block every reader, and a run holding
+        the lease, for ever; a folder is named as one. FileNotFoundError where there is nothing."""
+        where = self.fs.unstrip_protocol(path)
+        try:
+            return read_bytes(where, self.storage_options, max_bytes)
+        except Unreadable as exc:  # not a regular file, or over max_bytes
+            if self.local and not os.path.isfile(path):
+                what = "a folder" if os.path.isdir(path) else "not a regular file (a FIFO or a device)"
                 raise OutputError(f"{where} is {what}: not a file seglabel wrote") from exc
-        return self.fs.cat_file(path)
+            message = f"{redact_url(where)} is over {max_bytes} bytes: not a file seglabel wrote"
+            raise OutputError(message) from exc
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))

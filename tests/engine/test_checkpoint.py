@@ -263,6 +263,11 @@ LYING_ID2LABEL = {
                   r"names label 0 with \['person'\]"),
     "number-name": ('{"0": 7, "1": "b", "2": "c", "3": "d", "4": "e"}', r"names label 0 with 7"),
     "gap": ('{"0": "a", "1": "b", "2": "c", "3": "d", "9": "e"}', r"numbers its 5 labels 0, 1, 2, 3, 9"),
+    # The review of the fixes: an id past int()'s limit failed as a ValueError (exit 1); names
+    # that look empty or hold control characters passed.
+    "huge-id": ('{"0": "a", "1": "b", "2": "c", "3": "d", "%s": "e"}' % ("9" * 5000), r"has the key '9999"),
+    "invisible-name": ('{"0": "\\u200b", "1": "b", "2": "c", "3": "d", "4": "e"}', r"names label 0 with"),
+    "newline-name": ('{"0": "a\\nb", "1": "b", "2": "c", "3": "d", "4": "e"}', r"names label 0 with 'a\\nb'"),
 }
 
 
@@ -349,3 +354,23 @@ def test_a_config_naming_its_own_weights_file_is_refused(checkpoints, tmp_path):
     (named / "config.json").write_text(json.dumps({**config, "transformers_weights": "other.safetensors"}))
     with pytest.raises(CheckpointError, match="names its own weights file"):
         inspect_checkpoint(str(named))
+
+
+def test_num_labels_that_disagree_with_id2label_are_refused_by_the_driver(checkpoints, tmp_path):
+    """transformers makes num_labels win (LABEL_0.. names, a head of another size): the review
+    found the driver accepted it and every actor's load failed later."""
+    model = tmp_path / "counted-instance"
+    shutil.copytree(checkpoints["instance"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_labels": 7}))
+    with pytest.raises(CheckpointError, match="num_labels 7 is not the 5 labels its id2label names"):
+        inspect_checkpoint(str(model))
+
+
+def test_an_index_naming_a_list_for_a_shard_is_one_line(checkpoints, tmp_path):
+    model = tmp_path / "listed-instance"
+    weight_map = sharded(checkpoints["instance"], model)
+    index = {"weight_map": {**weight_map, "stray.weight": ["model-00001-of-00002.safetensors"]}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"\['model-00001-of-00002.safetensors'\]\", not a shard"):
+        inspect_checkpoint(str(model))

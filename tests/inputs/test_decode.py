@@ -168,6 +168,12 @@ VALID = {
         gray3([[0, 64, 153, 255], [51, 204, 1, 254]]),
         0,
     ),
+    # One stray value (an inf, a resampling overshoot) does not black out the rest.
+    "tiff-float-unit-stray": lambda: (
+        encode(Image.fromarray(np.array([[0.5, np.inf, 1.01, -0.005, np.nan]], np.float32)), "TIFF"),
+        gray3([[128, 255, 255, 0, 0]]),
+        0,
+    ),
     "cmyk-jpeg-adobe": lambda: (*_adobe_cmyk(), 2),
     "grayscale-png": lambda: (encode(Image.fromarray(skdata.camera()), "PNG"), gray3(skdata.camera()), 0),
     "bilevel-png": lambda: (encode(Image.fromarray(np.eye(4, dtype=bool)), "PNG"), gray3(np.eye(4) * 255), 0),

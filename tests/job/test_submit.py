@@ -238,6 +238,10 @@ def test_joining_a_token_cluster_without_ray_auth_mode_says_how(head, checkpoint
          "output_storage_options.client_kwargs.creds"),
         (["--input-option", "client_kwargs={headers: {X-Api: SECRETVALUE}}"],
          "input_storage_options.client_kwargs.headers.X-Api"),
+        # The review of issue 39's fixes: names and forms that still passed.
+        (["--input-option", "passphrase=SECRETVALUE"], "input_storage_options.passphrase"),
+        (["--input-option", "client_kwargs={headers: [[Authorization, SECRETVALUE]]}"],
+         "input_storage_options.client_kwargs.headers"),
     ],
 )
 def test_submit_finds_nested_secrets_and_names_them_without_their_values(flags, field, capsys):
@@ -253,6 +257,9 @@ def test_key_ids_are_not_secrets_but_bearer_values_are(capsys):
     from seglabel.job.submit import check_no_secrets
 
     check_no_secrets({"output_storage_options": {"s3_additional_kwargs": {"SSEKMSKeyId": "alias/labels"}}})
+    # Settings named like secrets: how to sign, and gcsfs's identities of the platform.
+    check_no_secrets({"input_storage_options": {"config_kwargs": {"signature_version": "s3v4"}},
+                      "output_storage_options": {"token": "cloud"}})
     assert main(argv + ["--input-option", "headers={X-Auth: Bearer SECRETVALUE}"]) == 2
     err = capsys.readouterr().err
     assert "input_storage_options.headers.X-Auth" in err and "SECRETVALUE" not in err
@@ -269,6 +276,9 @@ def test_key_ids_are_not_secrets_but_bearer_values_are(capsys):
      "pip[0] (a signed URL)"),
     (["--working-dir", "https://storage.googleapis.com/b/wd.zip?X-Goog-Algorithm=GOOG4-RSA-SHA256"
                        "&X-Goog-Signature=SECRETVALUE"], "working_dir (a signed URL)"),
+    (["--pip", "https://h/simple?%73ig=SECRETVALUE"], "pip[0] (a signed URL)"),
+    (["--pip", "s3://b/p-1.0-py3-none-any.whl?X-Amz-Signature=SECRETVALUE"], "pip[0] (a signed URL)"),
+    (["--working-dir", "gs://b/wd.zip?X-Goog-Signature=SECRETVALUE"], "working_dir (a signed URL)"),
 ])
 def test_every_field_sent_is_checked_for_secrets(flags, field, capsys):
     """A pip requirement or a working_dir URL with a password went into the runtime_env as it
@@ -329,10 +339,12 @@ def test_credential_files_are_never_packed_into_a_working_dir(tmp_path):
     assert names == set(kept)
 
 
-def test_links_that_leave_the_working_dir_are_refused(tmp_path, capsys):
-    """Issue 39: Ray's packer follows links: one to a folder above packed the tree inside itself
-    again and again, one to a file elsewhere shipped it. Links inside, and in what is excluded
-    (a virtualenv's python), are fine."""
+def test_links_ray_would_follow_are_refused(tmp_path, capsys):
+    """Issue 39 and its review: Ray's packer follows links. One to a folder above packed the tree
+    inside itself again and again; two folders linking to each other double the paths at each
+    level; ``k -> .kube`` shipped the excluded folder under another name; one to a file elsewhere
+    shipped it. Links to files inside, what the excludes leave out (a virtualenv's python) and
+    what a .gitignore leaves out (a data link), are fine."""
     argv = ["submit", "--address", "http://127.0.0.1:9", "--input", "s3://b/in", "--output", "s3://b/out"]
     outside = tmp_path / "home" / ".aws"
     outside.mkdir(parents=True)
@@ -343,15 +355,40 @@ def test_links_that_leave_the_working_dir_are_refused(tmp_path, capsys):
     (wd / "jobs" / "same.yaml").symlink_to("coco.yaml")
     (wd / ".venv" / "bin").mkdir(parents=True)
     (wd / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    (wd / ".kube").mkdir()
+    (wd / ".kube" / "config").write_text("SECRETVALUE")
+    (wd / "data").symlink_to(tmp_path / "home")
+    (wd / ".gitignore").write_text("data\n")
     assert main(argv + ["--working-dir", str(wd)]) == 2
     err = capsys.readouterr().err
     assert "cannot reach the Ray Jobs API" in err and "link" not in err, err  # got as far as sending
-    for name, target, says in (("aws", outside / "credentials", "leaves it ('conf/aws')"),
-                               ("up", tmp_path, "leaves it ('conf/up')"),
-                               ("loop", wd, "a folder that holds it ('conf/loop')")):
+    (wd / "a").mkdir()
+    (wd / "b").mkdir()
+    for name, target, says in (("aws", outside / "credentials", "'conf/aws' that leaves it"),
+                               ("up", tmp_path, "'conf/up' to a folder"),
+                               ("loop", wd, "'conf/loop' to a folder"),
+                               ("k", wd / ".kube", "'conf/k' to a folder"),
+                               ("kubeconfig", wd / ".kube" / "config", "to a file the excludes"),
+                               ("sibling", wd / "a", "'conf/sibling' to a folder")):
         (wd / "conf").mkdir(exist_ok=True)
         (wd / "conf" / name).symlink_to(target)
         assert main(argv + ["--working-dir", str(wd)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
         (wd / "conf" / name).unlink()
+
+
+def test_credential_files_are_left_out_in_any_letter_case(tmp_path):
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from seglabel.job.submit import WORKING_DIR_EXCLUDES
+
+    wd = tmp_path / "checkout"
+    for name in (".ENV", ".AWS/config", "deploy/Server.PEM", "jobs/run_job.py"):
+        (wd / name).parent.mkdir(parents=True, exist_ok=True)
+        (wd / name).write_text("x")
+    package = tmp_path / "wd.zip"
+    create_package(str(wd), package, include_gitignore=False, excludes=WORKING_DIR_EXCLUDES)
+    assert {n for n in zipfile.ZipFile(package).namelist() if not n.endswith("/")} == {"jobs/run_job.py"}

@@ -335,6 +335,9 @@ def test_damaged_state_is_one_line_naming_the_file(checkpoints, tmp_path, capsys
     for text, says in (("{not json", "_SUCCESS is not valid JSON"), ("[1, 2]", "_SUCCESS holds a list")):
         success.write_text(text)
         assert says in one_line_error(capsys, inspect)
+    with open(success, "wb") as f:  # 8 GiB that read whole would fill the reader's memory (sparse)
+        f.truncate(8 << 30)
+    assert "_SUCCESS is over 16777216 bytes" in one_line_error(capsys, inspect)
     success.write_bytes(kept)
 
     part = sorted((out / "metadata").glob("part-*.parquet"))[0]
