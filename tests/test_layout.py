@@ -110,7 +110,9 @@ def test_the_tests_mirror_the_package():
     tests of the repository as a whole and of the package's top-level modules."""
     subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
-    assert folders <= subpackages, folders - subpackages
+    # tests/data: files the tests read (KubeRay's CRDs), no tests.
+    assert not list((ROOT / "tests" / "data").rglob("*.py"))
+    assert folders - {"data"} <= subpackages, folders - subpackages
     top = {p.stem.removeprefix("test_") for p in (ROOT / "tests").glob("test_*.py")}
     assert top <= {"readme", "infra", "layout"} | {p.stem for p in PACKAGE.glob("*.py")}, top
 

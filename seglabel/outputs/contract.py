@@ -129,10 +129,11 @@ def _check_values(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> 
 
     if name == "key" and column.null_count:
         raise refuse("a row has no key (null)")
-    if name == "status":
+    if name == "status" and len(column):
         known = pa.compute.is_in(column, value_set=pa.array(STATUSES))
-        if not pa.compute.all(pa.compute.fill_null(known, False)).as_py():
-            wrong = column.filter(pa.compute.invert(pa.compute.fill_null(known, False)))[0].as_py()
+        unknown = pa.compute.invert(pa.compute.fill_null(known, False))
+        if pa.compute.any(unknown).as_py():
+            wrong = column.filter(unknown)[0].as_py()
             raise refuse(f"a row's status is {wrong!r}, not one of {', '.join(STATUSES)}")
     if name in ("width", "height") and len(column) and (pa.compute.min(column).as_py() or 0) < 0:
         raise refuse(f"a row's {name} is negative ({pa.compute.min(column).as_py()})")
