@@ -12,11 +12,6 @@ What the blocks meet instead of the outside world, and the only substitutions ma
 * **``HEAD:6379`` and ``http://HEAD:8265``** become a real Ray head on loopback, started as Ray
   2.60 starts one by default where a token exists (token authentication on). The blocks run
   with ``HOME`` holding that token in ``~/.ray/auth_token``, as on the head itself.
-* **``RAY_ADDRESS``** names that head for every block (with ``RAY_AUTH_MODE=token``, as the
-  block that joins it says), so that ``seglabel run`` and ``label()``
-  join it rather than each starting (and stopping) an embedded Ray of their own: five of those
-  cost about 60 s of CPU here, and the embedded path is the one the driver-SIGKILL and
-  driver-imports tests (``tests/job``) run.
 * **``jobs/*.yaml``** are the repository's specs, copied into the working folder unchanged.
 * **``pip`` and ``python -m pytest``** are recorded, not run (shell functions in front of the
   blocks): installing and running the tests from scratch is ``.ci/run``'s work, and this test
@@ -133,7 +128,6 @@ def world(s3_endpoint, tmp_path_factory):
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
     with ray_head(home, env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}) as head:
-        env.update(RAY_ADDRESS=head.gcs, RAY_AUTH_MODE="token")  # as the README's --address block
         yield {"work": work, "env": env, "head": head, "photos": sorted(photos), "street": 2}
     for bucket in ("bucket", "my-bucket"):
         fsspec.filesystem("s3").rm(bucket, recursive=True)
