@@ -117,9 +117,9 @@ def test_url_checkpoint_head_is_read_from_the_header_alone(checkpoints, s3_bucke
         inspect_checkpoint(f"s3://{s3_bucket}/m/relabeled-instance")
 
 
-def test_sharded_weights_are_followed_and_a_stray_shard_name_refused(checkpoints, tmp_path):
-    model = tmp_path / "sharded-instance"
-    shutil.copytree(checkpoints["instance"], model)
+def sharded(source: Path, model: Path) -> dict[str, str]:
+    """``source``'s weights as two shards and an index in ``model``; the index's weight map."""
+    shutil.copytree(source, model)
     weights = load_file(model / "model.safetensors")
     (model / "model.safetensors").unlink()
     names = sorted(weights)
@@ -128,8 +128,15 @@ def test_sharded_weights_are_followed_and_a_stray_shard_name_refused(checkpoints
     for shard, keys in halves.items():
         save_file({k: weights[k] for k in keys}, model / shard, metadata={"format": "pt"})
         weight_map.update({k: shard for k in keys})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    return weight_map
+
+
+def test_sharded_weights_are_followed_and_a_stray_shard_name_refused(checkpoints, tmp_path):
+    model = tmp_path / "sharded-instance"
+    weight_map = sharded(checkpoints["instance"], model)
     index = model / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     assert inspect_checkpoint(str(model)).family == "mask2former"
     assert load_checkpoint(str(model)).family == "mask2former"
     for stray in ("../../elsewhere.safetensors", "model-00003-of-00003.safetensors"):
@@ -298,22 +305,6 @@ def test_a_class_head_that_is_not_floating_point_is_refused(checkpoints, tmp_pat
     with pytest.raises(CheckpointError, match=r"class head \(class_predictor.weight in model.safetensors\) "
                                              r"is stored as '(I64|I8|BOOL)', not floating point"):
         inspect_checkpoint(str(model))
-
-
-def sharded(source: Path, model: Path) -> dict[str, str]:
-    """``source``'s weights as two shards and an index in ``model``; the index's weight map."""
-    shutil.copytree(source, model)
-    weights = load_file(model / "model.safetensors")
-    (model / "model.safetensors").unlink()
-    names = sorted(weights)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    weight_map = {}
-    for shard, keys in halves.items():
-        save_file({k: weights[k] for k in keys}, model / shard, metadata={"format": "pt"})
-        weight_map.update({k: shard for k in keys})
-    index = {"metadata": {}, "weight_map": weight_map}
-    (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    return weight_map
 
 
 # A head of the right shape that is not the one checked: all zeros.
