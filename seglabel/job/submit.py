@@ -19,6 +19,7 @@ provide it. A token is only ever sent to a head that asked for one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import sys
@@ -175,6 +176,11 @@ def _url_credentials(value: str, path: str) -> Iterator[str]:
         yield f"{path} (a signed URL)"
 
 
+# Ray's reader of ignore files says at INFO what each one ignores; its packer says it again.
+_QUIET = logging.getLogger(f"{__name__}.links")
+_QUIET.setLevel(logging.WARNING)
+
+
 def check_links(root: str) -> None:
     """Refuse, in one line naming the link, a working dir holding a symbolic link that Ray's
     packer would follow where it must not: to a folder (links between folders can loop, and
@@ -197,7 +203,7 @@ def check_links(root: str) -> None:
 
     for folder, dirs, files in os.walk(root):
         ignores = ignored_in.get(os.path.dirname(folder), []) + get_excludes_from_ignore_files(
-            Path(folder), include_gitignore=read_gitignore)
+            Path(folder), include_gitignore=read_gitignore, logger=_QUIET)
         ignored_in[folder] = ignores
         here = os.path.relpath(folder, root)
 
