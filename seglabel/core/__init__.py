@@ -28,7 +28,7 @@ _PUBLIC = {
                      "Bits", "HashSet", "repeated", "UNSAFE_KEY_ERROR"], "keys"),
     **dict.fromkeys(["LABEL_SETS", "thing_ids", "resolve_labels", "match_label_set", "palette_color"],
                     "labels"),
-    **dict.fromkeys(["License", "check_allowed", "UNKNOWN"], "license"),
+    **dict.fromkeys(["License", "check_allowed", "spdx_id", "UNKNOWN"], "license"),
     **dict.fromkeys(["Segment", "Prediction", "RawPrediction", "build_segments"], "results"),
     **dict.fromkeys(["PackedMasks", "encode_png", "decode_png", "encode_rle", "panoptic_rgb"], "masks"),
     **dict.fromkeys(["review_score", "REVIEW_COLUMN"], "review"),

@@ -35,9 +35,19 @@ class License:
         return f"{self.id} ({self.source})"
 
 
+def spdx_id(name: str) -> str:
+    """A licence name as the lower-case SPDX-style id Hub cards write (``cc-by-nc-sa-4.0``):
+    ``CC BY-NC-SA 4.0``, ``CC_BY_NC_4.0`` and ``Apache-2`` are how people write the same ids.
+    A version's missing ``.0`` is added (``cc-by-4`` → ``cc-by-4.0``)."""
+    words = re.split(r"[\s_]+", name.strip().lower())
+    text = "-".join(w for w in words if w)
+    return re.sub(r"-(\d+)$", r"-\1.0", text)
+
+
 def check_allowed(license: License, allowed: tuple[str, ...] | None, model: str) -> None:
-    """Refuse a checkpoint whose licence is not among ``allowed`` (``unknown`` never is)."""
-    if allowed is None or (license.id != UNKNOWN and license.id in allowed):
+    """Refuse a checkpoint whose licence is not among ``allowed`` (``unknown`` never is), both
+    compared as SPDX-style ids."""
+    if allowed is None or (license.id != UNKNOWN and spdx_id(license.id) in {spdx_id(a) for a in allowed}):
         return
     raise ConfigError(
         f"checkpoint {model} is licensed {license.id} ({license.source}); "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from ..core.errors import one_line
-from ..core.license import UNKNOWN, License
+from ..core.license import UNKNOWN, License, spdx_id
 from ..core.redaction import get_logger
 
 log = get_logger(__name__)
@@ -42,16 +42,34 @@ BACKBONE_LICENSES = {
 }
 
 
-def card_license(text: str) -> str | None:
-    """The ``license:`` of a model card's YAML front matter, lower-case; None without one."""
-    from huggingface_hub import RepoCard
+class AmbiguousCard(ValueError):
+    """A model card whose front matter names a key twice (``license:`` and later ``license:``):
+    YAML readers keep the last, a person reading it the first."""
 
+
+def card_license(text: str) -> str | None:
+    """The ``license:`` of a model card's YAML front matter as an SPDX-style id (``spdx_id``);
+    None without one. Raises :class:`AmbiguousCard` when the front matter names a key twice."""
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    from ..storage.spec import UniqueKeyLoader
+
+    block = REGEX_YAML_BLOCK.search(text)
+    if block is None:
+        return None
     try:
-        value = RepoCard(text, ignore_metadata_errors=True).data.to_dict().get("license")
+        data = yaml.load(block.group(2), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.constructor.ConstructorError as exc:
+        if "mapped twice" in str(exc):
+            raise AmbiguousCard(one_line(exc)) from exc
+        log.debug("model card front matter not readable: %s", one_line(exc))
+        return None
     except Exception as exc:  # a card is user data: any parse failure means "no licence read"
         log.debug("model card front matter not readable: %s", one_line(exc))
         return None
-    return value.strip().lower() if isinstance(value, str) and value.strip() else None
+    value = data.get("license") if isinstance(data, dict) else None
+    return spdx_id(value) if isinstance(value, str) and value.strip() else None
 
 
 def checkpoint_license(model: str, revision: str | None, family: str) -> License:
@@ -60,7 +78,10 @@ def checkpoint_license(model: str, revision: str | None, family: str) -> License
     if stated is not None and family not in BACKBONE_LICENSES:
         return License(stated[0], stated[1], None)  # the card is not what counts: not fetched
     text, where = _read_card(model, revision)
-    card = card_license(text) if text is not None else None
+    try:
+        card = card_license(text) if text is not None else None
+    except AmbiguousCard as exc:
+        return License(UNKNOWN, f"its model card is ambiguous ({exc}; {where})", None)
     if family in BACKBONE_LICENSES:
         lic, source = BACKBONE_LICENSES[family]
         return License(lic, source.format(card=card or UNKNOWN), card)

@@ -36,28 +36,13 @@ from ..core.errors import ConfigError, LabelMapError, one_line
 from ..core.redaction import get_logger, redact_url
 from ..storage.filesystem import full_uri, open_url, options_for
 from ..storage.read import read_bytes
+from ..storage.spec import UniqueKeyLoader
 from .record import JobRecord
 
 log = get_logger(__name__)
 
 UNMAPPED = ("drop", "keep")
 MAX_LABEL_MAP_BYTES = 1 << 20
-
-
-class _UniqueKeys(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping that names a key twice (YAML and JSON readers
-    keep the last one without a word: a map's first line for a label would be lost)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is mapped twice",
-                                                        key_node.start_mark)
-            if isinstance(key, str):
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def read_label_map(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str | None]:
@@ -74,7 +59,7 @@ def read_label_map(url: str, storage_options: Mapping[str, Any] | None = None) -
         reason = f"{type(exc).__name__}: {one_line(exc)}"
         raise LabelMapError(f"cannot read the label map {url}: {reason}") from exc
     try:
-        value = yaml.load(data, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
+        value = yaml.load(data, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except (yaml.YAMLError, RecursionError) as exc:
         raise LabelMapError(f"the label map {url} is neither YAML nor JSON: {one_line(exc)}") from None
     try:

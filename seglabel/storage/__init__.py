@@ -4,7 +4,7 @@
     atomic      files that appear whole or not at all
     read        the bounded regular-file reader everyone uses
     location    Location / Destination: a place seglabel writes to
-    spec        YAML job specs read from a URL, bounded
+    spec        YAML job specs read from a URL, bounded; the YAML reader that refuses keys twice
 """
 
 from ..core.lazy import public_names
@@ -15,7 +15,7 @@ _PUBLIC = {
     **dict.fromkeys(["open_atomic", "write_atomic", "is_temporary"], "atomic"),
     **dict.fromkeys(["read_bytes", "regular_target"], "read"),
     **dict.fromkeys(["Location", "Destination"], "location"),
-    "load_spec": "spec",
+    **dict.fromkeys(["load_spec", "UniqueKeyLoader"], "spec"),
 }
 __all__ = sorted(_PUBLIC)
 __getattr__, __dir__ = public_names(__name__, _PUBLIC)

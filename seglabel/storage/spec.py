@@ -1,13 +1,33 @@
 """Job specs: a YAML mapping of settings, read from a local path, any fsspec URL or an
-environment variable, bounded in size and in what its aliases expand to."""
+environment variable, bounded in size and in what its aliases expand to; and the YAML reader
+that every YAML seglabel reads goes through (specs, label maps, model cards' front matter)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+import yaml
+
 from ..core.config import check_expansion
 from ..core.errors import ConfigError
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice: YAML and JSON readers keep
+    the last one without a word, so what a reader of the file sees first (a label map's first
+    line for a label, a card's first ``license:``, a spec's first setting) is not what counts."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is mapped twice",
+                                                        key_node.start_mark)
+            if isinstance(key, str):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 # A job spec is a few settings: past this it is not one (and a YAML document is walked whole).
 MAX_SPEC_BYTES = 1 << 20
@@ -23,7 +43,6 @@ def load_spec(path: str) -> dict[str, Any]:
     check, the config) would expand. Anchors and merge keys that share storage options are
     fine."""
     import fsspec
-    import yaml
 
     try:
         if path.startswith("env:"):
@@ -35,7 +54,7 @@ def load_spec(path: str) -> dict[str, Any]:
                 text = f.read(MAX_SPEC_BYTES + 1)
         if len(text) > MAX_SPEC_BYTES:
             raise ConfigError(f"job spec {path} is over {MAX_SPEC_BYTES >> 20} MiB: not a job spec")
-        values = yaml.safe_load(text)
+        values = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError as exc:
         raise ConfigError(f"job spec {path} not found") from exc
     except UnicodeDecodeError as exc:

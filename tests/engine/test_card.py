@@ -22,6 +22,10 @@ from seglabel.engine.card import MAX_CARD_BYTES, card_license, checkpoint_licens
         ("---\nlicense: 7\n---\n", None),
         ("---\n- just\n- a list\n---\n", None),
         ("", None),
+        # Issue 35: licences as their own texts write them, recorded as the SPDX ids they are.
+        ("---\nlicense: CC BY-NC-SA 4.0\n---\n", "cc-by-nc-sa-4.0"),
+        ("---\nlicense: CC_BY_NC_4.0\n---\n", "cc-by-nc-4.0"),
+        ("---\nlicense: Apache-2\n---\n", "apache-2.0"),
     ],
 )
 def test_card_license(text, expected):
@@ -35,6 +39,27 @@ def folder(tmp_path, card: str | bytes | None):
     if card is not None:
         (path / "README.md").write_bytes(card.encode() if isinstance(card, str) else card)
     return str(path)
+
+
+def test_a_card_naming_its_license_twice_is_unknown(tmp_path):
+    """Issue 35: read as its last one, it passed --require-license apache-2.0."""
+    from seglabel.core.errors import ConfigError
+    from seglabel.core.license import check_allowed
+
+    card = "---\nlicense: cc-by-nc-4.0\ntags: [x]\nlicense: apache-2.0\n---\n"
+    lic = checkpoint_license(folder(tmp_path, card), None, "mask2former")
+    assert lic.id == UNKNOWN and "ambiguous" in lic.source and "'license' is mapped twice" in lic.source
+    with pytest.raises(ConfigError):
+        check_allowed(lic, ("apache-2.0",), "m")
+
+
+def test_a_licence_written_in_words_is_noncommercial_and_compared_as_its_id(tmp_path):
+    """Issue 35: 'CC BY-NC-SA 4.0' was recorded as 'cc by-nc-sa 4.0', with no warning."""
+    from seglabel.core.license import check_allowed
+
+    lic = checkpoint_license(folder(tmp_path, "---\nlicense: CC BY-NC-SA 4.0\n---\n"), None, "eomt")
+    assert lic.id == "cc-by-nc-sa-4.0" and lic.noncommercial
+    check_allowed(lic, ("CC-BY-NC-SA-4.0",), "m")  # as a user may write the flag
 
 
 def test_local_card_and_its_absence(tmp_path):
