@@ -237,3 +237,26 @@ def test_the_driver_reads_in_one_screen_and_no_function_is_long_without_a_reason
                     lines[first - 2].strip().startswith("#")):
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {size} lines, {count} args")
     assert long == []
+
+
+def test_every_package_the_code_imports_is_declared():
+    """Issue 35: storage imported yarl, which pyproject.toml did not declare (it came with
+    aiohttp, until it would not). Every third-party module seglabel/ imports, at any depth,
+    belongs to a distribution named in the project's dependencies."""
+    import importlib.metadata
+    import re
+    import tomllib
+
+    declared = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower().replace("_", "-")
+                for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    owners = importlib.metadata.packages_distributions()
+    missing = {}
+    for path in package_files():
+        for _, name in imported(path):
+            top = name.split(".")[0]
+            if not top or top in sys.stdlib_module_names or top == "seglabel":
+                continue
+            dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
+            if not dists & declared:
+                missing.setdefault(top, str(path.relative_to(ROOT)))
+    assert missing == {}, missing

@@ -15,7 +15,8 @@ def test_specs_from_files_and_the_environment(tmp_path, monkeypatch):
     assert JobConfig.from_mapping(load_spec(str(spec))).engine.batch_size == 4
     monkeypatch.setenv("SPEC", "output: o\nmanifest: m.txt\n")
     assert load_spec("env:SPEC") == {"output": "o", "manifest": "m.txt"}
-    for text, message in (("[1, 2]", "must be a mapping"), ("a: [", "not valid YAML")):
+    for text, message in (("[1, 2]", "must be a mapping"), ("a: [", "not valid YAML"),
+                          ("input: in\noutput: out\ninput: elsewhere\n", "'input' is mapped twice")):
         spec.write_text(text)
         with pytest.raises(ConfigError, match=message):
             load_spec(str(spec))
