@@ -245,6 +245,7 @@ def test_every_package_the_code_imports_is_declared():
     belongs to a distribution named in the project's dependencies."""
     import importlib.metadata
     import re
+
     import tomllib
 
     declared = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower().replace("_", "-")

@@ -84,7 +84,13 @@ class OriginHeaders:
 
 
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None):
-    """``fsspec.core.url_to_fs`` with the defaults above: (filesystem, path)."""
+    """``fsspec.core.url_to_fs`` with the defaults above: (filesystem, path). A name without a
+    protocol is a local path, ``::`` included: fsspec would read ``x::y.json`` as a chain of
+    filesystems and write ``x:`` (chains that start with a protocol, ``simplecache::s3://…``,
+    are kept)."""
+    if split_protocol(url)[0] is None and "::" in url:
+        fs = fsspec.filesystem("file", **with_defaults(url, storage_options))
+        return fs, fs._strip_protocol(url)
     return url_to_fs(url, **with_defaults(url, storage_options))
 
 

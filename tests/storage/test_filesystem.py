@@ -8,7 +8,7 @@ import os
 import fsspec
 
 from helpers import drawn, encode
-from seglabel.storage.filesystem import absolute_local, full_uri
+from seglabel.storage.filesystem import absolute_local, full_uri, is_local, open_url, protocols
 
 
 def test_absolute_local_paths(tmp_path, monkeypatch):
@@ -86,3 +86,19 @@ def test_input_headers_reach_the_inputs_host_only_across_redirects(tmp_path):
         other.shutdown()
     assert seen["input"] == [("/a.png", "secret", "t0ken"), ("/hop.png", "secret", "t0ken")] * 2
     assert seen["other"] == [("/stolen.png", None, None)] * 2
+
+
+def test_a_local_path_with_a_double_colon_is_a_path(tmp_path, monkeypatch):
+    """Issue 35: ``export --to 'x::y.json'`` was read as a chain of filesystems and wrote ``x:``;
+    label maps and truth files named so were read from elsewhere. A name without a protocol is a
+    local path; a chain that starts with a protocol is still one."""
+    from seglabel.outputs.labelmap import read_label_map
+    from seglabel.storage.location import Destination
+
+    monkeypatch.chdir(tmp_path)
+    Destination("x::y.json").write_file(Destination("x::y.json").root, b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x::y.json"]
+    (tmp_path / "team::map.yaml").write_text("label0: people\n")
+    assert read_label_map("team::map.yaml") == {"label0": "people"}
+    fs, _ = open_url("simplecache::memory://chained/x")
+    assert not is_local(fs) and "simplecache" in protocols(fs)
