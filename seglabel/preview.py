@@ -100,6 +100,7 @@ def preview(
     reader = OutputReader(output, storage_options, label_map, unmapped)
     job, space = reader.record, reader.space
     dest = Destination(to, to_storage_options)
+    reader.store.refuse_inside(dest, "--to")
     written: list[str] = []
     cards: list[Card] = []
     for row in reader.ok_rows(order):

@@ -215,6 +215,8 @@ def _evaluate(output: str, truth: str, options: EvalOptions) -> dict[str, Any]:
     reader = OutputReader(output, options.storage_options, options.label_map, options.unmapped)
     job = reader.record
     files = ReportFiles(options.json, options.per_image, options.to_storage_options)
+    for flag, dest in files.places.items():
+        reader.store.refuse_inside(dest, flag)
     sample = _sample(truth, reader, options)
     matched = _match(reader.store, sample, options.limit)
     if not matched.selected:

@@ -180,6 +180,7 @@ def _export(output: str, writer: type[Writer], fmt: str, to: str, options: Expor
         raise ExportError(str(exc)) from exc
     keep = _segment_filter(space, writer.things_only, options.min_score, options.labels)
     dest = Destination(to, to_storage_options)
+    reader.store.refuse_inside(dest, "--to")
     if not writer.folder and (to.endswith("/") or dest.is_dir()):
         raise ExportError(f"--to must name a file for {fmt}, and {to} is a folder")
     counts: dict[str, Any] = {"format": fmt, "images": 0, "annotations": 0, "masks": 0, "files": []}

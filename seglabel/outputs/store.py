@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from ..core.errors import OutputError, Unreadable, WriteFailed, one_line
+from ..core.errors import ConfigError, OutputError, Unreadable, WriteFailed, one_line
 from ..core.keys import HashSpool, SortedHashes, is_safe_key, key_hashes, repeated
 from ..core.redaction import get_logger, redact_url
 from ..storage.atomic import is_temporary
+from ..storage.filesystem import protocols
 from ..storage.location import Location
 from ..storage.read import read_bytes
 from .contract import (
@@ -128,6 +129,25 @@ class OutputStore(Location):
             raise OutputError(
                 f"cannot write to output {self.url}: {type(exc).__name__}: {one_line(exc)}"
             ) from exc
+
+    def refuse_inside(self, dest: Location, flag: str) -> None:
+        """Refuse a destination among this output's own files (``job.json``, ``_SUCCESS``,
+        ``masks/``, ``metadata/``, ``_seglabel/``): an export or a report written there destroys
+        the job's record, or makes every later read fail. A folder beside them (``OUT/exports/``)
+        is fine. Paths are compared on one filesystem, links resolved on a local disk."""
+        if protocols(dest.fs) != protocols(self.fs):
+            return
+
+        def real(path: str) -> str:
+            return os.path.realpath(path) if self.local else posixpath.normpath(path)
+
+        own, target = real(self.root), real(dest.root)
+        if not target.startswith(own.rstrip("/") + "/"):
+            return
+        rel = target[len(own.rstrip("/")) + 1:]
+        if rel in (JOB_FILE, SUCCESS_FILE) or rel.split("/")[0] in (MASKS_DIR, METADATA_DIR, SCRATCH_DIR):
+            raise ConfigError(f"{flag} {dest.url} is inside the output's own files ({rel}); write it "
+                              "beside them (a folder such as OUT/exports/) or elsewhere")
 
     # -- reading ----------------------------------------------------------------------------
 

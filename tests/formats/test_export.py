@@ -34,7 +34,7 @@ from pycocotools.coco import COCO
 from readback import id_map, read_png, read_rows
 from skimage import data
 
-from helpers import chromium, hand_made_output, ok_row, tool_python
+from helpers import chromium, hand_made_output, ok_row, one_line_error, tool_python
 from seglabel.cli import main
 from seglabel.core.errors import ExportError
 from seglabel.formats import coco as coco_module
@@ -949,3 +949,26 @@ def test_label_names_with_commas_can_be_chosen(tmp_path, capsys):
     coco = json.loads((tmp_path / "c.json").read_text())
     assert [c["name"] for c in coco["categories"]] == ["gown, evening"]
     assert [a["category_id"] for a in coco["annotations"]] == [1]
+
+
+def test_destinations_among_the_outputs_own_files_are_refused(instance_out, tmp_path, capsys):
+    """Issue 35: an export, a preview or an eval report written over job.json, _SUCCESS or into
+    masks/, metadata/ or _seglabel/ exited 0 and destroyed the job's record (or made every later
+    read fail). Each is one line, exit 2, with the output's files untouched; a folder beside
+    them is fine."""
+    out = tmp_path / "out"
+    shutil.copytree(instance_out, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    truth = tmp_path / "truth.json"
+    assert main(["export", str(out), "--format", "coco", "--to", str(truth)]) == 0
+    own = ("job.json", "_SUCCESS", "masks/coco.json", "metadata/coco.parquet", "_seglabel/c.json")
+    commands = [["export", str(out), "--format", "coco", "--to", str(out / name)] for name in own]
+    scored = ["eval", str(out), "--truth", str(truth)]
+    commands += [["preview", str(out), "--to", str(out / "masks" / "preview")],
+                 scored + ["--json", str(out / "job.json")],
+                 scored + ["--per-image", str(out / "metadata" / "worst.parquet")]]
+    for argv in commands:
+        line = one_line_error(capsys, argv)
+        assert "is inside the output's own files" in line, (argv, line)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(["export", str(out), "--format", "coco", "--to", str(out / "exports" / "coco.json")]) == 0
