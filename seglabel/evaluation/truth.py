@@ -419,8 +419,10 @@ def _pixels(image: Image.Image, mode: str, uri: str, what: str) -> np.ndarray:
             raise EvalError(f"{what} {uri} is {image.mode}, not RGB (COCO panoptic ids)")
         rgb = np.asarray(image.convert("RGB"), dtype=np.uint32)
         return rgb[..., 0] + (rgb[..., 1] << 8) + (rgb[..., 2] << 16)
-    if image.mode not in ("L", "P", "I;16", "I;16B", "I"):
-        raise EvalError(f"{what} {uri} is {image.mode}: a label PNG has one channel (pixel = label id)")
+    if image.mode not in ("1", "L", "P", "I;16", "I;16B", "I"):  # "1": 1-bit, labels 0 and 1
+        bands = len(image.getbands())
+        raise EvalError(f"{what} {uri} is a {image.mode} image of {bands} channels: a label PNG has one "
+                        "(pixel = label id)")
     array = np.asarray(image)
     if array.min(initial=0) < 0 or array.max(initial=0) > 65535:
         raise EvalError(f"{what} {uri} has label ids outside 0..65535")

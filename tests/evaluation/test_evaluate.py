@@ -942,3 +942,21 @@ def test_files_appear_both_or_neither(boxes_out, tmp_path):
     assert not table.exists()
     with pytest.raises(EvalError, match="must name a file"):
         evaluate(boxes_out, truth, per_image=str(tmp_path))
+
+
+def test_a_one_bit_label_png_is_labels_0_and_1_and_other_modes_are_named(tmp_path):
+    """Issue 35: a 1-bit semantic truth PNG was refused as "is 1: a label PNG has one channel",
+    which it has. It reads as labels 0 and 1; an RGB one is named for what it is."""
+    from seglabel.core.errors import EvalError
+    from seglabel.evaluation.truth import PngFolder
+
+    bits = np.zeros((4, 6), dtype=bool)
+    bits[1:3, 2:5] = True
+    Image.fromarray(bits).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode == "1"
+    folder = PngFolder(str(tmp_path), None, 1 << 20, "truth PNG")
+    labels = folder.read(folder.uri("a.png"), 6, 4, "id")
+    assert labels.tolist() == bits.astype(int).tolist()
+    Image.new("RGB", (6, 4)).save(tmp_path / "b.png")
+    with pytest.raises(EvalError, match="is a RGB image of 3 channels: a label PNG has one"):
+        folder.read(folder.uri("b.png"), 6, 4, "id")
