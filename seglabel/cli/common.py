@@ -11,7 +11,7 @@ import yaml
 
 from ..core.config import JobConfig, check_expansion
 from ..core.errors import ConfigError
-from ..outputs.labelmap import UNMAPPED
+from ..outputs.labelmap import UNMAPPED, UNMAPPED_WITHOUT_MAP
 from ..outputs.order import ORDERS
 from ..storage.spec import load_spec
 
@@ -51,8 +51,23 @@ def label_map_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-map", dest="label_map", metavar="FILE",
                    help="YAML or JSON {model_label: team_label} (many to one; null drops a label): "
                    "work in the team's labels; the job's own files are not changed")
-    p.add_argument("--unmapped", choices=UNMAPPED, default="drop",
-                   help="model labels the map does not name: drop them (default) or keep their names")
+    p.add_argument("--unmapped", choices=UNMAPPED, default=None,
+                   help="with --label-map: model labels the map does not name: drop them (default) or "
+                   "keep their names")
+
+
+def applies(given: Any, flag: str, needs: bool, what: str) -> None:
+    """Refuse a flag given where it does nothing (``needs`` false): one line, the same in every
+    command, rather than a setting silently ignored."""
+    if given is not None and not needs:
+        raise ConfigError(f"{flag} applies only {what}")
+
+
+def unmapped(args: argparse.Namespace) -> str:
+    """``--unmapped`` as given, which only a label map uses; ``drop`` by default."""
+    if args.unmapped is not None and args.label_map is None:
+        raise ConfigError(UNMAPPED_WITHOUT_MAP)
+    return args.unmapped or UNMAPPED[0]
 
 
 def order_flag(p: argparse.ArgumentParser, what: str) -> None:

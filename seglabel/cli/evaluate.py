@@ -7,7 +7,7 @@ import argparse
 from ..core.config import DEFAULT_MAX_BYTES
 from ..evaluation.evaluate import evaluate
 from ..evaluation.report import report_table, summary_line
-from .common import common, positive_int, reader_flags, storage_option_flag
+from .common import common, positive_int, reader_flags, storage_option_flag, unmapped
 
 
 def add_parsers(sub) -> None:
@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         truth_masks=args.truth_masks,
         truth_labels=args.truth_labels,
         label_map=args.label_map,
-        unmapped=args.unmapped,
+        unmapped=unmapped(args),
         ignore_index=args.ignore_index,
         limit=args.limit,
         per_image=args.per_image,

@@ -7,7 +7,7 @@ import argparse
 from ..core.config import label_names
 from ..formats.export import FORMATS, MASK_FORMATS, export
 from ..formats.polygons import DEFAULT_TOLERANCE
-from .common import common, positive_int, reader_flags, storage_option_flag
+from .common import applies, common, positive_int, reader_flags, storage_option_flag, unmapped
 
 
 def _prefix_pair(text: str) -> tuple[str, str]:
@@ -65,8 +65,9 @@ def add_parsers(sub) -> None:
                    help="coco, cvat, label-studio: masks as RLE (default; Label Studio brushes) or "
                    "polygons (each outer contour; COCO and CVAT keep a mask with holes as RLE, Label Studio "
                    "fills them)")
-    p.add_argument("--polygon-tolerance", dest="polygon_tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   metavar="PX", help="simplify polygons within PX pixels (default 1)")
+    p.add_argument("--polygon-tolerance", dest="polygon_tolerance", type=float, default=None,
+                   metavar="PX", help="with --mask-format polygons: simplify polygons within PX pixels "
+                   "(default 1)")
     reader_flags(p, order="images")
     storage_option_flag(p, "--to-option", "to_storage_options", "DEST")
     p.set_defaults(handler=main)
@@ -74,6 +75,8 @@ def add_parsers(sub) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Export, and say what was written."""
+    applies(args.polygon_tolerance, "--polygon-tolerance", args.mask_format == "polygon",
+            "with --mask-format polygon")
     counts = export(
         args.output,
         args.fmt,
@@ -87,8 +90,8 @@ def main(args: argparse.Namespace) -> int:
         image_prefix_map=dict(args.image_prefix_map),
         label_map=args.label_map,
         mask_format=args.mask_format,
-        polygon_tolerance=args.polygon_tolerance,
-        unmapped=args.unmapped,
+        polygon_tolerance=DEFAULT_TOLERANCE if args.polygon_tolerance is None else args.polygon_tolerance,
+        unmapped=unmapped(args),
         order=args.order,
         to_storage_options=dict(args.to_storage_options),
     )

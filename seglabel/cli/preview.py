@@ -6,7 +6,7 @@ import argparse
 
 from ..core.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..preview import INDEX_FILE, preview
-from .common import common, key_value, positive_int, reader_flags
+from .common import common, key_value, positive_int, reader_flags, unmapped
 
 
 def add_parsers(sub) -> None:
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
         storage_options=dict(args.output_storage_options),
         image_storage_options=dict(args.input_storage_options) if args.input_storage_options else None,
         label_map=args.label_map,
-        unmapped=args.unmapped,
+        unmapped=unmapped(args),
         order=args.order,
     )
     print(f"wrote {len(paths)} overlays; open {args.to.rstrip('/')}/{INDEX_FILE}")

@@ -42,6 +42,8 @@ from .record import JobRecord
 log = get_logger(__name__)
 
 UNMAPPED = ("drop", "keep")
+# The one line for a choice of what the map leaves out, made with no map: it would do nothing.
+UNMAPPED_WITHOUT_MAP = "--unmapped applies only with --label-map"
 MAX_LABEL_MAP_BYTES = 1 << 20
 
 

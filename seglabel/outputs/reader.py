@@ -14,11 +14,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..core.errors import OutputError, one_line
+from ..core.errors import ConfigError, OutputError, one_line
 from ..core.masks import decode_png
 from ..core.redaction import get_logger
 from .contract import JOB_FILE, LABEL_COLUMNS, SUCCESS_FILE, checked_key
-from .labelmap import LabelSpace
+from .labelmap import UNMAPPED, UNMAPPED_WITHOUT_MAP, LabelSpace
 from .order import rows_in_order
 from .record import JobRecord
 from .store import OutputStore, RowCounts
@@ -39,6 +39,8 @@ class OutputReader:
 
     def __init__(self, output: str, storage_options: Mapping[str, Any] | None = None,
                  label_map: str | None = None, unmapped: str = "drop"):
+        if unmapped != UNMAPPED[0] and label_map is None:
+            raise ConfigError(UNMAPPED_WITHOUT_MAP)
         self.url = output
         self.store, self.record = open_output(output, storage_options)
         self.counts = RowCounts()

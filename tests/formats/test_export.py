@@ -36,7 +36,8 @@ from skimage import data
 
 from helpers import chromium, hand_made_output, ok_row, one_line_error, tool_python
 from seglabel.cli import main
-from seglabel.core.errors import ExportError
+from seglabel.core.errors import ConfigError, ExportError
+from seglabel.evaluation.evaluate import evaluate
 from seglabel.formats import coco as coco_module
 from seglabel.formats.export import export
 from seglabel.formats.label_studio import label_studio_rle
@@ -972,3 +973,21 @@ def test_destinations_among_the_outputs_own_files_are_refused(instance_out, tmp_
         assert "is inside the output's own files" in line, (argv, line)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert main(["export", str(out), "--format", "coco", "--to", str(out / "exports" / "coco.json")]) == 0
+
+
+def test_flags_that_do_nothing_are_refused_alike(tmp_path, capsys):
+    """Issue 35: --unmapped without --label-map (export, preview, eval) and --polygon-tolerance
+    without polygons were silently ignored. Each is one line, exit 2, the same in every command."""
+    out = str(tmp_path / "any-output")
+    for argv in (["export", out, "--format", "coco", "--to", str(tmp_path / "c.json"), "--unmapped", "keep"],
+                 ["preview", out, "--to", str(tmp_path / "p"), "--unmapped", "keep"],
+                 ["eval", out, "--truth", str(tmp_path / "t.json"), "--unmapped", "keep"]):
+        assert one_line_error(capsys, argv) == "seglabel: error: --unmapped applies only with --label-map"
+    coco = ["export", out, "--format", "coco", "--to", str(tmp_path / "c.json"), "--polygon-tolerance", "2"]
+    line = one_line_error(capsys, coco)
+    assert line == "seglabel: error: --polygon-tolerance applies only with --mask-format polygon"
+    assert "applies only" not in one_line_error(capsys, coco + ["--mask-format", "polygon"])  # taken
+    for call in (lambda: preview(out, str(tmp_path / "p"), unmapped="keep"),  # the library alike
+                 lambda: evaluate(out, str(tmp_path / "t.json"), unmapped="keep")):
+        with pytest.raises(ConfigError, match="--unmapped applies only with --label-map"):
+            call()

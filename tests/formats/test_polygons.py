@@ -174,6 +174,6 @@ def test_polygon_options_that_cannot_apply(boxes, tmp_path):
         with pytest.raises(ExportError, match="--polygon-tolerance"):
             export(boxes, "coco", str(tmp_path / "c.json"), mask_format="polygon",
                    polygon_tolerance=tolerance)
-    with pytest.raises(ExportError, match="--unmapped applies with --label-map only"):
+    with pytest.raises(ExportError, match="--unmapped applies only with --label-map"):
         export(boxes, "coco", str(tmp_path / "c.json"), unmapped="keep")
     assert not list(Path(tmp_path).iterdir())
