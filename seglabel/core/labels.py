@@ -211,3 +211,34 @@ def palette_color(index: int) -> tuple[int, int, int]:
     hue = (index * 0.618033988749895) % 1.0
     r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
     return int(r * 255), int(g * 255), int(b * 255)
+
+
+# The longest label name seglabel takes (a label map's, a checkpoint's): names are shown in
+# annotation tools' menus, and every format repeats them.
+MAX_NAME_CHARS = 1000
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a label's name in every format seglabel writes (COCO and Label
+    Studio JSON, Label Studio's XML config, CVAT, the review page), or None when it can: a
+    non-empty string of at most ``MAX_NAME_CHARS`` characters, with something visible in it,
+    encodable as UTF-8 (no lone surrogate, which a JSON file can hold and no writer can), and
+    only characters XML 1.0 holds: no control characters (a tab or a newline in a menu item is a
+    mistake too) and no non-characters (U+FFFE, U+FFFF, U+FDD0..U+FDEF)."""
+    import unicodedata
+
+    if not isinstance(name, str):
+        return f"{type(name).__name__}, not text"
+    if not name or len(name) > MAX_NAME_CHARS:
+        return f"{len(name)} characters, not 1 to {MAX_NAME_CHARS}"
+    for char in name:
+        code, kind = ord(char), unicodedata.category(char)
+        if kind == "Cs":
+            return f"a lone surrogate (U+{code:04X}), not text"
+        if kind == "Cc":
+            return f"a control character (U+{code:04X})"
+        if (code & 0xFFFE) == 0xFFFE or 0xFDD0 <= code <= 0xFDEF:
+            return f"a non-character (U+{code:04X}), which XML cannot hold"
+    if all(unicodedata.category(c) in ("Zs", "Cf") for c in name):
+        return "nothing visible"
+    return None

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 from ..core.config import TASKS
 from ..core.errors import CheckpointError, ConfigError, Unreadable, first_line
+from ..core.labels import name_problem
 from ..core.redaction import get_logger
 
 log = get_logger(__name__)
@@ -471,8 +472,9 @@ def _labels(id2label: Any, model: str) -> dict[int, str]:
     for key, name in id2label.items():
         if not isinstance(key, str) or not _LABEL_ID.fullmatch(key):
             raise refuse(f"has the key {key!r}, not a label id (0, 1, 2, ... written plainly)")
-        if not isinstance(name, str) or not name.strip() or not name.isprintable():
-            raise refuse(f"names label {key} with {name!r}, not a name (printable text)")
+        problem = name_problem(name)
+        if problem is not None:
+            raise refuse(f"names label {key} with {repr(name)[:80]}: {problem}")
         labels[int(key)] = name
     if labels and sorted(labels) != list(range(len(labels))):
         ids = sorted(labels)

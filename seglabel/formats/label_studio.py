@@ -185,9 +185,12 @@ def labeling_config(labels: Mapping[int, str], mask_format: str, from_name: str,
     Label per label value, coloured as the label's palette colour (as COCO panoptic's
     categories). Label Studio shows no prediction whose labels its config lacks."""
     tag = "PolygonLabels" if mask_format == "polygon" else "BrushLabels"
+    first = {}  # a name two labels share is one Label in the config (its first id's colour)
+    for label_id, name in sorted(labels.items()):
+        first.setdefault(name, label_id)
     items = "".join(
         f"    <Label value={quoteattr(name)} background=\"#{bytes(palette_color(label_id)).hex()}\"/>\n"
-        for label_id, name in sorted(labels.items()))
+        for name, label_id in first.items())
     control = f"<{tag} name={quoteattr(from_name)} toName={quoteattr(to_name)}>"
     return (f"<View>\n  <Image name={quoteattr(to_name)} value=\"$image\" zoom=\"true\"/>\n"
             f"  {control}\n{items}  </{tag}>\n</View>\n")

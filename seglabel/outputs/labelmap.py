@@ -33,6 +33,7 @@ from pycocotools import mask as mask_utils
 
 from ..core.config import check_expansion
 from ..core.errors import ConfigError, LabelMapError, one_line
+from ..core.labels import name_problem
 from ..core.redaction import get_logger, redact_url
 from ..storage.filesystem import full_uri, open_url, options_for
 from ..storage.read import read_bytes
@@ -72,16 +73,13 @@ def read_label_map(url: str, storage_options: Mapping[str, Any] | None = None) -
         raise LabelMapError(f"the label map {url} must map model labels to team labels "
                             "({car: vehicle, frisbee: null})")
     for model, team in value.items():
-        if not isinstance(model, str) or not (team is None or _good_name(team)):
+        problem = name_problem(model) or (None if team is None else name_problem(team))
+        if problem is None and team is not None and team != team.strip():
+            problem = "spaces at an end"
+        if problem is not None:
             raise LabelMapError(f"the label map {url}: {_short(model)}: {_short(team)} is not a model label "
-                                "mapped to a team label's name (no control characters, no spaces at either "
-                                "end, at most 1,000 characters) or null")
+                                f"mapped to a team label's name or null ({problem})")
     return dict(value)
-
-
-def _good_name(name: Any) -> bool:
-    return (isinstance(name, str) and 0 < len(name) <= 1000 and name == name.strip()
-            and not any(unicodedata.category(c) == "Cc" for c in name))
 
 
 def _short(value: Any) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from ..core.config import TASKS, EngineConfig, JobConfig
 from ..core.errors import ConfigError, OutputError
-from ..core.labels import thing_ids
+from ..core.labels import name_problem, thing_ids
 from ..core.license import License
 from ..core.redaction import get_logger, redact_url, url_identity
 from ..core.version import __version__
@@ -102,10 +102,17 @@ class JobRecord:
 
     @cached_property
     def id2label(self) -> dict[int, str]:
+        """The labels the run recorded, each a name every format can hold (a record is input
+        to every reader: a damaged one must not reach a file half written)."""
         try:
-            return {int(k): str(v) for k, v in (self.values.get("id2label") or {}).items()}
-        except (ValueError, AttributeError) as exc:
+            labels = {int(k): v for k, v in (self.values.get("id2label") or {}).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
             raise OutputError(f"{self.where} is not a seglabel job record ({exc})") from exc
+        for label_id, name in labels.items():
+            problem = name_problem(name)
+            if problem is not None:
+                raise OutputError(f"{self.where} names label {label_id} with {repr(name)[:80]}: {problem}")
+        return labels
 
     @cached_property
     def things(self) -> frozenset[int] | None:

@@ -107,3 +107,27 @@ def test_label_studio_local_files_urls_carry_the_whole_key(tmp_path):
         assert url.path == "/data/local-files/" and not url.fragment
         assert parse_qs(url.query) == {"d": [task["data"]["key"]]}
     assert sorted(t["data"]["key"] for t in tasks) == sorted(keys)
+
+
+def test_the_labeling_config_lists_a_shared_name_once_and_is_well_formed():
+    """Issue 35: two model labels with one name gave two identical <Label> entries."""
+    import xml.etree.ElementTree as ET
+
+    from seglabel.formats.label_studio import labeling_config
+
+    config = labeling_config({0: "car", 1: "car", 2: 'd"o<g&'}, "rle", "label", "image")
+    values = [label.get("value") for label in ET.fromstring(config).iter("Label")]
+    assert values == ["car", 'd"o<g&']
+
+
+def test_a_job_record_naming_a_label_no_format_can_hold_is_one_line(tmp_path, capsys):
+    """Issue 35: a label name XML cannot hold (from a damaged or hand-written job.json) reached
+    Label Studio's config, exit 0, not well-formed. Readers refuse it before writing anything."""
+    from helpers import one_line_error
+
+    out = hand_made_output(tmp_path / "out", [ok_row("a.png", "file:///a.png")], {"0": "car\ufffe"})
+    (out / "_SUCCESS").write_text('{"total": 1}')
+    dest = tmp_path / "tasks.json"
+    line = one_line_error(capsys, ["export", str(out), "--format", "label-studio", "--to", str(dest)])
+    assert "job.json names label 0" in line and "a non-character (U+FFFE)" in line, line
+    assert not dest.exists() and not list(tmp_path.glob("tasks*"))
