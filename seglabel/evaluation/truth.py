@@ -187,6 +187,11 @@ def read_coco(url: str, storage_options: Mapping[str, Any] | None,
     return CocoTruth(url, kind, data, images, names, frozenset(things))
 
 
+# pycocotools counts a mask's pixels in 32-bit integers: a truth image declared larger fails as an
+# OverflowError, or a polygon on it gets a wrong area.
+MAX_TRUTH_PIXELS = 2**31 - 1
+
+
 def _coco_images(url: str, entries: list) -> list[TruthImage]:
     images = []
     seen_ids: set[int] = set()
@@ -198,6 +203,9 @@ def _coco_images(url: str, entries: list) -> list[TruthImage]:
         width, height = entry.get("width"), entry.get("height")
         if not (_whole(width) and _whole(height) and width > 0 and height > 0):
             raise EvalError(f"{url}: image {entry['file_name']!r} has no positive whole width and height")
+        if width * height > MAX_TRUTH_PIXELS:
+            raise EvalError(f"{url}: image {entry['file_name']!r} is declared {width}x{height}, over "
+                            f"{MAX_TRUTH_PIXELS} pixels: past what pycocotools' 32-bit sizes measure")
         if entry["id"] in seen_ids or entry["file_name"] in seen_names:
             raise EvalError(f"{url}: image {entry['file_name']!r} (id {entry['id']}) is listed twice")
         seen_ids.add(entry["id"])

@@ -960,3 +960,19 @@ def test_a_one_bit_label_png_is_labels_0_and_1_and_other_modes_are_named(tmp_pat
     Image.new("RGB", (6, 4)).save(tmp_path / "b.png")
     with pytest.raises(EvalError, match="is a RGB image of 3 channels: a label PNG has one"):
         folder.read(folder.uri("b.png"), 6, 4, "id")
+
+
+def test_a_truth_image_declared_past_32_bit_sizes_is_one_line(tmp_path):
+    """Issue 35: an instance truth image declared 80000 x 60000 (with an uncompressed RLE) failed
+    as OverflowError, exit 1, even when the image is not in the output."""
+    from seglabel.core.errors import EvalError
+    from seglabel.evaluation.truth import read_coco
+
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "huge.png", "width": 80000, "height": 60000}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": 1.0,
+                         "bbox": [0, 0, 1, 1], "segmentation": {"size": [60000, 80000], "counts": [0, 80000 * 60000]}}],
+        "categories": [{"id": 1, "name": "label0"}]}))
+    with pytest.raises(EvalError, match=r"'huge.png' is declared 80000x60000, over 2147483647 pixels"):
+        read_coco(str(truth), None, ["label0"])
