@@ -10,6 +10,7 @@ guessed: a checkpoint without a readable card is ``unknown``.
 
 from __future__ import annotations
 
+import os
 import re
 
 from ..core.errors import one_line
@@ -73,8 +74,14 @@ def card_license(text: str) -> str | None:
 
 
 def checkpoint_license(model: str, revision: str | None, family: str) -> License:
-    """The licence of the checkpoint ``model`` (a Hub id, a local folder or a folder URL)."""
-    stated = next(((lic, src) for pattern, lic, src in AUTHORS_STATE if pattern.search(model)), None)
+    """The licence of the checkpoint ``model`` (a Hub id, a local folder or a folder URL). The
+    authors' statements are matched on the name given and, for a local folder, on where its
+    links lead (a link to a Hugging Face cache's snapshot is that snapshot's release)."""
+    names = [model]
+    if "://" not in model and os.path.isdir(model):
+        names.append(os.path.realpath(model))
+    stated = next(((lic, src) for pattern, lic, src in AUTHORS_STATE for name in names
+                   if pattern.search(name)), None)
     if stated is not None and family not in BACKBONE_LICENSES:
         return License(stated[0], stated[1], None)  # the card is not what counts: not fetched
     text, where = _read_card(model, revision)

@@ -113,3 +113,18 @@ def test_the_authors_statement_overrides_the_hub_card_without_asking_the_hub(mon
 def test_an_unreachable_hub_card_is_unknown_never_guessed():
     lic = checkpoint_license("tue-mps/coco_panoptic_eomt_large_640", None, "eomt")  # offline here
     assert lic.id == UNKNOWN and "Hub model card could not be read" in lic.source
+
+
+def test_a_link_to_an_authors_release_in_a_cache_carries_its_statement(tmp_path):
+    """Issue 35: the cache's snapshot folder read as cc-by-nc-4.0, a symlink to it as the card's
+    'other' (accepted by --require-license other, no non-commercial warning)."""
+    repo = "models--facebook--mask2former-swin-base-coco-panoptic"
+    snapshot = tmp_path / "hf" / "hub" / repo / "snapshots" / "c0"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "README.md").write_text("---\nlicense: other\n---\n")
+    link = tmp_path / "m2f"
+    link.symlink_to(snapshot)
+    for model in (snapshot, link):
+        lic = checkpoint_license(str(model), None, "mask2former")
+        assert lic.id == "cc-by-nc-4.0" and lic.noncommercial, (model, lic)

@@ -972,7 +972,8 @@ def test_a_truth_image_declared_past_32_bit_sizes_is_one_line(tmp_path):
     truth.write_text(json.dumps({
         "images": [{"id": 1, "file_name": "huge.png", "width": 80000, "height": 60000}],
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": 1.0,
-                         "bbox": [0, 0, 1, 1], "segmentation": {"size": [60000, 80000], "counts": [0, 80000 * 60000]}}],
+                         "bbox": [0, 0, 1, 1],
+                         "segmentation": {"size": [60000, 80000], "counts": [0, 80000 * 60000]}}],
         "categories": [{"id": 1, "name": "label0"}]}))
     with pytest.raises(EvalError, match=r"'huge.png' is declared 80000x60000, over 2147483647 pixels"):
         read_coco(str(truth), None, ["label0"])
