@@ -213,6 +213,10 @@ def palette_color(index: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+# A label id as JSON writes it: a row of the class head, plainly (nine digits are far more rows
+# than any head has; Python's int() refuses numbers of over 4,300 digits with an error of its own).
+LABEL_ID = re.compile(r"0|[1-9][0-9]{0,8}")
+
 # The longest label name seglabel takes (a label map's, a checkpoint's): names are shown in
 # annotation tools' menus, and every format repeats them.
 MAX_NAME_CHARS = 1000
@@ -235,7 +239,7 @@ def name_problem(name: object) -> str | None:
         code, kind = ord(char), unicodedata.category(char)
         if kind == "Cs":
             return f"a lone surrogate (U+{code:04X}), not text"
-        if kind == "Cc":
+        if kind in ("Cc", "Zl", "Zp"):  # a line or paragraph separator is a newline too
             return f"a control character (U+{code:04X})"
         if (code & 0xFFFE) == 0xFFFE or 0xFDD0 <= code <= 0xFDEF:
             return f"a non-character (U+{code:04X}), which XML cannot hold"

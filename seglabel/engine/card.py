@@ -78,8 +78,12 @@ def checkpoint_license(model: str, revision: str | None, family: str) -> License
     authors' statements are matched on the name given and, for a local folder, on where its
     links lead (a link to a Hugging Face cache's snapshot is that snapshot's release)."""
     names = [model]
-    if "://" not in model and os.path.isdir(model):
-        names.append(os.path.realpath(model))
+    local = model[len("file://"):] if model.startswith("file://") else model
+    if "://" not in local and os.path.isdir(local):
+        # The folder, and its files, where their links lead: a --local-dir download made with
+        # links, or a folder linked to a cache's snapshot, is that snapshot's release.
+        names += [os.path.realpath(local)] + [os.path.realpath(os.path.join(local, name))
+                                              for name in ("config.json", "model.safetensors")]
     stated = next(((lic, src) for pattern, lic, src in AUTHORS_STATE for name in names
                    if pattern.search(name)), None)
     if stated is not None and family not in BACKBONE_LICENSES:

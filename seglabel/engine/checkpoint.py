@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from ..core.config import TASKS
 from ..core.errors import CheckpointError, ConfigError, Unreadable, first_line
-from ..core.labels import name_problem
+from ..core.labels import LABEL_ID, name_problem
 from ..core.redaction import get_logger
 
 log = get_logger(__name__)
@@ -449,9 +449,6 @@ def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
-# A label id: a row of the class head (nine digits are far more rows than any head has; Python's
-# int() refuses numbers of over 4,300 digits with an error of its own).
-_LABEL_ID = re.compile(r"0|[1-9][0-9]{0,8}")
 
 
 def _labels(id2label: Any, model: str) -> dict[int, str]:
@@ -470,7 +467,7 @@ def _labels(id2label: Any, model: str) -> dict[int, str]:
         raise refuse("is not a map of ids to names")
     labels: dict[int, str] = {}
     for key, name in id2label.items():
-        if not isinstance(key, str) or not _LABEL_ID.fullmatch(key):
+        if not isinstance(key, str) or not LABEL_ID.fullmatch(key):
             raise refuse(f"has the key {key!r}, not a label id (0, 1, 2, ... written plainly)")
         problem = name_problem(name)
         if problem is not None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..core.config import DEFAULT_MAX_BYTES
-from ..core.errors import EvalError, LabelMapError, OutputError, one_line
+from ..core.errors import ConfigError, EvalError, LabelMapError, OutputError, one_line
 from ..core.redaction import get_logger
 from ..outputs.reader import OutputReader
 from ..outputs.store import OutputStore
@@ -207,7 +207,9 @@ def evaluate(output: str, truth: str, **options: Any) -> dict[str, Any]:
         raise EvalError(f"--limit must be at least 1, got {settings.limit}")
     try:
         return _evaluate(output, truth, settings)
-    except (OutputError, LabelMapError) as exc:
+    except (OutputError, LabelMapError, ConfigError) as exc:  # unreadable, or refused (a destination)
+        if isinstance(exc, EvalError):
+            raise
         raise EvalError(str(exc)) from exc
 
 

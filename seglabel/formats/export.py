@@ -163,7 +163,9 @@ def export(
         raise ExportError(f"--shard-size must be at least 1, got {settings.shard_size}")
     try:
         return _export(output, writer, fmt, to, settings, storage_options, to_storage_options)
-    except OutputError as exc:  # the output or the destination cannot be read or written
+    except (OutputError, ConfigError) as exc:  # the output or the destination: unreadable, refused
+        if isinstance(exc, ExportError):
+            raise
         raise ExportError(str(exc)) from exc
 
 

@@ -10,6 +10,7 @@ can be rewritten by prefix for a server that cannot read ``s3://`` (``--image-pr
 from __future__ import annotations
 
 import posixpath
+import unicodedata
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
@@ -185,9 +186,9 @@ def labeling_config(labels: Mapping[int, str], mask_format: str, from_name: str,
     Label per label value, coloured as the label's palette colour (as COCO panoptic's
     categories). Label Studio shows no prediction whose labels its config lacks."""
     tag = "PolygonLabels" if mask_format == "polygon" else "BrushLabels"
-    first = {}  # a name two labels share is one Label in the config (its first id's colour)
+    first = {}  # a name two labels share (as Unicode text: NFC) is one Label, its first id's colour
     for label_id, name in sorted(labels.items()):
-        first.setdefault(name, label_id)
+        first.setdefault(unicodedata.normalize("NFC", name), label_id)
     items = "".join(
         f"    <Label value={quoteattr(name)} background=\"#{bytes(palette_color(label_id)).hex()}\"/>\n"
         for name, label_id in first.items())

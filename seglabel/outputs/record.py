@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from ..core.config import TASKS, EngineConfig, JobConfig
 from ..core.errors import ConfigError, OutputError
-from ..core.labels import name_problem, thing_ids
+from ..core.labels import LABEL_ID, name_problem, thing_ids
 from ..core.license import License
 from ..core.redaction import get_logger, redact_url, url_identity
 from ..core.version import __version__
@@ -104,10 +104,12 @@ class JobRecord:
     def id2label(self) -> dict[int, str]:
         """The labels the run recorded, each a name every format can hold (a record is input
         to every reader: a damaged one must not reach a file half written)."""
-        try:
-            labels = {int(k): v for k, v in (self.values.get("id2label") or {}).items()}
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise OutputError(f"{self.where} is not a seglabel job record ({exc})") from exc
+        recorded = self.values.get("id2label") or {}
+        if not isinstance(recorded, dict) or not all(
+                isinstance(k, str) and LABEL_ID.fullmatch(k) for k in recorded):
+            raise OutputError(f"{self.where} is not a seglabel job record (its id2label keys are not "
+                              "label ids)")
+        labels = {int(k): v for k, v in recorded.items()}
         for label_id, name in labels.items():
             problem = name_problem(name)
             if problem is not None:

@@ -32,7 +32,7 @@ from ..core.errors import ConfigError, OutputError, Unreadable, WriteFailed, one
 from ..core.keys import HashSpool, SortedHashes, is_safe_key, key_hashes, repeated
 from ..core.redaction import get_logger, redact_url
 from ..storage.atomic import is_temporary
-from ..storage.filesystem import protocols
+from ..storage.filesystem import innermost, is_local, protocols
 from ..storage.location import Location
 from ..storage.read import read_bytes
 from .contract import (
@@ -134,12 +134,15 @@ class OutputStore(Location):
         """Refuse a destination among this output's own files (``job.json``, ``_SUCCESS``,
         ``masks/``, ``metadata/``, ``_seglabel/``): an export or a report written there destroys
         the job's record, or makes every later read fail. A folder beside them (``OUT/exports/``)
-        is fine. Paths are compared on one filesystem, links resolved on a local disk."""
-        if protocols(dest.fs) != protocols(self.fs):
+        is fine. Paths are compared on the innermost filesystem of each (a chain such as
+        ``simplecache::file://OUT/job.json`` writes through to ``OUT/job.json``), links resolved
+        on a local disk."""
+        own_fs, dest_fs = innermost(self.fs), innermost(dest.fs)
+        if protocols(dest_fs) != protocols(own_fs):
             return
 
         def real(path: str) -> str:
-            return os.path.realpath(path) if self.local else posixpath.normpath(path)
+            return os.path.realpath(path) if is_local(own_fs) else posixpath.normpath(path)
 
         own, target = real(self.root), real(dest.root)
         if not target.startswith(own.rstrip("/") + "/"):

@@ -121,6 +121,13 @@ def protocols(fs: Any) -> tuple[str, ...]:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
+def innermost(fs: Any) -> Any:
+    """The filesystem a chain of them writes through to (``simplecache::s3://…``: S3)."""
+    while isinstance(getattr(fs, "fs", None), fsspec.AbstractFileSystem):
+        fs = fs.fs
+    return fs
+
+
 def is_local(fs: Any) -> bool:
     """Whether ``fs`` is the local disk (where files are renamed into place)."""
     return "file" in protocols(fs) or "local" in protocols(fs)

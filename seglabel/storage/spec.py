@@ -19,16 +19,20 @@ class UniqueKeyLoader(yaml.SafeLoader):
     line for a label, a card's first ``license:``, a spec's first setting) is not what counts."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
+        seen: set = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # ``<<: *shared``: keys written beside it override it, as YAML says
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
+                key: Any = "<<"  # once: ``<<: [*a, *b]`` says the order of several, two ``<<`` do not
+            else:
+                key = self.construct_object(key_node, deep=deep)
+            try:
+                twice = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: YAML's own constructor refuses it
+                continue
+            if twice:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is mapped twice",
                                                         key_node.start_mark)
-            if isinstance(key, str):
-                seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 # A job spec is a few settings: past this it is not one (and a YAML document is walked whole).
@@ -44,7 +48,7 @@ def load_spec(path: str) -> dict[str, Any]:
     billions of values (a "billion laughs"), which every walk of the settings (the secret
     check, the config) would expand. Anchors and merge keys that share storage options are
     fine."""
-    import fsspec
+    from .filesystem import open_url
 
     try:
         if path.startswith("env:"):
@@ -52,7 +56,8 @@ def load_spec(path: str) -> dict[str, Any]:
                 raise FileNotFoundError(path)
             text = os.environ[path[4:]]
         else:
-            with fsspec.open(path, "r") as f:
+            fs, where = open_url(path)  # a local name with '::' is a path, not a chain
+            with fs.open(where, "r") as f:
                 text = f.read(MAX_SPEC_BYTES + 1)
         if len(text) > MAX_SPEC_BYTES:
             raise ConfigError(f"job spec {path} is over {MAX_SPEC_BYTES >> 20} MiB: not a job spec")

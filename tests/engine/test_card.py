@@ -26,6 +26,11 @@ from seglabel.engine.card import MAX_CARD_BYTES, card_license, checkpoint_licens
         ("---\nlicense: CC BY-NC-SA 4.0\n---\n", "cc-by-nc-sa-4.0"),
         ("---\nlicense: CC_BY_NC_4.0\n---\n", "cc-by-nc-4.0"),
         ("---\nlicense: Apache-2\n---\n", "apache-2.0"),
+        # The review: ids that are ids as they are, names for ids, typographic dashes.
+        ("---\nlicense: MIT-0\n---\n", "mit-0"),
+        ("---\nlicense: bsd-2-clause\n---\n", "bsd-2-clause"),
+        ("---\nlicense: Apache License 2.0\n---\n", "apache-2.0"),
+        ("---\nlicense: CC\u2010BY\u2010NC\u20104.0\n---\n", "cc-by-nc-4.0"),
     ],
 )
 def test_card_license(text, expected):
@@ -125,6 +130,13 @@ def test_a_link_to_an_authors_release_in_a_cache_carries_its_statement(tmp_path)
     (snapshot / "README.md").write_text("---\nlicense: other\n---\n")
     link = tmp_path / "m2f"
     link.symlink_to(snapshot)
-    for model in (snapshot, link):
-        lic = checkpoint_license(str(model), None, "mask2former")
+    linked_files = tmp_path / "m2f-files"  # a --local-dir download made with links
+    linked_files.mkdir()
+    for name in ("config.json", "README.md"):
+        (linked_files / name).symlink_to(snapshot / name)
+    for model in (str(snapshot), str(link), f"file://{link}", str(linked_files)):
+        lic = checkpoint_license(model, None, "mask2former")
         assert lic.id == "cc-by-nc-4.0" and lic.noncommercial, (model, lic)
+    (tmp_path / "fair").mkdir()
+    fair = folder(tmp_path / "fair", "---\nlicense: fair-noncommercial-research-license\n---\n")
+    assert checkpoint_license(fair, None, "eomt").noncommercial

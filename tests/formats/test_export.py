@@ -36,7 +36,7 @@ from skimage import data
 
 from helpers import chromium, hand_made_output, ok_row, one_line_error, tool_python
 from seglabel.cli import main
-from seglabel.core.errors import ConfigError, ExportError
+from seglabel.core.errors import ConfigError, EvalError, ExportError
 from seglabel.evaluation.evaluate import evaluate
 from seglabel.formats import coco as coco_module
 from seglabel.formats.export import export
@@ -965,6 +965,8 @@ def test_destinations_among_the_outputs_own_files_are_refused(instance_out, tmp_
     own = ("job.json", "_SUCCESS", "masks/coco.json", "metadata/coco.parquet", "_seglabel/c.json")
     commands = [["export", str(out), "--format", "coco", "--to", str(out / name)] for name in own]
     scored = ["eval", str(out), "--truth", str(truth)]
+    # The review: a chain of filesystems writes through to the file it wraps.
+    commands.append(["export", str(out), "--format", "coco", "--to", f"simplecache::file://{out}/job.json"])
     commands += [["preview", str(out), "--to", str(out / "masks" / "preview")],
                  scored + ["--json", str(out / "job.json")],
                  scored + ["--per-image", str(out / "metadata" / "worst.parquet")]]
@@ -987,7 +989,7 @@ def test_flags_that_do_nothing_are_refused_alike(tmp_path, capsys):
     line = one_line_error(capsys, coco)
     assert line == "seglabel: error: --polygon-tolerance applies only with --mask-format polygon"
     assert "applies only" not in one_line_error(capsys, coco + ["--mask-format", "polygon"])  # taken
-    for call in (lambda: preview(out, str(tmp_path / "p"), unmapped="keep"),  # the library alike
-                 lambda: evaluate(out, str(tmp_path / "t.json"), unmapped="keep")):
-        with pytest.raises(ConfigError, match="--unmapped applies only with --label-map"):
+    for call, error in ((lambda: preview(out, str(tmp_path / "p"), unmapped="keep"), ConfigError),
+                        (lambda: evaluate(out, str(tmp_path / "t.json"), unmapped="keep"), EvalError)):
+        with pytest.raises(error, match="--unmapped applies only with --label-map"):  # the library alike
             call()

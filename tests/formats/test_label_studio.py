@@ -115,9 +115,10 @@ def test_the_labeling_config_lists_a_shared_name_once_and_is_well_formed():
 
     from seglabel.formats.label_studio import labeling_config
 
-    config = labeling_config({0: "car", 1: "car", 2: 'd"o<g&'}, "rle", "label", "image")
+    config = labeling_config({0: "car", 1: "car", 2: 'd"o<g&', 3: "caf\u00e9", 4: "cafe\u0301"},
+                             "rle", "label", "image")
     values = [label.get("value") for label in ET.fromstring(config).iter("Label")]
-    assert values == ["car", 'd"o<g&']
+    assert values == ["car", 'd"o<g&', "caf\u00e9"]  # "café" written two ways is one name
 
 
 def test_a_job_record_naming_a_label_no_format_can_hold_is_one_line(tmp_path, capsys):
@@ -131,3 +132,8 @@ def test_a_job_record_naming_a_label_no_format_can_hold_is_one_line(tmp_path, ca
     line = one_line_error(capsys, ["export", str(out), "--format", "label-studio", "--to", str(dest)])
     assert "job.json names label 0" in line and "a non-character (U+FFFE)" in line, line
     assert not dest.exists() and not list(tmp_path.glob("tasks*"))
+    # Keys that are not label ids ("00" and "0" would both be label 0): refused as well.
+    out2 = hand_made_output(tmp_path / "out2", [ok_row("a.png", "file:///a.png")], {"0": "a", "00": "b"})
+    (out2 / "_SUCCESS").write_text('{"total": 1}')
+    line = one_line_error(capsys, ["export", str(out2), "--format", "label-studio", "--to", str(dest)])
+    assert "its id2label keys are not label ids" in line, line

@@ -121,6 +121,7 @@ def test_a_label_space_from_a_map():
     ('{"label0": "a\\uffff"}', r"a non-character \(U\+FFFF\)"),
     ('{"label0": "\\ufdd0"}', r"a non-character \(U\+FDD0\)"),
     ('{"label0": "\\u200b"}', "nothing visible"),
+    ('{"label0": "a\\u2028b"}', r"a control character \(U\+2028\)"),
     ("label0: [" + ", ".join(["x"] * 9000) + "]", "is not a model label"),
     ("label0: a\nlabel0: b\n", "mapped twice"),
     ('{"label0": "a", "label0": "b"}', "mapped twice"),

@@ -16,12 +16,18 @@ def test_specs_from_files_and_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SPEC", "output: o\nmanifest: m.txt\n")
     assert load_spec("env:SPEC") == {"output": "o", "manifest": "m.txt"}
     for text, message in (("[1, 2]", "must be a mapping"), ("a: [", "not valid YAML"),
-                          ("input: in\noutput: out\ninput: elsewhere\n", "'input' is mapped twice")):
+                          ("input: in\noutput: out\ninput: elsewhere\n", "'input' is mapped twice"),
+                          # The review: two merge keys, and keys that are one value (1 and true).
+                          ("a: &a {x: 1}\nb: &b {x: 2}\nc: {<<: *a, <<: *b}\n", "'<<' is mapped twice"),
+                          ("1: a\ntrue: b\n", "is mapped twice")):
         spec.write_text(text)
         with pytest.raises(ConfigError, match=message):
             load_spec(str(spec))
     with pytest.raises(ConfigError, match="not found"):
         load_spec(str(tmp_path / "missing.yaml"))
+    named = tmp_path / "team::job.yaml"  # a local name with '::' is a path (issue 35)
+    named.write_text("input: in\noutput: out\n")
+    assert load_spec(str(named)) == {"input": "in", "output": "out"}
 
 
 def test_yaml_alias_bombs_are_refused_at_once(tmp_path, capsys):
