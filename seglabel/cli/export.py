@@ -48,9 +48,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--shard-size", dest="shard_size", type=positive_int, metavar="N",
                    help="at most N images per file, numbered DEST-00000.json, DEST-00001.json, ...")
     p.add_argument(
-        "--from-name", dest="from_name", default="label", help="Label Studio: the BrushLabels tag name"
+        "--from-name", dest="from_name", help="Label Studio: the BrushLabels tag name (default label)"
     )
-    p.add_argument("--to-name", dest="to_name", default="image", help="Label Studio: the Image tag name")
+    p.add_argument("--to-name", dest="to_name", help="Label Studio: the Image tag name (default image)")
     p.add_argument(
         "--image-prefix-map",
         dest="image_prefix_map",
@@ -77,6 +77,9 @@ def main(args: argparse.Namespace) -> int:
     """Export, and say what was written."""
     applies(args.polygon_tolerance, "--polygon-tolerance", args.mask_format == "polygon",
             "with --mask-format polygon")
+    for flag, given in (("--from-name", args.from_name), ("--to-name", args.to_name),
+                        ("--image-prefix-map", args.image_prefix_map or None)):
+        applies(given, flag, args.fmt == "label-studio", "with --format label-studio")
     counts = export(
         args.output,
         args.fmt,
@@ -85,8 +88,8 @@ def main(args: argparse.Namespace) -> int:
         labels=label_names(args.labels) if args.labels is not None else None,
         shard_size=args.shard_size,
         storage_options=dict(args.output_storage_options),
-        from_name=args.from_name,
-        to_name=args.to_name,
+        from_name="label" if args.from_name is None else args.from_name,
+        to_name="image" if args.to_name is None else args.to_name,
         image_prefix_map=dict(args.image_prefix_map),
         label_map=args.label_map,
         mask_format=args.mask_format,

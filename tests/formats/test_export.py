@@ -989,6 +989,11 @@ def test_flags_that_do_nothing_are_refused_alike(tmp_path, capsys):
     line = one_line_error(capsys, coco)
     assert line == "seglabel: error: --polygon-tolerance applies only with --mask-format polygon"
     assert "applies only" not in one_line_error(capsys, coco + ["--mask-format", "polygon"])  # taken
+    # The review: Label Studio's own flags for another format.
+    coco = ["export", out, "--format", "coco", "--to", str(tmp_path / "c.json")]
+    for flag, value in (("--from-name", "x"), ("--to-name", "y"), ("--image-prefix-map", "s3://b/=https://h/")):
+        line = one_line_error(capsys, coco + [flag, value])
+        assert line == f"seglabel: error: {flag} applies only with --format label-studio", line
     for call, error in ((lambda: preview(out, str(tmp_path / "p"), unmapped="keep"), ConfigError),
                         (lambda: evaluate(out, str(tmp_path / "t.json"), unmapped="keep"), EvalError)):
         with pytest.raises(error, match="--unmapped applies only with --label-map"):  # the library alike
