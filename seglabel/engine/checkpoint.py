@@ -449,14 +449,13 @@ def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
-
-
 def _labels(id2label: Any, model: str) -> dict[int, str]:
     """A config's ``id2label`` as ``{id: name}``, or one line saying why it cannot name the class
     head's rows. The ids are row numbers, so they must be exactly 0..N-1, each written once as a
-    plain number, and the names non-empty strings: ids from 1 would shift every name by one
-    (the masks keep the rows, the names in every row and export would be wrong), ``"2"`` and
-    ``" 2"`` would both become row 2, and a list would be labelled by its text."""
+    plain number, and the names ones every format can hold (``name_problem``): ids from 1 would
+    shift every name by one (the masks keep the rows, the names in every row and export would be
+    wrong), ``"2"`` and ``" 2"`` would both become row 2, and a list would be labelled by its
+    text."""
 
     def refuse(why: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {model}: its config's id2label {why}")

@@ -60,7 +60,7 @@ from typing import Any, Mapping, Sequence
 from ..core.errors import ConfigError, ExportError, LabelMapError, OutputError, one_line
 from ..core.labels import resolve_labels
 from ..core.redaction import get_logger
-from ..outputs.labelmap import UNMAPPED_WITHOUT_MAP, LabelSpace
+from ..outputs.labelmap import LabelSpace
 from ..outputs.order import check_order
 from ..outputs.reader import OutputReader
 from ..storage.location import Destination
@@ -157,8 +157,6 @@ def export(
         check_order(settings.order)
     except ConfigError as exc:
         raise ExportError(str(exc)) from exc
-    if settings.unmapped != "drop" and settings.label_map is None:
-        raise ExportError(UNMAPPED_WITHOUT_MAP)
     if settings.shard_size is not None and settings.shard_size < 1:
         raise ExportError(f"--shard-size must be at least 1, got {settings.shard_size}")
     try:
