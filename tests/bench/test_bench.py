@@ -89,6 +89,9 @@ def test_environment_checkpoint_and_report(without_pipeline):
     assert "(a) usual HF loop" in text and "(b) Segmenter alone" in text and "b/a" in text
 
 
+# The pipeline phase joins the Ray this process holds, as it does any (job.cluster.connect): the
+# tests' shared one, not one of its own to start and stop (about 13 s of CPU on 2 cores).
+@pytest.mark.usefixtures("ray_session")
 def test_pipeline_on_a_handful_of_images(tmp_path):
     path = tmp_path / "bench.json"
     result = run_bench(BenchConfig.from_mapping(
@@ -112,6 +115,7 @@ def test_pipeline_on_a_handful_of_images(tmp_path):
     assert "(c) pipeline" in report(result)
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_stand_in_bench_measures_the_pipeline_without_the_model(tmp_path, capsys):
     """(r) the CPU work in one loop and (p) seglabel run with the stand-in, on the same JPEG
     files; the efficiency is p / (r x cores), and every stage's CPU is reported."""

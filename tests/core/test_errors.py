@@ -8,7 +8,7 @@ import os
 import pytest
 from readback import check_output
 
-from helpers import drawn, encode
+from helpers import STAND_IN, drawn, encode
 from seglabel.core.errors import ConfigError, SeglabelError, one_line
 from seglabel.job.pipeline import label
 
@@ -108,7 +108,8 @@ def test_signed_urls_leave_no_secret_in_keys_rows_records_or_logs(checkpoints, t
     out = tmp_path / "out"
     caplog.set_level("INFO", logger="seglabel")
     model = str(checkpoints["instance"])
-    summary = label(manifest=f"{base}/lists/list.txt?{signed}", output=str(out), model=model)
+    summary = label(manifest=f"{base}/lists/list.txt?{signed}", output=str(out), model=model,
+                    stand_in=STAND_IN)
     assert (summary.found, summary.ok) == (5, 4)
     expected: dict = {f"{host}/imgs/{n}.jpg": (20 + i, 10) for i, n in enumerate("abcd")}
     expected[f"{base}/imgs/d.jpg?w=3&sig=REDACTED"] = "key: collides with an earlier entry"
@@ -125,10 +126,10 @@ def test_signed_urls_leave_no_secret_in_keys_rows_records_or_logs(checkpoints, t
     assert json.loads((out / "job.json").read_text())["manifest"] == f"{base}/lists/list.txt?{hidden}"
     # Signed anew, the same manifest resumes; an error names the URL without its signature.
     again = label(manifest=f"{base}/lists/list.txt?X-Amz-Date=2&X-Amz-Signature=NEWSECRET", output=str(out),
-                  model=model)
+                  model=model, stand_in=STAND_IN)
     assert (again.already_done, again.processed) == (5, 0)
     with pytest.raises(Exception) as missing:
         label(manifest=f"{base}/lists/gone.txt?X-Amz-Signature=GONESECRET", output=str(tmp_path / "o2"),
-              model=model)
+              model=model, stand_in=STAND_IN)
     message = str(missing.value)
     assert "gone.txt?X-Amz-Signature=REDACTED" in message and "GONESECRET" not in message

@@ -25,7 +25,7 @@ from readback import check_output, read_rows
 from skimage import data
 
 from faultproxy import FaultProxy
-from helpers import STAND_IN, drawn, encode, huge_png, many_images, oriented, segmenter_processes
+from helpers import STAND_IN, drawn, encode, huge_png, many_images, oriented, run, segmenter_processes
 from seglabel.cli import main
 from seglabel.job.pipeline import label
 
@@ -69,7 +69,8 @@ def test_bad_input_corpus_gets_the_expected_status_for_every_file(checkpoints, t
     )
     (root / "gone.jpg").unlink()
     out = tmp_path / "out"
-    summary = label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]))
+    summary = label(manifest=str(manifest), output=str(out), model=str(checkpoints["instance"]),
+                    stand_in=STAND_IN)
     base = str(root).lstrip("/")
     expected = {f"{base}/{k}": want for k, (_, want) in files.items()}
     expected[f"{base}/gone.jpg"] = "read: not found"
@@ -144,7 +145,8 @@ def test_resume_compares_the_dtype_the_device_resolved(checkpoints, tmp_path, ca
     root = tmp_path / "in"
     expected = many_images(root, 2)
     out = tmp_path / "out"
-    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"])]
+    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"]),
+            "--stand-in", STAND_IN]  # the driver resolves the dtype, before any Segmenter starts
     assert main(args) == 0
     record = json.loads((out / "job.json").read_text())
     assert record["dtype"] == "fp32"
@@ -167,7 +169,8 @@ def test_a_dtype_unknown_at_the_first_run_is_recorded_by_the_next(checkpoints, t
     root = tmp_path / "in"
     many_images(root, 2)
     out = tmp_path / "out"
-    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"])]
+    args = ["run", "--input", str(root), "--output", str(out), "--model", str(checkpoints["semantic"]),
+            "--stand-in", STAND_IN]
     assert main(args + ["--limit", "0"]) == 0
     assert json.loads((out / "job.json").read_text())["dtype"] is None
     assert main(args) == 0
@@ -289,31 +292,68 @@ def test_the_ledger_actor_process_loads_no_pipeline(ray_session):
     import ray
 
     from seglabel.job import pipeline
-    from seglabel.job.ledger import AttemptLedger
+    from seglabel.job.ledger import AttemptLedger, RunLedger
 
     assert pipeline.AttemptLedger is AttemptLedger and AttemptLedger.__module__ == "seglabel.job.ledger"
-    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    ledger = RunLedger(ray.remote(AttemptLedger).options(num_cpus=0).remote(), "run")
     try:
-        assert ray.get(ledger.begin.remote("decode", [1, 2])) == [0, 0]
-        assert ray.get(ledger.in_flight.remote()) == 2
+        assert ray.get(ledger.begin("decode", [1, 2])) == [0, 0]
+        assert ray.get(ledger.in_flight()) == 2
         # The actor's own process, as Ray says it is: by name or start time, a process Ray had
         # started before (and handed to this actor) was missed on a loaded machine.
-        pid = ray.get(ledger.__ray_call__.remote(lambda self: os.getpid()))
+        pid = ray.get(ledger.actor.__ray_call__.remote(lambda self: os.getpid()))
         paths = [m.path for m in psutil.Process(pid).memory_maps()]
         assert any("/ray/" in p for p in paths)  # the maps are read: Ray's own library is there
         assert not [p for p in paths if "/PIL/" in p or "/pycocotools/" in p], "it loaded the pipeline"
     finally:
-        ray.kill(ledger)
+        ray.kill(ledger.actor)
+
+
+def test_a_drivers_jobs_share_one_ledger_and_each_run_counts_apart(ray_session, checkpoints, tmp_path):
+    """Two jobs of one driver use one ledger actor (a process each cost about 1 CPU second a
+    job), which holds nothing of a job once it ended; runs' counts and refusals are their own."""
+    import ray
+
+    from seglabel.job.ledger import AttemptLedger, RunLedger
+
+    def ledger_state():
+        name = f"seglabel-attempt-ledger-{ray.get_runtime_context().get_job_id()}"
+        actor = ray.get_actor(name)
+        return ray.get(actor.__ray_call__.remote(lambda self: (os.getpid(), len(self._started),
+                                                                 len(self._refusals))))
+
+    photos = many_images(tmp_path / "in", 3)
+    pids = []
+    for i in range(2):
+        summary = run(checkpoints, tmp_path / "in", tmp_path / f"out{i}")
+        assert summary.ok == len(photos)
+        pid, started, refusals = ledger_state()
+        assert (started, refusals) == (0, 0)
+        pids.append(pid)
+    assert pids[0] == pids[1]
+
+    actor = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    try:
+        one, two = RunLedger(actor, "one"), RunLedger(actor, "two")
+        assert ray.get(one.begin("segment", [7])) == [0] and ray.get(one.begin("segment", [7])) == [1]
+        assert ray.get(two.begin("segment", [7])) == [0]
+        ray.get(one.refuse(ValueError("not the model's weights")))
+        assert ray.get(two.refusal()) is None and isinstance(ray.get(one.refusal()), ValueError)
+        ray.get(one.forget())
+        assert (ray.get(one.in_flight()), ray.get(two.in_flight())) == (0, 1)
+        assert ray.get(one.refusal()) is None
+    finally:
+        ray.kill(actor)
 
 
 def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
     """The ledger's count, with a death simulated as an exception that skips the stage's end."""
     import ray
 
-    from seglabel.job.ledger import MAX_ATTEMPTS, AttemptLedger
+    from seglabel.job.ledger import MAX_ATTEMPTS, AttemptLedger, RunLedger
     from seglabel.job.stages import bounded
 
-    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    ledger = RunLedger(ray.remote(AttemptLedger).options(num_cpus=0).remote(), "run")
     indices = np.array([10, 11, 12, 13])
     executions = {i: 0 for i in indices.tolist()}
 
@@ -334,8 +374,8 @@ def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
     assert executions[12] == MAX_ATTEMPTS
     # Done: the ledger forgot them, and another stage's count is its own.
     assert list(bounded(ledger, "segment", indices[:2], run)) == ["ok10", "ok11"]
-    assert ray.get(ledger.in_flight.remote()) == 0
-    assert ray.get(ledger.begin.remote("decode", [12])) == [0]
+    assert ray.get(ledger.in_flight()) == 0
+    assert ray.get(ledger.begin("decode", [12])) == [0]
 
 
 def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session):
@@ -344,13 +384,13 @@ def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session
     innocent one in the other call."""
     import ray
 
-    from seglabel.job.ledger import AttemptLedger
+    from seglabel.job.ledger import AttemptLedger, RunLedger
     from seglabel.job.stages import bounded
 
-    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    ledger = RunLedger(ray.remote(AttemptLedger).options(num_cpus=0).remote(), "run")
     batches = [np.array([20, 21, 22]), np.array([30, 31, 32])]
     for batch in batches:  # both were in flight when the worker died
-        ray.get(ledger.begin.remote("segment", batch.tolist()))
+        ray.get(ledger.begin("segment", batch.tolist()))
     running, most = [], [0]
     guard = threading.Lock()
 
@@ -375,7 +415,7 @@ def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session
         thread.join(30)
     assert results == {20: ["ok20", "ok21", "ok22"], 30: ["ok30", "ok31", "ok32"]}
     assert most[0] == 1, "two retried images ran at once"
-    assert ray.get(ledger.in_flight.remote()) == 0
+    assert ray.get(ledger.in_flight()) == 0
 
 
 def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints):
@@ -383,10 +423,10 @@ def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints
     import ray
 
     from seglabel.core.config import EngineConfig
-    from seglabel.job.ledger import AttemptLedger
+    from seglabel.job.ledger import AttemptLedger, RunLedger
     from seglabel.job.stages import SegmentStage
 
-    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    ledger = RunLedger(ray.remote(AttemptLedger).options(num_cpus=0).remote(), "run")
     engine = EngineConfig(model=str(checkpoints["instance"]), stand_in="segments=2")
     stage = SegmentStage(engine, ledger=ledger)
     n = 3
@@ -396,7 +436,7 @@ def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints
                  "uri": np.array(["u"] * n, dtype=object), "image": images, "width": np.full(n, 30),
                  "height": np.full(n, 20), "error": np.array(["", "", ""], dtype=object)})
     assert all(len(r) > 0 for r in out["raw"].to_pylist())
-    assert ray.get(ledger.in_flight.remote()) == 0
+    assert ray.get(ledger.in_flight()) == 0
 
 
 def test_the_segment_stage_runs_two_batches_at_once_and_loses_nothing(ray_session, checkpoints):
@@ -444,7 +484,8 @@ def test_segmenter_actor_killed_mid_run_is_replaced(checkpoints, tmp_path, monke
     out = tmp_path / "out"
     parts = lambda: list((out / "metadata").glob("*.parquet")) if (out / "metadata").exists() else []  # noqa: E731
     record = kill_when(lambda: len(parts()) >= 2, segmenter_processes)
-    summary = label(str(root), str(out), model=str(checkpoints["panoptic"]), batch_size=2, rows_per_part=4)
+    summary = label(str(root), str(out), model=str(checkpoints["panoptic"]), batch_size=2, rows_per_part=4,
+                    stand_in=STAND_IN)
     record["thread"].join(5)
     assert record.get("killed"), "the Segmenter was never killed: the test proved nothing"
     check_output(str(out), "panoptic", expected)
@@ -616,7 +657,7 @@ def test_no_credentials_in_outputs_or_logs_and_keys_stay_inside(
     # signatures and options at DEBUG; the CLI keeps other libraries at WARNING).
     caplog.set_level("INFO")
     caplog.set_level("DEBUG", logger="seglabel")
-    label(manifest=str(manifest), output=out, model=str(checkpoints["instance"]),
+    label(manifest=str(manifest), output=out, model=str(checkpoints["instance"]), stand_in=STAND_IN,
           input_storage_options=options, output_storage_options=options)
     check_output(
         out, "instance", {f"{s3_bucket}/in/a.png": (30, 20), f"{s3_bucket}/in/../x.png": "key: unsafe"}
