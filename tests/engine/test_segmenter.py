@@ -408,10 +408,16 @@ print(json.dumps({
 """
 
 
-def test_compiled_equals_eager_and_a_second_process_reuses_the_cache(checkpoints, tmp_path):
+def test_compiled_equals_eager_and_a_second_process_reuses_the_cache(eomt_checkpoints, tmp_path):
     """--compile: outputs equal eager within float tolerance on the tiny model (a short batch
     padded included); a second process loads the compiled code from the on-disk cache. The two
-    compile times are printed (-s), not asserted: speed belongs to the bench."""
+    compile times are printed (-s), not asserted: speed belongs to the bench.
+
+    On EoMT, the licence-clean family the README steers users to, and a plain ViT: compiling the
+    tiny Mask2Former (Swin, deformable attention, masked attention) cost 63 CPU s of the two
+    processes alone on the 2-core CI machine and about 100 s within the suite, EoMT 28 s; the
+    compile path in the Segmenter is the same for both (``segmenter._compiled``), and the GPU
+    check compiles both families (bench/gpu_check.sh: s384c, e640c)."""
     import json
     import os
     import subprocess
@@ -425,9 +431,9 @@ def test_compiled_equals_eager_and_a_second_process_reuses_the_cache(checkpoints
     # (100 s -> 74 s for the first child on the 2-core machine); what is checked, compiled equal
     # to eager and the cache reused, is the same, and a GPU compiles Triton kernels anyway.
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1", TORCHINDUCTOR_VEC_ISA_OK="0")
-    runs = []
+    runs, model = [], str(eomt_checkpoints["instance"])
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", COMPILE_RUN, str(checkpoints["instance"]), str(cache)],
+        done = subprocess.run([sys.executable, "-c", COMPILE_RUN, model, str(cache)],
                               capture_output=True, text=True, timeout=900, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -50,9 +50,11 @@ def test_driver_loads_no_model_library_for_a_local_checkpoint(checkpoints, corpu
     out = tmp_path / "out"
     code = ("import sys; from seglabel.cli import main; code = main(sys.argv[1:])\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); sys.exit(code)")
+    # The driver joins this session's Ray, as on a cluster: an embedded one of its own would cost
+    # about 13 s of CPU to start and stop, and the driver's imports are the same either way.
     command = [sys.executable, "-c", code, "run", "--input", str(corpus), "--output", str(out),
-               "--model", str(checkpoints["instance"])]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
+               "--model", str(checkpoints["instance"]), "--address", ray.get_runtime_context().gcs_address]
+    env = dict(os.environ, RAY_AUTH_MODE="token")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

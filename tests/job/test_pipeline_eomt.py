@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from readback import check_output, read_rows
 
-from helpers import EXPECTED, write_corpus
+from helpers import EXPECTED, STAND_IN, write_corpus
 from seglabel.cli import main
 from seglabel.core.errors import ConfigError
 from seglabel.engine.synthetic import save_random_checkpoint
@@ -111,13 +111,13 @@ def test_accepted_licence_runs_and_a_noncommercial_one_is_announced(eomt_checkpo
                                                                    capsys):
     code, out_text, err = run_cli(capsys, "--input", str(corpus), "--output", str(tmp_path / "a"), "--model",
                                   str(eomt_checkpoints["instance"]), "--require-license", "apache-2.0,mit",
-                                  "--limit", "1")
+                                  "--limit", "1", "--stand-in", STAND_IN)  # the driver reads the licence
     assert code == 0
     assert "licence mit" in err and "checkpoint licence: mit" in out_text + err
     nc = card(Path(shutil.copytree(eomt_checkpoints["instance"], tmp_path / "nc_coco_instance_eomt")),
               "cc-by-nc-4.0")
     code, _, err = run_cli(capsys, "--input", str(corpus), "--output", str(tmp_path / "b"), "--model",
-                           str(nc), "--limit", "1")
+                           str(nc), "--limit", "1", "--stand-in", STAND_IN)
     assert code == 0
     assert "may not be used commercially" in err
     record = json.loads((tmp_path / "b" / "job.json").read_text())
