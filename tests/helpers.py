@@ -235,11 +235,33 @@ def tool_python(name: str) -> str:
     ``.ci/run`` installs them; elsewhere a missing tool skips the test, except with
     ``SEGLABEL_REQUIRE_TOOLS=1`` (set by ``.ci/run``), where it fails.
     """
-    root = Path(os.environ.get("SEGLABEL_TOOLS_DIR") or ROOT / ".venv-tools")
+    root = _tools_dir()
+    await_tool(name)
     python = root / name / "bin" / "python"
     if python.exists():
         return str(python)
     _missing_tool(f"{name} is not installed in {root / name} (.ci/run installs it there)")
+
+
+def _tools_dir() -> Path:
+    return Path(os.environ.get("SEGLABEL_TOOLS_DIR") or ROOT / ".venv-tools")
+
+
+def await_tool(name: str, timeout: float = 1800) -> None:
+    """With ``SEGLABEL_TOOLS_PENDING=1`` (``.ci/run``, which installs the tools while the tests
+    run), wait until the install of ``name`` is done: ``.ci/run`` writes its exit status to
+    ``<tools>/<name>.rc``. A failed install fails the test, as a missing tool does."""
+    if os.environ.get("SEGLABEL_TOOLS_PENDING") != "1":
+        return
+    marker = _tools_dir() / f"{name}.rc"
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            _missing_tool(f"{name}: its install did not end in {timeout:.0f} s ({marker} not written)")
+        time.sleep(1)
+    status = marker.read_text().strip()
+    if status != "0":
+        _missing_tool(f"{name}: its install failed (exit {status}; .ci/run printed its log)")
 
 
 # -- Chromium ---------------------------------------------------------------------------------
@@ -259,6 +281,7 @@ def chromium(url: str, workdir: Path, *, screenshot: Path | None = None, size: s
     reach the network: every request goes to a proxy on a closed loopback port and names do not
     resolve. ``.ci/run`` installs Chromium (apt); elsewhere a missing one skips the test, except
     with ``SEGLABEL_REQUIRE_TOOLS=1``."""
+    await_tool("chromium")
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
         _missing_tool("chromium is not installed (.ci/run installs it with apt-get install chromium)")

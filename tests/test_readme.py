@@ -247,3 +247,28 @@ def test_every_readme_block_runs_as_written(world):
     ):
         assert re.search(rf"^\s*{re.escape(line)}\s*$", ci, re.M), f".ci/run does not run: {line}"
     assert 'pip install -c .ci/constraints.txt -e ".[test]" && python -m pytest -q' in README.read_text()
+
+
+def test_a_test_waits_for_a_tool_ci_installs_beside_it(tmp_path, monkeypatch):
+    """.ci/run installs the annotation tools while the tests run: a test that needs one waits
+    for the exit status .ci/run writes (<tools>/<name>.rc), and a failed install fails it."""
+    import threading
+    import time
+
+    import helpers
+
+    monkeypatch.setenv("SEGLABEL_TOOLS_DIR", str(tmp_path))
+    monkeypatch.setenv("SEGLABEL_TOOLS_PENDING", "1")
+    monkeypatch.setenv("SEGLABEL_REQUIRE_TOOLS", "1")
+    (tmp_path / "late" / "bin").mkdir(parents=True)
+    (tmp_path / "late" / "bin" / "python").write_text("")
+    timer = threading.Timer(1.5, lambda: (tmp_path / "late.rc").write_text("0\n"))
+    timer.start()
+    started = time.monotonic()
+    assert helpers.tool_python("late") == str(tmp_path / "late" / "bin" / "python")
+    assert time.monotonic() - started >= 1.4  # it waited for the word, not just for the file
+    (tmp_path / "broken.rc").write_text("1\n")
+    with pytest.raises(pytest.fail.Exception, match="broken: its install failed"):
+        helpers.tool_python("broken")
+    with pytest.raises(pytest.fail.Exception, match="did not end"):
+        helpers.await_tool("never", timeout=1)
