@@ -44,6 +44,7 @@ KNOWN_CPU_S = {
     "test_eomt_job_resume_and_retry": 66,
     "test_transient_s3_failures_are_retried": 62,
     "test_driver_sigkilled_in_the_commit_window_then_rerun": 50,
+    "test_segmenter_actor_killed_mid_run_is_replaced": 40,
     "test_s3_run": 16,
     "test_two_node_cluster_spreads_work": 42,
     "test_coco_from_instance_outputs": 35,
