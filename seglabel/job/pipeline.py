@@ -28,7 +28,7 @@ from ..outputs.store import OutputStore, RowCounts
 from .cluster import connect
 from .commit import Committed, commit_rows
 from .lease import Lease, hold
-from .ledger import AttemptLedger, RunLedger
+from .ledger import AttemptLedger
 from .lifecycle import OutputLife
 from .plan import Work, absolute_paths, announce, input_refs, plan_work, resolve_model
 from .stages import SEGMENT_CALLS, STAGES, DecodeStage, EncodeStage, SegmentStage, TodoReader
@@ -150,7 +150,7 @@ def _label(config: JobConfig, store: OutputStore, checkpoint: ResolvedCheckpoint
         dtype = config.engine.dtype or default_dtype("cuda" if sizing.on_gpu(config.engine) else "cpu")
         output.settle(dtype)
         config = config.replace(engine=config.engine.replace(dtype=dtype))  # every actor the same
-        ledger = _ledger(work.run_id)
+        ledger = _start_ledger()
         ds = _dataset(config, store, checkpoint, work, sizing, ledger)
         cpu = time.process_time()
         try:
@@ -162,34 +162,28 @@ def _label(config: JobConfig, store: OutputStore, checkpoint: ResolvedCheckpoint
                 raise
             # A Segmenter that refused its checkpoint (weights that are not the model's) ends
             # the job with its own line, not with Ray's wrapping of it.
-            refusal = ray.get(ledger.refusal())
+            refusal = ray.get(ledger.refusal.remote())
             if refusal is None:
                 raise
             raise refusal from None
-        finally:
-            ledger.forget()  # the next job of this driver finds none of this one's counts
         return Labeled(committed, {**stage_cpu(ds, CPU_NAMES), "driver": time.process_time() - cpu})
 
 
-def _ledger(run_id: str) -> RunLedger:
-    """This run's side of the attempt ledger (``ledger.py``), an actor that this driver's jobs
-    share (named for the driver's Ray job, so that no other driver on the cluster finds it, and
-    gone with the driver): no CPU, since it only counts and must not wait for a core the stages
-    hold; on the driver's node (a worker node may go); restarted, it starts again from zero."""
+def _start_ledger() -> Any:
+    """The attempt ledger (``ledger.py``): no CPU, since it only counts and must not wait for a
+    core the stages hold; on the driver's node (a worker node may go); restarted, it starts
+    again from zero."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    context = ray.get_runtime_context()
-    here = NodeAffinitySchedulingStrategy(context.get_node_id(), soft=True)
-    actor = ray.remote(AttemptLedger).options(
-        name=f"seglabel-attempt-ledger-{context.get_job_id()}", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here,
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(AttemptLedger).options(
+        num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here
     ).remote()
-    return RunLedger(actor, run_id)
 
 
 def _dataset(config: JobConfig, store: OutputStore, checkpoint: ResolvedCheckpoint, work: Work,
-             sizing: Sizing, ledger: RunLedger) -> Any:
+             sizing: Sizing, ledger: Any) -> Any:
     """The stages chained as one Ray Dataset: CPU tasks around the Segmenters' actor pool."""
     import ray
 

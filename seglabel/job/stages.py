@@ -45,7 +45,7 @@ from ..inputs.fetch import fetch
 from ..outputs.contract import SCHEMA
 from ..outputs.store import OutputStore
 from ..storage.filesystem import options_for
-from .ledger import MAX_ATTEMPTS, RunLedger
+from .ledger import MAX_ATTEMPTS
 from .transport import column_cells, pack_column
 
 log = get_logger(__name__)
@@ -76,8 +76,7 @@ def object_array(values: list) -> np.ndarray:
 _ONE_AT_A_TIME = threading.Lock()
 
 
-def bounded(ledger: RunLedger | None, stage: str, indices: np.ndarray,
-            run: Callable[[list[int]], Iterable]) -> Iterator:
+def bounded(ledger: Any, stage: str, indices: np.ndarray, run: Callable[[list[int]], Iterable]) -> Iterator:
     """``run(positions)``'s results for a batch's rows, in order, as they come; an image that
     kills its worker ``MAX_ATTEMPTS`` times gets ``"<stage>: worker died"`` instead of another
     execution.
@@ -114,7 +113,7 @@ def _ledger_call(method: Any, stage: str, rows: list[int], wait: bool = True) ->
     import ray
 
     try:
-        ref = method(stage, rows)
+        ref = method.remote(stage, rows)
         return ray.get(ref) if wait else []
     except Exception as exc:  # ActorDiedError, ActorUnavailableError, ...
         log.warning("the attempt ledger is unavailable (%s): counting no deaths", type(exc).__name__)
@@ -131,7 +130,7 @@ class Stage:
     work: ClassVar[str]
     batch_format: ClassVar[str] = "numpy"
 
-    def __init__(self, ledger: RunLedger | None = None):
+    def __init__(self, ledger: Any = None):
         self.ledger = ledger
 
     def bounded(self, indices: np.ndarray, run: Callable[[list[int]], Iterable]) -> Iterator:
@@ -162,7 +161,7 @@ class DecodeStage(Stage):
     name, work = "decode", "read+decode"
 
     def __init__(self, base_url: str, storage_options: dict, max_pixels: int | None, max_bytes: int | None,
-                 ledger: RunLedger | None = None, max_held_bytes: int = DECODE_HELD_BYTES):
+                 ledger: Any = None, max_held_bytes: int = DECODE_HELD_BYTES):
         super().__init__(ledger)
         self.base_url, self.storage_options = base_url, storage_options
         self.max_pixels, self.max_bytes, self.max_held_bytes = max_pixels, max_bytes, max_held_bytes
@@ -277,7 +276,7 @@ class SegmentStage(Stage):
     name = work = "segment"
 
     def __init__(self, engine: EngineConfig, checkpoint: ResolvedCheckpoint | None = None,
-                 cpu_threads: int = 1, ledger: RunLedger | None = None):
+                 cpu_threads: int = 1, ledger: Any = None):
         import ray
 
         super().__init__(ledger)
@@ -292,7 +291,7 @@ class SegmentStage(Stage):
         except SeglabelError as exc:
             self.refusal = exc
             if ledger is not None:
-                ray.get(ledger.refuse(exc))
+                ray.get(ledger.refuse.remote(exc))
             return
         log.info("Segmenter actor %s ready on %s", self.actor, self.segmenter.device)
 

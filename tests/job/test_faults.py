@@ -25,7 +25,7 @@ from readback import check_output, read_rows
 from skimage import data
 
 from faultproxy import FaultProxy
-from helpers import STAND_IN, drawn, encode, huge_png, many_images, oriented, run, segmenter_processes
+from helpers import STAND_IN, drawn, encode, huge_png, many_images, oriented, segmenter_processes
 from seglabel.cli import main
 from seglabel.job.pipeline import label
 
@@ -292,68 +292,31 @@ def test_the_ledger_actor_process_loads_no_pipeline(ray_session):
     import ray
 
     from seglabel.job import pipeline
-    from seglabel.job.ledger import AttemptLedger, RunLedger
+    from seglabel.job.ledger import AttemptLedger
 
     assert pipeline.AttemptLedger is AttemptLedger and AttemptLedger.__module__ == "seglabel.job.ledger"
-    ledger = RunLedger(ray.remote(AttemptLedger).options(num_cpus=0).remote(), "run")
+    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     try:
-        assert ray.get(ledger.begin("decode", [1, 2])) == [0, 0]
-        assert ray.get(ledger.in_flight()) == 2
+        assert ray.get(ledger.begin.remote("decode", [1, 2])) == [0, 0]
+        assert ray.get(ledger.in_flight.remote()) == 2
         # The actor's own process, as Ray says it is: by name or start time, a process Ray had
         # started before (and handed to this actor) was missed on a loaded machine.
-        pid = ray.get(ledger.actor.__ray_call__.remote(lambda self: os.getpid()))
+        pid = ray.get(ledger.__ray_call__.remote(lambda self: os.getpid()))
         paths = [m.path for m in psutil.Process(pid).memory_maps()]
         assert any("/ray/" in p for p in paths)  # the maps are read: Ray's own library is there
         assert not [p for p in paths if "/PIL/" in p or "/pycocotools/" in p], "it loaded the pipeline"
     finally:
-        ray.kill(ledger.actor)
-
-
-def test_a_drivers_jobs_share_one_ledger_and_each_run_counts_apart(ray_session, checkpoints, tmp_path):
-    """Two jobs of one driver use one ledger actor (a process each cost about 1 CPU second a
-    job), which holds nothing of a job once it ended; runs' counts and refusals are their own."""
-    import ray
-
-    from seglabel.job.ledger import AttemptLedger, RunLedger
-
-    def ledger_state():
-        name = f"seglabel-attempt-ledger-{ray.get_runtime_context().get_job_id()}"
-        actor = ray.get_actor(name)
-        return ray.get(actor.__ray_call__.remote(lambda self: (os.getpid(), len(self._started),
-                                                                 len(self._refusals))))
-
-    photos = many_images(tmp_path / "in", 3)
-    pids = []
-    for i in range(2):
-        summary = run(checkpoints, tmp_path / "in", tmp_path / f"out{i}")
-        assert summary.ok == len(photos)
-        pid, started, refusals = ledger_state()
-        assert (started, refusals) == (0, 0)
-        pids.append(pid)
-    assert pids[0] == pids[1]
-
-    actor = ray.remote(AttemptLedger).options(num_cpus=0).remote()
-    try:
-        one, two = RunLedger(actor, "one"), RunLedger(actor, "two")
-        assert ray.get(one.begin("segment", [7])) == [0] and ray.get(one.begin("segment", [7])) == [1]
-        assert ray.get(two.begin("segment", [7])) == [0]
-        ray.get(one.refuse(ValueError("not the model's weights")))
-        assert ray.get(two.refusal()) is None and isinstance(ray.get(one.refusal()), ValueError)
-        ray.get(one.forget())
-        assert (ray.get(one.in_flight()), ray.get(two.in_flight())) == (0, 1)
-        assert ray.get(one.refusal()) is None
-    finally:
-        ray.kill(actor)
+        ray.kill(ledger)
 
 
 def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
     """The ledger's count, with a death simulated as an exception that skips the stage's end."""
     import ray
 
-    from seglabel.job.ledger import MAX_ATTEMPTS, AttemptLedger, RunLedger
+    from seglabel.job.ledger import MAX_ATTEMPTS, AttemptLedger
     from seglabel.job.stages import bounded
 
-    ledger = RunLedger(ray.remote(AttemptLedger).options(num_cpus=0).remote(), "run")
+    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     indices = np.array([10, 11, 12, 13])
     executions = {i: 0 for i in indices.tolist()}
 
@@ -374,8 +337,8 @@ def test_bounded_runs_gives_up_on_the_one_image_that_dies(ray_session):
     assert executions[12] == MAX_ATTEMPTS
     # Done: the ledger forgot them, and another stage's count is its own.
     assert list(bounded(ledger, "segment", indices[:2], run)) == ["ok10", "ok11"]
-    assert ray.get(ledger.in_flight()) == 0
-    assert ray.get(ledger.begin("decode", [12])) == [0]
+    assert ray.get(ledger.in_flight.remote()) == 0
+    assert ray.get(ledger.begin.remote("decode", [12])) == [0]
 
 
 def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session):
@@ -384,13 +347,13 @@ def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session
     innocent one in the other call."""
     import ray
 
-    from seglabel.job.ledger import AttemptLedger, RunLedger
+    from seglabel.job.ledger import AttemptLedger
     from seglabel.job.stages import bounded
 
-    ledger = RunLedger(ray.remote(AttemptLedger).options(num_cpus=0).remote(), "run")
+    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     batches = [np.array([20, 21, 22]), np.array([30, 31, 32])]
     for batch in batches:  # both were in flight when the worker died
-        ray.get(ledger.begin("segment", batch.tolist()))
+        ray.get(ledger.begin.remote("segment", batch.tolist()))
     running, most = [], [0]
     guard = threading.Lock()
 
@@ -415,7 +378,7 @@ def test_retried_images_run_one_at_a_time_across_an_actors_two_calls(ray_session
         thread.join(30)
     assert results == {20: ["ok20", "ok21", "ok22"], 30: ["ok30", "ok31", "ok32"]}
     assert most[0] == 1, "two retried images ran at once"
-    assert ray.get(ledger.in_flight()) == 0
+    assert ray.get(ledger.in_flight.remote()) == 0
 
 
 def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints):
@@ -423,10 +386,10 @@ def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints
     import ray
 
     from seglabel.core.config import EngineConfig
-    from seglabel.job.ledger import AttemptLedger, RunLedger
+    from seglabel.job.ledger import AttemptLedger
     from seglabel.job.stages import SegmentStage
 
-    ledger = RunLedger(ray.remote(AttemptLedger).options(num_cpus=0).remote(), "run")
+    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
     engine = EngineConfig(model=str(checkpoints["instance"]), stand_in="segments=2")
     stage = SegmentStage(engine, ledger=ledger)
     n = 3
@@ -436,7 +399,7 @@ def test_the_segment_stage_leaves_nothing_in_the_ledger(ray_session, checkpoints
                  "uri": np.array(["u"] * n, dtype=object), "image": images, "width": np.full(n, 30),
                  "height": np.full(n, 20), "error": np.array(["", "", ""], dtype=object)})
     assert all(len(r) > 0 for r in out["raw"].to_pylist())
-    assert ray.get(ledger.in_flight()) == 0
+    assert ray.get(ledger.in_flight.remote()) == 0
 
 
 def test_the_segment_stage_runs_two_batches_at_once_and_loses_nothing(ray_session, checkpoints):
