@@ -139,37 +139,45 @@ def ray_head(home: Path, env: dict[str, str] | None = None) -> Iterator[Head]:
     default authentication, without touching the user's own home. Stopped (this head only, with
     every process it started) at the end.
     """
-    temp = Path(f"/tmp/sgl-{uuid.uuid4().hex[:8]}")  # Ray's socket paths must stay short
-    port, dashboard, agent, agent_grpc, runtime_env, client = free_ports(6)
     head_env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HOME=str(home), **(env or {}))
     # The test process may have turned token auth on for itself (a local ray.init does): the
     # head decides for itself from its own HOME, as a freshly started one would.
     head_env.pop("RAY_AUTH_MODE", None)
     # Job entrypoints run `python`, as on a cluster image: this environment's.
     head_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{head_env.get('PATH', '')}"
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            "--num-cpus=2",
-            f"--temp-dir={temp}",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-            # Ports of our own, so that nothing else on the machine can be in the way.
-            f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={runtime_env}",
-            f"--ray-client-server-port={client}",
-        ],
-        env=head_env,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    # Ports found free may be taken before the head binds them (a fresh-clone run lost its
+    # dashboard port to another process starting at the same moment): a failed start is tried
+    # again on other ports, twice at most.
+    for attempt in range(3):
+        temp = Path(f"/tmp/sgl-{uuid.uuid4().hex[:8]}")  # Ray's socket paths must stay short
+        port, dashboard, agent, agent_grpc, runtime_env, client = free_ports(6)
+        started = subprocess.run(
+            [
+                RAY,
+                "start",
+                "--head",
+                f"--port={port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                "--num-cpus=2",
+                f"--temp-dir={temp}",
+                "--include-dashboard=true",
+                "--disable-usage-stats",
+                # Ports of our own, so that nothing else on the machine can be in the way.
+                f"--dashboard-agent-listen-port={agent}",
+                f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={runtime_env}",
+                f"--ray-client-server-port={client}",
+            ],
+            env=head_env,
+            capture_output=True,
+            timeout=120,
+        )
+        if started.returncode == 0:
+            break
+        _stop_head(temp, port)
+        if attempt == 2:
+            started.check_returncode()
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_jobs_api(address, home)
